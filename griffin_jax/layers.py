@@ -1,0 +1,175 @@
+"""Building blocks shared by the base model and the drafts, and the numerics contract.
+
+Numerics (STYLE R7), each matching transformers' Llama code:
+- RMSNorm in f32, cast back to the input dtype, then times the weight (`LlamaRMSNorm.forward`).
+- RoPE angles in f32 at HIGHEST precision, cos/sin cast to the activation dtype, split-half
+  rotation (`LlamaRotaryEmbedding`, `apply_rotary_pos_emb`).
+- Attention softmax in f32 with a `finfo(f32).min` mask value (not -inf, so that a fully masked
+  pad row gives a uniform row instead of NaN), cast back to the query dtype
+  (`eager_attention_forward`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from griffin_jax.config import RopeConfig
+
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an HF-named `weight` (matches LlamaRMSNorm.forward)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        return rms_norm(x, weight, eps=self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) in f32, cast to x.dtype, then * weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_cos_sin(
+    positions: jax.Array, *, head_dim: int, rope: RopeConfig, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables for the given absolute positions.
+
+    Args:
+      positions: [B, T] int32.
+    Returns:
+      cos, sin: [B, T, H] in `dtype` (split-half layout: the H/2 angles repeated twice).
+    """
+    inv_freq = jnp.asarray(rope.inv_freq(head_dim), jnp.float32)  # [H/2]
+    angles = jnp.einsum(
+        "BT,h->BTh",
+        positions.astype(jnp.float32),
+        inv_freq,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, N, H] by cos/sin [B, T, H] (split-half, matches apply_rotary_pos_emb)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention over explicit keys.
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied).
+      k, v: [B, S, K, H] keys / values (N % K == 0).
+      mask: [B, T, S] bool, True = may attend.
+    Returns:
+      [B, T, N, H] in q.dtype.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); `out_dim` lets the GRIFFIN draft emit 2H."""
+
+    d_ff: int
+    out_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def dense(features: int, name: str) -> nn.Dense:
+            return nn.Dense(
+                features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name
+            )
+
+        h = jax.nn.silu(dense(self.d_ff, "gate_proj")(x)) * dense(self.d_ff, "up_proj")(x)
+        return dense(self.out_dim, "down_proj")(h)
+
+
+def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes new[b] into cache[b, start[b]:start[b]+T] for every row b.
+
+    Args:
+      cache: [B, S, ...]; new: [B, T, ...]; start: [B] int32.
+    Capacity is the caller's to check on the host: `dynamic_update_slice` clamps the start.
+    """
+
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+
+    return jax.vmap(one)(cache, new, start)
+
+
+class Attention(nn.Module):
+    """Llama attention: q/k/v/o projections, RoPE, GQA against a per-layer KV buffer.
+
+    The T new keys/values are written into `cache_k/cache_v` at slot `write_idx[b]` of each row,
+    then every query attends over the whole buffer under `mask`. The same module serves prefill,
+    decode, tree verification, the draft, and cache-free training (a buffer of exactly T slots
+    written at 0). The caller owns lengths: this never decides what is committed.
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope: RopeConfig
+    qkv_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        write_idx: jax.Array,
+        mask: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Runs attention.
+
+        Args:
+          x: [B, T, D] input.  positions: [B, T] int32 RoPE positions.
+          cache_k, cache_v: [B, S, K, H] this layer's buffers.
+          write_idx: [B] int32 first slot the T new entries go to.
+          mask: [B, T, S] bool, True = may attend (after the write).
+        Returns:
+          (output [B, T, D], cache_k, cache_v) with the new entries written.
+        """
+        b, t, d = x.shape
+        n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
+
+        def proj(features: int, bias: bool, name: str) -> nn.Dense:
+            return nn.Dense(
+                features, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name
+            )
+
+        q = proj(n * h, self.qkv_bias, "q_proj")(x).reshape(b, t, n, h)  # [B, T, N, H]
+        k = proj(kv * h, self.qkv_bias, "k_proj")(x).reshape(b, t, kv, h)  # [B, T, K, H]
+        v = proj(kv * h, self.qkv_bias, "v_proj")(x).reshape(b, t, kv, h)  # [B, T, K, H]
+        cos, sin = rope_cos_sin(positions, head_dim=h, rope=self.rope, dtype=x.dtype)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        cache_k = write_rows(cache_k, k, write_idx)
+        cache_v = write_rows(cache_v, v, write_idx)
+        out = gqa_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
+        return proj(d, False, "o_proj")(out.reshape(b, t, n * h)), cache_k, cache_v

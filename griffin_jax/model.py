@@ -1,0 +1,204 @@
+"""The base language model: embed -> scan(decoder layers) -> norm -> (logits, hidden).
+
+One Flax module serves Llama (Llama-2/3, Vicuna), Qwen2 (q/k/v biases, tied embeddings) and
+Mixtral (top-2 routed experts); the family is a config switch (STYLE R1). Mirrors transformers'
+`LlamaForCausalLM`, `Qwen2ForCausalLM` and `MixtralForCausalLM`, and the reference's
+`modeling_llama_kv.py` (explicit position ids, a preallocated cache and a tree mask).
+
+Parameters are linen's nested dict with HF names; per-layer parameters are stacked on a leading
+L axis (`layers/...`) and run with `nn.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from griffin_jax.config import ModelConfig
+from griffin_jax.kv_cache import KVCache
+from griffin_jax.layers import Attention, RMSNorm, SwiGLU
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's block-sparse MoE (matches MixtralSparseMoeBlock + MixtralTopKRouter).
+
+    Router: softmax(f32) over E experts, top-k, renormalised. Experts are computed densely and
+    weighted by the (mostly zero) routing weights: static shapes, and at decode time every
+    expert's weights are read anyway once a few tokens route differently.
+    """
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        router = nn.Dense(e, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="gate")
+        logits = router(x).astype(jnp.float32)  # [B, T, E]
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p, top_i = jax.lax.top_k(probs, cfg.n_experts_per_tok)  # [B, T, k]
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(top_i, e, dtype=jnp.float32) * top_p[..., None], axis=-2)
+        init = nn.initializers.lecun_normal()
+        w1 = self.param("w1", init, (e, d, f), self.dtype)  # gate, [E, D, F]
+        w3 = self.param("w3", init, (e, d, f), self.dtype)  # up, [E, D, F]
+        w2 = self.param("w2", init, (e, f, d), self.dtype)  # down, [E, F, D]
+        h = jax.nn.silu(jnp.einsum("BTD,EDF->BTEF", x, w1)) * jnp.einsum("BTD,EDF->BTEF", x, w3)
+        out = jnp.einsum("BTEF,EFD->BTED", h, w2)  # [B, T, E, D]
+        return jnp.einsum("BTED,BTE->BTD", out, weights.astype(out.dtype))
+
+
+def _logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+    # f32 accumulation and output even for bf16 activations.
+    return jnp.einsum(
+        "...D,DV->...V", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
+
+
+class LMHead(nn.Module):
+    """`lm_head` with an HF-named `kernel` [D, V]; returns f32 logits."""
+
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        init = nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, (hidden.shape[-1], self.vocab_size), self.dtype)
+        return _logits(hidden, kernel)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer (matches LlamaDecoderLayer / MixtralDecoderLayer)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cache_kv, positions, write_idx, mask):
+        cfg = self.cfg
+        cache_k, cache_v = cache_kv
+        h = RMSNorm(cfg.rms_eps, self.dtype, name="input_layernorm")(x)
+        attn = Attention(
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            rope=cfg.rope,
+            qkv_bias=cfg.qkv_bias,
+            dtype=self.dtype,
+            name="self_attn",
+        )
+        a, cache_k, cache_v = attn(h, positions, cache_k, cache_v, write_idx, mask)
+        x = x + a
+        h = RMSNorm(cfg.rms_eps, self.dtype, name="post_attention_layernorm")(x)
+        if cfg.n_experts:
+            m = SparseMoE(cfg, self.dtype, name="block_sparse_moe")(h)
+        else:
+            m = SwiGLU(cfg.d_ff, cfg.d_model, self.dtype, name="mlp")(h)
+        return x + m, (cache_k, cache_v)
+
+
+class Transformer(nn.Module):
+    """The base LM. `__call__` returns (logits f32 [B,T,V], hidden [B,T,D], k, v)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=self.dtype
+        )
+        layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layers,
+        )(cfg, self.dtype)
+        self.norm = RMSNorm(cfg.rms_eps, self.dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = LMHead(cfg.vocab_size, self.dtype)
+
+    def __call__(self, tokens, positions, cache_k, cache_v, write_idx, mask):
+        x = self.embed_tokens(tokens)
+        x, (cache_k, cache_v) = self.layers(x, (cache_k, cache_v), positions, write_idx, mask)
+        hidden = self.norm(x)
+        return self.head(hidden), hidden, cache_k, cache_v
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Token logits (f32) from final normed hidden states."""
+        if self.cfg.tie_embeddings:
+            return _logits(hidden, self.embed_tokens.embedding.T)
+        return self.lm_head(hidden)
+
+
+def lm_head(params, hidden: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """Base lm_head on hidden [..., D] -> f32 logits [..., V] (no module needed)."""
+    w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    return _logits(hidden, w)
+
+
+def embed(params, tokens: jax.Array) -> jax.Array:
+    """Base token embedding lookup [B, T] -> [B, T, D] (the drafts share it)."""
+    return jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0)
+
+
+def forward(
+    params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    write_idx: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    dtype=None,
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Runs the base model on T new tokens against the cache.
+
+    Args:
+      params: the base params (HF-named nested dict).
+      tokens: [B, T] int32.  positions: [B, T] int32 absolute RoPE positions.
+      cache: KVCache; the new K/V are written at slots write_idx[b] .. write_idx[b]+T-1.
+        `cache.length` is left unchanged (the engine owns lengths).
+      write_idx: [B] int32.
+      mask: [B, T, S] bool, True = may attend (S = cache capacity).
+    Returns:
+      logits [B, T, V] f32, hidden [B, T, D] (final normed state: the draft's input feature),
+      the cache with the new entries written.
+    """
+    dtype = dtype or params["embed_tokens"]["embedding"].dtype
+    model = Transformer(cfg, dtype)
+    logits, hidden, k, v = model.apply(
+        {"params": params}, tokens, positions, cache.k, cache.v, write_idx, mask
+    )
+    return logits, hidden, KVCache(k=k, v=v, length=cache.length)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32):
+    """Random params (Flax default initialisers) in the HF-named layout."""
+    return _init(cfg, dtype)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _init(cfg: ModelConfig, dtype):
+    def f(key):
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        kv = jnp.zeros((cfg.n_layers, 1, 1, cfg.n_kv_heads, cfg.head_dim), dtype)
+        return Transformer(cfg, dtype).init(
+            key, tokens, tokens, kv, kv, jnp.zeros((1,), jnp.int32), jnp.ones((1, 1, 1), bool)
+        )["params"]
+
+    return jax.jit(f)
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32):
+    """Shape/dtype tree of the params (what converters check against), without allocating."""
+    return jax.eval_shape(_init(cfg, dtype), jax.random.key(0))

@@ -1,0 +1,282 @@
+"""The user-facing model object: a base model, optionally a draft, their tokenizer and tree sizes.
+
+    model = SpeculativeModel.from_pretrained("path/to/llama", "path/to/griffin-draft",
+                                             dtype="bfloat16", total_tokens=-1)
+    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    out = model.generate([ids], temperature=0.0, max_new_tokens=256)
+    text = model.tokenizer.decode(out.output_ids[0])
+
+This is the JAX form of the official `EaModel.from_pretrained(...)` / `eagenerate(...)`: folders
+in HF layout for the base (`convert.load_hf`) and the published GRIFFIN / EAGLE-2 layout for the
+draft (`convert.load_draft`); hub ids are fetched with huggingface_hub where the network allows.
+`total_tokens=-1` picks the tree size by timing verification on this machine (`auto_total_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.load_draft import load_draft
+from convert.load_hf import load_hf
+from griffin_jax import speculative, vanilla
+from griffin_jax.config import ModelConfig, TreeConfig
+from griffin_jax.draft import DraftConfig
+from griffin_jax.kv_cache import causal_mask, init_cache
+from griffin_jax.model import forward
+
+DEFAULT_MODEL_DIR = pathlib.Path(__file__).parent / "default_model"
+TREE_FILE = "tree.json"
+
+# total_tokens=-1 candidates and the reference's preference factors (spec 5.9): a bigger tree is
+# taken only if its verify time grows less than its factor. CPU_CANDIDATES extend the rule to
+# the small trees that pay off on CPUs, with factors from the tau curve measured in the README.
+GPU_CANDIDATES = ((40, 1.0), (48, 1.05), (50, 1.07), (56, 1.1), (60, 1.13))
+CPU_CANDIDATES = ((8, 1.0), (12, 1.08), (16, 1.14), (24, 1.2), (32, 1.24))
+
+
+class ModelLoadError(ValueError):
+    """A model folder is missing or unusable."""
+
+
+def resolve_path(path_or_id: str | pathlib.Path) -> pathlib.Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (network permitting)."""
+    path = pathlib.Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is not a folder")
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/")):
+        raise ModelLoadError(f"no such model folder: {path_or_id}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return pathlib.Path(snapshot_download(str(path_or_id)))
+    except Exception as err:  # noqa: BLE001 (any hub failure is reported the same way)
+        raise ModelLoadError(
+            f"{path_or_id}: not a local folder and not downloadable ({err})"
+        ) from err
+
+
+def _dtype(name: str | Any) -> Any:
+    aliases = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16",
+               "fp16": "float16"}  # fmt: skip
+    return jnp.dtype(aliases.get(str(name), str(name)))
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    output_ids: list[list[int]]  # new ids per row, stop token included
+    rounds: list[int]  # base verification forwards per row (vanilla: decode steps)
+    accept_lengths: list[list[int]]  # accepted draft tokens per round per row ([] for vanilla)
+    seconds: float  # wall time, prefill included
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(o) for o in self.output_ids)
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per verification forward (accepted + bonus); 1.0 for vanilla."""
+        lens = [a for row in self.accept_lengths for a in row]
+        return float(np.mean(lens) + 1.0) if lens else 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class SpeculativeModel:
+    """A base model (+ optional draft) ready to generate; see the module docstring."""
+
+    def __init__(
+        self,
+        base_params: Any,
+        cfg: ModelConfig,
+        *,
+        draft_params: Any = None,
+        dcfg: DraftConfig | None = None,
+        tree_cfg: TreeConfig | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.base_params, self.cfg = base_params, cfg
+        self.draft_params, self.dcfg = draft_params, dcfg
+        self.tree_cfg = tree_cfg or TreeConfig()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model_path: str | pathlib.Path | None = None,
+        draft_model_path: str | pathlib.Path | None = None,
+        *,
+        dtype: str | Any = "float32",
+        total_tokens: int | None = None,
+        depth: int | None = None,
+        top_k: int | None = None,
+        load_tokenizer: bool = True,
+    ) -> SpeculativeModel:
+        """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 layout).
+
+        Args:
+          base_model_path: folder or hub id; None = the project's default model.
+          draft_model_path: folder or hub id; None with a None base = the default GRIFFIN draft;
+            None with an explicit base = no draft (vanilla only).
+          dtype: computation and parameter dtype ("float32", "bfloat16", ...).
+          total_tokens: tree nodes including the root; -1 = choose by timing verification on
+            this machine; None = the tree file next to the draft, else the reference's 60.
+          depth, top_k: tree depth and branching (None = the tree file's, else 5 and 10).
+        """
+        if base_model_path is None:
+            base_model_path = DEFAULT_MODEL_DIR / "base"
+            if draft_model_path is None:
+                draft_model_path = DEFAULT_MODEL_DIR / "griffin"
+        base_dir = resolve_path(base_model_path)
+        if not (base_dir / "config.json").exists():
+            raise ModelLoadError(f"{base_dir} has no config.json (not a HF model folder)")
+        cfg, params = load_hf(base_dir, dtype=_dtype(dtype))
+        tokenizer = None
+        if load_tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = cls(params, cfg, tokenizer=tokenizer)
+        if draft_model_path is not None:
+            draft_dir = resolve_path(draft_model_path)
+            model.dcfg, model.draft_params = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
+            stored = _read_tree_file(draft_dir)
+            tree = TreeConfig(
+                top_k=top_k or stored.get("top_k", 10),
+                depth=depth or stored.get("depth", 5),
+                total_tokens=stored.get("total_tokens", 60),
+            )
+            if total_tokens == -1:
+                tree = dataclasses.replace(tree, total_tokens=model.auto_total_tokens(tree))
+            elif total_tokens is not None:
+                tree = dataclasses.replace(tree, total_tokens=total_tokens)
+            model.tree_cfg = tree
+        return model
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft_params is not None
+
+    def generate(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 512,
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+        on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> GenerationOutput:
+        """Speculative decoding of a batch of token-id lists (new ids + round statistics)."""
+        if not self.has_draft:
+            raise ValueError(
+                "this model has no draft: pass draft_model_path, or use vanilla_generate"
+            )
+        _check_knobs(temperature, top_p, top_k, input_ids)
+        t0 = time.perf_counter()
+        res = speculative.generate(
+            self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
+            tree_cfg=self.tree_cfg, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
+            max_len=self.cfg.max_position_embeddings, on_round=on_round,
+        )  # fmt: skip
+        return GenerationOutput(
+            res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0
+        )
+
+    def vanilla_generate(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 512,
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+        on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> GenerationOutput:
+        """Plain autoregressive decoding with the base alone (the same signature)."""
+        del on_round  # the device loop does not stream
+        _check_knobs(temperature, top_p, top_k, input_ids)
+        t0 = time.perf_counter()
+        res = vanilla.generate(
+            self.base_params, self.cfg, input_ids, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
+        )  # fmt: skip
+        steps = [max(len(o) - 1, 0) for o in res.output_ids]
+        return GenerationOutput(res.output_ids, steps, [], time.perf_counter() - t0)
+
+    def auto_total_tokens(self, tree: TreeConfig, *, repeats: int = 20) -> int:
+        """The reference's `total_token=-1` rule (spec 5.9) on this machine.
+
+        Times `repeats` base forwards over each candidate tree size, divides by the
+        candidate's preference factor and takes the minimum. GPU/TPU backends use the reference's
+        candidates (40..60); the CPU uses small trees (8..32), where a verify of 32 tokens
+        already costs ~3x a one-token decode.
+        """
+        on_cpu = jax.default_backend() == "cpu"
+        candidates = CPU_CANDIDATES if on_cpu else GPU_CANDIDATES
+        limit = 1 + tree.top_k + tree.depth * tree.top_k * tree.top_k
+        best, best_cost = None, float("inf")
+        prefix = 64
+        for size, factor in candidates:
+            if size > limit:
+                continue
+            cost = _time_verify(self.base_params, self.cfg, size, prefix, repeats) / factor
+            if cost < best_cost:
+                best, best_cost = size, cost
+        return best or min(limit, candidates[0][0])
+
+
+def _time_verify(params, cfg: ModelConfig, size: int, prefix: int, repeats: int) -> float:
+    """Seconds per base forward of `size` tokens after a `prefix`-token cache (compiled once)."""
+    capacity = prefix + size
+    cache = init_cache(cfg, 1, capacity, params["embed_tokens"]["embedding"].dtype)
+    tokens = jnp.zeros((1, size), jnp.int32)
+    positions = prefix + jnp.arange(size, dtype=jnp.int32)[None]
+    start = jnp.full((1,), prefix, jnp.int32)
+    mask = causal_mask(start, size, capacity)
+
+    @jax.jit
+    def run(params, cache):
+        return forward(params, tokens, positions, cache, write_idx=start, mask=mask, cfg=cfg)[0]
+
+    run(params, cache).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = run(params, cache)
+    out.block_until_ready()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _check_knobs(temperature: float, top_p: float, top_k: int, input_ids) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not input_ids or any(len(p) == 0 for p in input_ids):
+        raise ValueError("empty prompt")
+
+
+def _read_tree_file(folder: pathlib.Path) -> dict:
+    for candidate in (folder / TREE_FILE, folder.parent / TREE_FILE):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    return {}

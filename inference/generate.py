@@ -1,0 +1,224 @@
+"""`python -m inference.generate`: speculative (GRIFFIN / EAGLE-2) or vanilla generation.
+
+Examples:
+  python -m inference.generate --prompt "def fib(n):"                     # the default model pair
+  python -m inference.generate --base llama-dir --draft griffin-dir --chat --prompt "Hi" --json
+  python -m inference.generate --prompt-file prompts.txt --compare --temperature 1 --top-p 0.9
+
+With `--json` the last stdout line is one JSON object (logs go to stderr). Otherwise the text
+streams as rounds are accepted, then one stats line follows. Speeds are measured after a
+warm-up run of the same shapes (compile excluded, prefill included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from inference.api import DEFAULT_MODEL_DIR, GenerationOutput, ModelLoadError, SpeculativeModel
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m inference.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", help="base model folder (HF layout) or hub id; default: the project's")
+    p.add_argument("--draft", help="draft folder (published GRIFFIN/EAGLE-2 layout) or hub id")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", type=pathlib.Path, help="one prompt per line (a batch)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--system", help="system prompt for --chat")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--total-tokens",
+        type=int,
+        default=None,
+        help="tree nodes incl. the root; -1 = pick by timing this machine",
+    )
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--tree-top-k", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--vanilla", action="store_true", help="plain decoding with the base only")
+    p.add_argument("--compare", action="store_true", help="run both, report the speedup")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError("give exactly one of --prompt or --prompt-file")
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        if not args.prompt_file.is_file():
+            raise UsageError(f"no such prompt file: {args.prompt_file}")
+        prompts = [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines()]
+        prompts = [line for line in prompts if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt")
+    return prompts
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.vanilla and args.compare:
+        raise UsageError("--vanilla and --compare exclude each other")
+    if args.draft and not args.base:
+        raise UsageError("--draft needs --base (the draft's embedding and lm_head are the base's)")
+
+
+def encode(
+    tokenizer: Any, prompts: list[str], *, chat: bool, system: str | None
+) -> list[list[int]]:
+    if not chat:
+        if system:
+            raise UsageError("--system needs --chat")
+        return [tokenizer(p)["input_ids"] for p in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("--chat: this tokenizer has no chat template")
+    out = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": p}
+        ]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+class Streamer:
+    """Prints newly accepted text of row 0 without ever splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.printed = 0
+
+    def __call__(self, out_tokens: np.ndarray, num_out: np.ndarray) -> None:
+        text = self.tokenizer.decode(out_tokens[0, : num_out[0]].tolist(), skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+            return
+        if len(text) > self.printed:
+            sys.stdout.write(text[self.printed :])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def timed(run, on_round=None) -> tuple[GenerationOutput, float]:
+    """Runs once to compile (same shapes), then again for the measurement.
+
+    Returns the measured result and the compile estimate (first wall time minus the second).
+    """
+    t0 = time.perf_counter()
+    run(None)
+    first = time.perf_counter() - t0
+    result = run(on_round)
+    return result, max(first - result.seconds, 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        prompts = read_prompts(args)
+        if args.base is None and not (DEFAULT_MODEL_DIR / "griffin" / "config.json").exists():
+            if not (DEFAULT_MODEL_DIR / "base" / "config.json").exists():
+                raise UsageError(
+                    "the default model pair is not installed yet: pass --base FOLDER "
+                    "(HF layout) and --draft FOLDER (GRIFFIN/EAGLE-2 layout), or --vanilla"
+                )
+            if not args.vanilla:
+                raise UsageError("the default draft is not installed yet: pass --vanilla")
+        model = SpeculativeModel.from_pretrained(
+            args.base, None if args.vanilla else args.draft, dtype=args.dtype,
+            total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k,
+        )  # fmt: skip
+        if args.base is not None and args.draft is None and not args.vanilla:
+            raise UsageError("--base without --draft: pass --draft FOLDER or --vanilla")
+        input_ids = encode(model.tokenizer, prompts, chat=args.chat, system=args.system)
+    except (UsageError, ModelLoadError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    knobs = dict(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )  # fmt: skip
+    log = sys.stderr
+    if model.has_draft:
+        print(f"tree: {model.tree_cfg}", file=log)
+    runner = model.vanilla_generate if args.vanilla else model.generate
+    stream = not args.json and len(prompts) == 1
+    streamer = Streamer(model.tokenizer) if stream else None
+    result, compile_s = timed(lambda cb: runner(input_ids, on_round=cb, **knobs), streamer)
+    if stream:
+        streamer(np.asarray([result.output_ids[0]]), np.asarray([len(result.output_ids[0])]))
+        print()
+    summary: dict[str, Any] = {
+        "output_ids": result.output_ids[0] if len(prompts) == 1 else result.output_ids,
+        "text": _texts(model, result, single=len(prompts) == 1),
+        "new_tokens": result.new_tokens,
+        "rounds": result.rounds[0] if len(prompts) == 1 else result.rounds,
+        "tau": result.tau,
+        "accept_lengths": result.accept_lengths[0] if len(prompts) == 1 else result.accept_lengths,
+        "seconds": result.seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "compile_seconds": compile_s,
+        "mode": "vanilla" if args.vanilla else "speculative",
+    }
+    if args.compare:
+        base_result, _ = timed(lambda cb: model.vanilla_generate(input_ids, **knobs))
+        summary["vanilla_tokens_per_s"] = base_result.tokens_per_s
+        summary["speedup"] = result.tokens_per_s / max(base_result.tokens_per_s, 1e-9)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        if not stream:
+            for text in summary["text"] if isinstance(summary["text"], list) else [summary["text"]]:
+                print(text)
+                print("-" * 40)
+        stats = (
+            f"[{summary['mode']}] {result.new_tokens} tokens in {result.seconds:.2f}s "
+            f"({result.tokens_per_s:.1f} tok/s), tau {result.tau:.2f}, "
+            f"compile {compile_s:.1f}s"
+        )
+        if args.compare:
+            stats += (
+                f", vanilla {summary['vanilla_tokens_per_s']:.1f} tok/s, "
+                f"speedup {summary['speedup']:.2f}x"
+            )
+        print(stats, file=log)
+    return 0
+
+
+def _texts(model: SpeculativeModel, result: GenerationOutput, *, single: bool) -> Any:
+    texts = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in result.output_ids]
+    return texts[0] if single else texts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

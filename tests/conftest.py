@@ -1,0 +1,74 @@
+"""Shared test set-up (STYLE R8): CPU JAX by default, HIGHEST matmul precision for parity, and
+factories for tiny random transformers models saved with `save_pretrained` (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+HF_DEFAULTS = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    # Large enough that logits are far from uniform and top-1 parity means something.
+    initializer_range=0.2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CPU unless the run selects the gpu marker (JAX reads this when its backend first starts).
+    markexpr = config.getoption("markexpr", "") or ""
+    if "gpu" not in markexpr or "not gpu" in markexpr:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def build_hf_model(family: str, *, seed: int = 0, **overrides):
+    """A tiny random transformers model (f32, eval mode) of `family`.
+
+    Args:
+      family: "llama" | "qwen2" | "mixtral".
+      overrides: config fields replacing HF_DEFAULTS (e.g. num_key_value_heads=1,
+        rope_parameters={...}, tie_word_embeddings=True).
+    """
+    import torch
+    import transformers
+
+    kwargs = dict(HF_DEFAULTS)
+    if family == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    kwargs.update(overrides)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    }[family]
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path: Path):
+    """Factory: (family, **overrides) -> (folder, torch model) saved with save_pretrained."""
+    counter = iter(range(1_000_000))
+
+    def make(family: str, *, seed: int = 0, **overrides):
+        model = build_hf_model(family, seed=seed, **overrides)
+        folder = tmp_path / f"{family}_{next(counter)}"
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make

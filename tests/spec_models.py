@@ -1,0 +1,102 @@
+"""Tiny base/draft pairs for engine tests: random ones (low acceptance) and aligned ones.
+
+The aligned construction makes a draft that always agrees with the base's greedy choice, so
+trees get accepted to full depth: the base's attention and MLP outputs are zeroed (o_proj and
+down_proj = 0), so its residual stream is the token embedding e and its greedy next token is
+argmax(W_head . norm(e)) = argmax(W_head . e) (RMSNorm with unit weight only rescales e by a
+positive number). The draft's fc picks the embedding half of [e, f] and its other outputs are
+zeroed, so its token feature is e as well. `noise` > 0 perturbs the draft so that it agrees
+only often.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from griffin_jax import draft as draft_lib
+from griffin_jax import model as base_lib
+from griffin_jax.config import ModelConfig
+
+
+def base_config(family: str = "llama", **overrides) -> ModelConfig:
+    kw = dict(
+        family=family, vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=16, d_ff=96, eos_token_ids=(3,),
+    )  # fmt: skip
+    if family == "qwen2":
+        kw["qkv_bias"] = True
+    if family == "mixtral":
+        kw.update(n_experts=4, n_experts_per_tok=2)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def draft_config(cfg: ModelConfig, kind: str = "griffin", **overrides) -> draft_lib.DraftConfig:
+    kw = dict(
+        kind=kind, vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_ff=80, n_heads=4,
+        n_kv_heads=4, head_dim=cfg.d_model // 4, rope=cfg.rope, rms_eps=cfg.rms_eps,
+    )  # fmt: skip
+    kw.update(overrides)
+    return draft_lib.DraftConfig(**kw)
+
+
+def random_pair(cfg: ModelConfig, dcfg: draft_lib.DraftConfig, seed: int = 0):
+    base = base_lib.init_params(cfg, jax.random.key(seed))
+    base = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, base)  # sharper logits
+    return base, draft_lib.init_draft_params(dcfg, jax.random.key(seed + 1))
+
+
+def _zeros_like_tree(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def aligned_pair(
+    cfg: ModelConfig, dcfg: draft_lib.DraftConfig, seed: int = 0, *, noise: float = 0.0
+):
+    """A base whose greedy next token depends only on the current token, and a draft that knows
+    it (see the module docstring). `noise` adds a random perturbation to the draft's fc."""
+    base = base_lib.init_params(cfg, jax.random.key(seed))
+    layers = dict(base["layers"])
+    attn = dict(layers["self_attn"])
+    attn["o_proj"] = _zeros_like_tree(attn["o_proj"])
+    layers["self_attn"] = attn
+    if cfg.n_experts:
+        moe = dict(layers["block_sparse_moe"])
+        moe["w2"] = jnp.zeros_like(moe["w2"])
+        layers["block_sparse_moe"] = moe
+    else:
+        mlp = dict(layers["mlp"])
+        mlp["down_proj"] = _zeros_like_tree(mlp["down_proj"])
+        layers["mlp"] = mlp
+    base = dict(base, layers=layers)
+    base["norm"] = {"weight": jnp.ones_like(base["norm"]["weight"])}
+
+    draft = draft_lib.init_draft_params(dcfg, jax.random.key(seed + 1))
+    d = cfg.d_model
+    pick_emb = np.zeros((2 * d, d), np.float32)
+    # concat order [embedding, feature]; the scale makes the draft confident (argmax unchanged),
+    # so the best chain outscores side branches and trees reach full depth.
+    pick_emb[:d] = 20.0 * np.eye(d)
+    rng = np.random.default_rng(seed)
+    pick_emb += noise * rng.standard_normal(pick_emb.shape).astype(np.float32)
+    draft = jax.tree.map(lambda x: x, draft)
+    if dcfg.kind == "griffin":
+        fc = dict(draft["fc"])
+        fc["fc"] = {"kernel": jnp.asarray(pick_emb), "bias": jnp.zeros((d,))}
+        mlp = dict(fc["mlp"])
+        mlp["down_proj"] = _zeros_like_tree(mlp["down_proj"])
+        fc["mlp"] = mlp
+        draft["fc"] = fc
+    else:
+        draft["fc"] = {"kernel": jnp.asarray(pick_emb), "bias": jnp.zeros((d,))}
+    layer = dict(draft["layers_0"])
+    attn = dict(layer["self_attn"])
+    attn["o_proj"] = _zeros_like_tree(attn["o_proj"])
+    layer["self_attn"] = attn
+    mlp = dict(layer["mlp"])
+    mlp["down_proj"] = _zeros_like_tree(mlp["down_proj"])
+    layer["mlp"] = mlp
+    draft["layers_0"] = layer
+    return base, draft

@@ -1,0 +1,196 @@
+"""The speculative engine: lossless greedy and sampling, stopping, batching, bookkeeping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from spec_models import aligned_pair, base_config, draft_config, random_pair
+
+from griffin_jax import sampling, speculative, vanilla
+from griffin_jax.config import TreeConfig
+from griffin_jax.kv_cache import causal_mask, init_cache
+from griffin_jax.model import forward
+
+TREE = TreeConfig(top_k=3, depth=3, total_tokens=10)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 38)), [40]]
+
+
+def _vanilla(base, cfg, prompts, n, **kw):
+    return vanilla.generate(base, cfg, prompts, max_new_tokens=n, **kw).output_ids
+
+
+@pytest.mark.parametrize(
+    "family,kind",
+    [("llama", "griffin"), ("llama", "eagle2"), ("qwen2", "griffin"), ("mixtral", "griffin")],
+)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_greedy_equals_vanilla_batch(family, kind, aligned):
+    cfg = base_config(family)
+    dcfg = draft_config(cfg, kind)
+    make = aligned_pair if aligned else random_pair
+    base, draft = make(cfg, dcfg)
+    res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=24)
+    assert res.output_ids == _vanilla(base, cfg, PROMPTS, 24)
+    accepted = [a for row in res.accept_lengths for a in row]
+    if aligned:  # full-depth paths: every round accepts depth + 1 draft tokens until the end
+        assert max(accepted) == TREE.depth + 1
+        assert res.tau > 3.0
+    for row, out in zip(res.accept_lengths, res.output_ids, strict=True):
+        assert len(out) <= 24
+        # one token from prefill, then accepted + bonus per round (the last may be cut)
+        assert sum(a + 1 for a in row) >= len(out) - 1
+
+
+@pytest.mark.parametrize("kind", ["griffin", "eagle2"])
+def test_greedy_batch1_each_prompt(kind):
+    cfg = base_config("llama", n_kv_heads=1)
+    dcfg = draft_config(cfg, kind, n_kv_heads=2)
+    base, draft = aligned_pair(cfg, dcfg, seed=3, noise=0.3)
+    for prompt in PROMPTS[:3]:
+        res = speculative.generate(
+            base, cfg, draft, dcfg, [prompt], tree_cfg=TREE, max_new_tokens=17
+        )
+        assert res.output_ids == _vanilla(base, cfg, [prompt], 17)
+        assert len(res.output_ids[0]) == 17
+
+
+def test_stops_at_eos_with_stop_token_included():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, seed=1)
+    free = _vanilla(base, cfg, PROMPTS, 30, eos_ids=[-5])
+    # Use a token that appears mid-way in row 0's free-running output as the EOS id.
+    eos = free[0][7]
+    spec = speculative.generate(
+        base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=30, eos_ids=[eos]
+    )
+    assert spec.output_ids == _vanilla(base, cfg, PROMPTS, 30, eos_ids=[eos])
+    row0 = spec.output_ids[0]
+    assert row0[-1] == eos and eos not in row0[:-1] and len(row0) <= 8
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7])
+def test_never_more_than_max_new_tokens(max_new):
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg)
+    spec = speculative.generate(
+        base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=max_new, eos_ids=[-5]
+    )
+    assert [len(o) for o in spec.output_ids] == [max_new] * len(PROMPTS)
+    assert spec.output_ids == _vanilla(base, cfg, PROMPTS, max_new, eos_ids=[-5])
+
+
+def test_host_loop_and_device_loop_agree_and_stream():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.5)
+    seen = []
+    host = speculative.generate(
+        base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=20, loop="host",
+        on_round=lambda out, n: seen.append(n.copy()),
+    )  # fmt: skip
+    device = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=20)
+    assert host.output_ids == device.output_ids
+    assert host.accept_lengths == device.accept_lengths
+    counts = np.stack(seen)  # non-decreasing per row, one entry per round + the final state
+    assert np.all(np.diff(counts, axis=0) >= 0)
+    assert len(seen) == max(host.rounds) + 1
+
+
+def test_no_recompile_across_rounds_and_prompts_in_a_bucket():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = random_pair(cfg, dcfg)
+    run = dict(tree_cfg=TREE, max_new_tokens=12, loop="host")
+    speculative.generate(base, cfg, draft, dcfg, [[1, 2, 3]], **run)
+    sizes = (speculative.prefill._cache_size(), speculative.spec_round._cache_size())
+    speculative.generate(base, cfg, draft, dcfg, [[4, 5, 6, 7, 8, 9, 10]], **run)
+    speculative.generate(base, cfg, draft, dcfg, [[11]], seed=3, **run)
+    assert (speculative.prefill._cache_size(), speculative.spec_round._cache_size()) == sizes
+
+
+def test_prompt_that_cannot_fit_is_refused():
+    cfg = base_config("llama", max_position_embeddings=32)
+    dcfg = draft_config(cfg)
+    base, draft = random_pair(cfg, dcfg)
+    with pytest.raises(ValueError, match="cache slots"):
+        speculative.generate(
+            base, cfg, draft, dcfg, [list(range(30))], tree_cfg=TREE, max_new_tokens=8,
+            max_len=cfg.max_position_embeddings,
+        )  # fmt: skip
+
+
+def _exact_two_token_probs(base, cfg, prompt, *, temperature, top_p, top_k):
+    """p(t1, t2 | prompt) under the warped base distribution, by brute force over t1."""
+    v = cfg.vocab_size
+
+    def logits_after(seq):
+        t = len(seq)
+        cache = init_cache(cfg, 1, t)
+        zero = jnp.zeros((1,), jnp.int32)
+        lg, _, _ = forward(
+            base, jnp.asarray([seq]), jnp.arange(t)[None], cache, write_idx=zero,
+            mask=causal_mask(zero, t, t), cfg=cfg,
+        )  # fmt: skip
+        return lg[0, -1]
+
+    def warped(seq):
+        lp = sampling.warp(logits_after(seq)[None], temperature, top_p, top_k)[0]
+        return np.exp(np.asarray(lp, np.float64))
+
+    p1 = warped(prompt)
+    joint = np.zeros((v, v))
+    for t1 in range(v):
+        if p1[t1] > 0:
+            joint[t1] = p1[t1] * warped(prompt + [t1])
+    return joint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5)])
+def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k):
+    """Chi-square on the first two new tokens (prefill root + first round) over many rows."""
+    cfg = base_config("llama", vocab_size=8, d_model=32, head_dim=8, d_ff=48, eos_token_ids=())
+    dcfg = draft_config(cfg, d_ff=40, head_dim=8)
+    base, draft = random_pair(cfg, dcfg, seed=2)
+    base = jax.tree.map(lambda x: x / 3.0, base)  # soften: many tokens keep mass
+    prompt = [1, 2, 3, 4]
+    n = 4000
+    tree = TreeConfig(top_k=3, depth=2, total_tokens=8)
+    res = speculative.generate(
+        base, cfg, draft, dcfg, [prompt] * n, tree_cfg=tree, max_new_tokens=2,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=11, eos_ids=[],
+    )  # fmt: skip
+    counts = np.zeros((8, 8))
+    for out in res.output_ids:
+        counts[out[0], out[1]] += 1
+    exact = _exact_two_token_probs(
+        base, cfg, prompt, temperature=temperature, top_p=top_p, top_k=top_k
+    )
+    assert np.all(counts[exact == 0] == 0)  # never a token the warped base cannot produce
+    expected = exact * n
+    keep = expected >= 5
+    chi2 = np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep])
+    rest = counts[~keep].sum(), expected[~keep].sum()
+    if rest[1] >= 5:
+        chi2 += (rest[0] - rest[1]) ** 2 / rest[1]
+    dof = int(keep.sum()) + (rest[1] >= 5) - 1
+    # 99.9% quantile of chi-square via the Wilson-Hilferty approximation.
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, (chi2, limit, dof)
+    # the draft was actually used: some rounds accepted draft tokens
+    assert sum(a for row in res.accept_lengths for a in row) > 0
+
+
+def test_sampling_same_seed_same_output():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    kw = dict(tree_cfg=TREE, max_new_tokens=16, temperature=0.8, top_p=0.95, seed=5)
+    a = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **kw)
+    b = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **kw)
+    assert a.output_ids == b.output_ids

@@ -1,0 +1,193 @@
+"""A small PyTorch version of the reference's tree construction and sampling acceptance.
+
+Written from GRIFFIN_SPEC.md 5.2 (`topK_genrate`) and 5.5 (`evaluate_posterior` with a logits
+processor), batch 1, with Python loops, as the reference does. The draft forward is replaced by
+a callable `node_logits(path)` that returns the draft logits of the tree node reached by `path`
+(the drafted tokens from level 1 down to that node): on fixed per-node logits this is exactly
+what the reference computes, since a node's draft output depends only on its ancestors.
+
+Deliberate choices, following the spec's fixes:
+- top-k selections break ties towards the smaller index (spec 8.10), via a stable sort.
+- the bonus distribution is warped in every branch (spec 8.11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk along the last dim with ties broken towards the smaller index."""
+    idx = torch.sort(-x, dim=-1, stable=True).indices[..., :k]
+    return torch.gather(x, -1, idx), idx
+
+
+def topk_generate(
+    root_logp: torch.Tensor,
+    root_token: int,
+    node_logits: Callable[[tuple[int, ...]], torch.Tensor],
+    *,
+    top_k: int,
+    depth: int,
+    total_tokens: int,
+    sampling: bool,
+) -> dict:
+    """Spec 5.2 steps 2-8 on fixed per-node logits.
+
+    Args:
+      root_logp: [V] draft log-probs of the last trunk position (level 1).
+      root_token: the root token.
+      node_logits: path of drafted tokens (level 1 first) -> [V] draft logits of that node.
+      top_k, depth, total_tokens: K, D and the user-facing total (counts the root).
+      sampling: sort retrieve_indices lexicographically (-1 as +inf), as with a processor.
+    Returns:
+      dict with draft_tokens [T+1], parents [T+1] (root's is 0), tree_mask [T+1, T+1] bool,
+      positions [T+1], retrieve_indices [leaves, max_depth+1] (-1 padded).
+    """
+    k, d = top_k, depth
+    t = total_tokens - 1
+    scores_list, tokens_list, parents_list = [], [], []
+
+    # 2. Level 1.
+    s_prev, tok1 = stable_topk(root_logp, k)
+    scores_list.append(s_prev)
+    tokens_list.append(tok1)
+    parents_list.append(torch.zeros(1, dtype=torch.long))
+    cur_paths = [(int(x),) for x in tok1]
+    sel = torch.arange(k)
+
+    # 3. Levels.
+    for i in range(d):
+        offset = 0 if i == 0 else k + (i - 1) * k * k
+        parents_list.append(sel + offset + 1)
+        logp = torch.stack(
+            [torch.log_softmax(node_logits(p).float(), dim=-1) for p in cur_paths]
+        )  # [K, V]
+        lp, tok = stable_topk(logp, k)  # [K, K]
+        cu = lp + s_prev[:, None]
+        s_prev, sel = stable_topk(cu.flatten(), k)
+        flat_tok = tok.flatten()
+        cur_paths = [cur_paths[int(s) // k] + (int(flat_tok[s]),) for s in sel]
+        scores_list.append(cu.flatten())
+        tokens_list.append(flat_tok)
+
+    # 4-5. Flatten and rerank.
+    scores = torch.cat(scores_list)
+    tokens = torch.cat(tokens_list)
+    parents_all = torch.cat(parents_list)
+    sel_all = torch.sort(stable_topk(scores, t)[1]).values
+    draft_tokens = torch.cat([torch.tensor([root_token]), tokens[sel_all]])
+    draft_parents = parents_all[sel_all // k]
+    mask_index = torch.searchsorted(sel_all, draft_parents - 1, right=False)
+    mask_index[draft_parents == 0] = -1
+    mask_index = mask_index + 1
+
+    # 6. Tree mask and positions.
+    tree_mask = torch.eye(t + 1).bool()
+    tree_mask[:, 0] = True
+    for n in range(t):
+        tree_mask[n + 1] |= tree_mask[mask_index[n]]
+    positions = tree_mask.sum(dim=1) - 1
+
+    # 7. retrieve_indices.
+    max_depth = int(positions.max())
+    noleaf = set(mask_index.tolist())
+    rows = []
+    for n in range(1, t + 1):
+        if n in noleaf:
+            continue
+        path = [n]
+        while path[-1] != 0:
+            path.append(int(mask_index[path[-1] - 1]))
+        path = path[::-1]
+        rows.append(path + [-1] * (max_depth + 1 - len(path)))
+    if sampling:
+        rows = sorted(rows, key=lambda r: [x if x >= 0 else total_tokens + 5 for x in r])
+    return {
+        "draft_tokens": draft_tokens,
+        "parents": torch.cat([torch.zeros(1, dtype=torch.long), mask_index]),
+        "tree_mask": tree_mask,
+        "positions": positions,
+        "retrieve_indices": torch.tensor(rows, dtype=torch.long),
+    }
+
+
+def evaluate_posterior_sampling(
+    logits: torch.Tensor,
+    candidates: torch.Tensor,
+    processor: Callable[[torch.Tensor], torch.Tensor],
+    uniform: Callable[[int, int], float],
+) -> tuple[int, int, torch.Tensor]:
+    """Spec 5.5: recursive rejection over siblings with q = 1.
+
+    Args:
+      logits: [leaves, max_depth+1, V] target logits along each path.
+      candidates: [leaves, max_depth+1] path tokens, root first, -1 padded.
+      processor: logits [V] -> processed logits [V] (applied in every branch).
+      uniform: (depth i, row) -> the uniform used to test that row's child at depth i.
+    Returns:
+      (best, accept_length, bonus_dist [V]).
+    """
+    max_depth = candidates.shape[1] - 1
+    accept_cand = candidates[0, :1].tolist()
+    best = 0
+    adjustflag = False
+    gtp = None
+    for i in range(1, max_depth + 1):
+        if i != len(accept_cand):
+            break
+        adjustflag = False
+        is_eq = (candidates[:, : len(accept_cand)] == torch.tensor(accept_cand)).all(dim=1)
+        fi = int(torch.nonzero(is_eq, as_tuple=True)[0][0])
+        gtp = torch.softmax(processor(logits[fi, i - 1].float()), dim=0)
+        candidates_set = []
+        for j in range(candidates.shape[0]):
+            if not is_eq[j]:
+                continue
+            x = int(candidates[j, i])
+            if x == -1 or x in candidates_set:
+                continue
+            candidates_set.append(x)
+            r = uniform(i, j)
+            if r <= float(gtp[x]):
+                accept_cand.append(x)
+                best = j
+                break
+            gtp[x] = 0
+            gtp = gtp / gtp.sum()
+            adjustflag = True
+    if adjustflag and len(accept_cand) != max_depth + 1:
+        bonus = gtp
+    else:
+        bonus = torch.softmax(processor(logits[best, len(accept_cand) - 1].float()), dim=0)
+    return best, len(accept_cand) - 1, bonus
+
+
+def hf_processor(temperature: float, top_p: float, top_k: int) -> Callable:
+    """transformers' warpers in GenerationMixin's order (temperature, top-k, top-p)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers: list = [TemperatureLogitsWarper(float(temperature))]
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(int(top_k)))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(top_p)))
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[None].float()
+        for w in warpers:
+            scores = w(None, scores)
+        return scores[0]
+
+    return apply
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int, fill: int = -1) -> list[list[int]]:
+    """Right-pads integer rows to `width`."""
+    return [list(r) + [fill] * (width - len(r)) for r in rows]

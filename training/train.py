@@ -1,0 +1,636 @@
+"""Trains a GRIFFIN (stages 1..j) or EAGLE-2 draft against a frozen base model.
+
+Mirrors the reference's `train/main_griffin_1.py` (stage 1: one pass, 1.0 SmoothL1 + 0.1 soft CE)
+and `train/main_griffin_2.py --forward_num_total j` (stage j >= 2: warm start from stage j-1, j
+unrolled passes over the multi-stream attention, + 0.5 top-10 CE per pass, token-alignment masks
+with `topk_train`, per-pass gradients summed), spec sections 3 and 4. EAGLE-2 drafts are trained
+by the same loop with the stage-1 loss only (as EAGLE-2 does), for fair comparisons.
+
+Usage::
+
+    # features on disk (training.features), stage 1, then stage 2 warm-started from stage 1
+    python -m training.train --base BASE --features FEATS --draft-kind griffin --stage 1 \\
+        --steps 20000 --out runs/griffin_s1
+    python -m training.train --base BASE --features FEATS --draft-kind griffin --stage 2 \\
+        --init runs/griffin_s1 --steps 20000 --out runs/griffin_s2 --export runs/griffin_draft
+    # no feature cache: the base runs inside the train step
+    python -m training.train --base BASE --online --corpus data.jsonl --draft-kind eagle2 ...
+    # curves
+    python -m training.train plot --metrics runs/griffin_s2/metrics.jsonl --out curves.png
+
+Training state (params, AdamW state, step, RNG key) goes to orbax checkpoints under OUT/checkpoints
+with the data position in their metadata; `--resume` continues a killed run. Batches and noise
+are pure functions of (seed, step), so a run killed and resumed ends with the same params as an
+uninterrupted one. Batches are padded to power-of-two length buckets, so the step compiles at
+most once per bucket. Data parallel over all local devices (`training.common.data_mesh`: batch
+axis split, params replicated); multi-host: call with `--distributed` on every host (the same
+command; `jax.distributed.initialize` reads the cluster from the environment), and each host
+loads its slice of every global batch.
+
+Evaluation (every `--eval-every` steps, on the last `--eval-frac` of the sequences): top-1/2/3
+accuracy of the first pass under the loss mask against the base's next token, and the
+per-depth acceptance estimate acc@1..5 of the reference's `getkacc` (free-running the draft on
+its own features and argmax tokens), computed exactly from unrolled exact-mask passes (see
+`losses.chain_acceptance`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from griffin_jax import draft as draft_lib
+from griffin_jax import model as base_model
+from griffin_jax.config import ModelConfig
+from griffin_jax.draft import DraftConfig
+from training import common, features, losses
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    """Static options of the train / eval steps (hashable: a jit static argument)."""
+
+    stage: int = 1  # number of unrolled passes
+    mask_mode: str = "exact"  # multi-stream attention of stages >= 2
+    topk_train: int = losses.TOPK_TRAIN
+    shifted_mask: bool = False
+    noise_std: float = losses.NOISE_STD
+    online: bool = False
+    dtype: str = "float32"  # draft compute dtype (params stay f32)
+    eval_depth: int = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class SequenceData:
+    """Training sequences from a feature folder or, online, from tokenized examples.
+
+    `rows(indices)` gives ids [n] int32, mask [n] and, offline, hidden [n, D] f32 per sequence.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: features.FeatureStore | None = None,
+        examples: Sequence[features.Example] | None = None,
+    ) -> None:
+        self.store, self.examples = store, examples
+        if store is not None:
+            self.lengths = store.lengths
+        else:
+            self.lengths = np.asarray([len(e.ids) for e in examples], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if self.store is not None:
+            ids, hidden, mask = self.store[i]
+            return ids, mask, hidden
+        ex = self.examples[i]
+        return ex.ids, ex.mask, None
+
+
+def split(n: int, eval_frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train = first (1 - eval_frac), eval = the rest, in file order (as the reference)."""
+    n_eval = int(round(n * eval_frac)) if eval_frac > 0 else 0
+    n_eval = min(max(n_eval, 1 if eval_frac > 0 else 0), n - 1)
+    return np.arange(n - n_eval), np.arange(n - n_eval, n)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_plan(lengths: tuple[int, ...], seed: int, epoch: int, batch: int) -> np.ndarray:
+    """[steps_per_epoch, batch] positions into the train set for one epoch.
+
+    Shuffle, then sort by length inside windows of 64 batches (less padding), then shuffle the
+    batches; a pure function of (seed, epoch).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n = len(lengths)
+    perm = rng.permutation(n)[: n // batch * batch]
+    window = 64 * batch
+    lens = np.asarray(lengths)
+    parts = [perm[i : i + window] for i in range(0, len(perm), window)]
+    perm = np.concatenate([p[np.argsort(lens[p], kind="stable")] for p in parts])
+    batches = perm.reshape(-1, batch)
+    return batches[rng.permutation(len(batches))]
+
+
+def batch_positions(lengths: np.ndarray, *, seed: int, step: int, batch: int) -> np.ndarray:
+    """The train-set positions of the batch of `step`: a pure function of (seed, step)."""
+    steps_per_epoch = len(lengths) // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(lengths)} training sequences are fewer than one batch ({batch})")
+    plan = _epoch_plan(tuple(int(x) for x in lengths), seed, step // steps_per_epoch, batch)
+    return plan[step % steps_per_epoch]
+
+
+def make_batch(
+    data: SequenceData,
+    indices: Sequence[int],
+    *,
+    max_len: int,
+    min_bucket: int,
+    rows: slice | None = None,
+) -> dict[str, np.ndarray]:
+    """Right-padded arrays for `indices` (None = an empty row), length padded to a bucket.
+
+    Returns:
+      {"ids": [B, T] int32, "mask": [B, T] f32, "lengths": [B] int32, and offline
+      "hidden": [B, T, D] f32}; with `rows`, only those rows (this host's slice).
+    """
+    lens = [min(int(data.lengths[i]), max_len) if i is not None else 0 for i in indices]
+    t = features.bucket_length(max(max(lens), 1), min_bucket=min_bucket, max_len=max_len)
+    picked = list(enumerate(indices))[rows or slice(None)]
+    b = len(picked)
+    out = {
+        "ids": np.zeros((b, t), np.int32),
+        "mask": np.zeros((b, t), np.float32),
+        "lengths": np.zeros((b,), np.int32),
+    }
+    if data.store is not None:
+        out["hidden"] = np.zeros((b, t, data.store.d_model), np.float32)
+    for r, (j, i) in enumerate(picked):
+        if i is None:
+            continue
+        ids, mask, hidden = data.row(i)
+        n = lens[j]
+        out["ids"][r, :n], out["mask"][r, :n], out["lengths"][r] = ids[:n], mask[:n], n
+        if hidden is not None:
+            out["hidden"][r, :n] = hidden[:n]
+    return out
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Host rows -> a global batch sharded over `data` (single host: `common.shard_batch`)."""
+    if jax.process_count() == 1:
+        return common.shard_batch(batch, mesh)
+    sharding = common.batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _inputs(frozen, batch, *, base_cfg: ModelConfig, online: bool) -> losses.DraftInputs:
+    if online:
+        hidden = features.base_features(frozen, batch["ids"], cfg=base_cfg).astype(jnp.float32)
+    else:
+        hidden = batch["hidden"]
+    return losses.draft_inputs(hidden, batch["ids"], batch["mask"], batch["lengths"])
+
+
+def loss_fn(
+    params,
+    frozen,
+    batch,
+    key: jax.Array,
+    *,
+    base_cfg: ModelConfig,
+    dcfg: DraftConfig,
+    sc: StepConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The stage objective on one batch (sum over the unrolled passes), and its metrics.
+
+    Args:
+      params: draft params (trained).  frozen: base params (at least embed_tokens and lm_head;
+        all of them online).  batch: see `make_batch`.  key: the noise key of this step.
+    """
+    inputs = _inputs(frozen, batch, base_cfg=base_cfg, online=sc.online)
+    if sc.noise_std:
+        noise = losses.feature_noise(key, inputs.features.shape, inputs.lengths, std=sc.noise_std)
+        inputs = dataclasses.replace(inputs, features=inputs.features + noise)
+    head = functools.partial(base_model.lm_head, frozen, cfg=base_cfg)
+    embedding = frozen["embed_tokens"]["embedding"]
+    mode = sc.mask_mode if sc.stage > 1 else "exact"  # stage 1 = cnets_griffin_1: causal masks
+
+    def run_pass(streams):
+        return draft_lib.draft_forward_train(
+            params,
+            embedding,
+            inputs.features,
+            streams,
+            inputs.tokens,
+            lengths=inputs.lengths,
+            dcfg=dcfg,
+            mask_mode=mode,
+            dtype=DTYPES[sc.dtype],
+        )
+
+    return losses.unrolled_loss(
+        run_pass,
+        head,
+        inputs,
+        head(inputs.target),
+        num_passes=sc.stage,
+        topk_train=sc.topk_train,
+        shifted=sc.shifted_mask,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def make_optimizer(opt: common.OptimConfig) -> optax.GradientTransformation:
+    """`common.make_optimizer`, one object per config, so the jitted steps (which take it as a
+    static argument) are compiled once per process however many runs it makes."""
+    return common.make_optimizer(opt)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("tx", "base_cfg", "dcfg", "sc"), donate_argnames=("state",)
+)
+def train_step(state, frozen, batch, *, tx, base_cfg, dcfg, sc: StepConfig):
+    """One optimizer step: (state, frozen base, batch) -> (state, scalar metrics).
+
+    state = {params, opt_state, step, rng (key data)}; the noise key is fold_in(rng, step), so
+    the step is a pure function of the state and the batch.
+    """
+    key = jax.random.fold_in(common.data_to_key(state["rng"]), state["step"])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], frozen, batch, key, base_cfg=base_cfg, dcfg=dcfg, sc=sc
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("mask")}
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
+    return new, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("base_cfg", "dcfg", "sc"))
+def eval_sums(params, frozen, batch, *, base_cfg, dcfg, sc: StepConfig) -> dict[str, jax.Array]:
+    """Sums over one eval batch: first-pass top-1/2/3 hits and mask, getkacc hits / totals.
+
+    No noise, exact masks (inference numerics). Pass k+1 of the unrolled forward at position r
+    is the draft's k-th free-running step from position r - k (see `losses.chain_acceptance`).
+    """
+    inputs = _inputs(frozen, batch, base_cfg=base_cfg, online=sc.online)
+    head = functools.partial(base_model.lm_head, frozen, cfg=base_cfg)
+    embedding = frozen["embed_tokens"]["embedding"]
+    target_logits = head(inputs.target)
+    target_token = jnp.argmax(target_logits, axis=-1)  # [B, L]
+    target_p = jax.nn.softmax(target_logits, axis=-1)
+    m0 = inputs.loss_mask
+    out: dict[str, jax.Array] = {"mask": jnp.sum(m0)}
+    streams, correct = None, []
+    for k in range(sc.eval_depth):
+        token_feature, next_feature = draft_lib.draft_forward_train(
+            params,
+            embedding,
+            inputs.features,
+            streams,
+            inputs.tokens,
+            lengths=inputs.lengths,
+            dcfg=dcfg,
+            mask_mode="exact",
+            dtype=DTYPES[sc.dtype],
+        )
+        logits = head(token_feature)
+        if k == 0:
+            for n in (1, 2, 3):
+                out[f"top{n}"] = jnp.sum(m0 * losses.in_topk(logits, target_token, n))
+            out["vloss"] = losses.vloss(next_feature, inputs.target, m0) * jnp.sum(m0)
+            out["ploss"] = losses.ploss(logits, target_p, m0) * jnp.sum(m0)
+        correct.append(jnp.argmax(logits, axis=-1) == target_token)
+        if k + 1 < sc.eval_depth:
+            new = losses.next_stream(next_feature, inputs.features, streams)[None]
+            streams = new if streams is None else jnp.concatenate([streams, new])
+    start_ok = (m0 > 0) & (jnp.argmax(head(inputs.features), axis=-1) == inputs.tokens)
+    out["acc_hits"], out["acc_totals"] = losses.chain_acceptance(jnp.stack(correct), start_ok)
+    return out
+
+
+def evaluate(eval_fn, params, frozen, batches) -> dict[str, float]:
+    """Aggregates `eval_sums` over fixed batches into accuracies and acc@1..depth."""
+    total: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for k, v in eval_fn(params, frozen, batch).items():
+            total[k] = total.get(k, 0) + np.asarray(v, np.float64)
+    denom = total["mask"] + 1e-5
+    rec = {f"eval_{k}": float(total[k] / denom) for k in ("top1", "top2", "top3", "vloss", "ploss")}
+    for d, (h, t) in enumerate(zip(total["acc_hits"], total["acc_totals"], strict=True), 1):
+        rec[f"eval_acc@{d}"] = float(h / t) if t else 0.0
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def draft_config(args: argparse.Namespace, base_cfg: ModelConfig) -> DraftConfig:
+    """A new draft's config: the base's sizes unless overridden (the reference's draft configs
+    copy the base's hidden size, vocab, heads, norm eps and RoPE)."""
+    n_heads = args.draft_heads or base_cfg.n_heads
+    return DraftConfig(
+        kind=args.draft_kind,
+        vocab_size=base_cfg.vocab_size,
+        d_model=base_cfg.d_model,
+        d_ff=args.draft_d_ff or base_cfg.d_ff,
+        n_heads=n_heads,
+        n_kv_heads=args.draft_kv_heads
+        or (base_cfg.n_kv_heads if not args.draft_heads else n_heads),
+        head_dim=base_cfg.d_model // n_heads,
+        rope=base_cfg.rope,
+        rms_eps=base_cfg.rms_eps,
+        qkv_bias=args.draft_qkv_bias,
+        max_position_embeddings=base_cfg.max_position_embeddings,
+    )
+
+
+def _abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def init_draft(
+    args: argparse.Namespace, base_cfg: ModelConfig, base_params, tx
+) -> tuple[DraftConfig, Any]:
+    """Fresh params, or a warm start (`--init`): a published-layout draft folder
+    (`convert.load_draft`) or a previous run's output folder (its latest checkpoint)."""
+    init = args.init
+    if init is None:
+        dcfg = draft_config(args, base_cfg)
+        key = jax.random.fold_in(jax.random.key(args.seed), 1)
+        return dcfg, draft_lib.init_draft_params(dcfg, key, jnp.float32)
+    if (init / "config.json").exists():
+        from convert.load_draft import load_draft
+
+        embedding = np.asarray(base_params["embed_tokens"]["embedding"], np.float32)
+        dcfg, params = load_draft(init, base_cfg, dtype="float32", base_embedding=embedding)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    elif (init / "checkpoints").exists():
+        hf = json.loads((init / "draft_config.json").read_text())
+        kind = hf.pop("kind")
+        dcfg = DraftConfig.from_hf(hf, kind=kind)
+        params = draft_lib.init_draft_params(dcfg, jax.random.key(0), jnp.float32)
+        abstract = jax.tree.map(_abstract, _fresh_state(params, tx, seed=0))
+        ckpt = common.Checkpointer(init / "checkpoints")
+        state, _ = ckpt.restore(abstract)
+        ckpt.close()
+        params = state["params"]
+    else:
+        raise FileNotFoundError(f"--init {init}: neither a draft folder nor a training run")
+    if dcfg.kind != args.draft_kind:
+        raise ValueError(f"--init {init} holds a {dcfg.kind} draft, not {args.draft_kind}")
+    return dcfg, params
+
+
+def _trim_metrics(path: pathlib.Path, start: int) -> None:
+    """Drops records past the resumed step (logged by the killed run after its checkpoint)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _fresh_state(params, tx, *, seed: int) -> dict[str, Any]:
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": common.key_to_data(jax.random.fold_in(jax.random.key(seed), 2)),
+    }
+
+
+def load_data(args: argparse.Namespace) -> SequenceData:
+    if args.online:
+        if not args.corpus:
+            raise SystemExit("--online needs --corpus FILE...")
+        tok = features.load_tokenizer(args.tokenizer or args.base, chat_template=args.chat_template)
+        examples, counts = features.load_examples(
+            args.corpus, tok, max_len=args.max_len, system=args.system, limit=args.limit
+        )
+        print(f"online data: {counts}", file=sys.stderr)
+        return SequenceData(examples=examples)
+    if args.features is None:
+        raise SystemExit("give --features DIR or --online --corpus FILE...")
+    return SequenceData(store=features.FeatureStore(args.features))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--base", type=pathlib.Path, required=True, help="base model folder (HF)")
+    p.add_argument("--base-dtype", default=None, help="online base dtype (default: checkpoint's)")
+    data = p.add_argument_group("data")
+    data.add_argument("--features", type=pathlib.Path, default=None)
+    data.add_argument("--online", action="store_true", help="compute features in the step")
+    data.add_argument("--corpus", nargs="*", default=[], help="online inputs (JSONL/JSON/text)")
+    data.add_argument("--tokenizer", type=pathlib.Path, default=None)
+    data.add_argument("--chat-template", default=None)
+    data.add_argument("--system", default=None)
+    data.add_argument("--limit", type=int, default=None)
+    data.add_argument("--max-len", type=int, default=2048)
+    data.add_argument("--min-bucket", type=int, default=64)
+    data.add_argument("--eval-frac", type=float, default=0.05)
+    draft = p.add_argument_group("draft")
+    draft.add_argument("--draft-kind", choices=("griffin", "eagle2"), default="griffin")
+    draft.add_argument("--stage", type=int, default=1, help="unrolled passes (GRIFFIN stage j)")
+    draft.add_argument("--init", type=pathlib.Path, default=None, help="warm start (stage j-1)")
+    draft.add_argument("--draft-d-ff", type=int, default=None)
+    draft.add_argument("--draft-heads", type=int, default=None)
+    draft.add_argument("--draft-kv-heads", type=int, default=None)
+    draft.add_argument("--draft-qkv-bias", action="store_true")
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--mask-mode", choices=("exact", "leaky_reference"), default="exact")
+    loss.add_argument("--topk-train", type=int, default=losses.TOPK_TRAIN)
+    loss.add_argument("--shifted-mask", action="store_true", help="inference-consistent offset")
+    loss.add_argument("--noise-std", type=float, default=losses.NOISE_STD)
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--steps", type=int, required=True)
+    opt.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+    opt.add_argument("--lr", type=float, default=None, help="default 5e-5 (stage 1), 3e-5")
+    opt.add_argument("--warmup", type=int, default=2000)
+    opt.add_argument("--schedule-steps", type=int, default=800_000, help="lr reaches 0 here")
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--clip-value", type=float, default=0.5)
+    opt.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    opt.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", type=pathlib.Path, required=True)
+    run.add_argument("--resume", action="store_true")
+    run.add_argument("--export", type=pathlib.Path, default=None, help="published-layout draft")
+    run.add_argument("--export-dtype", default=None, help="f32 | bf16 | f16 (default: f32)")
+    run.add_argument("--eval-every", type=int, default=1000)
+    run.add_argument("--eval-batches", type=int, default=10)
+    run.add_argument("--eval-depth", type=int, default=5)
+    run.add_argument("--ckpt-every", type=int, default=1000)
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--devices", type=int, default=None, help="default: all local devices")
+    run.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop at this step")
+    run.add_argument("--max-minutes", type=float, default=None)
+    run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    args = p.parse_args(argv)
+    if args.draft_kind == "eagle2" and args.stage != 1:
+        p.error("EAGLE-2 drafts are trained with the stage-1 loss only (--stage 1)")
+    if args.lr is None:
+        args.lr = 5e-5 if args.stage == 1 else 3e-5
+    return args
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the final state's params and the last metrics."""
+    from convert.load_hf import load_hf
+
+    if args.distributed:
+        common.init_distributed()
+    out: pathlib.Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base_cfg, base_params = load_hf(args.base, args.base_dtype if args.online else "float32")
+    if args.online:
+        frozen = base_params
+    else:
+        frozen = {k: base_params[k] for k in ("embed_tokens", "lm_head") if k in base_params}
+    data = load_data(args)
+    if data.store is not None and data.store.d_model != base_cfg.d_model:
+        raise ValueError(f"features have D={data.store.d_model}, the base {base_cfg.d_model}")
+    train_idx, eval_idx = split(len(data), args.eval_frac)
+    train_lengths = data.lengths[train_idx]
+
+    opt = common.OptimConfig(
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        total_steps=max(args.schedule_steps, args.warmup + 1),
+        weight_decay=args.weight_decay,
+        clip_value=args.clip_value,
+    )
+    tx = make_optimizer(opt)
+    schedule = common.make_schedule(opt)
+    dcfg, params = init_draft(args, base_cfg, base_params, tx)
+    (out / "draft_config.json").write_text(
+        json.dumps({"kind": dcfg.kind, **dcfg.to_hf()}, indent=2)
+    )
+    sc = StepConfig(
+        stage=args.stage,
+        mask_mode=args.mask_mode,
+        topk_train=args.topk_train,
+        shifted_mask=args.shifted_mask,
+        noise_std=args.noise_std,
+        online=args.online,
+        dtype=args.dtype,
+        eval_depth=args.eval_depth,
+    )
+    state = _fresh_state(params, tx, seed=args.seed)
+    ckpt = common.Checkpointer(out / "checkpoints")
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if args.resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(jax.tree.map(_abstract, state))
+        if meta["seed"] != args.seed or meta["stage"] != args.stage:
+            raise ValueError(f"checkpoint has seed/stage {meta['seed']}/{meta['stage']}")
+        start = int(meta["data_position"])
+        print(f"resumed at step {start}", file=sys.stderr)
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume or another --out")
+    _trim_metrics(metrics_path, start)
+
+    mesh = common.data_mesh(args.devices)
+    if args.batch % mesh.size:
+        raise ValueError(f"--batch {args.batch} is not a multiple of {mesh.size} devices")
+    state = jax.device_put(state, common.replicated(mesh))
+    frozen = jax.device_put(frozen, common.replicated(mesh))
+    step_fn = functools.partial(train_step, tx=tx, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
+    eval_fn = functools.partial(eval_sums, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
+    host_rows = common.host_batch_slice(args.batch) if jax.process_count() > 1 else None
+    eval_batches = []
+    for i in range(0, min(len(eval_idx), args.eval_batches * args.batch), args.batch):
+        idx = list(eval_idx[i : i + args.batch])
+        idx += [None] * (args.batch - len(idx))
+        b = make_batch(data, idx, max_len=args.max_len, min_bucket=args.min_bucket, rows=host_rows)
+        eval_batches.append(put_batch(b, mesh))
+
+    meta = {"seed": args.seed, "stage": args.stage, "kind": dcfg.kind}
+    log = common.MetricsLog(metrics_path, total=args.steps, initial=start, desc="train")
+    last = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    t0 = t_log = time.time()
+    tokens_since_log = 0
+    rec: dict[str, Any] = {}
+    for step in range(start, last):
+        pos = batch_positions(train_lengths, seed=args.seed, step=step, batch=args.batch)
+        host = make_batch(
+            data,
+            [int(i) for i in train_idx[pos]],
+            max_len=args.max_len,
+            min_bucket=args.min_bucket,
+            rows=host_rows,
+        )
+        state, metrics = step_fn(state, frozen, put_batch(host, mesh))
+        tokens_since_log += int(host["lengths"].sum())
+        done = step + 1
+        evaluating = args.eval_every and (done % args.eval_every == 0 or done == last)
+        if done % args.log_every == 0 or done == last or evaluating:
+            rec = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+            now = time.time()
+            rec.update(
+                step=done,
+                lr=float(schedule(step)),
+                tokens_per_s=tokens_since_log * jax.process_count() / (now - t_log),
+            )
+            tokens_since_log, t_log = 0, now
+            if evaluating and eval_batches:
+                rec.update(evaluate(eval_fn, state["params"], frozen, eval_batches))
+                t_log = time.time()  # evaluation time is not training throughput
+            log.log(rec, advance=0, show=("loss", "top1_1", "eval_acc@1", "tokens_per_s"))
+        log.bar.update(1)
+        out_of_time = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        if done % args.ckpt_every == 0 or done == last or out_of_time:
+            ckpt.save(done, state, {**meta, "step": done, "data_position": done})
+        if out_of_time:
+            print(f"stopping at step {done} (time budget); --resume continues", file=sys.stderr)
+            break
+    log.close()
+    ckpt.close()
+    finished = int(state["step"]) == args.steps
+    if finished and args.export is not None:
+        from convert.export_draft import export_draft
+
+        export_draft(
+            jax.device_get(state["params"]),
+            np.asarray(base_params["embed_tokens"]["embedding"]),
+            dcfg,
+            args.export,
+            dtype=args.export_dtype,
+            base_cfg=base_cfg,
+        )
+        print(f"exported the draft to {args.export}", file=sys.stderr)
+    return {"params": state["params"], "step": int(state["step"]), "metrics": rec, "dcfg": dcfg}
+
+
+PLOT_KEYS = ("loss", "top1_1", "eval_top1", "eval_acc@1", "eval_acc@3")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plot"]:
+        p = argparse.ArgumentParser(prog="python -m training.train plot")
+        p.add_argument("--metrics", type=pathlib.Path, required=True)
+        p.add_argument("--out", type=pathlib.Path, required=True)
+        p.add_argument("--keys", nargs="+", default=list(PLOT_KEYS))
+        a = p.parse_args(argv[1:])
+        common.plot_metrics(a.metrics, a.out, keys=a.keys, title=str(a.metrics.parent.name))
+        return 0
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
