@@ -123,6 +123,7 @@ class SpeculativeModel:
         depth: int | None = None,
         top_k: int | None = None,
         load_tokenizer: bool = True,
+        with_draft: bool = True,
     ) -> SpeculativeModel:
         """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 layout).
 
@@ -134,11 +135,15 @@ class SpeculativeModel:
           total_tokens: tree nodes including the root; -1 = choose by timing verification on
             this machine; None = the tree file next to the draft, else the reference's 60.
           depth, top_k: tree depth and branching (None = the tree file's, else 5 and 10).
+          load_tokenizer: also load the base folder's tokenizer (transformers).
+          with_draft: False loads the base alone (vanilla decoding only).
         """
         if base_model_path is None:
             base_model_path = DEFAULT_MODEL_DIR / "base"
             if draft_model_path is None:
                 draft_model_path = DEFAULT_MODEL_DIR / "griffin"
+        if not with_draft:
+            draft_model_path = None
         base_dir = resolve_path(base_model_path)
         if not (base_dir / "config.json").exists():
             raise ModelLoadError(f"{base_dir} has no config.json (not a HF model folder)")
@@ -219,7 +224,9 @@ class SpeculativeModel:
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
         )  # fmt: skip
         steps = [max(len(o) - 1, 0) for o in res.output_ids]
-        return GenerationOutput(res.output_ids, steps, [], time.perf_counter() - t0)
+        return GenerationOutput(
+            res.output_ids, steps, [[] for _ in res.output_ids], time.perf_counter() - t0
+        )
 
     def auto_total_tokens(self, tree: TreeConfig, *, repeats: int = 20) -> int:
         """The reference's `total_token=-1` rule (spec 5.9) on this machine.

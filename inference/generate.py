@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.vanilla:
                 raise UsageError("the default draft is not installed yet: pass --vanilla")
         model = SpeculativeModel.from_pretrained(
-            args.base, None if args.vanilla else args.draft, dtype=args.dtype,
+            args.base, args.draft, dtype=args.dtype, with_draft=not args.vanilla,
             total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k,
         )  # fmt: skip
         if args.base is not None and args.draft is None and not args.vanilla:

@@ -218,3 +218,26 @@ def test_online_features_give_the_stored_features_loss(tmp_path: pathlib.Path, b
         results[online] = float(loss)
     assert results[False] > 0
     np.testing.assert_allclose(results[True], results[False], rtol=1e-5)
+
+
+def test_batches_are_padded_to_power_of_two_buckets():
+    from training import train
+
+    assert [features.bucket_length(n, min_bucket=16, max_len=48) for n in (1, 16, 17, 33, 48)] == [
+        16,
+        16,
+        32,
+        48,
+        48,
+    ]
+    data = train.SequenceData(examples=_examples(6, seed=5))
+    lengths = [len(e.ids) for e in data.examples]
+    batch = train.make_batch(data, [0, 1, None], max_len=64, min_bucket=16)
+    assert batch["ids"].shape[1] == features.bucket_length(max(lengths[:2]), min_bucket=16)
+    np.testing.assert_array_equal(batch["lengths"], [lengths[0], lengths[1], 0])
+    assert batch["mask"][2].sum() == 0 and "hidden" not in batch
+    plan = train.BatchPlan(np.asarray(lengths), seed=0, batch=2)
+    again = train.BatchPlan(np.asarray(lengths), seed=0, batch=2)
+    steps = [plan.positions(s).tolist() for s in range(7)]
+    assert steps == [again.positions(s).tolist() for s in reversed(range(7))][::-1]
+    assert sorted(sum(steps[:3], [])) == list(range(6))  # one epoch = a permutation

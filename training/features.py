@@ -145,7 +145,8 @@ def chat_example(tokenizer, messages: list[dict[str, str]], *, max_len: int) -> 
 def text_examples(tokenizer, text: str, *, max_len: int) -> list[Example]:
     """Tokenizes plain text (special tokens as the tokenizer adds them, e.g. BOS), cut into
     windows of `max_len`; the mask covers every token but the first of each window."""
-    ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
+    # verbose=False: long texts are windowed below, so the model_max_length warning is noise.
+    ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
     out = []
     for start in range(0, len(ids), max_len):
         window = ids[start : start + max_len]
@@ -447,9 +448,9 @@ def generate(
     todo_tokens = sum(len(e.ids) for e in examples[done * shard_size :])
     log(
         f"features: {len(examples):,} sequences, {manifest['num_tokens']:,} tokens, "
-        f"{num_shards} shards, about {total_bytes / 2**30:.3f} GiB on disk "
+        f"{num_shards} shards, about {_size(total_bytes)} on disk "
         f"({hidden_dtype} hidden, D={cfg.d_model}); {done} shards already done, "
-        f"{todo_tokens * per_token / 2**30:.3f} GiB to write"
+        f"{_size(todo_tokens * per_token)} to write"
     )
     written = 0
     with tqdm(total=todo_tokens, desc="features", unit="tok", dynamic_ncols=True) as bar:
@@ -481,6 +482,14 @@ def generate(
     manifest["complete"] = len(manifest["shards"]) == num_shards
     _write_json(manifest_path, manifest)
     return manifest
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:

@@ -114,31 +114,38 @@ def split(n: int, eval_frac: float) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n - n_eval), np.arange(n - n_eval, n)
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_plan(lengths: tuple[int, ...], seed: int, epoch: int, batch: int) -> np.ndarray:
+def epoch_plan(lengths: np.ndarray, *, seed: int, epoch: int, batch: int) -> np.ndarray:
     """[steps_per_epoch, batch] positions into the train set for one epoch.
 
     Shuffle, then sort by length inside windows of 64 batches (less padding), then shuffle the
-    batches; a pure function of (seed, epoch).
+    batches; a pure function of (lengths, seed, epoch). The last partial batch is dropped.
     """
     rng = np.random.default_rng([seed, epoch])
     n = len(lengths)
     perm = rng.permutation(n)[: n // batch * batch]
     window = 64 * batch
-    lens = np.asarray(lengths)
     parts = [perm[i : i + window] for i in range(0, len(perm), window)]
-    perm = np.concatenate([p[np.argsort(lens[p], kind="stable")] for p in parts])
+    perm = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
     batches = perm.reshape(-1, batch)
     return batches[rng.permutation(len(batches))]
 
 
-def batch_positions(lengths: np.ndarray, *, seed: int, step: int, batch: int) -> np.ndarray:
-    """The train-set positions of the batch of `step`: a pure function of (seed, step)."""
-    steps_per_epoch = len(lengths) // batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(lengths)} training sequences are fewer than one batch ({batch})")
-    plan = _epoch_plan(tuple(int(x) for x in lengths), seed, step // steps_per_epoch, batch)
-    return plan[step % steps_per_epoch]
+class BatchPlan:
+    """The train-set positions of each step's batch: a pure function of (seed, step)."""
+
+    def __init__(self, lengths: np.ndarray, *, seed: int, batch: int) -> None:
+        self.lengths, self.seed, self.batch = np.asarray(lengths), seed, batch
+        self.steps_per_epoch = len(lengths) // batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(lengths)} training sequences: fewer than one batch ({batch})")
+        self._epoch, self._plan = -1, None
+
+    def positions(self, step: int) -> np.ndarray:
+        epoch = step // self.steps_per_epoch
+        if epoch != self._epoch:
+            self._plan = epoch_plan(self.lengths, seed=self.seed, epoch=epoch, batch=self.batch)
+            self._epoch = epoch
+        return self._plan[step % self.steps_per_epoch]
 
 
 def make_batch(
@@ -430,7 +437,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--base", type=pathlib.Path, required=True, help="base model folder (HF)")
-    p.add_argument("--base-dtype", default=None, help="online base dtype (default: checkpoint's)")
+    p.add_argument("--base-dtype", default=None, help="base dtype (default: the checkpoint's)")
     data = p.add_argument_group("data")
     data.add_argument("--features", type=pathlib.Path, default=None)
     data.add_argument("--online", action="store_true", help="compute features in the step")
@@ -495,16 +502,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         common.init_distributed()
     out: pathlib.Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    base_cfg, base_params = load_hf(args.base, args.base_dtype if args.online else "float32")
+    base_cfg, base_params = load_hf(args.base, args.base_dtype)
     if args.online:
         frozen = base_params
-    else:
+    else:  # the embedding and lm_head are all the step needs; f32 as the reference's head
         frozen = {k: base_params[k] for k in ("embed_tokens", "lm_head") if k in base_params}
+        frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), frozen)
     data = load_data(args)
     if data.store is not None and data.store.d_model != base_cfg.d_model:
         raise ValueError(f"features have D={data.store.d_model}, the base {base_cfg.d_model}")
     train_idx, eval_idx = split(len(data), args.eval_frac)
-    train_lengths = data.lengths[train_idx]
+    plan = BatchPlan(data.lengths[train_idx], seed=args.seed, batch=args.batch)
 
     opt = common.OptimConfig(
         lr=args.lr,
@@ -516,6 +524,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tx = make_optimizer(opt)
     schedule = common.make_schedule(opt)
     dcfg, params = init_draft(args, base_cfg, base_params, tx)
+    if args.stage > 1 and args.init is None and not args.resume:
+        print(
+            f"stage {args.stage} without --init: random start (the reference warm-starts "
+            f"from stage {args.stage - 1})",
+            file=sys.stderr,
+        )
     (out / "draft_config.json").write_text(
         json.dumps({"kind": dcfg.kind, **dcfg.to_hf()}, indent=2)
     )
@@ -565,7 +579,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tokens_since_log = 0
     rec: dict[str, Any] = {}
     for step in range(start, last):
-        pos = batch_positions(train_lengths, seed=args.seed, step=step, batch=args.batch)
+        pos = plan.positions(step)
         host = make_batch(
             data,
             [int(i) for i in train_idx[pos]],

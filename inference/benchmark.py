@@ -1,0 +1,183 @@
+"""`python -m inference.benchmark`: tau, per-depth acceptance, tokens/s and speedup over vanilla.
+
+Runs every question (first turn) of MT-bench-format files (`question.jsonl`: one object per line
+with `turns`) at batch 1, for vanilla decoding and for each draft given, at each temperature,
+all in one process on the same machine, and writes a JSON report plus a PNG plot.
+
+Conventions (README "Definitions"): every timed call runs after a warm-up of the same shapes
+(prompt-length bucket, tree sizes), prefill included. tau = tokens committed per verification
+forward (accepted draft tokens + the bonus), over all rounds. acceptance@d = the fraction of
+rounds that accepted at least d draft tokens. speedup = (sum of new tokens / sum of seconds)
+of speculative decoding over the same for vanilla decoding, on the same prompts.
+
+Example:
+  python -m inference.benchmark --bench runs/prompts/heldout_code/question.jsonl \\
+      --bench ../shared/data/humaneval/question.jsonl --num-questions 20 \\
+      --draft griffin=inference/default_model/griffin \\
+      --draft eagle2=inference/default_model/eagle2 \\
+      --temperature 0 --temperature 1 --out runs/bench/default.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from griffin_jax import vanilla
+from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel
+from inference.generate import encode
+
+
+def read_questions(path: pathlib.Path, limit: int | None) -> list[str]:
+    """First turns of an MT-bench-format question file."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line)["turns"][0])
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def run_all(generate, prompts: list[list[int]], *, seed: int = 0, **knobs) -> dict[str, Any]:
+    """Warms up each prompt-length bucket, then times every prompt at batch 1 (seed + index)."""
+    seen = set()
+    for p in prompts:
+        bucket = vanilla.prompt_bucket(len(p))
+        if bucket not in seen:
+            seen.add(bucket)
+            generate([p], seed=seed, **knobs)
+    tokens, seconds, accepts, rounds = 0, 0.0, [], 0
+    for i, p in enumerate(prompts):
+        res = generate([p], seed=seed + i, **knobs)
+        tokens += res.new_tokens
+        seconds += res.seconds
+        rounds += res.rounds[0]
+        accepts.extend(res.accept_lengths[0])
+    out = {"new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+           "rounds": rounds}  # fmt: skip
+    if accepts:
+        acc = np.asarray(accepts)
+        out["tau"] = float(acc.mean() + 1)
+        out["accept_hist"] = np.bincount(acc).tolist()
+        out["acceptance_at_depth"] = [float((acc >= d).mean()) for d in range(1, acc.max() + 2)]
+    return out
+
+
+def plot(report: dict[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [f"{r['bench']}\nT={r['temperature']:g}" for r in rows]
+    drafts = sorted({d for r in rows for d in r["drafts"]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(drafts), 1)
+    x = np.arange(len(rows))
+    for i, d in enumerate(drafts):
+        taus = [r["drafts"].get(d, {}).get("tau", 0) for r in rows]
+        speed = [r["drafts"].get(d, {}).get("speedup", 0) for r in rows]
+        axes[0].bar(x + i * width, taus, width, label=d)
+        axes[1].bar(x + i * width, speed, width, label=d)
+    for ax, title in zip(
+        axes, ("tau (tokens per verification)", "speedup over vanilla"), strict=True
+    ):
+        ax.set_xticks(x + width * (len(drafts) - 1) / 2, labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    fig.suptitle(report["machine"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--base", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "base")
+    p.add_argument(
+        "--draft",
+        action="append",
+        default=[],
+        help="NAME=FOLDER (repeatable); default: the default griffin and eagle2 drafts",
+    )
+    p.add_argument("--bench", action="append", type=pathlib.Path, default=[])
+    p.add_argument("--num-questions", type=int, default=None)
+    p.add_argument("--temperature", action="append", type=float, default=[])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--tree-top-k", type=int, default=None)
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
+    args = p.parse_args(argv)
+
+    drafts = dict(d.split("=", 1) for d in args.draft) or {
+        name: str(DEFAULT_MODEL_DIR / name)
+        for name in ("griffin", "eagle2")
+        if (DEFAULT_MODEL_DIR / name / "config.json").exists()
+    }
+    benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
+    temperatures = args.temperature or [0.0, 1.0]
+    base = SpeculativeModel.from_pretrained(args.base, dtype=args.dtype)
+    models = {}
+    for name, folder in drafts.items():
+        m = SpeculativeModel.from_pretrained(
+            args.base, folder, dtype=args.dtype, total_tokens=args.total_tokens,
+            depth=args.depth, top_k=args.tree_top_k, load_tokenizer=False,
+        )  # fmt: skip
+        models[name] = m
+        print(f"{name}: {m.dcfg.kind} draft, tree {m.tree_cfg}", file=sys.stderr)
+    machine = (
+        f"{platform.machine()} {jax.default_backend()} x{jax.device_count()}, {platform.node()}"
+    )
+    report: dict[str, Any] = {"machine": machine, "base": str(args.base), "drafts": drafts,
+                              "max_new_tokens": args.max_new_tokens, "results": [],
+                              "trees": {n: vars(m.tree_cfg) for n, m in models.items()},
+                              "command": " ".join(sys.argv)}  # fmt: skip
+    for bench in benches:
+        questions = read_questions(bench, args.num_questions)
+        prompts = encode(base.tokenizer, questions, chat=args.chat, system=None)
+        for temperature in temperatures:
+            knobs = dict(temperature=temperature, max_new_tokens=args.max_new_tokens, seed=0)
+            t0 = time.time()
+            row: dict[str, Any] = {"bench": bench.parent.name, "temperature": temperature,
+                                   "questions": len(prompts),
+                                   "vanilla": run_all(base.vanilla_generate, prompts, **knobs),
+                                   "drafts": {}}  # fmt: skip
+            for name, m in models.items():
+                res = run_all(m.generate, prompts, **knobs)
+                res["speedup"] = res["tokens_per_s"] / row["vanilla"]["tokens_per_s"]
+                row["drafts"][name] = res
+            report["results"].append(row)
+            summary = ", ".join(
+                f"{n}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x"
+                for n, r in row["drafts"].items()
+            )
+            print(f"{row['bench']} T={temperature:g}: vanilla "
+                  f"{row['vanilla']['tokens_per_s']:.1f} tok/s; {summary} "
+                  f"({time.time() - t0:.0f}s)", file=sys.stderr)  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps({"report": str(args.out), "plot": str(args.out.with_suffix(".png"))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`python -m inference.generate` and the `SpeculativeModel` API on a tiny exported model pair."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import pytest
+from spec_models import aligned_pair, base_config, draft_config
+
+from convert.export_draft import export_draft
+from convert.export_hf import export_hf
+from inference import generate as cli
+from inference.api import DEFAULT_MODEL_DIR, ModelLoadError, SpeculativeModel
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny base in HF layout with the project tokenizer, and a GRIFFIN draft for it."""
+    root = tmp_path_factory.mktemp("pair")
+    cfg = base_config("llama", vocab_size=8192, eos_token_ids=(1,), bos_token_id=0)
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.2)
+    export_hf(base, cfg, root / "base")
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEFAULT_MODEL_DIR / "base" / name, root / "base" / name)
+    export_draft(draft, base["embed_tokens"]["embedding"], dcfg, root / "griffin", base_cfg=cfg)
+    (root / "griffin" / "tree.json").write_text(
+        json.dumps({"total_tokens": 10, "depth": 3, "top_k": 3})
+    )
+    return root / "base", root / "griffin"
+
+
+def _run(capsys, argv):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_output_is_the_last_line_and_matches_vanilla(pair, capsys):
+    base, draft = pair
+    common = ["--base", str(base), "--prompt", "def f(x):", "--max-new-tokens", "12", "--json"]
+    code, out, _ = _run(capsys, [*common, "--draft", str(draft)])
+    assert code == 0
+    spec = json.loads(out.strip().splitlines()[-1])
+    code, out, _ = _run(capsys, [*common, "--vanilla"])
+    assert code == 0
+    plain = json.loads(out.strip().splitlines()[-1])
+    assert spec["output_ids"] == plain["output_ids"]
+    assert len(spec["output_ids"]) <= 12
+    for key in ("text", "new_tokens", "rounds", "tau", "accept_lengths", "seconds",
+                "tokens_per_s", "compile_seconds"):  # fmt: skip
+        assert key in spec
+    assert spec["tau"] >= 1.0
+    assert spec["rounds"] == len(spec["accept_lengths"])
+
+
+def test_compare_reports_speedup_and_batch_outputs(pair, capsys, tmp_path):
+    base, draft = pair
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def a():\nclass B:\n\nimport os\n")
+    code, out, _ = _run(capsys, ["--base", str(base), "--draft", str(draft), "--prompt-file",
+                                 str(prompts), "--max-new-tokens", "6", "--compare", "--json"])  # fmt: skip
+    assert code == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert len(res["output_ids"]) == 3 and all(len(o) <= 6 for o in res["output_ids"])
+    assert res["speedup"] > 0 and res["vanilla_tokens_per_s"] > 0
+
+
+def test_streams_text_without_json(pair, capsys):
+    base, draft = pair
+    code, out, err = _run(capsys, ["--base", str(base), "--draft", str(draft), "--prompt",
+                                   "x = 1", "--max-new-tokens", "8"])  # fmt: skip
+    assert code == 0
+    assert "tok/s" in err and "tau" in err
+    assert out.strip()  # the completion text went to stdout
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top-p"),
+        (["--top-p", "1.5"], "top-p"),
+        (["--prompt", ""], "empty prompt"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--draft", "/nonexistent/folder"], "no such model folder"),
+    ],
+)
+def test_bad_input_is_one_line_error(pair, capsys, extra, message):
+    base, draft = pair
+    argv = ["--base", str(base), "--draft", str(draft), "--prompt", "hi", *extra]
+    code, out, err = _run(capsys, argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_draft_that_does_not_fit_the_base_is_refused(pair, capsys, tmp_path):
+    base, _ = pair
+    cfg = base_config("llama", vocab_size=8192, d_model=32, head_dim=8)
+    dcfg = draft_config(cfg, head_dim=8)
+    other_base, other_draft = aligned_pair(cfg, dcfg)
+    export_draft(other_draft, other_base["embed_tokens"]["embedding"], dcfg, tmp_path / "d")
+    code, _, err = _run(capsys, ["--base", str(base), "--draft", str(tmp_path / "d"),
+                                 "--prompt", "hi"])  # fmt: skip
+    assert code == 2 and "hidden" in err and "64" in err and "32" in err
+
+
+def test_api_generate_equals_vanilla_generate(pair):
+    base, draft = pair
+    model = SpeculativeModel.from_pretrained(base, draft)
+    assert model.tree_cfg.total_tokens == 10 and model.tree_cfg.depth == 3
+    ids = [model.tokenizer("def g(y):")["input_ids"], model.tokenizer("import")["input_ids"]]
+    spec = model.generate(ids, max_new_tokens=10)
+    plain = model.vanilla_generate(ids, max_new_tokens=10)
+    assert spec.output_ids == plain.output_ids
+    assert spec.tau > 1.0  # the aligned draft is accepted
+
+
+def test_api_auto_tree_size_picks_a_candidate(pair):
+    base, draft = pair
+    model = SpeculativeModel.from_pretrained(base, draft, total_tokens=-1, load_tokenizer=False)
+    assert 2 <= model.tree_cfg.total_tokens <= 1 + 3 + 3 * 3 * 3
+
+
+def test_missing_model_folder_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        SpeculativeModel.from_pretrained(tmp_path / "missing")
+    jax.clear_caches()
