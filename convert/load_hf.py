@@ -223,3 +223,108 @@ def load_hf(folder: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[st
     """`(load_hf_config(folder), load_hf_params(folder, cfg, dtype))`."""
     cfg = load_hf_config(folder)
     return cfg, load_hf_params(folder, cfg, dtype)
+
+
+def load_hf_params_sharded(
+    folder: str | Path, cfg: ModelConfig, shardings: Any, dtype: Any = None
+) -> dict[str, Any]:
+    """`load_hf_params` straight onto a mesh: each device reads only its slice of each tensor.
+
+    Every leaf is built with `jax.make_array_from_callback`; the callback slices the
+    memory-mapped safetensors tensors (transposed views, so only the shard's bytes are read and
+    cast), so neither a device nor the host ever holds a whole tensor beyond one shard (a
+    replicated leaf is read once per device). On a multi-host mesh each process reads only its
+    own devices' slices. Strict like `load_hf_params` (same table, same errors).
+
+    Args:
+      folder: a HF folder with safetensors weights (`.bin` raises: convert it, or load it with
+        `load_hf_params` and place it with `griffin_jax.sharding.shard_params`).
+      cfg: its config.
+      shardings: a tree of `jax.sharding.Sharding` with the structure of
+        `abstract_params(cfg, dtype)` (`griffin_jax.sharding.param_shardings`).
+      dtype: target dtype; default: the checkpoint's.
+    Returns:
+      params whose leaves are global jax.Arrays with the given shardings.
+    """
+    import itertools
+
+    import jax
+    from flax import traverse_util
+
+    from convert.hf_keys import _is_float
+
+    dtype = source_dtype(folder) if dtype is None else parse_dtype(dtype)
+    leaves = traverse_util.flatten_dict(abstract_params(cfg, dtype), sep="/")
+    placements = traverse_util.flatten_dict(shardings, sep="/")
+    table = table_for(cfg)
+    rows = {row.ours: row for row in table.rows if row.ours in leaves}
+    tensors: dict[str, np.ndarray] = {}
+    for path in checkpoint_files(folder):
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path}: sharded loading reads safetensors only; convert the checkpoint or use "
+                "load_hf_params + griffin_jax.sharding.shard_params"
+            )
+        for key, array in iter_safetensors(path):
+            if key in tensors:
+                raise CheckpointError(f"{folder}: duplicate key {key!r}")
+            tensors[key] = array
+    sources: dict[str, dict[tuple[int, ...], np.ndarray]] = {p: {} for p in rows}
+    for key, array in tensors.items():
+        if table.skipped(key):
+            continue
+        found = table.match(key)
+        if found is None:
+            raise CheckpointError(
+                f"{folder}: unexpected key {key!r} (not in the {table.name} table)"
+            )
+        row, index = found
+        if not _is_float(array.dtype):
+            raise CheckpointError(f"{folder}: {key!r} has dtype {array.dtype}, expected a float")
+        if row.ours not in leaves:  # a tied lm_head: must equal the embedding
+            tied = tensors.get(rows[row.tied_to].hf) if row.tied_to in rows else None
+            if (
+                tied is None
+                or tied.shape != array.shape
+                or not np.array_equal(array.astype(dtype), tied.astype(dtype))
+            ):
+                raise CheckpointError(f"{folder}: {key!r} is not the tied {row.tied_to!r}")
+            continue
+        shape = leaves[row.ours].shape
+        if any(i >= n for i, n in zip(index, shape, strict=False)):
+            raise CheckpointError(f"{folder}: {key!r} index {index} out of range for {shape}")
+        want = row.transform.hf_shape(shape[len(index) :])
+        if tuple(array.shape) != want:
+            raise CheckpointError(
+                f"{folder}: {key!r} has shape {tuple(array.shape)}, expected {want} "
+                f"({row.transform.name} into {row.ours!r} {tuple(shape)})"
+            )
+        sources[row.ours][index] = array
+    missing = [
+        rows[p].hf_key(idx)
+        for p in rows
+        for idx in np.ndindex(*leaves[p].shape[: len(rows[p].index_names)])
+        if idx not in sources[p]
+    ]
+    if missing:
+        raise CheckpointError(f"{folder}: missing keys {missing[:8]} ({len(missing)} in all)")
+
+    def build(path: str) -> jax.Array:
+        row, leaf, src = rows[path], leaves[path], sources[path]
+        n_idx = len(row.index_names)
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            ranges = [range(*s.indices(n)) for s, n in zip(index, leaf.shape, strict=True)]
+            lead, rest = ranges[:n_idx], index[n_idx:]
+            out = np.empty(tuple(len(r) for r in ranges), dtype)  # this device's shard
+            for local, idx in zip(
+                itertools.product(*(range(len(r)) for r in lead)),
+                itertools.product(*lead),
+                strict=True,
+            ):
+                out[local] = row.transform.to_ours(src[idx])[rest]  # reads the slice, casts
+            return out
+
+        return jax.make_array_from_callback(leaf.shape, placements[path], read)
+
+    return traverse_util.unflatten_dict({p: build(p) for p in rows}, sep="/")

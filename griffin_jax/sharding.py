@@ -117,16 +117,16 @@ def parse_mesh(text: str) -> dict[str, int]:
         try:
             n = int(size.strip())
         except ValueError:
-            raise ValueError(f"mesh axis {name!r} size {size.strip()!r} is not an integer") from None
+            raise ValueError(
+                f"mesh axis {name!r} size {size.strip()!r} is not an integer"
+            ) from None
         if n < 1:
             raise ValueError(f"mesh axis {name!r} size must be >= 1, got {n}")
         out[name] = n
     return out
 
 
-def make_mesh(
-    spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over the first prod(sizes) of `devices` (default: all of `jax.devices()`).
 
     The axes are `Auto` (GSPMD propagation), not the `Explicit` default of `jax.make_mesh` in
@@ -196,11 +196,10 @@ def spec_for(
     Raises:
       KeyError: no rule matches `path`.
     """
-    for pattern, logical in PARAM_RULES:
-        if re.search(pattern, path):
-            break
-    else:
+    rule = next(((p, lg) for p, lg in PARAM_RULES if re.search(p, path)), None)
+    if rule is None:
         raise KeyError(f"no sharding rule for param {path!r}: add one to PARAM_RULES")
+    pattern, logical = rule
     if len(logical) > len(shape):
         raise ValueError(f"rule {pattern!r} has {len(logical)} dims, {path!r} is {shape}")
     logical = (None,) * (len(shape) - len(logical)) + tuple(logical)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import sampling, vanilla
+from griffin_jax import sampling, sharding, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft_cache
@@ -145,7 +145,7 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes", "mesh"))
 def prefill(
     base_params,
     draft_params,
@@ -159,12 +159,15 @@ def prefill(
     tree_cfg: TreeConfig,
     greedy: bool,
     shapes: Shapes,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
     """Base prefill, the first (root) token, the draft trunk over the prompt and the first tree.
 
     Args:
       tokens: [B, T] int32 right-padded prompts (T = the length bucket).
       lengths: [B] int32 true prompt lengths (>= 1).
+      mesh: when given, the caches are created sharded and the state is pinned
+        (`sharding.constrain`); the params arrive sharded.
     """
     b, t = tokens.shape
     dtype = base_params["embed_tokens"]["embedding"].dtype
@@ -172,7 +175,7 @@ def prefill(
     zero = jnp.zeros((b,), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     with jax.named_scope("prefill/base"):
-        cache = init_cache(cfg, b, shapes.capacity, dtype)
+        cache = sharding.constrain(init_cache(cfg, b, shapes.capacity, dtype), mesh)
         logits, hidden, cache = base_forward(
             base_params, tokens, positions, cache,
             write_idx=zero, mask=causal_mask(zero, t, shapes.capacity), cfg=cfg,
@@ -188,7 +191,7 @@ def prefill(
         # Draft position p pairs feature f_p with token x_{p+1}; the last pairs with the root.
         pair_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         pair_tokens = pair_tokens.at[rows, last].set(root)
-        dcache = init_draft_cache(dcfg, b, shapes.draft_capacity, dtype)
+        dcache = sharding.constrain(init_draft_cache(dcfg, b, shapes.draft_capacity, dtype), mesh)
         step = _draft_step(base_params, draft_params, cfg=cfg, dcfg=dcfg)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
@@ -205,7 +208,7 @@ def prefill(
     out_tokens = jnp.zeros((b, shapes.out_size), jnp.int32).at[:, 0].set(root)
     num_out = jnp.ones((b,), jnp.int32)
     done = _is_eos(root, knobs.eos_ids) | (knobs.max_new <= 1)
-    return SpecState(
+    state = SpecState(
         cache=cache,
         draft_cache=dcache,
         trunk_len=lengths,
@@ -217,11 +220,12 @@ def prefill(
         rounds=jnp.zeros((b,), jnp.int32),
         key=key,
     )
+    return sharding.constrain(state, mesh)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes"),
+    static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes", "mesh"),
     donate_argnames=("state",),
 )
 def spec_round(
@@ -235,6 +239,7 @@ def spec_round(
     tree_cfg: TreeConfig,
     greedy: bool,
     shapes: Shapes,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
     """One verify -> accept -> commit -> re-draft round (see the module docstring)."""
     tree = state.tree
@@ -301,7 +306,7 @@ def spec_round(
         step, root_lp, root_feat, acc.bonus_token, new_trunk, dcache,
         tree_cfg=tree_cfg, greedy=greedy, shapes=shapes,
     )  # fmt: skip
-    return SpecState(
+    state = SpecState(
         cache=cache,
         draft_cache=dcache,
         trunk_len=new_trunk,
@@ -313,9 +318,10 @@ def spec_round(
         rounds=state.rounds + active.astype(jnp.int32),
         key=key,
     )
+    return sharding.constrain(state, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes", "mesh"))
 def generate_device(
     base_params,
     draft_params,
@@ -329,9 +335,10 @@ def generate_device(
     tree_cfg,
     greedy,
     shapes,
+    mesh=None,
 ) -> SpecState:
     """Prefill plus every round in one program (`lax.while_loop`): no host round trips."""
-    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes)
+    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
     state = prefill(base_params, draft_params, tokens, lengths, knobs, key, **static)
 
     def cond(carry):
@@ -375,6 +382,7 @@ def generate(
     max_len: int | None = None,
     on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
     loop: str = "device",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts (token id lists).
 
@@ -386,6 +394,8 @@ def generate(
         streaming; it implies the host loop and costs one extra transfer per round.
       loop: "device" (prefill and all rounds in one `lax.while_loop` program; the default) or
         "host" (a Python loop over the jitted, donated `spec_round`, reading back `done`).
+      mesh: run sharded on this mesh (`griffin_jax.sharding`): params not yet placed by the
+        rules are placed (a no-op for loaded sharded params), tokens go over `data`.
     Returns:
       SpecResult with the new ids per row (stop token included, at most max_new_tokens).
     """
@@ -406,8 +416,13 @@ def generate(
         sampling_knobs, max_new_tokens=max_new_tokens,
         eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids,
     )  # fmt: skip
-    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes)
+    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
     inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, jax.random.key(seed))
+    if mesh is not None:
+        base_params = sharding.shard_params(base_params, mesh, head_dim=cfg.head_dim)
+        draft_params = sharding.shard_params(draft_params, mesh, head_dim=dcfg.head_dim)
+        tokens_in, lengths_in, rest = sharding.place_inputs(*inputs[:2], inputs[2:], mesh)
+        inputs = (tokens_in, lengths_in, *rest)
     if loop == "device" and on_round is None:
         state = generate_device(base_params, draft_params, *inputs, **static)
     else:

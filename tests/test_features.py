@@ -223,13 +223,8 @@ def test_online_features_give_the_stored_features_loss(tmp_path: pathlib.Path, b
 def test_batches_are_padded_to_power_of_two_buckets():
     from training import train
 
-    assert [features.bucket_length(n, min_bucket=16, max_len=48) for n in (1, 16, 17, 33, 48)] == [
-        16,
-        16,
-        32,
-        48,
-        48,
-    ]
+    buckets = [features.bucket_length(n, min_bucket=16, max_len=48) for n in (1, 16, 17, 33, 48)]
+    assert buckets == [16, 16, 32, 48, 48]
     data = train.SequenceData(examples=_examples(6, seed=5))
     lengths = [len(e.ids) for e in data.examples]
     batch = train.make_batch(data, [0, 1, None], max_len=64, min_bucket=16)
