@@ -63,8 +63,9 @@ def test_compare_reports_speedup_and_batch_outputs(pair, capsys, tmp_path):
     base, draft = pair
     prompts = tmp_path / "p.txt"
     prompts.write_text("def a():\nclass B:\n\nimport os\n")
-    code, out, _ = _run(capsys, ["--base", str(base), "--draft", str(draft), "--prompt-file",
-                                 str(prompts), "--max-new-tokens", "6", "--compare", "--json"])  # fmt: skip
+    argv = ["--base", str(base), "--draft", str(draft), "--prompt-file", str(prompts),
+            "--max-new-tokens", "6", "--compare", "--json"]  # fmt: skip
+    code, out, _ = _run(capsys, argv)
     assert code == 0
     res = json.loads(out.strip().splitlines()[-1])
     assert len(res["output_ids"]) == 3 and all(len(o) <= 6 for o in res["output_ids"])
