@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import sampling
+from griffin_jax import sampling, sharding
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, init_cache
 from griffin_jax.model import forward
@@ -165,6 +165,7 @@ def decode_step(
     *,
     cfg: ModelConfig,
     greedy: bool,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> DecodeState:
     """One base forward on the last token of every row, then one new token per running row."""
     cache = state.cache
@@ -186,7 +187,7 @@ def decode_step(
         key, logits[:, 0], greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k
     )
     state = state.replace(cache=cache, step=state.step + 1)
-    return _emit(state, token, max_new_tokens, eos)
+    return sharding.constrain(_emit(state, token, max_new_tokens, eos), mesh)
 
 
 def start(
@@ -202,11 +203,12 @@ def start(
     greedy: bool,
     capacity: int,
     out_len: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> DecodeState:
-    """Prefill plus the first new token: the initial DecodeState."""
+    """Prefill plus the first new token: the initial DecodeState (`mesh`: sharded caches)."""
     b = tokens.shape[0]
     dtype = params["embed_tokens"]["embedding"].dtype
-    cache = init_cache(cfg, b, capacity, dtype)
+    cache = sharding.constrain(init_cache(cfg, b, capacity, dtype), mesh)
     last_logits, cache = prefill(params, tokens, lengths, cache, cfg=cfg)
     temperature, top_p, top_k = knobs
     key_first, key = jax.random.split(key)
@@ -227,7 +229,7 @@ def start(
         key=key,
         step=jnp.zeros((), jnp.int32),
     )
-    return _emit(state, token, max_new_tokens, eos)
+    return sharding.constrain(_emit(state, token, max_new_tokens, eos), mesh)
 
 
 def _generate_device(params, tokens, lengths, key, knobs, max_new_tokens, eos, **static):
@@ -241,6 +243,7 @@ def _generate_device(params, tokens, lengths, key, knobs, max_new_tokens, eos, *
         eos=eos,
         cfg=cfg,
         greedy=greedy,
+        mesh=static.get("mesh"),
     )
 
     def cond(s: DecodeState):
@@ -249,11 +252,11 @@ def _generate_device(params, tokens, lengths, key, knobs, max_new_tokens, eos, *
     return jax.lax.while_loop(cond, step, state)
 
 
-_STATIC = ("cfg", "greedy", "capacity", "out_len")
+_STATIC = ("cfg", "greedy", "capacity", "out_len", "mesh")
 generate_device_jit = jax.jit(_generate_device, static_argnames=_STATIC)
 start_jit = jax.jit(start, static_argnames=_STATIC)
 decode_step_jit = jax.jit(
-    decode_step, static_argnames=("cfg", "greedy"), donate_argnames=("state",)
+    decode_step, static_argnames=("cfg", "greedy", "mesh"), donate_argnames=("state",)
 )
 
 
@@ -290,6 +293,7 @@ def generate(
     buckets: Sequence[int] | None = None,
     capacity: int | None = None,
     loop: Literal["device", "host"] = "device",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> VanillaResult:
     """Generates up to `max_new_tokens` per prompt with the base model alone.
 
@@ -307,6 +311,7 @@ def generate(
         fit with max_new_tokens raises CacheCapacityError.
       loop: "device" (lax.while_loop in one jit; default, faster here) or "host" (a Python loop
         over a jitted, donated step with one small device->host transfer per token).
+      mesh: run sharded on this mesh (`griffin_jax.sharding`; params placed by its rules).
     Returns:
       VanillaResult with the new ids per row (the stop token included).
     """
@@ -333,13 +338,18 @@ def generate(
         eos,
     )
     static = dict(cfg=cfg, greedy=knobs.greedy, capacity=capacity, out_len=out_len)
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh, head_dim=cfg.head_dim)
+        tokens_in, lengths_in, rest = sharding.place_inputs(*args[1:3], args[3:], mesh)
+        args = (params, tokens_in, lengths_in, *rest)
+        static["mesh"] = mesh
     if loop == "device":
         state = generate_device_jit(*args, **static)
     elif loop == "host":
         state = start_jit(*args, **static)
         while not bool(jnp.all(state.done)):
             state = decode_step_jit(
-                params, state, args[4], args[5], eos, cfg=cfg, greedy=knobs.greedy
+                params, state, args[4], args[5], args[6], cfg=cfg, greedy=knobs.greedy, mesh=mesh
             )
     else:
         raise ValueError(f"loop must be 'device' or 'host', got {loop!r}")

@@ -10,6 +10,8 @@ This is the JAX form of the official `EaModel.from_pretrained(...)` / `eagenerat
 in HF layout for the base (`convert.load_hf`) and the published GRIFFIN / EAGLE-2 layout for the
 draft (`convert.load_draft`); hub ids are fetched with huggingface_hub where the network allows.
 `total_tokens=-1` picks the tree size by timing verification on this machine (`auto_total_tokens`).
+`mesh="data=1,model=8"` (or a `jax.sharding.Mesh`) loads the base shard by shard onto the mesh and
+runs the same engine sharded (`griffin_jax.sharding`).
 """
 
 from __future__ import annotations
@@ -26,19 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.load_draft import load_draft
-from convert.load_hf import load_hf
-from griffin_jax import speculative, vanilla
+from convert.load_hf import checkpoint_files, load_hf, load_hf_config, load_hf_params_sharded
+from griffin_jax import sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
-from griffin_jax.model import forward
+from griffin_jax.model import abstract_params, forward
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).parent / "default_model"
 TREE_FILE = "tree.json"
 
 # total_tokens=-1 candidates and the reference's preference factors (spec 5.9): a bigger tree is
 # taken only if its verify time grows less than its factor. CPU_CANDIDATES extend the rule to
-# the small trees that pay off on CPUs, with factors from the tau curve measured in the README.
+# the small trees that pay off on CPUs; their factors are a first estimate of the relative tau
+# gain of a bigger tree (to be replaced by the tau curve measured on the default pair).
 GPU_CANDIDATES = ((40, 1.0), (48, 1.05), (50, 1.07), (56, 1.1), (60, 1.13))
 CPU_CANDIDATES = ((8, 1.0), (12, 1.08), (16, 1.14), (24, 1.2), (32, 1.24))
 
@@ -106,11 +109,13 @@ class SpeculativeModel:
         dcfg: DraftConfig | None = None,
         tree_cfg: TreeConfig | None = None,
         tokenizer: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
         self.base_params, self.cfg = base_params, cfg
         self.draft_params, self.dcfg = draft_params, dcfg
         self.tree_cfg = tree_cfg or TreeConfig()
         self.tokenizer = tokenizer
+        self.mesh = mesh
 
     @classmethod
     def from_pretrained(
@@ -124,6 +129,7 @@ class SpeculativeModel:
         top_k: int | None = None,
         load_tokenizer: bool = True,
         with_draft: bool = True,
+        mesh: str | jax.sharding.Mesh | None = None,
     ) -> SpeculativeModel:
         """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 layout).
 
@@ -137,6 +143,9 @@ class SpeculativeModel:
           depth, top_k: tree depth and branching (None = the tree file's, else 5 and 10).
           load_tokenizer: also load the base folder's tokenizer (transformers).
           with_draft: False loads the base alone (vanilla decoding only).
+          mesh: "data=1,model=8" or a Mesh: the base is read slice by slice onto its devices
+            (safetensors; a .bin base and the draft go through host memory), and generation
+            runs sharded. None: one device, as before.
         """
         if base_model_path is None:
             base_model_path = DEFAULT_MODEL_DIR / "base"
@@ -147,16 +156,28 @@ class SpeculativeModel:
         base_dir = resolve_path(base_model_path)
         if not (base_dir / "config.json").exists():
             raise ModelLoadError(f"{base_dir} has no config.json (not a HF model folder)")
-        cfg, params = load_hf(base_dir, dtype=_dtype(dtype))
+        if isinstance(mesh, str):
+            mesh = sharding.make_mesh(mesh)
+        if mesh is None:
+            cfg, params = load_hf(base_dir, dtype=_dtype(dtype))
+        else:
+            cfg, params = _load_base_sharded(base_dir, _dtype(dtype), mesh)
         tokenizer = None
         if load_tokenizer:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        model = cls(params, cfg, tokenizer=tokenizer)
+        model = cls(params, cfg, tokenizer=tokenizer, mesh=mesh)
         if draft_model_path is not None:
             draft_dir = resolve_path(draft_model_path)
-            model.dcfg, model.draft_params = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
+            if mesh is None:
+                model.dcfg, model.draft_params = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
+            else:
+                with sharding.host_device():
+                    model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
+                model.draft_params = sharding.shard_params(
+                    draft, mesh, head_dim=model.dcfg.head_dim
+                )
             stored = _read_tree_file(draft_dir)
             tree = TreeConfig(
                 top_k=top_k or stored.get("top_k", 10),
@@ -197,7 +218,7 @@ class SpeculativeModel:
             self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
             tree_cfg=self.tree_cfg, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
-            max_len=self.cfg.max_position_embeddings, on_round=on_round,
+            max_len=self.cfg.max_position_embeddings, on_round=on_round, mesh=self.mesh,
         )  # fmt: skip
         return GenerationOutput(
             res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0
@@ -222,6 +243,7 @@ class SpeculativeModel:
         res = vanilla.generate(
             self.base_params, self.cfg, input_ids, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
+            mesh=self.mesh,
         )  # fmt: skip
         steps = [max(len(o) - 1, 0) for o in res.output_ids]
         return GenerationOutput(
@@ -287,3 +309,16 @@ def _read_tree_file(folder: pathlib.Path) -> dict:
         if candidate.exists():
             return json.loads(candidate.read_text())
     return {}
+
+
+def _load_base_sharded(folder: pathlib.Path, dtype: Any, mesh: jax.sharding.Mesh):
+    """(cfg, params) placed by `sharding`'s rules: safetensors slice by slice onto each device;
+    a .bin checkpoint is read into host memory first, then spread."""
+    cfg = load_hf_config(folder)
+    if all(f.suffix == ".safetensors" for f in checkpoint_files(folder)):
+        abstract = abstract_params(cfg, dtype)
+        shardings = sharding.param_shardings(abstract, mesh, head_dim=cfg.head_dim)
+        return cfg, load_hf_params_sharded(folder, cfg, shardings, dtype)
+    with sharding.host_device():
+        cfg, params = load_hf(folder, dtype=dtype)
+    return cfg, sharding.shard_params(params, mesh, head_dim=cfg.head_dim)

@@ -4,6 +4,12 @@ Examples:
   python -m inference.generate --prompt "def fib(n):"                     # the default model pair
   python -m inference.generate --base llama-dir --draft griffin-dir --chat --prompt "Hi" --json
   python -m inference.generate --prompt-file prompts.txt --compare --temperature 1 --top-p 0.9
+  python -m inference.generate --base llama-70b --draft griffin-70b --dtype bfloat16 \
+      --mesh data=1,model=8 --prompt "Hi"          # sharded over 8 devices (griffin_jax.sharding)
+
+Multi-host: run the same command on every host with `--distributed` (and, outside TPU pods /
+SLURM / Open MPI, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set per host); the
+mesh then spans every host's devices (see `griffin_jax.sharding`).
 
 With `--json` the last stdout line is one JSON object (logs go to stderr). Otherwise the text
 streams as rounds are accepted, then one stats line follows. Speeds are measured after a
@@ -21,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from griffin_jax import sharding
 from inference.api import DEFAULT_MODEL_DIR, GenerationOutput, ModelLoadError, SpeculativeModel
 
 
@@ -57,6 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vanilla", action="store_true", help="plain decoding with the base only")
     p.add_argument("--compare", action="store_true", help="run both, report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--mesh", help="shard over a device mesh, e.g. data=1,model=8 (default: none)")
+    p.add_argument(
+        "--distributed", action="store_true", help="multi-host: jax.distributed.initialize first"
+    )
     return p.parse_args(argv)
 
 
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         prompts = read_prompts(args)
+        if args.distributed:
+            sharding.init_distributed()
+        mesh = sharding.make_mesh(args.mesh) if args.mesh else None
         if args.base is None and not (DEFAULT_MODEL_DIR / "griffin" / "config.json").exists():
             if not (DEFAULT_MODEL_DIR / "base" / "config.json").exists():
                 raise UsageError(
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("the default draft is not installed yet: pass --vanilla")
         model = SpeculativeModel.from_pretrained(
             args.base, args.draft, dtype=args.dtype, with_draft=not args.vanilla,
-            total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k,
+            total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k, mesh=mesh,
         )  # fmt: skip
         if args.base is not None and args.draft is None and not args.vanilla:
             raise UsageError("--base without --draft: pass --draft FOLDER or --vanilla")

@@ -1,0 +1,106 @@
+"""The committed default base model (`inference/default_model/base`): loads offline through the
+normal HF import path, agrees with transformers, and still models held-out code as well as when
+it was trained (a regression guard). Held-out text is read at test time from the running
+interpreter's standard library (files the split keeps out of training); no corpus is needed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inference.api import DEFAULT_MODEL_DIR
+from training import corpus
+
+BASE = DEFAULT_MODEL_DIR / "base"
+# Mean next-token loss (nats) of the committed base on the first HELDOUT_TOKENS tokens of the
+# held-out stdlib files, measured when it was exported, plus a margin for CPU numerics and for
+# small differences between interpreter patch versions of those files.
+HELDOUT_LOSS_CEILING = 2.60
+HELDOUT_TOKENS = 2048
+
+pytestmark = pytest.mark.skipif(
+    not (BASE / "model.safetensors").exists(), reason="default base weights not installed"
+)
+
+
+def _heldout_texts() -> list[str]:
+    texts = []
+    for path in corpus.heldout_stdlib_files():
+        text = path.read_text(encoding="utf-8")
+        if len(text) > 2000 and "def " in text:
+            texts.append(text)
+    assert texts, "no usable held-out standard-library file"
+    return texts
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from transformers import AutoTokenizer
+
+    from convert.load_hf import load_hf
+
+    cfg, params = load_hf(BASE, dtype="float32")
+    return cfg, params, AutoTokenizer.from_pretrained(BASE)
+
+
+def test_tokenizer_round_trips_heldout_files(loaded):
+    _, _, tok = loaded
+    for text in _heldout_texts()[:5]:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_heldout_loss_is_below_the_recorded_ceiling(loaded):
+    from griffin_jax.kv_cache import causal_mask, init_cache
+    from griffin_jax.model import forward
+
+    cfg, params, tok = loaded
+    ids = []
+    for text in _heldout_texts():
+        ids.extend(tok(text)["input_ids"] + [tok.eos_token_id])
+    windows = np.asarray(ids[: HELDOUT_TOKENS + 4]).reshape(4, -1)[:, :513]
+    tokens, targets = windows[:, :-1], windows[:, 1:]
+    b, t = tokens.shape
+    zero = jnp.zeros((b,), jnp.int32)
+    logits, _, _ = forward(
+        params, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)),
+        init_cache(cfg, b, t), write_idx=zero, mask=causal_mask(zero, t, t), cfg=cfg,
+    )  # fmt: skip
+    logp = np.asarray(logits) - np.log(np.exp(np.asarray(logits, np.float64)).sum(-1))[..., None]
+    loss = -np.take_along_axis(logp, targets[..., None], axis=-1).mean()
+    assert loss < HELDOUT_LOSS_CEILING, loss
+
+
+def test_greedy_equals_transformers_on_a_heldout_prompt(loaded):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from griffin_jax import vanilla
+
+    cfg, params, tok = loaded
+    text = _heldout_texts()[0]
+    start = text.index("def ")
+    prompt = tok(text[start : start + 300])["input_ids"]
+    ours = vanilla.generate(params, cfg, [prompt], max_new_tokens=32).output_ids[0]
+    hf = LlamaForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+            eos_token_id=list(cfg.eos_token_ids), pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+    theirs = out[0, len(prompt) :].tolist()
+    assert ours == theirs[: len(ours)] and len(ours) == len(theirs)
+
+
+def test_config_is_a_plain_llama_with_gqa():
+    import json
+
+    hf = json.loads(pathlib.Path(BASE / "config.json").read_text())
+    assert hf["model_type"] == "llama"
+    assert hf["num_hidden_layers"] >= 12
+    assert hf["num_key_value_heads"] < hf["num_attention_heads"]

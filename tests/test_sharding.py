@@ -1,0 +1,469 @@
+"""Sharding: mesh parsing, the rule table and its fallbacks, sharded loading, sharded decoding.
+
+The multi-device checks run once, in a subprocess started with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` (pytest's process already imported JAX
+with one CPU device), and write their measurements to a JSON file; each test below asserts on
+one part of it. Running this file as a script performs those checks (`_device_checks`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from griffin_jax import sharding
+from griffin_jax.config import TreeConfig
+
+TREE = TreeConfig(top_k=3, depth=3, total_tokens=10)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12]]
+NEW_TOKENS = 12
+
+# name -> (base config overrides, draft overrides, mesh, pair, loop)
+PARITY_CASES = {
+    # MHA, everything divisible by model=8 (heads, kv heads, d_ff 96, vocab 128).
+    "llama_mha_model8": (
+        dict(family="llama", n_heads=8, n_kv_heads=8, head_dim=8),
+        dict(n_heads=8, n_kv_heads=8, head_dim=8),
+        "data=1,model=8",
+        "random",
+        "device",
+    ),
+    # GQA with 2 kv heads on model=8: k/v projections and the KV cache replicated along model.
+    "llama_gqa_kv2_model8": (
+        dict(family="llama", n_heads=8, n_kv_heads=2, head_dim=8),
+        dict(n_heads=8, n_kv_heads=2, head_dim=8),
+        "data=1,model=8",
+        "aligned",
+        "device",
+    ),
+    # Mixtral with 4 heads (< model=8: attention replicated) and 8 experts over model.
+    "mixtral_heads4_model8": (
+        dict(family="mixtral", n_heads=4, n_kv_heads=2, n_experts=8),
+        dict(),
+        "data=1,model=8",
+        "random",
+        "device",
+    ),
+    # Batch over data=2, kv heads 2 < model=4, through the host loop (jitted, donated rounds).
+    "llama_gqa_data2_model4_host": (
+        dict(family="llama", n_heads=8, n_kv_heads=2, head_dim=8),
+        dict(n_heads=8, n_kv_heads=2, head_dim=8),
+        "data=2,model=4",
+        "aligned",
+        "host",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("data=1,model=8", {"data": 1, "model": 8}),
+        ("model=4", {"model": 4}),
+        (" expert=2 , model=4 ", {"expert": 2, "model": 4}),
+    ],
+)
+def test_parse_mesh(text, want):
+    got = sharding.parse_mesh(text)
+    assert got == want and list(got) == list(want)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("", "empty"),
+        ("model", "AXIS=SIZE"),
+        ("tensor=8", "unknown mesh axis"),
+        ("model=2,model=4", "twice"),
+        ("model=x", "not an integer"),
+        ("model=0", ">= 1"),
+    ],
+)
+def test_parse_mesh_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.parse_mesh(text)
+
+
+def test_make_mesh_uses_fewer_devices_and_refuses_too_many():
+    mesh = sharding.make_mesh("data=1,model=1")
+    assert mesh.devices.shape == (1, 1) and mesh.axis_names == ("data", "model")
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        sharding.make_mesh("model=2", devices=jax.devices()[:1])
+
+
+def _abstract(family="llama", **overrides):
+    from spec_models import base_config
+
+    from griffin_jax.model import abstract_params
+
+    cfg = base_config(family, **overrides)
+    return cfg, abstract_params(cfg)
+
+
+def test_rules_shard_heads_ff_vocab_experts():
+    mesh = sharding.abstract_mesh("data=1,model=8")
+    cfg, params = _abstract("mixtral", n_heads=8, n_kv_heads=8, head_dim=8, n_experts=8)
+    plan = sharding.plan_params(params, mesh, head_dim=cfg.head_dim)
+    want = {
+        "embed_tokens/embedding": P("model", None),
+        "lm_head/kernel": P(None, "model"),
+        "layers/self_attn/q_proj/kernel": P(None, None, "model"),
+        "layers/self_attn/k_proj/kernel": P(None, None, "model"),
+        "layers/self_attn/o_proj/kernel": P(None, "model", None),
+        "layers/block_sparse_moe/gate/kernel": P(None, None, None),
+        # experts over model, so F stays whole (model is taken)
+        "layers/block_sparse_moe/w1": P(None, "model", None, None),
+        "layers/block_sparse_moe/w2": P(None, "model", None, None),
+        "layers/input_layernorm/weight": P(None, None),
+        "norm/weight": P(None),
+    }
+    for path, spec in want.items():
+        assert plan[path] == (spec, []), path
+    # An `expert` axis takes the experts and leaves F to `model`.
+    mesh = sharding.abstract_mesh("expert=2,model=4")
+    plan = sharding.plan_params(params, mesh, head_dim=cfg.head_dim)
+    assert plan["layers/block_sparse_moe/w1"][0] == P(None, "expert", None, "model")
+    assert plan["layers/block_sparse_moe/w2"][0] == P(None, "expert", "model", None)
+
+
+def test_rules_fall_back_to_replication_when_not_divisible():
+    mesh = sharding.abstract_mesh("data=1,model=8")
+    # 4 heads and 2 kv heads on model=8; d_ff 96 and vocab 128 still divide.
+    cfg, params = _abstract("llama", n_heads=4, n_kv_heads=2, head_dim=16)
+    plan = sharding.plan_params(params, mesh, head_dim=cfg.head_dim)
+    spec, notes = plan["layers/self_attn/q_proj/kernel"]
+    assert spec == P(None, None, None) and "4 units" in notes[0] and "model=8" in notes[0]
+    spec, notes = plan["layers/self_attn/k_proj/kernel"]
+    # K*H = 32 divides by 8 as elements, but heads are never split: replicated.
+    assert spec == P(None, None, None) and "2 units" in notes[0]
+    assert plan["layers/mlp/gate_proj/kernel"] == (P(None, None, "model"), [])
+    # Elements that do not divide (d_ff 100 on model=8).
+    cfg, params = _abstract("llama", d_ff=100)
+    spec, notes = sharding.plan_params(params, mesh, head_dim=cfg.head_dim)[
+        "layers/mlp/down_proj/kernel"
+    ]
+    assert spec == P(None, None, None) and "100 units" in notes[0]
+
+
+def test_kv_cache_spec_replicates_kv_heads_below_model_axis():
+    mesh = sharding.abstract_mesh("data=2,model=4")
+    assert sharding.kv_spec((2, 4, 64, 8, 16), mesh) == P(None, "data", None, "model", None)
+    assert sharding.kv_spec((2, 4, 64, 2, 16), mesh) == P(None, "data", None, None, None)
+    assert sharding.kv_spec((3, 64, 4, 16), mesh) == P(None, None, "model", None)  # B=3 odd
+
+
+def test_every_param_of_every_family_and_draft_has_a_rule():
+    from spec_models import base_config, draft_config
+
+    from griffin_jax.draft import abstract_draft_params
+    from griffin_jax.model import abstract_params
+
+    mesh = sharding.abstract_mesh("data=1,model=8")
+    for family in ("llama", "qwen2", "mixtral"):
+        cfg = base_config(family)
+        sharding.plan_params(abstract_params(cfg), mesh, head_dim=cfg.head_dim)
+        for kind in ("griffin", "eagle2"):
+            dcfg = draft_config(cfg, kind)
+            plan = sharding.plan_params(abstract_draft_params(dcfg), mesh, head_dim=dcfg.head_dim)
+            assert plan["layers_0/mlp/down_proj/kernel"][0] == P("model", None)
+    with pytest.raises(KeyError, match="no sharding rule"):
+        sharding.spec_for("layers/new_thing/kernel", (2, 3), mesh, head_dim=1)
+
+
+def test_sharded_safetensors_loader_matches_and_is_strict(tmp_path):
+    from spec_models import base_config
+
+    from convert.export_hf import export_hf, write_safetensors
+    from convert.hf_keys import CheckpointError, export_state, table_for
+    from convert.load_hf import load_hf_params, load_hf_params_sharded
+    from griffin_jax.model import abstract_params, init_params
+
+    cfg = base_config("qwen2")
+    params = init_params(cfg, jax.random.key(0))
+    folder = export_hf(params, cfg, tmp_path / "hf")
+    mesh = sharding.make_mesh("model=1")
+    shardings = sharding.param_shardings(abstract_params(cfg), mesh, head_dim=cfg.head_dim)
+    got = load_hf_params_sharded(folder, cfg, shardings)
+    jax.tree.map(np.testing.assert_array_equal, got, load_hf_params(folder, cfg))
+    # A missing tensor is named.
+    tensors = [t for t in export_state(params, table_for(cfg)) if "layers.1.mlp.up" not in t.key]
+    write_safetensors(folder / "model.safetensors", tensors, np.float32)
+    with pytest.raises(CheckpointError, match="missing keys.*layers.1.mlp.up_proj"):
+        load_hf_params_sharded(folder, cfg, shardings)
+
+
+def test_cli_rejects_a_bad_mesh(capsys):
+    from inference.generate import main
+
+    assert main(["--vanilla", "--prompt", "hi", "--mesh", "model=x"]) == 2
+    assert "not an integer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 8 devices
+
+
+@pytest.fixture(scope="module")
+def device_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sharding") / "results.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_sharded_greedy_equals_unsharded(device_results, case):
+    r = device_results["parity"][case]
+    assert r["sharded"] == r["unsharded"]
+    assert all(len(row) == NEW_TOKENS for row in r["sharded"])
+
+
+def test_sharded_caches_have_the_expected_specs(device_results):
+    specs = {case: r["cache_spec"] for case, r in device_results["parity"].items()}
+    # [L, B, S, K, H]: K over model when it divides, else replicated; B over data.
+    assert specs["llama_mha_model8"] == [None, None, None, "model", None]
+    assert specs["llama_gqa_kv2_model8"] == [None, None, None, None, None]
+    assert specs["llama_gqa_data2_model4_host"] == [None, "data", None, None, None]
+    # Mixtral: 2 kv heads on model=8 -> replicated (its experts are still sharded).
+    assert specs["mixtral_heads4_model8"] == [None, None, None, None, None]
+    draft = {case: r["draft_cache_spec"] for case, r in device_results["parity"].items()}
+    assert draft["llama_mha_model8"] == [None, None, "model", None]  # [B, S, K, H]
+
+
+def test_sharded_engine_compiles_once(device_results):
+    for case, r in device_results["parity"].items():
+        # generate(mesh=...) and the direct call share one executable; the host loop compiles
+        # its round once for every round.
+        assert r["extra_compiles"] == 0, case
+        if r["loop"] == "host":
+            assert r["rounds"] > 2 and r["round_compiles"] == 1
+
+
+@pytest.mark.parametrize("which", ["llama_mha", "mixtral_e8", "mixtral_expert_axis", "draft"])
+def test_per_device_param_bytes_are_an_eighth(device_results, which):
+    r = device_results["bytes"][which]
+    # Every sharded leaf: exactly 1/8 on every device.
+    assert r["sharded_leaf_ratios"] and all(x == 0.125 for x in r["sharded_leaf_ratios"])
+    # The whole tree: 1/8 plus the small replicated leaves (norms, router, biases).
+    assert 0.125 <= r["max_device_fraction"] < 0.14
+
+
+@pytest.mark.parametrize("source", ["safetensors_llama", "safetensors_mixtral_bf16", "orbax"])
+def test_sharded_loading(device_results, source):
+    r = device_results["loading"][source]
+    assert r["leaves"] > 5
+    assert r["shardings_match"] and r["values_equal"] and r["max_device_fraction"] < 0.14
+
+
+def test_from_pretrained_with_mesh_loads_sharded_and_decodes_like_one_device(device_results):
+    r = device_results["api"]
+    assert r["q_proj_spec"] == [None, None, "model"]
+    assert r["sharded"] == r["unsharded"]
+
+
+# ----------------------------------------------------------------------------- subprocess
+
+
+def _tree_specs_match(tree, shardings) -> bool:
+    return all(
+        a.sharding.is_equivalent_to(s, a.ndim)
+        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
+
+
+def _bytes_report(tree, mesh, head_dim) -> dict:
+    ratios = []
+    plan = sharding.plan_params(tree, mesh, head_dim=head_dim)
+    for (spec, _), leaf in zip(plan.values(), jax.tree.leaves(tree), strict=True):
+        if any(a is not None for a in spec):
+            per_dev = {s.device: s.data.nbytes for s in leaf.addressable_shards}
+            ratios.append(max(per_dev.values()) / leaf.nbytes)
+            assert min(per_dev.values()) == max(per_dev.values())
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+    return {
+        "sharded_leaf_ratios": ratios,
+        "max_device_fraction": max(sharding.device_bytes(tree).values()) / total,
+    }
+
+
+def _parity(case: str) -> dict:
+    from spec_models import aligned_pair, base_config, draft_config, random_pair
+
+    from griffin_jax import speculative, vanilla
+
+    base_kw, draft_kw, mesh_text, pair, loop = PARITY_CASES[case]
+    cfg = base_config(**base_kw)
+    dcfg = draft_config(cfg, **draft_kw)
+    base, draft = (aligned_pair(cfg, dcfg, noise=0.3) if pair == "aligned" else random_pair(cfg, dcfg))
+    mesh = sharding.make_mesh(mesh_text)
+    kw = dict(tree_cfg=TREE, max_new_tokens=NEW_TOKENS, eos_ids=[-1], loop=loop)
+    unsharded = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **kw)
+    rounds_before = speculative.spec_round._cache_size()
+    out = speculative.generate(base, cfg, draft, dcfg, PROMPTS, mesh=mesh, **kw)
+    report = {
+        "unsharded": unsharded.output_ids,
+        "sharded": out.output_ids,
+        "loop": loop,
+        "rounds": max(out.rounds),
+        "round_compiles": speculative.spec_round._cache_size() - rounds_before,
+    }
+    # The same call by hand, to read the state's shardings (a compile-cache hit).
+    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], NEW_TOKENS, TREE, max_len=None)
+    tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=NEW_TOKENS, eos_ids=[-1])
+    tokens, lengths, (knobs, key) = sharding.place_inputs(
+        jnp.asarray(tokens), jnp.asarray(lengths), (knobs, jax.random.key(0)), mesh
+    )
+    base = sharding.shard_params(base, mesh, head_dim=cfg.head_dim)
+    draft = sharding.shard_params(draft, mesh, head_dim=dcfg.head_dim)
+    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes, mesh=mesh)
+    fn = speculative.prefill if loop == "host" else speculative.generate_device
+    before = fn._cache_size()
+    state = fn(base, draft, tokens, lengths, knobs, key, **static)
+    report["extra_compiles"] = fn._cache_size() - before
+    report["cache_spec"] = list(state.cache.k.sharding.spec) + [None] * (
+        state.cache.k.ndim - len(state.cache.k.sharding.spec)
+    )
+    dspec = state.draft_cache.k.sharding.spec
+    report["draft_cache_spec"] = list(dspec) + [None] * (4 - len(dspec))
+    return report
+
+
+def _bytes_checks() -> dict:
+    from spec_models import base_config, draft_config, random_pair
+
+    out = {}
+    mesh = sharding.make_mesh("data=1,model=8")
+    for name, kw, mesh_text in (
+        ("llama_mha", dict(family="llama", n_heads=8, n_kv_heads=8, head_dim=8), "model=8"),
+        (
+            "mixtral_e8",
+            dict(family="mixtral", n_heads=8, n_kv_heads=8, head_dim=8, n_experts=8),
+            "model=8",
+        ),
+        (
+            "mixtral_expert_axis",
+            dict(family="mixtral", n_heads=8, n_kv_heads=8, head_dim=8, n_experts=8),
+            "expert=2,model=4",
+        ),
+    ):
+        cfg = base_config(**kw)
+        dcfg = draft_config(cfg, n_heads=8, n_kv_heads=8, head_dim=8)
+        base, draft = random_pair(cfg, dcfg)
+        m = sharding.make_mesh(mesh_text)
+        if m.shape.get("expert"):
+            # expert x model = 8 parts only where both apply (w1/w2/w3); elsewhere model=4.
+            w1 = sharding.shard_params(base, m, head_dim=cfg.head_dim)["layers"]
+            w1 = w1["block_sparse_moe"]["w1"]
+            ratio = w1.addressable_shards[0].data.nbytes / w1.nbytes
+            experts = {k: v for k, v in base["layers"]["block_sparse_moe"].items() if k != "gate"}
+            sharded = sharding.shard_params({"layers": {"block_sparse_moe": experts}}, m, head_dim=8)
+            rep = _bytes_report(sharded, m, 8)
+            rep["w1_ratio"] = ratio
+            out[name] = rep
+            continue
+        out[name] = _bytes_report(sharding.shard_params(base, mesh, head_dim=8), mesh, 8)
+        if name == "llama_mha":
+            out["draft"] = _bytes_report(sharding.shard_params(draft, mesh, head_dim=8), mesh, 8)
+    return out
+
+
+def _loading_checks(tmp: Path) -> dict:
+    from spec_models import base_config
+
+    from convert.convert_checkpoint import save_converted
+    from convert.export_hf import export_hf
+    from convert.load_hf import load_hf_params_sharded
+    from griffin_jax.model import abstract_params, init_params
+
+    mesh = sharding.make_mesh("data=1,model=8")
+    out = {}
+    for name, kw, dtype in (
+        ("safetensors_llama", dict(family="llama", n_heads=8, n_kv_heads=8, head_dim=8), None),
+        (
+            "safetensors_mixtral_bf16",
+            dict(family="mixtral", n_heads=8, n_kv_heads=8, head_dim=8, n_experts=8),
+            jnp.bfloat16,
+        ),
+        ("orbax", dict(family="llama", n_heads=8, n_kv_heads=2, head_dim=8), None),
+    ):
+        cfg = base_config(**kw)
+        params = init_params(cfg, jax.random.key(1))
+        want = params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+        abstract = abstract_params(cfg, dtype or jnp.float32)
+        shardings = sharding.param_shardings(abstract, mesh, head_dim=cfg.head_dim)
+        if name == "orbax":
+            folder = save_converted(tmp / name, cfg, params)
+            got = sharding.restore_params(folder / "params", abstract, mesh, head_dim=cfg.head_dim)
+        else:
+            folder = export_hf(params, cfg, tmp / name)
+            got = load_hf_params_sharded(folder, cfg, shardings, dtype=dtype)
+        equal = jax.tree.map(
+            lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), got, want
+        )
+        total = sum(x.nbytes for x in jax.tree.leaves(got))
+        out[name] = {
+            "leaves": len(jax.tree.leaves(got)),
+            "shardings_match": _tree_specs_match(got, shardings),
+            "values_equal": all(jax.tree.leaves(equal)),
+            "max_device_fraction": max(sharding.device_bytes(got).values()) / total,
+        }
+    return out
+
+
+def _api_checks(tmp: Path) -> dict:
+    from spec_models import base_config
+
+    from convert.export_hf import export_hf
+    from griffin_jax.model import init_params
+    from inference.api import SpeculativeModel
+
+    cfg = base_config("llama", n_heads=8, n_kv_heads=8, head_dim=8)
+    folder = export_hf(init_params(cfg, jax.random.key(2)), cfg, tmp / "api")
+    kw = dict(with_draft=False, load_tokenizer=False)
+    one = SpeculativeModel.from_pretrained(folder, **kw)
+    many = SpeculativeModel.from_pretrained(folder, mesh="data=1,model=8", **kw)
+    gen = dict(max_new_tokens=NEW_TOKENS, eos_ids=[-1])
+    q = many.base_params["layers"]["self_attn"]["q_proj"]["kernel"]
+    return {
+        "q_proj_spec": list(q.sharding.spec),
+        "sharded": many.vanilla_generate(PROMPTS, **gen).output_ids,
+        "unsharded": one.vanilla_generate(PROMPTS, **gen).output_ids,
+    }
+
+
+def _device_checks(out_path: Path) -> None:
+    jax.config.update("jax_default_matmul_precision", "highest")
+    assert jax.device_count() == 8, jax.devices()
+    tmp = out_path.parent
+    results = {
+        "parity": {case: _parity(case) for case in PARITY_CASES},
+        "bytes": _bytes_checks(),
+        "loading": _loading_checks(tmp),
+        "api": _api_checks(tmp),
+    }
+    out_path.write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _device_checks(Path(sys.argv[1]))
