@@ -290,7 +290,7 @@ def host_device() -> Iterator[None]:
     """
     try:
         cpu = jax.local_devices(backend="cpu")[0]
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # no CPU backend in this process (JAX_PLATFORMS)
         yield
         return
     with jax.default_device(cpu):
@@ -314,11 +314,12 @@ def per_device_nbytes(params: Any, mesh: MeshLike, *, head_dim: int) -> int:
         jax.tree.leaves(params),
         strict=True,
     ):
-        total += _shard_nbytes(leaf.shape, leaf.dtype, spec, mesh)
+        total += shard_nbytes(leaf.shape, leaf.dtype, spec, mesh)
     return total
 
 
-def _shard_nbytes(shape, dtype, spec: PartitionSpec, mesh: MeshLike) -> int:
+def shard_nbytes(shape: Sequence[int], dtype: Any, spec: PartitionSpec, mesh: MeshLike) -> int:
+    """Bytes of one device's shard of an array of `shape` placed with `spec` on `mesh`."""
     parts = math.prod(_axis_size(mesh, a) for a in spec if a is not None)
     return math.prod(shape) * np.dtype(dtype).itemsize // parts
 

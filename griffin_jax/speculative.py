@@ -423,6 +423,7 @@ def generate(
         draft_params = sharding.shard_params(draft_params, mesh, head_dim=dcfg.head_dim)
         tokens_in, lengths_in, rest = sharding.place_inputs(*inputs[:2], inputs[2:], mesh)
         inputs = (tokens_in, lengths_in, *rest)
+        knobs = inputs[2]  # placed: an unplaced knobs pytree would recompile the round
     if loop == "device" and on_round is None:
         state = generate_device(base_params, draft_params, *inputs, **static)
     else:

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree-top-k", type=int, default=None)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=8")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
     args = p.parse_args(argv)
 
@@ -134,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
     temperatures = args.temperature or [0.0, 1.0]
-    base = SpeculativeModel.from_pretrained(args.base, dtype=args.dtype)
+    base = SpeculativeModel.from_pretrained(
+        args.base, dtype=args.dtype, with_draft=False, mesh=args.mesh
+    )
     models = {}
     for name, folder in drafts.items():
         m = SpeculativeModel.from_pretrained(
             args.base, folder, dtype=args.dtype, total_tokens=args.total_tokens,
-            depth=args.depth, top_k=args.tree_top_k, load_tokenizer=False,
+            depth=args.depth, top_k=args.tree_top_k, load_tokenizer=False, mesh=args.mesh,
         )  # fmt: skip
         models[name] = m
         print(f"{name}: {m.dcfg.kind} draft, tree {m.tree_cfg}", file=sys.stderr)
