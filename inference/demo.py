@@ -17,9 +17,10 @@ import jax
 from inference.api import DEFAULT_MODEL_DIR
 from inference.generate import main as generate_main
 
+# A function header and docstring, cut where the body starts (like the held-out prompts).
 PROMPT = '''def count_words(text):
     """Return a dict mapping each word of text to how many times it occurs."""
-'''
+    '''
 
 
 def _random_llama_demo() -> int:

@@ -17,9 +17,10 @@ from training import corpus
 
 BASE = DEFAULT_MODEL_DIR / "base"
 # Mean next-token loss (nats) of the committed base on the first HELDOUT_TOKENS tokens of the
-# held-out stdlib files, measured when it was exported, plus a margin for CPU numerics and for
-# small differences between interpreter patch versions of those files.
-HELDOUT_LOSS_CEILING = 2.60
+# held-out stdlib files: 4.020 when it was exported (Python 3.11.7's stdlib; the first files
+# include codec tables, hard to predict), plus a margin for CPU numerics and for differences
+# between interpreter patch versions of those files. A uniform model scores ln(8192) = 9.01.
+HELDOUT_LOSS_CEILING = 4.15
 HELDOUT_TOKENS = 2048
 
 pytestmark = pytest.mark.skipif(
