@@ -105,3 +105,24 @@ def test_config_is_a_plain_llama_with_gqa():
     assert hf["model_type"] == "llama"
     assert hf["num_hidden_layers"] >= 12
     assert hf["num_key_value_heads"] < hf["num_attention_heads"]
+
+
+DRAFT = DEFAULT_MODEL_DIR / "griffin"
+# tau of the committed default pair on the first held-out stdlib function prompt below (greedy,
+# 64 new tokens, the default tree): 3.05 with the stage-1 GRIFFIN draft and the (4, 4, 16) tree,
+# minus a margin. A draft that predicts nothing scores 1.0.
+DEFAULT_PAIR_TAU_FLOOR = 2.5
+
+
+@pytest.mark.skipif(not (DRAFT / "model.safetensors").exists(), reason="default draft missing")
+def test_default_pair_generates_losslessly_above_the_tau_floor():
+    from inference.api import SpeculativeModel
+
+    model = SpeculativeModel.from_pretrained()  # the default base + GRIFFIN draft, offline
+    text = _heldout_texts()[0]
+    start = text.index("def ")
+    prompt = model.tokenizer(text[start : start + 300])["input_ids"]
+    spec = model.generate([prompt], max_new_tokens=64)
+    plain = model.vanilla_generate([prompt], max_new_tokens=64)
+    assert spec.output_ids == plain.output_ids
+    assert spec.tau >= DEFAULT_PAIR_TAU_FLOOR, spec.tau

@@ -1,0 +1,77 @@
+"""`python -m inference.tune_tree`: measure the best (total_tokens, depth, top_k) on this machine.
+
+For each candidate tree it runs speculative decoding over the same prompts (batch 1, after a
+warm-up of each shape, prefill included) and compares new tokens per second with vanilla
+decoding measured in the same run. The fastest tree is printed and, with `--write`, stored as
+`tree.json` next to the draft, where `SpeculativeModel.from_pretrained` (and so
+`python -m inference.generate`) picks it up as the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from griffin_jax.config import TreeConfig
+from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel
+from inference.benchmark import read_questions, run_all
+from inference.generate import encode
+
+DEFAULT_TREES = ((4, 3, 12), (4, 4, 16), (6, 4, 24), (8, 4, 32), (8, 5, 40), (10, 5, 60))
+
+
+def parse_tree(text: str) -> tuple[int, int, int]:
+    k, d, m = (int(x) for x in text.split(","))
+    return k, d, m
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--base", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "base")
+    p.add_argument("--draft", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "griffin")
+    p.add_argument("--bench", type=pathlib.Path,
+                   default=pathlib.Path("runs/prompts/heldout_code/question.jsonl"))  # fmt: skip
+    p.add_argument("--num-questions", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--tree", action="append", type=parse_tree, default=[],
+                   help="TOP_K,DEPTH,TOTAL_TOKENS (repeatable)")  # fmt: skip
+    p.add_argument("--write", action="store_true", help="store the best as tree.json")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
+    args = p.parse_args(argv)
+
+    model = SpeculativeModel.from_pretrained(args.base, args.draft)
+    prompts = encode(
+        model.tokenizer, read_questions(args.bench, args.num_questions), chat=False, system=None
+    )
+    knobs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    vanilla = run_all(model.vanilla_generate, prompts, **knobs)
+    rows = []
+    for k, d, m in args.tree or DEFAULT_TREES:
+        model.tree_cfg = TreeConfig(top_k=k, depth=d, total_tokens=m)
+        res = run_all(model.generate, prompts, **knobs)
+        res.update(top_k=k, depth=d, total_tokens=m,
+                   speedup=res["tokens_per_s"] / vanilla["tokens_per_s"])  # fmt: skip
+        rows.append(res)
+        line = (
+            f"top_k={k} depth={d} total_tokens={m}: tau {res['tau']:.2f}, "
+            f"{res['tokens_per_s']:.1f} tok/s, speedup {res['speedup']:.2f}x"
+        )
+        print(line, file=sys.stderr)
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    tree = {key: best[key] for key in ("top_k", "depth", "total_tokens")}
+    report = {"vanilla": vanilla, "trees": rows, "best": tree, "command": " ".join(sys.argv)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    if args.write:
+        (args.draft / TREE_FILE).write_text(json.dumps(tree, indent=1) + "\n")
+    print(json.dumps({"best": tree, "vanilla_tokens_per_s": vanilla["tokens_per_s"],
+                      "best_speedup": best["speedup"], "best_tau": best["tau"]}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
