@@ -48,28 +48,41 @@ def read_questions(path: pathlib.Path, limit: int | None) -> list[str]:
     return out
 
 
-def run_all(generate, prompts: list[list[int]], *, seed: int = 0, **knobs) -> dict[str, Any]:
-    """Warms up each prompt-length bucket, then times every prompt at batch 1 (seed + index)."""
-    seen = set()
+def run_methods(
+    methods: dict[str, Any], prompts: list[list[int]], *, seed: int = 0, **knobs
+) -> dict[str, dict[str, Any]]:
+    """Times every method on every prompt at batch 1, interleaved prompt by prompt.
+
+    Each method first warms up every prompt-length bucket. The methods then take turns on each
+    prompt (seed + index), so a drift in machine speed during the run hits them alike.
+    """
+    buckets = {}
     for p in prompts:
-        bucket = vanilla.prompt_bucket(len(p))
-        if bucket not in seen:
-            seen.add(bucket)
+        buckets.setdefault(vanilla.prompt_bucket(len(p)), p)
+    for generate in methods.values():
+        for p in buckets.values():
             generate([p], seed=seed, **knobs)
-    tokens, seconds, accepts, rounds = 0, 0.0, [], 0
+    acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": []} for name in methods}
     for i, p in enumerate(prompts):
-        res = generate([p], seed=seed + i, **knobs)
-        tokens += res.new_tokens
-        seconds += res.seconds
-        rounds += res.rounds[0]
-        accepts.extend(res.accept_lengths[0])
-    out = {"new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-           "rounds": rounds}  # fmt: skip
-    if accepts:
-        acc = np.asarray(accepts)
-        out["tau"] = float(acc.mean() + 1)
-        out["accept_hist"] = np.bincount(acc).tolist()
-        out["acceptance_at_depth"] = [float((acc >= d).mean()) for d in range(1, acc.max() + 2)]
+        for name, generate in methods.items():
+            res = generate([p], seed=seed + i, **knobs)
+            a = acc[name]
+            a["tokens"] += res.new_tokens
+            a["seconds"] += res.seconds
+            a["rounds"] += res.rounds[0]
+            a["accepts"].extend(res.accept_lengths[0])
+    out = {}
+    for name, a in acc.items():
+        row = {"new_tokens": a["tokens"], "seconds": a["seconds"], "rounds": a["rounds"],
+               "tokens_per_s": a["tokens"] / a["seconds"]}  # fmt: skip
+        if a["accepts"]:
+            lens = np.asarray(a["accepts"])
+            row["tau"] = float(lens.mean() + 1)
+            row["accept_hist"] = np.bincount(lens).tolist()
+            row["acceptance_at_depth"] = [
+                float((lens >= d).mean()) for d in range(1, lens.max() + 2)
+            ]
+        out[name] = row
     return out
 
 
@@ -159,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         for temperature in temperatures:
             knobs = dict(temperature=temperature, max_new_tokens=args.max_new_tokens, seed=0)
             t0 = time.time()
+            methods = {"vanilla": base.vanilla_generate}
+            methods.update({name: m.generate for name, m in models.items()})
+            results = run_methods(methods, prompts, **knobs)
             row: dict[str, Any] = {"bench": bench.parent.name, "temperature": temperature,
-                                   "questions": len(prompts),
-                                   "vanilla": run_all(base.vanilla_generate, prompts, **knobs),
-                                   "drafts": {}}  # fmt: skip
-            for name, m in models.items():
-                res = run_all(m.generate, prompts, **knobs)
+                                   "questions": len(prompts), "vanilla": results.pop("vanilla"),
+                                   "drafts": results}  # fmt: skip
+            for res in results.values():
                 res["speedup"] = res["tokens_per_s"] / row["vanilla"]["tokens_per_s"]
-                row["drafts"][name] = res
             report["results"].append(row)
             summary = ", ".join(
                 f"{n}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x"

@@ -2,9 +2,10 @@
 
 For each candidate tree it runs speculative decoding over the same prompts (batch 1, after a
 warm-up of each shape, prefill included) and compares new tokens per second with vanilla
-decoding measured in the same run. The fastest tree is printed and, with `--write`, stored as
-`tree.json` next to the draft, where `SpeculativeModel.from_pretrained` (and so
-`python -m inference.generate`) picks it up as the default.
+decoding measured in the same run, the methods taking turns prompt by prompt. The fastest
+tree is printed and, with `--write`, stored as `tree.json` next to the draft, where
+`SpeculativeModel.from_pretrained` (and so `python -m inference.generate`) picks it up as the
+default.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 from griffin_jax.config import TreeConfig
 from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel
-from inference.benchmark import read_questions, run_all
+from inference.benchmark import read_questions, run_methods
 from inference.generate import encode
 
 DEFAULT_TREES = ((4, 3, 12), (4, 4, 16), (6, 4, 24), (8, 4, 32), (8, 5, 40), (10, 5, 60))
@@ -47,17 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         model.tokenizer, read_questions(args.bench, args.num_questions), chat=False, system=None
     )
     knobs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    vanilla = run_all(model.vanilla_generate, prompts, **knobs)
+    trees = {f"{k},{d},{m}": TreeConfig(top_k=k, depth=d, total_tokens=m)
+             for k, d, m in args.tree or DEFAULT_TREES}  # fmt: skip
+
+    def with_tree(tree: TreeConfig):
+        def run(prompts, **kw):
+            model.tree_cfg = tree
+            return model.generate(prompts, **kw)
+
+        return run
+
+    methods = {"vanilla": model.vanilla_generate}
+    methods.update({name: with_tree(tree) for name, tree in trees.items()})
+    results = run_methods(methods, prompts, **knobs)
+    vanilla = results.pop("vanilla")
     rows = []
-    for k, d, m in args.tree or DEFAULT_TREES:
-        model.tree_cfg = TreeConfig(top_k=k, depth=d, total_tokens=m)
-        res = run_all(model.generate, prompts, **knobs)
-        res.update(top_k=k, depth=d, total_tokens=m,
+    for name, res in results.items():
+        tree = trees[name]
+        res.update(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens,
                    speedup=res["tokens_per_s"] / vanilla["tokens_per_s"])  # fmt: skip
         rows.append(res)
         line = (
-            f"top_k={k} depth={d} total_tokens={m}: tau {res['tau']:.2f}, "
-            f"{res['tokens_per_s']:.1f} tok/s, speedup {res['speedup']:.2f}x"
+            f"top_k={tree.top_k} depth={tree.depth} total_tokens={tree.total_tokens}: "
+            f"tau {res['tau']:.2f}, {res['tokens_per_s']:.1f} tok/s, speedup {res['speedup']:.2f}x"
         )
         print(line, file=sys.stderr)
     best = max(rows, key=lambda r: r["tokens_per_s"])
