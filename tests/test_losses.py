@@ -102,7 +102,7 @@ def _pass_logits(s: int) -> np.ndarray:
     return out
 
 
-def _run(num_passes: int, *, shifted: bool):
+def _run(num_passes: int, *, shifted: bool, align_mask: bool = True):
     features = jnp.zeros((1, 6, V))
     inputs = losses.DraftInputs(
         features=features,
@@ -124,6 +124,7 @@ def _run(num_passes: int, *, shifted: bool):
         jnp.zeros((1, 6, V)),
         num_passes=num_passes,
         shifted=shifted,
+        align_mask=align_mask,
     )
     return [np.asarray(metrics[f"mask{s}"]) for s in range(1, num_passes + 1)]
 
@@ -144,6 +145,13 @@ def test_alignment_masks_match_hand_computed(num_passes, shifted, expected):
     masks = _run(num_passes, shifted=shifted)
     for got, want in zip(masks, expected, strict=True):
         np.testing.assert_array_equal(got[0], want)
+
+
+def test_ablation_without_alignment_masks_trains_every_pass_on_the_base_mask():
+    masks = _run(3, shifted=False, align_mask=False)
+    for got in masks:
+        np.testing.assert_array_equal(got[0], M0[0])
+    assert not np.array_equal(_run(3, shifted=False)[2][0], M0[0])  # the masks do bite here
 
 
 def test_alignment_does_not_wrap_around():

@@ -232,6 +232,7 @@ def unrolled_loss(
     weights: tuple[float, float, float] | None = None,
     topk_train: int = TOPK_TRAIN,
     shifted: bool = False,
+    align_mask: bool = True,
     topk_k: int = TOPK_LOSS_K,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The stage-j objective: j unrolled passes, per-pass losses summed (spec 4.5, 4.6).
@@ -245,6 +246,8 @@ def unrolled_loss(
       num_passes: j (1 for stage 1 and for EAGLE-2).
       weights: (vloss, ploss, topk) weights; default stage-1 weights for j = 1, else stage-2.
       topk_train: k of the alignment test.  shifted: the shifted mask variant.
+      align_mask: False disables token alignment (every pass trains under the base mask: the
+        paper's ablation).
     Returns:
       (sum over passes of the weighted loss, metrics: per pass `vloss{s}`, `ploss{s}`,
       `topk_loss{s}`, `top1_{s}`..`top3_{s}` (under that pass's mask), `mask{s}` [B, L]).
@@ -282,7 +285,7 @@ def unrolled_loss(
         streams = new if streams is None else jnp.concatenate([streams, new])
         a = jax.lax.stop_gradient(alignment(logits, inputs.tokens, k=topk_train))
         acc = accumulate_alignment(acc, a)
-        mask = pass_mask(acc, base_mask, shifted=shifted)
+        mask = pass_mask(acc, base_mask, shifted=shifted) if align_mask else base_mask
     return total, metrics
 
 

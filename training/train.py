@@ -68,6 +68,7 @@ class StepConfig:
     mask_mode: str = "exact"  # multi-stream attention of stages >= 2
     topk_train: int = losses.TOPK_TRAIN
     shifted_mask: bool = False
+    align_mask: bool = True  # False: the ablation without token-alignment masks
     noise_std: float = losses.NOISE_STD
     online: bool = False
     dtype: str = "float32"  # draft compute dtype (params stay f32)
@@ -249,6 +250,7 @@ def loss_fn(
         num_passes=sc.stage,
         topk_train=sc.topk_train,
         shifted=sc.shifted_mask,
+        align_mask=sc.align_mask,
     )
 
 
@@ -461,6 +463,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     loss.add_argument("--mask-mode", choices=("exact", "leaky_reference"), default="exact")
     loss.add_argument("--topk-train", type=int, default=losses.TOPK_TRAIN)
     loss.add_argument("--shifted-mask", action="store_true", help="inference-consistent offset")
+    loss.add_argument(
+        "--no-align-mask",
+        dest="align_mask",
+        action="store_false",
+        help="ablation: stages >= 2 train every position (no token-alignment masks)",
+    )
     loss.add_argument("--noise-std", type=float, default=losses.NOISE_STD)
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=int, required=True)
@@ -538,6 +546,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         mask_mode=args.mask_mode,
         topk_train=args.topk_train,
         shifted_mask=args.shifted_mask,
+        align_mask=args.align_mask,
         noise_std=args.noise_std,
         online=args.online,
         dtype=args.dtype,
