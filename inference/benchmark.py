@@ -8,7 +8,10 @@ Conventions (README "Definitions"): every timed call runs after a warm-up of the
 (prompt-length bucket, tree sizes), prefill included. tau = tokens committed per verification
 forward (accepted draft tokens + the bonus), over all rounds. acceptance@d = the fraction of
 rounds that accepted at least d draft tokens. speedup = (sum of new tokens / sum of seconds)
-of speculative decoding over the same for vanilla decoding, on the same prompts.
+of speculative decoding over the same for vanilla decoding, on the same prompts. With
+`--repeats R` the whole interleaved pass runs R times and tokens/s and speedup are the medians
+over the passes (the per-pass figures are kept in the report): on a shared machine one pass can
+be off by 10-30%.
 
 Example:
   python -m inference.benchmark --bench runs/prompts/heldout_code/question.jsonl \\
@@ -86,6 +89,22 @@ def run_methods(
     return out
 
 
+def median_of_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Combines repeated `run_methods` passes: the first pass's counts (every pass decodes the
+    same tokens), tokens/s as the median over passes, and each draft's speedup as the median of
+    its per-pass speedups over that pass's vanilla (both timed in the same pass)."""
+    out = {name: dict(row) for name, row in passes[0].items()}
+    for name, row in out.items():
+        runs = [p[name]["tokens_per_s"] for p in passes]
+        row["tokens_per_s"] = float(np.median(runs))
+        row["tokens_per_s_passes"] = runs
+        if name != "vanilla":
+            ratios = [p[name]["tokens_per_s"] / p["vanilla"]["tokens_per_s"] for p in passes]
+            row["speedup"] = float(np.median(ratios))
+            row["speedup_passes"] = ratios
+    return out
+
+
 def plot(report: dict[str, Any], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=8")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
     args = p.parse_args(argv)
 
@@ -174,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             methods = {"vanilla": base.vanilla_generate}
             methods.update({name: m.generate for name, m in models.items()})
-            results = run_methods(methods, prompts, **knobs)
+            passes = [run_methods(methods, prompts, **knobs) for _ in range(args.repeats)]
+            results = median_of_passes(passes)
             row: dict[str, Any] = {"bench": bench.parent.name, "temperature": temperature,
                                    "questions": len(prompts), "vanilla": results.pop("vanilla"),
                                    "drafts": results}  # fmt: skip
-            for res in results.values():
-                res["speedup"] = res["tokens_per_s"] / row["vanilla"]["tokens_per_s"]
             report["results"].append(row)
             summary = ", ".join(
                 f"{n}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x"

@@ -133,3 +133,27 @@ def test_missing_model_folder_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="no such model folder"):
         SpeculativeModel.from_pretrained(tmp_path / "missing")
     jax.clear_caches()
+
+
+def test_benchmark_reports_medians_over_repeated_passes(pair, tmp_path, capsys):
+    from inference import benchmark
+
+    base, draft = pair
+    questions = tmp_path / "bench" / "question.jsonl"
+    questions.parent.mkdir()
+    questions.write_text(
+        "".join(json.dumps({"turns": [t]}) + "\n" for t in ("def a(x):", "import os\n", "x = 1"))
+    )
+    out = tmp_path / "report.json"
+    argv = ["--base", str(base), "--draft", f"g={draft}", "--bench", str(questions),
+            "--temperature", "0", "--max-new-tokens", "8", "--repeats", "3", "--out", str(out)]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    capsys.readouterr()
+    (row,) = json.loads(out.read_text())["results"]
+    g, v = row["drafts"]["g"], row["vanilla"]
+    assert len(g["speedup_passes"]) == 3 and len(v["tokens_per_s_passes"]) == 3
+    assert g["speedup"] == sorted(g["speedup_passes"])[1]
+    assert v["tokens_per_s"] == sorted(v["tokens_per_s_passes"])[1]
+    assert g["new_tokens"] == v["new_tokens"]  # greedy: both decode the same tokens
+    assert g["tau"] >= 1.0 and g["acceptance_at_depth"][0] <= 1.0
+    assert out.with_suffix(".png").exists()
