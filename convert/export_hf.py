@@ -23,6 +23,7 @@ import numpy as np
 from convert.hf_keys import HFTensor, KeyTable, export_state, table_for
 from convert.load_hf import SAFETENSORS_DTYPES, parse_dtype
 from griffin_jax.config import ModelConfig
+from griffin_jax.model import stack_layers
 
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _HF_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -85,6 +86,7 @@ def export_hf(
     Returns:
       The folder.
     """
+    params = stack_layers(params)  # either layout in, the stored one out
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if dtype is None:

@@ -1,6 +1,8 @@
 """The base model's KV cache pytree and the attention masks built against it.
 
-`KVCache(k, v: [L, B, S, K, H], length: [B])`. Forwards write new entries at caller-given slots
+`KVCache(k, v: [L, B, S, K, H], length: [B])`, or with `k`, `v` tuples of L per-layer buffers
+[B, S, K, H] for the unrolled decode layout (`model.unstack_layers`; `per_layer=True`).
+Forwards write new entries at caller-given slots
 and never move `length`: the engine owns lengths (`commit_path` is the only place that does).
 Rows past `length` are garbage by contract and are always masked.
 
@@ -23,21 +25,31 @@ class CacheCapacityError(ValueError):
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, H], or L x [B, S, K, H]
+    v: jax.Array | tuple[jax.Array, ...]
     length: jax.Array  # [B] int32: committed entries per row
 
     @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
 
-def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of `capacity` slots per row."""
+def init_cache(
+    cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, *, per_layer: bool = False
+) -> KVCache:
+    """An empty cache of `capacity` slots per row (stacked, or L per-layer buffers)."""
+    length = jnp.zeros((batch,), jnp.int32)
+    if per_layer:
+        shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return KVCache(k=k, v=v, length=length)
     shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32)
-    )
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=length)
 
 
 def check_capacity(capacity: int, needed: int, *, what: str = "sequence") -> None:
@@ -100,17 +112,17 @@ def commit_path(cache: KVCache, src_idx: jax.Array, num_accepted: jax.Array) -> 
         finished row leaves it untouched.
     """
 
-    def one_row(k_row, v_row, length, idx):
-        # k_row: [L, S, K, H]
-        src = length + idx  # [A]
-        return (
-            jax.lax.dynamic_update_slice_in_dim(k_row, k_row[:, src], length, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(v_row, v_row[:, src], length, axis=1),
-        )
+    def rows(buf):  # [B, S, ...]: row b gets buf[b, length + idx] at slots length..
+        def one(row, length, idx):
+            return jax.lax.dynamic_update_slice_in_dim(row, row[length + idx], length, axis=0)
 
-    k = jnp.swapaxes(cache.k, 0, 1)  # [B, L, S, K, H]
-    v = jnp.swapaxes(cache.v, 0, 1)
-    k, v = jax.vmap(one_row)(k, v, cache.length, src_idx)
+        return jax.vmap(one)(buf, cache.length, src_idx)
+
+    def layer(buf):  # a stacked [L, B, S, K, H] buffer or one layer's [B, S, K, H]
+        return jax.vmap(rows)(buf) if buf.ndim == 5 else rows(buf)
+
     return KVCache(
-        k=jnp.swapaxes(k, 0, 1), v=jnp.swapaxes(v, 0, 1), length=cache.length + num_accepted
+        k=jax.tree.map(layer, cache.k),
+        v=jax.tree.map(layer, cache.v),
+        length=cache.length + num_accepted,
     )

@@ -342,8 +342,9 @@ def batch_spec(shape: Sequence[int], mesh: MeshLike) -> PartitionSpec:
 
 
 def _is_kv(path: Sequence[Any], leaf: Any) -> bool:
-    name = str(getattr(path[-1], "name", getattr(path[-1], "key", ""))) if path else ""
-    return name in ("k", "v") and leaf.ndim >= 4
+    # `.k` / `.v` of a cache, or one layer's buffer of a per-layer cache (`.k[i]`)
+    names = [str(getattr(p, "name", getattr(p, "key", ""))) for p in path[-2:]]
+    return bool(names) and bool({"k", "v"} & set(names)) and leaf.ndim >= 4
 
 
 def constrain(tree: Any, mesh: Mesh | None) -> Any:

@@ -38,7 +38,7 @@ from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft_cache
 from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, commit_path, init_cache
 from griffin_jax.model import forward as base_forward
-from griffin_jax.model import lm_head
+from griffin_jax.model import is_unstacked, lm_head
 
 
 @flax.struct.dataclass
@@ -175,7 +175,8 @@ def prefill(
     zero = jnp.zeros((b,), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     with jax.named_scope("prefill/base"):
-        cache = sharding.constrain(init_cache(cfg, b, shapes.capacity, dtype), mesh)
+        cache = init_cache(cfg, b, shapes.capacity, dtype, per_layer=is_unstacked(base_params))
+        cache = sharding.constrain(cache, mesh)
         logits, hidden, cache = base_forward(
             base_params, tokens, positions, cache,
             write_idx=zero, mask=causal_mask(zero, t, shapes.capacity), cfg=cfg,

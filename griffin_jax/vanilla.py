@@ -34,7 +34,7 @@ import numpy as np
 from griffin_jax import sampling, sharding
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, init_cache
-from griffin_jax.model import forward
+from griffin_jax.model import forward, is_unstacked
 
 
 @flax.struct.dataclass
@@ -208,7 +208,8 @@ def start(
     """Prefill plus the first new token: the initial DecodeState (`mesh`: sharded caches)."""
     b = tokens.shape[0]
     dtype = params["embed_tokens"]["embedding"].dtype
-    cache = sharding.constrain(init_cache(cfg, b, capacity, dtype), mesh)
+    cache = init_cache(cfg, b, capacity, dtype, per_layer=is_unstacked(params))
+    cache = sharding.constrain(cache, mesh)
     last_logits, cache = prefill(params, tokens, lengths, cache, cfg=cfg)
     temperature, top_p, top_k = knobs
     key_first, key = jax.random.split(key)

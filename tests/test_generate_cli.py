@@ -146,7 +146,8 @@ def test_benchmark_reports_medians_over_repeated_passes(pair, tmp_path, capsys):
     )
     out = tmp_path / "report.json"
     argv = ["--base", str(base), "--draft", f"g={draft}", "--bench", str(questions),
-            "--temperature", "0", "--max-new-tokens", "8", "--repeats", "3", "--out", str(out)]  # fmt: skip
+            "--temperature", "0", "--max-new-tokens", "8", "--repeats", "3",
+            "--out", str(out)]  # fmt: skip
     assert benchmark.main(argv) == 0
     capsys.readouterr()
     (row,) = json.loads(out.read_text())["results"]

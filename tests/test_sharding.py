@@ -42,7 +42,8 @@ PARITY_CASES = {
         "device",
     ),
     # Mixtral with 4 heads and 2 kv heads (< model=8: attention and KV cache replicated along
-    # model) and 8 experts over model.
+    # model) and 8 experts over model; the sharded run uses the unrolled decode layout
+    # (per-layer params and KV buffers), the unsharded reference the stacked one.
     "mixtral_heads4_model8": (
         dict(family="mixtral", n_heads=4, n_kv_heads=2, n_experts=8),
         dict(),
@@ -260,8 +261,9 @@ def test_sharded_caches_have_the_expected_specs(device_results):
     # [L, B, S, K, H]: K over model when it divides, else replicated; B over data.
     assert specs["llama_mha_model8"] == [None, None, None, "model", None]
     assert specs["llama_gqa_data2_model4_host"] == [None, "data", None, None, None]
-    # Mixtral: 2 kv heads on model=8 -> replicated (its experts are still sharded).
-    assert specs["mixtral_heads4_model8"] == [None, None, None, None, None]
+    # Mixtral: 2 kv heads on model=8 -> replicated (its experts are still sharded); one
+    # layer's buffer [B, S, K, H] of the unrolled layout.
+    assert specs["mixtral_heads4_model8"] == [None, None, None, None]
     draft = {case: r["draft_cache_spec"] for case, r in device_results["parity"].items()}
     assert draft["llama_mha_model8"] == [None, None, "model", None]  # [B, S, K, H]
 
@@ -302,7 +304,7 @@ def test_from_pretrained_with_a_4_of_8_mesh_loads_sharded_and_decodes_like_one_d
     device_results,
 ):
     r = device_results["api"]
-    assert r["q_proj_spec"] == [None, None, "model"] and r["q_proj_devices"] == 4
+    assert r["q_proj_spec"] == [None, "model"] and r["q_proj_devices"] == 4
     assert r["sharded"] == r["unsharded"]
 
 
@@ -364,6 +366,7 @@ def _parity(case: str) -> dict:
     from spec_models import aligned_pair, base_config, draft_config, random_pair
 
     from griffin_jax import speculative, vanilla
+    from griffin_jax.model import unstack_layers
 
     base_kw, draft_kw, mesh_text, pair, loop = PARITY_CASES[case]
     cfg = base_config(**base_kw)
@@ -374,6 +377,8 @@ def _parity(case: str) -> dict:
     mesh = sharding.make_mesh(mesh_text)
     kw = dict(tree_cfg=TREE, max_new_tokens=NEW_TOKENS, eos_ids=[-1], loop=loop)
     unsharded = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **kw)
+    if cfg.family == "mixtral":
+        base = unstack_layers(base)
     with _compiles() as compiled:
         out = speculative.generate(base, cfg, draft, dcfg, PROMPTS, mesh=mesh, **kw)
     report = {
@@ -397,9 +402,8 @@ def _parity(case: str) -> dict:
     with _compiles() as compiled:
         state = fn(base, draft, tokens, lengths, knobs, key, **static)
     report["extra_compiles"] = sum(compiled.count(n) for n in ENGINE_JITS)
-    report["cache_spec"] = list(state.cache.k.sharding.spec) + [None] * (
-        state.cache.k.ndim - len(state.cache.k.sharding.spec)
-    )
+    k = state.cache.k[0] if state.cache.per_layer else state.cache.k
+    report["cache_spec"] = list(k.sharding.spec) + [None] * (k.ndim - len(k.sharding.spec))
     dspec = state.draft_cache.k.sharding.spec
     report["draft_cache_spec"] = list(dspec) + [None] * (4 - len(dspec))
     return report
@@ -483,7 +487,7 @@ def _api_checks(tmp: Path) -> dict:
     one = SpeculativeModel.from_pretrained(folder, **kw)
     many = SpeculativeModel.from_pretrained(folder, mesh="model=4", **kw)  # 4 of 8 devices
     gen = dict(max_new_tokens=NEW_TOKENS, eos_ids=[-1])
-    q = many.base_params["layers"]["self_attn"]["q_proj"]["kernel"]
+    q = many.base_params["layers"][0]["self_attn"]["q_proj"]["kernel"]  # unrolled layout
     return {
         "q_proj_spec": list(q.sharding.spec),
         "q_proj_devices": len(q.sharding.device_set),

@@ -1,0 +1,116 @@
+"""The unrolled decode layout (`model.unstack_layers` + per-layer KV buffers) computes exactly
+what the stored stacked layout (`nn.scan`) computes, through every engine path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from spec_models import aligned_pair, base_config, draft_config, random_pair
+
+from convert.export_hf import export_hf
+from griffin_jax import speculative, vanilla
+from griffin_jax.config import TreeConfig
+from griffin_jax.kv_cache import causal_mask, commit_path, init_cache, tree_mask_to_cache
+from griffin_jax.model import forward, is_unstacked, stack_layers, unstack_layers
+
+ATOL = 1e-5
+_forward = jax.jit(forward, static_argnames=("cfg",))
+
+
+def _stacked_view(cache):
+    """A per-layer cache's buffers as [L, B, S, K, H] (for comparison)."""
+    return np.stack(cache.k), np.stack(cache.v)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_prefill_tree_verify_and_commit_match_the_scanned_layout(family):
+    cfg = base_config(family, tie_embeddings=family == "qwen2")
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    unrolled = unstack_layers(stacked)
+    assert is_unstacked(unrolled) and not is_unstacked(stacked)
+    assert len(unrolled["layers"]) == cfg.n_layers
+    rng = np.random.default_rng(0)
+    b, t, cap = 2, 9, 32
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    tree_tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, 4)), jnp.int32)
+    tree_mask = jnp.asarray(np.tril(np.ones((4, 4), bool))[None].repeat(b, 0))
+    length = jnp.array([t, t - 3], jnp.int32)
+    zero = jnp.zeros((b,), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    outs = {}
+    for name, params in (("stacked", stacked), ("unrolled", unrolled)):
+        cache = init_cache(cfg, b, cap, per_layer=name == "unrolled")
+        logits, hidden, cache = _forward(
+            params, tokens, pos, cache, write_idx=zero, mask=causal_mask(zero, t, cap), cfg=cfg
+        )
+        v_logits, _, cache = _forward(
+            params, tree_tokens, length[:, None] + jnp.arange(4)[None], cache,
+            write_idx=length, mask=tree_mask_to_cache(length, tree_mask, cap), cfg=cfg,
+        )  # fmt: skip
+        cache = cache.replace(length=length)
+        cache = commit_path(cache, jnp.array([[0, 2, 3], [0, 1, 0]]), jnp.array([3, 2]))
+        outs[name] = (logits, hidden, v_logits, cache)
+    (l0, h0, v0, c0), (l1, h1, v1, c1) = outs["stacked"], outs["unrolled"]
+    np.testing.assert_allclose(l1, l0, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(h1, h0, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(v1, v0, atol=ATOL, rtol=0)
+    k1, v1_ = _stacked_view(c1)
+    np.testing.assert_allclose(k1, c0.k, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(v1_, c0.v, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(c1.length, c0.length)
+    assert c1.capacity == c0.capacity == cap
+
+
+def test_layouts_must_match():
+    cfg = base_config()
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    zero = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="per_layer=True"):
+        forward(
+            unstack_layers(stacked), tokens, tokens, init_cache(cfg, 1, 8),
+            write_idx=zero, mask=causal_mask(zero, 2, 8), cfg=cfg,
+        )  # fmt: skip
+
+
+def test_stack_round_trip_export_and_freeing(tmp_path):
+    cfg = base_config("mixtral")
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    back = stack_layers(unstack_layers(stacked))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), back, stacked)
+    export_hf(stacked, cfg, tmp_path / "a", dtype="f32")
+    export_hf(unstack_layers(stacked), cfg, tmp_path / "b", dtype="f32")
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    owned = jax.tree.map(jnp.copy, stacked)
+    leaf = owned["layers"]["mlp" if "mlp" in owned["layers"] else "block_sparse_moe"]
+    first = jax.tree.leaves(leaf)[0]
+    unrolled = unstack_layers(owned, free_stacked=True)
+    assert first.is_deleted()
+    assert unstack_layers(unrolled) is unrolled
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_vanilla_decoding_is_the_same_in_both_layouts(temperature):
+    cfg = base_config()
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    prompts = [[5, 6, 7], list(range(10, 27))]
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=3)
+    a = vanilla.generate(stacked, cfg, prompts, **kw).output_ids
+    assert vanilla.generate(unstack_layers(stacked), cfg, prompts, **kw).output_ids == a
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_speculative_on_unrolled_base_equals_scanned_vanilla(family):
+    cfg = base_config(family)
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 38))]
+    tree = TreeConfig(top_k=3, depth=3, total_tokens=10)
+    res = speculative.generate(
+        unstack_layers(base), cfg, draft, dcfg, prompts, tree_cfg=tree, max_new_tokens=20
+    )
+    assert res.output_ids == vanilla.generate(base, cfg, prompts, max_new_tokens=20).output_ids
+    assert res.tau > 3.0  # the draft really drafts: full-depth paths get accepted
