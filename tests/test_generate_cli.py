@@ -158,3 +158,23 @@ def test_benchmark_reports_medians_over_repeated_passes(pair, tmp_path, capsys):
     assert g["new_tokens"] == v["new_tokens"]  # greedy: both decode the same tokens
     assert g["tau"] >= 1.0 and g["acceptance_at_depth"][0] <= 1.0
     assert out.with_suffix(".png").exists()
+
+
+def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
+    from inference import tune_tree
+
+    base, draft = pair
+    folder = tmp_path / "draft"
+    shutil.copytree(draft, folder)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in ("def a(x):", "x = 1")))
+    argv = ["--base", str(base), "--draft", str(folder), "--bench", str(questions),
+            "--tree", "2,2,5", "--tree", "3,3,10", "--max-new-tokens", "8", "--repeats", "2",
+            "--write", "--out", str(tmp_path / "t.json")]  # fmt: skip
+    assert tune_tree.main(argv) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "t.json").read_text())
+    best = max(report["trees"], key=lambda r: r["speedup"])
+    assert report["best"] == {k: best[k] for k in ("top_k", "depth", "total_tokens")}
+    assert json.loads((folder / "tree.json").read_text()) == report["best"]
+    assert all(len(r["speedup_passes"]) == 2 for r in report["trees"])
