@@ -339,11 +339,14 @@ class TreeConfig:
     top_k: children expanded per node and nodes kept per level (K).
     depth: expansion steps (D); drafted tokens reach depth D + 1.
     total_tokens: tree nodes including the root (M); M - 1 drafted nodes (60 = 59 drafted).
+    draft_vocab: the draft proposes only from this many most frequent tokens (0 = the whole
+      vocabulary; see `speculative.DraftHead`). Lossless either way: the base verifies.
     """
 
     top_k: int = 10
     depth: int = 5
     total_tokens: int = 60
+    draft_vocab: int = 0
 
     @property
     def path_len(self) -> int:  # A: the root plus up to D + 1 drafted tokens

@@ -37,8 +37,8 @@ from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft_cache
 from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, commit_path, init_cache
+from griffin_jax.model import _logits, is_unstacked, lm_head
 from griffin_jax.model import forward as base_forward
-from griffin_jax.model import is_unstacked, lm_head
 
 
 @flax.struct.dataclass
@@ -96,6 +96,38 @@ class SpecResult:
         return float(np.mean(lens) + 1.0) if lens else 0.0
 
 
+@flax.struct.dataclass
+class DraftHead:
+    """The base lm_head restricted to a token subset, for drafting only.
+
+    On a small base the draft's lm_head (every tree level, V x D) is a large share of a round;
+    drafting from the V' most frequent tokens cuts it V / V'-fold. Lossless: acceptance reads
+    only the base's logits and the tree's tokens, so a token the draft cannot propose only
+    costs acceptance, never correctness (EAGLE-3 drafts from a reduced vocabulary the same way).
+    """
+
+    token_ids: jax.Array  # [V'] int32, the columns' token ids
+    kernel: jax.Array  # [D, V'] the base lm_head's columns for them
+
+
+def make_draft_head(base_params, cfg: ModelConfig, token_ids: Sequence[int]) -> DraftHead:
+    """A DraftHead over `token_ids` (e.g. the first V' of a frequency ranking)."""
+    ids = np.asarray(token_ids, np.int32)
+    if ids.ndim != 1 or len(ids) == 0 or len(set(ids.tolist())) != len(ids):
+        raise ValueError("draft vocabulary: expected distinct token ids")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"draft vocabulary: token ids must be in [0, {cfg.vocab_size})")
+    if cfg.tie_embeddings:
+        kernel = jnp.take(base_params["embed_tokens"]["embedding"], ids, axis=0).T
+    else:
+        kernel = jnp.take(base_params["lm_head"]["kernel"], ids, axis=1)
+    return DraftHead(token_ids=jnp.asarray(ids), kernel=kernel)
+
+
+def _draft_logits(base_params, hidden, head: DraftHead | None, *, cfg: ModelConfig):
+    return lm_head(base_params, hidden, cfg=cfg) if head is None else _logits(hidden, head.kernel)
+
+
 def plan_shapes(
     prompt_lens: Sequence[int], max_new_tokens: int, tree_cfg: TreeConfig, *, max_len: int | None
 ) -> Shapes:
@@ -111,8 +143,10 @@ def plan_shapes(
     return Shapes(len(prompt_lens), bucket, capacity, draft_capacity, out_size)
 
 
-def _draft_step(base_params, draft_params, *, cfg: ModelConfig, dcfg: DraftConfig) -> Callable:
-    """The tree builder's draft step: draft forward + the base lm_head for token logits."""
+def _draft_step(
+    base_params, draft_params, head: DraftHead | None, *, cfg: ModelConfig, dcfg: DraftConfig
+) -> Callable:
+    """The tree builder's draft step: draft forward + the base lm_head (or `head`) for logits."""
     embedding = base_params["embed_tokens"]["embedding"]
 
     def step(features, tokens, positions, cache, write_idx, mask):
@@ -120,24 +154,27 @@ def _draft_step(base_params, draft_params, *, cfg: ModelConfig, dcfg: DraftConfi
             draft_params, embedding, features, tokens, positions, cache,
             write_idx=write_idx, mask=mask, dcfg=dcfg,
         )  # fmt: skip
-        return lm_head(base_params, token_feature, cfg=cfg), next_feature, cache
+        return _draft_logits(base_params, token_feature, head, cfg=cfg), next_feature, cache
 
     return step
 
 
-def _root_inputs(step_out, last: jax.Array, *, base_params, cfg: ModelConfig):
+def _root_inputs(step_out, last: jax.Array, head: DraftHead | None, *, base_params, cfg):
     """Level-1 inputs of the tree from the draft output at per-row index `last`."""
     token_feature, next_feature = step_out
     rows = jnp.arange(last.shape[0])
-    logits = lm_head(base_params, token_feature[rows, last], cfg=cfg)  # [B, V]
+    logits = _draft_logits(base_params, token_feature[rows, last], head, cfg=cfg)  # [B, V']
     return jax.nn.log_softmax(logits, axis=-1), next_feature[rows, last]
 
 
-def _build_tree(step, root_lp, root_feat, root, trunk_len, dcache, *, tree_cfg, greedy, shapes):
+def _build_tree(
+    step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree_cfg, greedy, shapes
+):
     return tree_lib.build_tree(
         step, root_lp, root_feat, root, trunk_len, dcache,
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
         capacity=shapes.draft_capacity, lexicographic_paths=not greedy,
+        token_ids=None if head is None else head.token_ids,
     )  # fmt: skip
 
 
@@ -153,6 +190,7 @@ def prefill(
     lengths: jax.Array,
     knobs: Knobs,
     key: jax.Array,
+    draft_head: DraftHead | None = None,
     *,
     cfg: ModelConfig,
     dcfg: DraftConfig,
@@ -193,17 +231,17 @@ def prefill(
         pair_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         pair_tokens = pair_tokens.at[rows, last].set(root)
         dcache = sharding.constrain(init_draft_cache(dcfg, b, shapes.draft_capacity, dtype), mesh)
-        step = _draft_step(base_params, draft_params, cfg=cfg, dcfg=dcfg)
+        step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
             positions, dcache, write_idx=zero, mask=causal_mask(zero, t, shapes.draft_capacity),
             dcfg=dcfg,
         )  # fmt: skip
         root_lp, root_feat = _root_inputs(
-            (token_feature, next_feature), last, base_params=base_params, cfg=cfg
+            (token_feature, next_feature), last, draft_head, base_params=base_params, cfg=cfg
         )
     tree, dcache = _build_tree(
-        step, root_lp, root_feat, root, lengths, dcache,
+        step, root_lp, root_feat, root, lengths, dcache, draft_head,
         tree_cfg=tree_cfg, greedy=greedy, shapes=shapes,
     )  # fmt: skip
     out_tokens = jnp.zeros((b, shapes.out_size), jnp.int32).at[:, 0].set(root)
@@ -234,6 +272,7 @@ def spec_round(
     base_params,
     draft_params,
     knobs: Knobs,
+    draft_head: DraftHead | None = None,
     *,
     cfg: ModelConfig,
     dcfg: DraftConfig,
@@ -293,7 +332,7 @@ def spec_round(
     with jax.named_scope("draft/trunk"):
         trunk = state.trunk_len
         features = jnp.take_along_axis(hidden, best_nodes[:, :, None], axis=1)  # [B, A, D]
-        step = _draft_step(base_params, draft_params, cfg=cfg, dcfg=dcfg)
+        step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], features, emitted,
             trunk[:, None] + slot[None, :], state.draft_cache, write_idx=trunk,
@@ -301,10 +340,11 @@ def spec_round(
         )  # fmt: skip
         new_trunk = trunk + n_commit
         root_lp, root_feat = _root_inputs(
-            (token_feature, next_feature), accept_len, base_params=base_params, cfg=cfg
-        )
+            (token_feature, next_feature), accept_len, draft_head, base_params=base_params,
+            cfg=cfg,
+        )  # fmt: skip
     new_tree, dcache = _build_tree(
-        step, root_lp, root_feat, acc.bonus_token, new_trunk, dcache,
+        step, root_lp, root_feat, acc.bonus_token, new_trunk, dcache, draft_head,
         tree_cfg=tree_cfg, greedy=greedy, shapes=shapes,
     )  # fmt: skip
     state = SpecState(
@@ -330,6 +370,7 @@ def generate_device(
     lengths,
     knobs: Knobs,
     key,
+    draft_head: DraftHead | None = None,
     *,
     cfg,
     dcfg,
@@ -340,7 +381,7 @@ def generate_device(
 ) -> SpecState:
     """Prefill plus every round in one program (`lax.while_loop`): no host round trips."""
     static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
-    state = prefill(base_params, draft_params, tokens, lengths, knobs, key, **static)
+    state = prefill(base_params, draft_params, tokens, lengths, knobs, key, draft_head, **static)
 
     def cond(carry):
         state, i = carry
@@ -348,7 +389,7 @@ def generate_device(
 
     def body(carry):
         state, i = carry
-        return spec_round(state, base_params, draft_params, knobs, **static), i + 1
+        return spec_round(state, base_params, draft_params, knobs, draft_head, **static), i + 1
 
     return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
 
@@ -384,6 +425,7 @@ def generate(
     on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
     loop: str = "device",
     mesh: jax.sharding.Mesh | None = None,
+    draft_head: DraftHead | None = None,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts (token id lists).
 
@@ -397,6 +439,7 @@ def generate(
         "host" (a Python loop over the jitted, donated `spec_round`, reading back `done`).
       mesh: run sharded on this mesh (`griffin_jax.sharding`): params not yet placed by the
         rules are placed (a no-op for loaded sharded params), tokens go over `data`.
+      draft_head: draft from a token subset (`make_draft_head`); None = the whole vocabulary.
     Returns:
       SpecResult with the new ids per row (stop token included, at most max_new_tokens).
     """
@@ -406,7 +449,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tree_lib.check_tree_sizes(
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
-        vocab_size=cfg.vocab_size,
+        vocab_size=cfg.vocab_size if draft_head is None else draft_head.token_ids.shape[0],
     )  # fmt: skip
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
@@ -418,13 +461,13 @@ def generate(
         eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids,
     )  # fmt: skip
     static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
-    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, jax.random.key(seed))
+    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, jax.random.key(seed), draft_head)
     if mesh is not None:
         base_params = sharding.shard_params(base_params, mesh, head_dim=cfg.head_dim)
         draft_params = sharding.shard_params(draft_params, mesh, head_dim=dcfg.head_dim)
         tokens_in, lengths_in, rest = sharding.place_inputs(*inputs[:2], inputs[2:], mesh)
         inputs = (tokens_in, lengths_in, *rest)
-        knobs = inputs[2]  # placed: an unplaced knobs pytree would recompile the round
+        knobs, draft_head = inputs[2], inputs[4]  # placed: unplaced ones recompile the round
     if loop == "device" and on_round is None:
         state = generate_device(base_params, draft_params, *inputs, **static)
     else:
@@ -434,7 +477,7 @@ def generate(
                 on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
             if bool(np.all(np.asarray(state.done))):
                 break
-            state = spec_round(state, base_params, draft_params, knobs, **static)
+            state = spec_round(state, base_params, draft_params, knobs, draft_head, **static)
     out = np.asarray(state.out_tokens)
     num_out = np.asarray(state.num_out)
     log = np.asarray(state.accept_log)

@@ -94,6 +94,7 @@ def build_tree(
     total_tokens: int,
     capacity: int,
     lexicographic_paths: bool,
+    token_ids: jax.Array | None = None,
 ) -> tuple[Tree, Any]:
     """Drafts an EAGLE-2 tree (spec 5.2 steps 2-8) with static shapes.
 
@@ -112,6 +113,8 @@ def build_tree(
       lexicographic_paths: sampling mode: sort paths lexicographically by node index with
         padding last (the reference's order, which sets the sibling order for rejection).
         Otherwise paths are in ascending leaf order (greedy mode).
+      token_ids: [V'] int32 when the draft's logits cover a token subset (`DraftHead`): the
+        logit columns' token ids. None: the columns are the token ids.
     Returns:
       (Tree, draft_cache with the tree levels written; only its trunk is meaningful later).
     """
@@ -120,8 +123,13 @@ def build_tree(
     n_cand = num_candidates(k, d)
     eye = jnp.eye(k, dtype=bool)
 
+    def ids(columns: jax.Array) -> jax.Array:
+        columns = columns.astype(jnp.int32)
+        return columns if token_ids is None else jnp.take(token_ids, columns)
+
     with jax.named_scope("draft/level1"):
         scores1, tokens1 = jax.lax.top_k(root_logprobs.astype(jnp.float32), k)  # [B, K]
+        tokens1 = ids(tokens1)
         scores = jnp.zeros((b, n_cand), jnp.float32).at[:, :k].set(scores1)
         tokens = jnp.zeros((b, n_cand), jnp.int32).at[:, :k].set(tokens1.astype(jnp.int32))
         # parents_flat[j]: 1 + flat candidate index of the parent of candidate block j (the
@@ -157,7 +165,7 @@ def build_tree(
             logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
             child_lp, child_tok = jax.lax.top_k(logp, k)  # [B, K, K]
             cum = (child_lp + s_prev[:, :, None]).reshape(b, k * k)  # [B, K*K]
-            child_tok = child_tok.reshape(b, k * k).astype(jnp.int32)
+            child_tok = ids(child_tok.reshape(b, k * k))
             s_next, sel_next = jax.lax.top_k(cum, k)  # [B, K] ties -> smaller index
             row = sel_next // k  # parent row among the current K
             feats = jnp.take_along_axis(next_feats, row[:, :, None], axis=1)  # [B, K, Dm]

@@ -37,6 +37,9 @@ from griffin_jax.model import abstract_params, forward, is_unstacked, unstack_la
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).parent / "default_model"
 TREE_FILE = "tree.json"
+# A token-frequency ranking next to a draft (`training.draft_vocab`): tensor `token_ids`, most
+# frequent first. `tree.json`'s `draft_vocab: N` drafts from its first N ids.
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 
 # total_tokens=-1 candidates and the reference's preference factors (spec 5.9): a bigger tree is
 # taken only if its verify time grows less than its factor. CPU_CANDIDATES extend the rule to
@@ -116,6 +119,8 @@ class SpeculativeModel:
         self.tree_cfg = tree_cfg or TreeConfig()
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.vocab_ranking: np.ndarray | None = None  # token ids, most frequent first
+        self._draft_heads: dict[int, speculative.DraftHead] = {}
 
     @classmethod
     def from_pretrained(
@@ -131,6 +136,7 @@ class SpeculativeModel:
         with_draft: bool = True,
         mesh: str | jax.sharding.Mesh | None = None,
         unroll_layers: bool = True,
+        draft_vocab: int | None = None,
     ) -> SpeculativeModel:
         """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 layout).
 
@@ -150,6 +156,9 @@ class SpeculativeModel:
           unroll_layers: hold the base in the unrolled decode layout (`model.unstack_layers`:
             per-layer weights and KV buffers, ~15% faster decoding on CPU, one compiled copy of
             the layer per depth); False keeps the stored stacked layout and `nn.scan`.
+          draft_vocab: draft from the N most frequent tokens of the ranking stored next to the
+            draft (`draft_vocab.safetensors`); 0 = the whole vocabulary; None = the tree file's
+            setting (else 0). Lossless either way.
         """
         if base_model_path is None:
             base_model_path = DEFAULT_MODEL_DIR / "base"
@@ -187,17 +196,47 @@ class SpeculativeModel:
                     draft, mesh, head_dim=model.dcfg.head_dim
                 )
             stored = _read_tree_file(draft_dir)
+            model.vocab_ranking = _read_vocab_ranking(draft_dir)
             tree = TreeConfig(
                 top_k=top_k or stored.get("top_k", 10),
                 depth=depth or stored.get("depth", 5),
                 total_tokens=stored.get("total_tokens", 60),
+                draft_vocab=stored.get("draft_vocab", 0) if draft_vocab is None else draft_vocab,
             )
             if total_tokens == -1:
                 tree = dataclasses.replace(tree, total_tokens=model.auto_total_tokens(tree))
             elif total_tokens is not None:
                 tree = dataclasses.replace(tree, total_tokens=total_tokens)
             model.tree_cfg = tree
+            model.draft_head()  # validates the draft vocabulary setting now
         return model
+
+    def draft_head(self) -> speculative.DraftHead | None:
+        """The lm_head restricted to `tree_cfg.draft_vocab` tokens (None: the whole vocabulary).
+
+        Built once per size from `vocab_ranking` (see `speculative.DraftHead`)."""
+        size = self.tree_cfg.draft_vocab
+        if not size or size >= self.cfg.vocab_size:
+            return None
+        if self.vocab_ranking is None:
+            raise ModelLoadError(
+                f"draft_vocab={size} needs a token ranking ({DRAFT_VOCAB_FILE} next to the "
+                "draft; write one with `python -m training.draft_vocab`)"
+            )
+        if not self.tree_cfg.top_k <= size <= len(self.vocab_ranking):
+            raise ValueError(
+                f"draft_vocab={size} must be in [top_k={self.tree_cfg.top_k}, "
+                f"{len(self.vocab_ranking)}] (the ranking's length)"
+            )
+        if size not in self._draft_heads:
+            head = speculative.make_draft_head(
+                self.base_params, self.cfg, self.vocab_ranking[:size]
+            )
+            if self.mesh is not None:
+                replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                head = jax.device_put(head, replicated)
+            self._draft_heads[size] = head
+        return self._draft_heads[size]
 
     @property
     def has_draft(self) -> bool:
@@ -227,6 +266,7 @@ class SpeculativeModel:
             tree_cfg=self.tree_cfg, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
             max_len=self.cfg.max_position_embeddings, on_round=on_round, mesh=self.mesh,
+            draft_head=self.draft_head(),
         )  # fmt: skip
         return GenerationOutput(
             res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0
@@ -318,6 +358,18 @@ def _read_tree_file(folder: pathlib.Path) -> dict:
         if candidate.exists():
             return json.loads(candidate.read_text())
     return {}
+
+
+def _read_vocab_ranking(folder: pathlib.Path) -> np.ndarray | None:
+    path = folder / DRAFT_VOCAB_FILE
+    if not path.exists():
+        return None
+    from safetensors.numpy import load_file
+
+    tensors = load_file(path)
+    if "token_ids" not in tensors or tensors["token_ids"].ndim != 1:
+        raise ModelLoadError(f"{path}: expected one 1-D tensor `token_ids`")
+    return tensors["token_ids"].astype(np.int32)
 
 
 def _load_base_sharded(folder: pathlib.Path, dtype: Any, mesh: jax.sharding.Mesh):

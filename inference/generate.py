@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--tree-top-k", type=int, default=None)
+    p.add_argument(
+        "--draft-vocab", type=int, default=None,
+        help="draft from the N most frequent tokens (0 = all; default: the tree file's)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--vanilla", action="store_true", help="plain decoding with the base only")
     p.add_argument("--compare", action="store_true", help="run both, report the speedup")
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         model = SpeculativeModel.from_pretrained(
             args.base, args.draft, dtype=args.dtype, with_draft=not args.vanilla,
             total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k, mesh=mesh,
+            draft_vocab=args.draft_vocab,
         )  # fmt: skip
         if args.base is not None and args.draft is None and not args.vanilla:
             raise UsageError("--base without --draft: pass --draft FOLDER or --vanilla")

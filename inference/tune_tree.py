@@ -20,12 +20,16 @@ from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel
 from inference.benchmark import median_of_passes, read_questions, run_methods
 from inference.generate import encode
 
-DEFAULT_TREES = ((4, 3, 12), (4, 4, 16), (6, 4, 24), (8, 4, 32), (8, 5, 40), (10, 5, 60))
+DEFAULT_TREES = ((4, 3, 12, 0), (4, 4, 16, 0), (6, 4, 24, 0), (8, 4, 32, 0), (10, 5, 60, 0))
 
 
-def parse_tree(text: str) -> tuple[int, int, int]:
-    k, d, m = (int(x) for x in text.split(","))
-    return k, d, m
+def parse_tree(text: str) -> tuple[int, int, int, int]:
+    """ "K,D,M" or "K,D,M,V" (V: the draft vocabulary, 0 = all tokens)."""
+    values = [int(x) for x in text.split(",")]
+    if len(values) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
+    k, d, m, v = (values + [0])[:4]
+    return k, d, m, v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--tree", action="append", type=parse_tree, default=[],
-                   help="TOP_K,DEPTH,TOTAL_TOKENS (repeatable)")  # fmt: skip
+                   help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (repeatable)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     p.add_argument("--write", action="store_true", help="store the best as tree.json")
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
@@ -49,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         model.tokenizer, read_questions(args.bench, args.num_questions), chat=False, system=None
     )
     knobs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    trees = {f"{k},{d},{m}": TreeConfig(top_k=k, depth=d, total_tokens=m)
-             for k, d, m in args.tree or DEFAULT_TREES}  # fmt: skip
+    trees = {f"{k},{d},{m},{v}": TreeConfig(top_k=k, depth=d, total_tokens=m, draft_vocab=v)
+             for k, d, m, v in args.tree or DEFAULT_TREES}  # fmt: skip
 
     def with_tree(tree: TreeConfig):
         def run(prompts, **kw):
@@ -68,15 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, res in results.items():
         tree = trees[name]
-        res.update(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens)
+        res.update(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens,
+                   draft_vocab=tree.draft_vocab)  # fmt: skip
         rows.append(res)
         line = (
-            f"top_k={tree.top_k} depth={tree.depth} total_tokens={tree.total_tokens}: "
+            f"top_k={tree.top_k} depth={tree.depth} total_tokens={tree.total_tokens} "
+            f"draft_vocab={tree.draft_vocab or 'all'}: "
             f"tau {res['tau']:.2f}, {res['tokens_per_s']:.1f} tok/s, speedup {res['speedup']:.2f}x"
         )
         print(line, file=sys.stderr)
     best = max(rows, key=lambda r: r["speedup"])
-    tree = {key: best[key] for key in ("top_k", "depth", "total_tokens")}
+    tree = {key: best[key] for key in ("top_k", "depth", "total_tokens", "draft_vocab")}
     report = {"vanilla": vanilla, "trees": rows, "best": tree, "command": " ".join(sys.argv)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

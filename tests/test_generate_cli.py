@@ -161,20 +161,51 @@ def test_benchmark_reports_medians_over_repeated_passes(pair, tmp_path, capsys):
 
 
 def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
+    import numpy as np
+
     from inference import tune_tree
+    from training import draft_vocab
 
     base, draft = pair
     folder = tmp_path / "draft"
     shutil.copytree(draft, folder)
+    ids = np.random.default_rng(0).integers(0, 8192, 50_000)
+    draft_vocab.write_ranking(draft_vocab.rank_tokens(ids, 8192), folder)
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in ("def a(x):", "x = 1")))
     argv = ["--base", str(base), "--draft", str(folder), "--bench", str(questions),
-            "--tree", "2,2,5", "--tree", "3,3,10", "--max-new-tokens", "8", "--repeats", "2",
-            "--write", "--out", str(tmp_path / "t.json")]  # fmt: skip
+            "--tree", "2,2,5", "--tree", "3,3,10,4096", "--max-new-tokens", "8",
+            "--repeats", "2", "--write", "--out", str(tmp_path / "t.json")]  # fmt: skip
     assert tune_tree.main(argv) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "t.json").read_text())
     best = max(report["trees"], key=lambda r: r["speedup"])
-    assert report["best"] == {k: best[k] for k in ("top_k", "depth", "total_tokens")}
+    keys = ("top_k", "depth", "total_tokens", "draft_vocab")
+    assert report["best"] == {k: best[k] for k in keys}
     assert json.loads((folder / "tree.json").read_text()) == report["best"]
     assert all(len(r["speedup_passes"]) == 2 for r in report["trees"])
+    assert [r["draft_vocab"] for r in report["trees"]] == [0, 4096]
+
+
+def test_api_draft_vocab_from_the_ranking_file(pair, tmp_path):
+    import numpy as np
+
+    from training import draft_vocab
+
+    base, draft = pair
+    folder = tmp_path / "draft"
+    shutil.copytree(draft, folder)
+    with pytest.raises(ModelLoadError, match="draft_vocab.safetensors"):
+        SpeculativeModel.from_pretrained(base, folder, draft_vocab=1024)
+    ids = np.random.default_rng(1).integers(0, 4096, 20_000)  # ids >= 4096 never occur
+    draft_vocab.write_ranking(draft_vocab.rank_tokens(ids, 8192), folder)
+    tree = json.loads((folder / "tree.json").read_text())
+    (folder / "tree.json").write_text(json.dumps({**tree, "draft_vocab": 4096}))
+    model = SpeculativeModel.from_pretrained(base, folder)  # the tree file's setting
+    assert model.tree_cfg.draft_vocab == 4096
+    head = model.draft_head()
+    assert sorted(np.asarray(head.token_ids).tolist()) == list(range(4096))
+    prompt = model.tokenizer("def f(x):")["input_ids"]
+    spec = model.generate([prompt], max_new_tokens=12)
+    assert spec.output_ids == model.vanilla_generate([prompt], max_new_tokens=12).output_ids
+    assert SpeculativeModel.from_pretrained(base, folder, draft_vocab=0).draft_head() is None

@@ -400,7 +400,7 @@ def _parity(case: str) -> dict:
     static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes, mesh=mesh)
     fn = speculative.prefill if loop == "host" else speculative.generate_device
     with _compiles() as compiled:
-        state = fn(base, draft, tokens, lengths, knobs, key, **static)
+        state = fn(base, draft, tokens, lengths, knobs, key, None, **static)  # as generate
     report["extra_compiles"] = sum(compiled.count(n) for n in ENGINE_JITS)
     k = state.cache.k[0] if state.cache.per_layer else state.cache.k
     report["cache_spec"] = list(k.sharding.spec) + [None] * (k.ndim - len(k.sharding.spec))

@@ -150,9 +150,15 @@ def _exact_two_token_probs(base, cfg, prompt, *, temperature, top_p, top_k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5)])
-def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k):
-    """Chi-square on the first two new tokens (prefill root + first round) over many rows."""
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k,subset",
+    [(1.0, 1.0, 0, None), (0.7, 0.9, 0, None), (1.3, 1.0, 5, None), (1.0, 1.0, 0, [6, 2, 7, 0])],
+)
+def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k, subset):
+    """Chi-square on the first two new tokens (prefill root + first round) over many rows.
+
+    `subset`: the draft proposes only from these ids (a DraftHead); the output distribution
+    must not change."""
     cfg = base_config("llama", vocab_size=8, d_model=32, head_dim=8, d_ff=48, eos_token_ids=())
     dcfg = draft_config(cfg, d_ff=40, head_dim=8)
     base, draft = random_pair(cfg, dcfg, seed=2)
@@ -160,9 +166,11 @@ def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k):
     prompt = [1, 2, 3, 4]
     n = 4000
     tree = TreeConfig(top_k=3, depth=2, total_tokens=8)
+    head = None if subset is None else speculative.make_draft_head(base, cfg, subset)
     res = speculative.generate(
         base, cfg, draft, dcfg, [prompt] * n, tree_cfg=tree, max_new_tokens=2,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=11, eos_ids=[],
+        draft_head=head,
     )  # fmt: skip
     counts = np.zeros((8, 8))
     for out in res.output_ids:
@@ -184,6 +192,42 @@ def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k):
     assert chi2 < limit, (chi2, limit, dof)
     # the draft was actually used: some rounds accepted draft tokens
     assert sum(a for row in res.accept_lengths for a in row) > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied embeddings
+def test_draft_head_drafts_only_its_tokens_and_stays_lossless(family):
+    cfg = base_config(family, tie_embeddings=family == "qwen2")
+    dcfg = draft_config(cfg)
+    base, draft = random_pair(cfg, dcfg)
+    subset = np.random.default_rng(0).permutation(cfg.vocab_size)[:40]
+    head = speculative.make_draft_head(base, cfg, subset)
+    res = speculative.generate(
+        base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=20, draft_head=head
+    )
+    assert res.output_ids == _vanilla(base, cfg, PROMPTS, 20)
+    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], 20, TREE, max_len=None)
+    tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=20, eos_ids=[])
+    state = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, jax.random.key(0), head,
+        cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes,
+    )  # fmt: skip
+    drafted = np.asarray(state.tree.draft_tokens)[:, 1:]  # node 0 is the root (base's token)
+    assert np.isin(drafted, subset).all()
+    # the same draft over the whole vocabulary proposes tokens outside the subset
+    full = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, jax.random.key(0),
+        cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes,
+    )  # fmt: skip
+    assert not np.isin(np.asarray(full.tree.draft_tokens)[:, 1:], subset).all()
+
+
+def test_draft_head_refuses_bad_ids():
+    cfg = base_config()
+    base, _ = random_pair(cfg, draft_config(cfg))
+    for ids in ([1, 1, 2], [0, cfg.vocab_size], []):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            speculative.make_draft_head(base, cfg, ids)
 
 
 def test_sampling_same_seed_same_output():

@@ -1,0 +1,71 @@
+"""`python -m training.draft_vocab`: the token-frequency ranking a draft can propose from.
+
+Counts token ids in a corpus's `train_ids.npy` (`training.tokenizer --write-ids`) and writes
+`draft_vocab.safetensors` (one int32 tensor `token_ids`: every id of the vocabulary, most
+frequent first, ties by smaller id) into a draft folder. With `draft_vocab: N` in the folder's
+`tree.json` (or `--draft-vocab N` on the command line), the engine drafts from the first N ids
+only (`griffin_jax.speculative.DraftHead`): the draft's lm_head shrinks V / N-fold and output is
+unchanged, since the base verifies every token.
+
+    python -m training.draft_vocab --tokens runs/corpus --out inference/default_model/griffin
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+FILE = "draft_vocab.safetensors"
+
+
+def rank_tokens(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """All ids of a vocabulary, most frequent in `ids` first (a stable sort: ties by id)."""
+    counts = np.bincount(np.asarray(ids, np.int64).ravel(), minlength=vocab_size)
+    if len(counts) > vocab_size:
+        raise ValueError(f"token id {len(counts) - 1} is outside the vocabulary ({vocab_size})")
+    return np.argsort(-counts, kind="stable").astype(np.int32)
+
+
+def coverage(ids: np.ndarray, ranking: np.ndarray, sizes) -> dict[int, float]:
+    """Fraction of the tokens in `ids` that fall in the first n ranked ids, for each n."""
+    counts = np.bincount(np.asarray(ids, np.int64).ravel(), minlength=len(ranking))
+    cum = np.cumsum(counts[ranking]) / counts.sum()
+    return {int(n): float(cum[min(n, len(cum)) - 1]) for n in sizes}
+
+
+def write_ranking(ranking: np.ndarray, folder: pathlib.Path) -> pathlib.Path:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FILE
+    save_file({"token_ids": np.ascontiguousarray(ranking, np.int32)}, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tokens", type=pathlib.Path, required=True, help="folder with train_ids.npy")
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the draft's config")
+    p.add_argument("--out", type=pathlib.Path, required=True, help="the draft folder")
+    args = p.parse_args(argv)
+    ids = np.load(args.tokens / "train_ids.npy", allow_pickle=False)
+    vocab = args.vocab_size
+    if vocab is None:
+        vocab = json.loads((args.out / "config.json").read_text())["vocab_size"]
+    ranking = rank_tokens(ids, vocab)
+    path = write_ranking(ranking, args.out)
+    heldout = args.tokens / "heldout_ids.npy"
+    sample = np.load(heldout, allow_pickle=False) if heldout.exists() else ids
+    cover = coverage(sample, ranking, (512, 1024, 2048, 4096))
+    print(json.dumps({"wrote": str(path), "tokens": int(ids.size), "coverage": cover}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
