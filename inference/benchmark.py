@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--tree-top-k", type=int, default=None)
+    p.add_argument("--draft-vocab", type=int, default=None, help="0 = all tokens")
     p.add_argument("--chat", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=8")
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         m = SpeculativeModel.from_pretrained(
             args.base, folder, dtype=args.dtype, total_tokens=args.total_tokens,
             depth=args.depth, top_k=args.tree_top_k, load_tokenizer=False, mesh=args.mesh,
+            draft_vocab=args.draft_vocab,
         )  # fmt: skip
         models[name] = m
         print(f"{name}: {m.dcfg.kind} draft, tree {m.tree_cfg}", file=sys.stderr)
