@@ -61,7 +61,8 @@ class SparseMoE(nn.Module):
         return jnp.einsum("BTED,BTE->BTD", out, weights.astype(out.dtype))
 
 
-def _logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+def head_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+    """hidden [..., D] @ kernel [D, V] -> f32 logits (the lm_head product, any kernel)."""
     # f32 accumulation and output even for bf16 activations.
     return jnp.einsum(
         "...D,DV->...V", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
@@ -78,7 +79,7 @@ class LMHead(nn.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         init = nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, (hidden.shape[-1], self.vocab_size), self.dtype)
-        return _logits(hidden, kernel)
+        return head_logits(hidden, kernel)
 
 
 class DecoderLayer(nn.Module):
@@ -144,7 +145,7 @@ class Transformer(nn.Module):
     def head(self, hidden: jax.Array) -> jax.Array:
         """Token logits (f32) from final normed hidden states."""
         if self.cfg.tie_embeddings:
-            return _logits(hidden, self.embed_tokens.embedding.T)
+            return head_logits(hidden, self.embed_tokens.embedding.T)
         return self.lm_head(hidden)
 
 
@@ -198,7 +199,7 @@ def _forward_unrolled(params, tokens, positions, cache, write_idx, mask, cfg, dt
 def lm_head(params, hidden: jax.Array, *, cfg: ModelConfig) -> jax.Array:
     """Base lm_head on hidden [..., D] -> f32 logits [..., V] (no module needed)."""
     w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
-    return _logits(hidden, w)
+    return head_logits(hidden, w)
 
 
 def embed(params, tokens: jax.Array) -> jax.Array:

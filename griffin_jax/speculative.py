@@ -37,8 +37,8 @@ from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft_cache
 from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, commit_path, init_cache
-from griffin_jax.model import _logits, is_unstacked, lm_head
 from griffin_jax.model import forward as base_forward
+from griffin_jax.model import head_logits, is_unstacked, lm_head
 
 
 @flax.struct.dataclass
@@ -125,7 +125,9 @@ def make_draft_head(base_params, cfg: ModelConfig, token_ids: Sequence[int]) -> 
 
 
 def _draft_logits(base_params, hidden, head: DraftHead | None, *, cfg: ModelConfig):
-    return lm_head(base_params, hidden, cfg=cfg) if head is None else _logits(hidden, head.kernel)
+    if head is None:
+        return lm_head(base_params, hidden, cfg=cfg)
+    return head_logits(hidden, head.kernel)
 
 
 def plan_shapes(
