@@ -131,7 +131,7 @@ def build_tree(
         scores1, tokens1 = jax.lax.top_k(root_logprobs.astype(jnp.float32), k)  # [B, K]
         tokens1 = ids(tokens1)
         scores = jnp.zeros((b, n_cand), jnp.float32).at[:, :k].set(scores1)
-        tokens = jnp.zeros((b, n_cand), jnp.int32).at[:, :k].set(tokens1.astype(jnp.int32))
+        tokens = jnp.zeros((b, n_cand), jnp.int32).at[:, :k].set(tokens1)
         # parents_flat[j]: 1 + flat candidate index of the parent of candidate block j (the
         # reference's PARENTS list); 0 = the root. Block 0 is level 1.
         parents_flat = jnp.zeros((b, 1 + d * k), jnp.int32)
@@ -140,7 +140,7 @@ def build_tree(
         level_mask = jnp.zeros((b, k, k * (d + 1)), bool).at[:, :, :k].set(eye)
         state = (
             feats,
-            tokens1.astype(jnp.int32),
+            tokens1,
             scores1,
             jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k)),
             level_mask,
