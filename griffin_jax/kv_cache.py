@@ -57,7 +57,7 @@ def check_capacity(capacity: int, needed: int, *, what: str = "sequence") -> Non
     if needed > capacity:
         raise CacheCapacityError(
             f"{what} needs {needed} cache slots but the cache holds {capacity}; "
-            "raise the capacity (max_len) or shorten the prompt / max_new_tokens"
+            "pass a larger capacity= (vanilla.generate) or shorten the prompt / max_new_tokens"
         )
 
 

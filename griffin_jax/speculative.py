@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import sampling, sharding, vanilla
+from griffin_jax import checks, sampling, sharding, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft_cache
-from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, commit_path, init_cache
+from griffin_jax.kv_cache import KVCache, causal_mask, commit_path, init_cache
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
 
@@ -52,7 +52,7 @@ class SpecState:
     out_tokens: jax.Array  # [B, N_out] int32 new tokens (valid up to num_out)
     num_out: jax.Array  # [B] int32
     done: jax.Array  # [B] bool
-    accept_log: jax.Array  # [B, R] int32 accepted draft tokens per round (-1 = no round)
+    accept_log: jax.Array  # [B, R] int32 accepted draft tokens emitted per round (-1 = no round)
     rounds: jax.Array  # [B] int32 rounds while the row was active
     key: jax.Array  # PRNG key
 
@@ -130,17 +130,13 @@ def _draft_logits(base_params, hidden, head: DraftHead | None, *, cfg: ModelConf
     return head_logits(hidden, head.kernel)
 
 
-def plan_shapes(
-    prompt_lens: Sequence[int], max_new_tokens: int, tree_cfg: TreeConfig, *, max_len: int | None
-) -> Shapes:
-    """Static sizes for a batch; raises CacheCapacityError when the prompt cannot fit."""
+def plan_shapes(prompt_lens: Sequence[int], max_new_tokens: int, tree_cfg: TreeConfig) -> Shapes:
+    """Static sizes for a batch (the caller checks the position limit: `checks.generation`)."""
     longest = max(prompt_lens)
     bucket = vanilla.prompt_bucket(longest)
     out_size = -(-(max_new_tokens + tree_cfg.path_len) // 64) * 64
     needed = bucket + out_size + tree_cfg.total_tokens + tree_cfg.path_len
     capacity = -(-needed // 128) * 128
-    if max_len is not None:
-        check_capacity(max_len, longest + max_new_tokens, what="prompt + max_new_tokens")
     draft_capacity = capacity + tree_cfg.path_len + tree_cfg.top_k * (tree_cfg.depth + 1)
     return Shapes(len(prompt_lens), bucket, capacity, draft_capacity, out_size)
 
@@ -325,8 +321,10 @@ def spec_round(
         )(state.out_tokens, emitted, state.num_out)
         num_out = state.num_out + n_emit
         done = state.done | (active & jnp.any(eos_hit, axis=1)) | (num_out >= knobs.max_new)
+        # The round's accepted draft tokens as emitted (a stop token or max_new_tokens cut the
+        # last round short), so tau = emitted tokens per verification forward.
         accept_log = state.accept_log.at[rows, state.rounds].set(
-            jnp.where(active, accept_len, state.accept_log[rows, state.rounds])
+            jnp.where(active, n_emit - 1, state.accept_log[rows, state.rounds])
         )
     with jax.named_scope("commit"):
         n_commit = jnp.where(active, n_new, 0)
@@ -434,7 +432,7 @@ def generate(
     Args:
       tree_cfg: static tree sizes.  temperature: 0 = greedy.  top_p / top_k: 1.0 / 0 = off.
       eos_ids: stop ids (default: the base config's).  max_len: refuse prompts for which
-        prompt + max_new_tokens exceeds it (e.g. the model's max_position_embeddings).
+        prompt + max_new_tokens exceeds it (default: the model's max_position_embeddings).
       on_round: called after every round with (out_tokens [B, N], num_out [B]) on the host, for
         streaming; it implies the host loop and costs one extra transfer per round.
       loop: "device" (prefill and all rounds in one `lax.while_loop` program; the default) or
@@ -445,17 +443,17 @@ def generate(
     Returns:
       SpecResult with the new ids per row (stop token included, at most max_new_tokens).
     """
-    sampling_knobs = vanilla.SamplingKnobs(temperature, top_p, top_k)
-    sampling_knobs.validate()
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tree_lib.check_tree_sizes(
+    prompts = checks.generation(
+        prompts, vocab_size=cfg.vocab_size,
+        max_positions=cfg.max_position_embeddings if max_len is None else max_len,
+        max_new=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+    )  # fmt: skip
+    checks.tree_sizes(
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
         vocab_size=cfg.vocab_size if draft_head is None else draft_head.token_ids.shape[0],
     )  # fmt: skip
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt")
-    shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, tree_cfg, max_len=max_len)
+    sampling_knobs = vanilla.SamplingKnobs(temperature, top_p, top_k)
+    shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, tree_cfg)
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
     greedy = sampling_knobs.greedy
     knobs = make_knobs(

@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from griffin_jax.checks import num_candidates
 from griffin_jax.kv_cache import tree_mask_to_cache
 
 # draft_step(features [B,K,Dm], tokens [B,K], positions [B,K], cache, write_idx [B],
@@ -56,24 +57,6 @@ class Tree:
         b, p, a = self.retrieve_idx.shape
         flat = jnp.take_along_axis(self.draft_tokens, self.retrieve_idx.reshape(b, p * a), axis=1)
         return flat.reshape(b, p, a)
-
-
-def num_candidates(top_k: int, depth: int) -> int:
-    """C = K + D*K^2: level 1 plus D expansions of K nodes with K children each."""
-    return top_k + depth * top_k * top_k
-
-
-def check_tree_sizes(*, top_k: int, depth: int, total_tokens: int, vocab_size: int) -> None:
-    """Host-side check of the static tree sizes (raises ValueError)."""
-    if top_k < 1 or depth < 1:
-        raise ValueError(f"top_k={top_k} and depth={depth} must be >= 1")
-    if top_k > vocab_size:
-        raise ValueError(f"top_k={top_k} exceeds the vocabulary ({vocab_size})")
-    if not 2 <= total_tokens <= 1 + num_candidates(top_k, depth):
-        raise ValueError(
-            f"total_tokens={total_tokens} must be in [2, {1 + num_candidates(top_k, depth)}] "
-            f"for top_k={top_k}, depth={depth} (it counts the root)"
-        )
 
 
 def draft_cache_slots(*, top_k: int, depth: int) -> int:
@@ -189,7 +172,8 @@ def build_tree(
             cache,
         )
 
-    state = jax.lax.fori_loop(0, d, expand, state)
+    if d > 0:  # depth 0: level 1 only (the loop body would not even trace with no levels)
+        state = jax.lax.fori_loop(0, d, expand, state)
     scores, tokens, parents_flat, draft_cache = state[5], state[6], state[7], state[8]
 
     with jax.named_scope("draft/rerank"):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import sampling, sharding
+from griffin_jax import checks, sampling, sharding
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import KVCache, causal_mask, check_capacity, init_cache
 from griffin_jax.model import forward, is_unstacked
@@ -57,14 +57,6 @@ class SamplingKnobs:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-
-    def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -316,10 +308,11 @@ def generate(
     Returns:
       VanillaResult with the new ids per row (the stop token included).
     """
+    prompts = checks.generation(
+        prompts, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
+        max_new=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+    )  # fmt: skip
     knobs = SamplingKnobs(temperature, top_p, top_k)
-    knobs.validate()
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     t0 = time.perf_counter()
     tokens, lengths = pad_prompts(prompts, buckets, pad_id=0)
     out_len = output_capacity(max_new_tokens)

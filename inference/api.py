@@ -17,7 +17,6 @@ runs the same engine sharded (`griffin_jax.sharding`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -28,8 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.load_draft import load_draft
-from convert.load_hf import checkpoint_files, load_hf, load_hf_config, load_hf_params_sharded
-from griffin_jax import sharding, speculative, vanilla
+from convert.load_hf import (
+    checkpoint_files,
+    iter_safetensors,
+    load_hf,
+    load_hf_config,
+    load_hf_params_sharded,
+    read_json,
+)
+from griffin_jax import checks, sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
@@ -70,6 +76,24 @@ def resolve_path(path_or_id: str | pathlib.Path) -> pathlib.Path:
         raise ModelLoadError(
             f"{path_or_id}: not a local folder and not downloadable ({err})"
         ) from err
+
+
+def resolve_folders(
+    base_model_path: str | pathlib.Path | None,
+    draft_model_path: str | pathlib.Path | None,
+    with_draft: bool = True,
+) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """(base folder, draft folder or None) as `from_pretrained` reads its two paths."""
+    if base_model_path is None:
+        base_model_path = DEFAULT_MODEL_DIR / "base"
+        if draft_model_path is None:
+            draft_model_path = DEFAULT_MODEL_DIR / "griffin"
+    base_dir = resolve_path(base_model_path)
+    if not (base_dir / "config.json").exists():
+        raise ModelLoadError(f"{base_dir} has no config.json (not a HF model folder)")
+    if not with_draft or draft_model_path is None:
+        return base_dir, None
+    return base_dir, resolve_path(draft_model_path)
 
 
 def _dtype(name: str | Any) -> Any:
@@ -160,15 +184,7 @@ class SpeculativeModel:
             draft (`draft_vocab.safetensors`); 0 = the whole vocabulary; None = the tree file's
             setting (else 0). Lossless either way.
         """
-        if base_model_path is None:
-            base_model_path = DEFAULT_MODEL_DIR / "base"
-            if draft_model_path is None:
-                draft_model_path = DEFAULT_MODEL_DIR / "griffin"
-        if not with_draft:
-            draft_model_path = None
-        base_dir = resolve_path(base_model_path)
-        if not (base_dir / "config.json").exists():
-            raise ModelLoadError(f"{base_dir} has no config.json (not a HF model folder)")
+        base_dir, draft_dir = resolve_folders(base_model_path, draft_model_path, with_draft)
         if isinstance(mesh, str):
             mesh = sharding.make_mesh(mesh)
         if mesh is None:
@@ -185,8 +201,7 @@ class SpeculativeModel:
 
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
         model = cls(params, cfg, tokenizer=tokenizer, mesh=mesh)
-        if draft_model_path is not None:
-            draft_dir = resolve_path(draft_model_path)
+        if draft_dir is not None:
             if mesh is None:
                 model.dcfg, model.draft_params = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
             else:
@@ -195,19 +210,16 @@ class SpeculativeModel:
                 model.draft_params = sharding.shard_params(
                     draft, mesh, head_dim=model.dcfg.head_dim
                 )
-            stored = _read_tree_file(draft_dir)
+            stored = read_tree_file(draft_dir)
             model.vocab_ranking = _read_vocab_ranking(draft_dir)
-            tree = TreeConfig(
-                top_k=top_k or stored.get("top_k", 10),
-                depth=depth or stored.get("depth", 5),
-                total_tokens=stored.get("total_tokens", 60),
-                draft_vocab=stored.get("draft_vocab", 0) if draft_vocab is None else draft_vocab,
-            )
-            if total_tokens == -1:
-                tree = dataclasses.replace(tree, total_tokens=model.auto_total_tokens(tree))
-            elif total_tokens is not None:
-                tree = dataclasses.replace(tree, total_tokens=total_tokens)
-            model.tree_cfg = tree
+            model.tree_cfg = tree = resolve_tree(
+                stored, top_k=top_k, depth=depth, total_tokens=total_tokens,
+                draft_vocab=draft_vocab, vocab_size=cfg.vocab_size,
+            )  # fmt: skip
+            if tree.total_tokens == -1:
+                model.tree_cfg = dataclasses.replace(
+                    tree, total_tokens=model.auto_total_tokens(tree)
+                )
             model.draft_head()  # validates the draft vocabulary setting now
         return model
 
@@ -259,13 +271,12 @@ class SpeculativeModel:
             raise ValueError(
                 "this model has no draft: pass draft_model_path, or use vanilla_generate"
             )
-        _check_knobs(temperature, top_p, top_k, input_ids)
         t0 = time.perf_counter()
         res = speculative.generate(
             self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
             tree_cfg=self.tree_cfg, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
-            max_len=self.cfg.max_position_embeddings, on_round=on_round, mesh=self.mesh,
+            on_round=on_round, mesh=self.mesh,
             draft_head=self.draft_head(),
         )  # fmt: skip
         return GenerationOutput(
@@ -286,7 +297,6 @@ class SpeculativeModel:
     ) -> GenerationOutput:
         """Plain autoregressive decoding with the base alone (the same signature)."""
         del on_round  # the device loop does not stream
-        _check_knobs(temperature, top_p, top_k, input_ids)
         t0 = time.perf_counter()
         res = vanilla.generate(
             self.base_params, self.cfg, input_ids, max_new_tokens=max_new_tokens,
@@ -342,31 +352,57 @@ def _time_verify(params, cfg: ModelConfig, size: int, prefix: int, repeats: int)
     return (time.perf_counter() - t0) / repeats
 
 
-def _check_knobs(temperature: float, top_p: float, top_k: int, input_ids) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not input_ids or any(len(p) == 0 for p in input_ids):
-        raise ValueError("empty prompt")
+TREE_KEYS = ("top_k", "depth", "total_tokens", "draft_vocab")
 
 
-def _read_tree_file(folder: pathlib.Path) -> dict:
+def read_tree_file(folder: pathlib.Path) -> dict:
+    """The draft's stored tree settings (`tree.json` next to it or one folder up), or {}."""
     for candidate in (folder / TREE_FILE, folder.parent / TREE_FILE):
         if candidate.exists():
-            return json.loads(candidate.read_text())
+            stored = read_json(candidate)
+            if set(stored) - set(TREE_KEYS):
+                raise ModelLoadError(
+                    f"{candidate}: expected an object with keys among {', '.join(TREE_KEYS)}"
+                )
+            return stored
     return {}
+
+
+def resolve_tree(
+    stored: dict,
+    *,
+    top_k: int | None = None,
+    depth: int | None = None,
+    total_tokens: int | None = None,
+    draft_vocab: int | None = None,
+    vocab_size: int | None = None,
+) -> TreeConfig:
+    """The tree to use: each given size, else the stored one, else the reference's default.
+
+    None means "not given" (0 is a value: depth 0 is one drafted level, a top_k of 0 is refused).
+    `total_tokens=-1` is kept for the caller to resolve by timing (`auto_total_tokens`).
+    """
+    given = dict(top_k=top_k, depth=depth, total_tokens=total_tokens, draft_vocab=draft_vocab)
+    default = TreeConfig()
+    sizes = {
+        key: value if value is not None else stored.get(key, getattr(default, key))
+        for key, value in given.items()
+    }
+    draft_vocab = checks.integer(sizes["draft_vocab"], name="draft_vocab (0 = all)", minimum=0)
+    auto = sizes["total_tokens"] == -1
+    checks.tree_sizes(
+        top_k=sizes["top_k"], depth=sizes["depth"],
+        total_tokens=2 if auto else sizes["total_tokens"],
+        vocab_size=draft_vocab or vocab_size,
+    )  # fmt: skip
+    return TreeConfig(**sizes)
 
 
 def _read_vocab_ranking(folder: pathlib.Path) -> np.ndarray | None:
     path = folder / DRAFT_VOCAB_FILE
     if not path.exists():
         return None
-    from safetensors.numpy import load_file
-
-    tensors = load_file(path)
+    tensors = dict(iter_safetensors(path))
     if "token_ids" not in tensors or tensors["token_ids"].ndim != 1:
         raise ModelLoadError(f"{path}: expected one 1-D tensor `token_ids`")
     return tensors["token_ids"].astype(np.int32)

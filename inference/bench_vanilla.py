@@ -13,7 +13,6 @@ Needs torch (the `test` or `torch` extra).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import platform
@@ -23,6 +22,8 @@ import time
 
 import jax
 import numpy as np
+
+from griffin_jax import checks, cli
 
 
 def copy_bandwidth(mb: int = 512, repeats: int = 5) -> float:
@@ -37,8 +38,11 @@ def copy_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
+MAX_POSITIONS = 2048
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(prog="python -m inference.bench_vanilla", description=__doc__)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -50,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scan", action="store_true", help="also time the scanned layout")
     args = p.parse_args(argv)
+    for flag in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "prompt_len",
+                 "new_tokens", "repeats"):  # fmt: skip
+        cli.positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        raise checks.InputError(
+            f"--hidden ({args.hidden}) must divide by --heads ({args.heads}), and --heads by "
+            f"--kv-heads ({args.kv_heads})"
+        )
+    if args.prompt_len + args.new_tokens > MAX_POSITIONS:
+        raise checks.InputError(
+            f"--prompt-len + --new-tokens must be <= {MAX_POSITIONS} (the model's positions)"
+        )
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -62,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_cfg = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        intermediate_size=args.ffn, max_position_embeddings=2048, initializer_range=0.1,
+        intermediate_size=args.ffn, max_position_embeddings=MAX_POSITIONS, initializer_range=0.1,
         eos_token_id=None, bos_token_id=None, attn_implementation="eager",
     )  # fmt: skip
     hf = LlamaForCausalLM(hf_cfg).eval()
@@ -121,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

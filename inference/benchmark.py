@@ -34,21 +34,73 @@ from typing import Any
 import jax
 import numpy as np
 
-from griffin_jax import vanilla
-from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel
+from convert.load_hf import load_hf_config
+from griffin_jax import checks, cli, vanilla
+from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel, read_tree_file, resolve_tree
 from inference.generate import encode
 
 
 def read_questions(path: pathlib.Path, limit: int | None) -> list[str]:
-    """First turns of an MT-bench-format question file."""
+    """First turns of an MT-bench-format question file (one JSON object with `turns` a line)."""
+    cli.input_file(path, "--bench")
     out = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["turns"][0])
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                turns = json.loads(line)["turns"]
+                if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                    raise TypeError("turns")
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise checks.InputError(
+                    f"{path}, line {number}: expected a JSON object with a non-empty list of "
+                    f"strings `turns` (MT-bench format) ({type(err).__name__}: {err})"
+                ) from err
+            out.append(turns[0])
             if limit is not None and len(out) >= limit:
                 break
+    if not out:
+        raise checks.InputError(f"{path} holds no questions")
     return out
+
+
+def parse_drafts(specs: list[str]) -> dict[str, str]:
+    """--draft NAME=FOLDER values (repeatable) as {name: folder}; folders must exist."""
+    drafts: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise checks.InputError(f"--draft {spec!r}: expected NAME=FOLDER")
+        if name in drafts or name == "vanilla":
+            raise checks.InputError(f"--draft {spec!r}: the name {name!r} is taken")
+        if not pathlib.Path(folder, "config.json").is_file():
+            raise checks.InputError(f"--draft {spec!r}: {folder} has no config.json")
+        drafts[name] = folder
+    return drafts
+
+
+def check_run_flags(args: argparse.Namespace, temperatures: list[float]) -> None:
+    """The flags benchmark and tune_tree share, checked before any model loads."""
+    for temperature in temperatures:
+        checks.sampling(temperature, 1.0, 0)
+    checks.max_new_tokens(args.max_new_tokens)
+    cli.positive(args.num_questions, "--num-questions")
+    cli.positive(args.repeats, "--repeats")
+    if not (pathlib.Path(args.base) / "config.json").is_file():
+        raise checks.InputError(f"--base {args.base} has no config.json (not a HF model folder)")
+
+
+def encode_checked(
+    tokenizer, questions: list[str], cfg, max_new_tokens: int, *, chat: bool
+) -> list[list[int]]:
+    """Questions as token ids, each within the model's positions with max_new_tokens."""
+    prompts = encode(tokenizer, questions, chat=chat, system=None)
+    checks.position_limit(
+        [len(p) for p in prompts], max_new_tokens, max_positions=cfg.max_position_embeddings,
+        flag="--max-new-tokens",
+    )  # fmt: skip
+    return prompts
 
 
 def run_methods(
@@ -137,8 +189,10 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.ArgumentParser(
+        prog="python -m inference.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "base")
     p.add_argument(
@@ -156,28 +210,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree-top-k", type=int, default=None)
     p.add_argument("--draft-vocab", type=int, default=None, help="0 = all tokens")
     p.add_argument("--chat", action="store_true")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=8")
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
     args = p.parse_args(argv)
 
-    drafts = dict(d.split("=", 1) for d in args.draft) or {
+    drafts = parse_drafts(args.draft) or {
         name: str(DEFAULT_MODEL_DIR / name)
         for name in ("griffin", "eagle2")
         if (DEFAULT_MODEL_DIR / name / "config.json").exists()
     }
     benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
     temperatures = args.temperature or [0.0, 1.0]
+    check_run_flags(args, temperatures)
+    cli.output_file(args.out, "--out")
+    questions = {bench: read_questions(bench, args.num_questions) for bench in benches}
+    tree_flags = dict(
+        total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k,
+        draft_vocab=args.draft_vocab,
+    )  # fmt: skip
+    cfg = load_hf_config(args.base)
+    for folder in drafts.values():
+        resolve_tree(read_tree_file(pathlib.Path(folder)), vocab_size=cfg.vocab_size, **tree_flags)
     base = SpeculativeModel.from_pretrained(
         args.base, dtype=args.dtype, with_draft=False, mesh=args.mesh
     )
+    prompts_of = {
+        bench: encode_checked(base.tokenizer, qs, cfg, args.max_new_tokens, chat=args.chat)
+        for bench, qs in questions.items()
+    }
     models = {}
     for name, folder in drafts.items():
         m = SpeculativeModel.from_pretrained(
-            args.base, folder, dtype=args.dtype, total_tokens=args.total_tokens,
-            depth=args.depth, top_k=args.tree_top_k, load_tokenizer=False, mesh=args.mesh,
-            draft_vocab=args.draft_vocab,
+            args.base, folder, dtype=args.dtype, load_tokenizer=False, mesh=args.mesh,
+            **tree_flags,
         )  # fmt: skip
         models[name] = m
         print(f"{name}: {m.dcfg.kind} draft, tree {m.tree_cfg}", file=sys.stderr)
@@ -188,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                               "max_new_tokens": args.max_new_tokens, "results": [],
                               "trees": {n: vars(m.tree_cfg) for n, m in models.items()},
                               "command": " ".join(sys.argv)}  # fmt: skip
-    for bench in benches:
-        questions = read_questions(bench, args.num_questions)
-        prompts = encode(base.tokenizer, questions, chat=args.chat, system=None)
+    for bench, prompts in prompts_of.items():
         for temperature in temperatures:
             knobs = dict(temperature=temperature, max_new_tokens=args.max_new_tokens, seed=0)
             t0 = time.time()
@@ -217,4 +282,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

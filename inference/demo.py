@@ -14,6 +14,7 @@ import time
 
 import jax
 
+from griffin_jax import cli
 from inference.api import DEFAULT_MODEL_DIR
 from inference.generate import main as generate_main
 
@@ -59,8 +60,8 @@ def main() -> int:
             "The default drafts are not trained yet: vanilla generation with the default base.\n",
             file=sys.stderr,
         )
-        return generate_main(["--prompt", PROMPT, "--vanilla", "--max-new-tokens", "96"])
-    return generate_main(["--prompt", PROMPT, "--compare", "--max-new-tokens", "96"])
+        return cli.run(generate_main, ["--prompt", PROMPT, "--vanilla", "--max-new-tokens", "96"])
+    return cli.run(generate_main, ["--prompt", PROMPT, "--compare", "--max-new-tokens", "96"])
 
 
 if __name__ == "__main__":

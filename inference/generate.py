@@ -27,16 +27,24 @@ from typing import Any
 
 import numpy as np
 
-from griffin_jax import sharding
-from inference.api import DEFAULT_MODEL_DIR, GenerationOutput, ModelLoadError, SpeculativeModel
+from convert.load_hf import load_hf_config
+from griffin_jax import checks, cli, sharding
+from inference.api import (
+    DEFAULT_MODEL_DIR,
+    GenerationOutput,
+    SpeculativeModel,
+    read_tree_file,
+    resolve_folders,
+    resolve_tree,
+)
 
 
-class UsageError(ValueError):
-    """Bad command-line input: reported in one line, exit status 2."""
+class UsageError(checks.InputError):
+    """Bad command-line input: reported in one line, exit status 2 (`griffin_jax.cli`)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m inference.generate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,33 +84,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt, or --prompt-file's lines (one prompt each; a blank line is an error)."""
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give exactly one of --prompt or --prompt-file")
     if args.prompt is not None:
-        prompts = [args.prompt]
-    else:
-        if not args.prompt_file.is_file():
-            raise UsageError(f"no such prompt file: {args.prompt_file}")
-        prompts = [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines()]
-        prompts = [line for line in prompts if line.strip()]
-    if not prompts or any(not p.strip() for p in prompts):
-        raise UsageError("empty prompt")
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty")
+        return [args.prompt]
+    if not args.prompt_file.is_file():
+        raise UsageError(f"no such prompt file: {args.prompt_file}")
+    try:
+        text = args.prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{args.prompt_file} is not UTF-8 text ({err.reason})") from err
+    prompts = text.splitlines()  # a final newline ends the last line; it adds no prompt
+    if not prompts:
+        raise UsageError(f"{args.prompt_file} is empty: write one prompt per line")
+    for number, line in enumerate(prompts, start=1):
+        if not line.strip():
+            raise UsageError(
+                f"{args.prompt_file}, line {number} is blank: write one prompt per line "
+                "(output row i answers line i, so blank lines are not skipped)"
+            )
     return prompts
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    """Every check that needs no model (run before anything is loaded)."""
+    checks.sampling(args.temperature, args.top_p, args.top_k)
+    checks.max_new_tokens(args.max_new_tokens)
     if args.vanilla and args.compare:
         raise UsageError("--vanilla and --compare exclude each other")
     if args.draft and not args.base:
         raise UsageError("--draft needs --base (the draft's embedding and lm_head are the base's)")
+    if args.draft and args.vanilla:
+        raise UsageError("--draft and --vanilla exclude each other")
+    if args.base is not None and args.draft is None and not args.vanilla:
+        raise UsageError("--base without --draft: pass --draft FOLDER or --vanilla")
+    if args.total_tokens is not None and args.total_tokens < 2 and args.total_tokens != -1:
+        raise UsageError(
+            f"--total-tokens must be >= 2 (tree nodes counting the root) or -1 (pick by "
+            f"timing), got {args.total_tokens}"
+        )
 
 
 def encode(
@@ -162,33 +185,49 @@ def _ignore_round(out_tokens: np.ndarray, num_out: np.ndarray) -> None:
     del out_tokens, num_out
 
 
+def load(args: argparse.Namespace, prompts: list[str]) -> tuple[SpeculativeModel, list[list[int]]]:
+    """Checks everything it can from the config, tree file and tokenizer, then loads weights."""
+    if args.distributed:
+        sharding.init_distributed()
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    if args.base is None and not (DEFAULT_MODEL_DIR / "griffin" / "config.json").exists():
+        if not (DEFAULT_MODEL_DIR / "base" / "config.json").exists():
+            raise UsageError(
+                "the default model pair is not installed yet: pass --base FOLDER "
+                "(HF layout) and --draft FOLDER (GRIFFIN/EAGLE-2 layout), or --vanilla"
+            )
+        if not args.vanilla:
+            raise UsageError("the default draft is not installed yet: pass --vanilla")
+    base_dir, draft_dir = resolve_folders(args.base, args.draft, with_draft=not args.vanilla)
+    cfg = load_hf_config(base_dir)
+    tree = dict(
+        top_k=args.tree_top_k, depth=args.depth, total_tokens=args.total_tokens,
+        draft_vocab=args.draft_vocab,
+    )  # fmt: skip
+    if draft_dir is not None:
+        resolve_tree(read_tree_file(draft_dir), vocab_size=cfg.vocab_size, **tree)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    input_ids = encode(tokenizer, prompts, chat=args.chat, system=args.system)
+    checks.token_ids(input_ids, vocab_size=cfg.vocab_size)
+    checks.position_limit(
+        [len(ids) for ids in input_ids], args.max_new_tokens,
+        max_positions=cfg.max_position_embeddings, flag="--max-new-tokens",
+    )  # fmt: skip
+    model = SpeculativeModel.from_pretrained(
+        base_dir, draft_dir, dtype=args.dtype, with_draft=draft_dir is not None, mesh=mesh,
+        load_tokenizer=False, **tree,
+    )  # fmt: skip
+    model.tokenizer = tokenizer
+    return model, input_ids
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        prompts = read_prompts(args)
-        if args.distributed:
-            sharding.init_distributed()
-        mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-        if args.base is None and not (DEFAULT_MODEL_DIR / "griffin" / "config.json").exists():
-            if not (DEFAULT_MODEL_DIR / "base" / "config.json").exists():
-                raise UsageError(
-                    "the default model pair is not installed yet: pass --base FOLDER "
-                    "(HF layout) and --draft FOLDER (GRIFFIN/EAGLE-2 layout), or --vanilla"
-                )
-            if not args.vanilla:
-                raise UsageError("the default draft is not installed yet: pass --vanilla")
-        model = SpeculativeModel.from_pretrained(
-            args.base, args.draft, dtype=args.dtype, with_draft=not args.vanilla,
-            total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k, mesh=mesh,
-            draft_vocab=args.draft_vocab,
-        )  # fmt: skip
-        if args.base is not None and args.draft is None and not args.vanilla:
-            raise UsageError("--base without --draft: pass --draft FOLDER or --vanilla")
-        input_ids = encode(model.tokenizer, prompts, chat=args.chat, system=args.system)
-    except (UsageError, ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_args(args)
+    prompts = read_prompts(args)
+    model, input_ids = load(args, prompts)
 
     knobs = dict(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -256,4 +295,4 @@ def _texts(model: SpeculativeModel, result: GenerationOutput, *, single: bool) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -19,6 +19,7 @@ engine uses (`griffin_jax.sharding`, on an `AbstractMesh` of `data=1,model=n`). 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from griffin_jax import sharding
+from griffin_jax import cli, sharding
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig, abstract_draft_params, init_draft_cache
 from griffin_jax.kv_cache import init_cache
@@ -170,7 +171,7 @@ def markdown(rows: Sequence[dict[str, Any]], *, budget: float, device_gb: float)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m inference.memory_plan",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -185,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch < 1 or args.context < 1 or not 0 <= args.headroom < 1:
         p.error("--batch and --context must be >= 1, --headroom in [0, 1)")
-    devices = [int(n) for n in args.devices.split(",")]
+    try:
+        devices = [int(n) for n in args.devices.split(",")]
+    except ValueError:
+        devices = []
+    if not devices or min(devices) < 1:
+        p.error(f"--devices {args.devices!r}: expected positive integers like 1,2,4,8")
+    if not (args.device_gb > 0 and math.isfinite(args.device_gb)):
+        p.error(f"--device-gb must be a positive number, got {args.device_gb}")
     budget = args.device_gb * (1 - args.headroom)
     rows = [
         plan(name, devices=n, batch=args.batch, context=args.context, dtype=DTYPES[args.dtype])
@@ -213,4 +221,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -10,30 +10,40 @@ default.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
+from griffin_jax import checks, cli
 from griffin_jax.config import TreeConfig
 from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel
-from inference.benchmark import median_of_passes, read_questions, run_methods
-from inference.generate import encode
+from inference.benchmark import (
+    check_run_flags,
+    encode_checked,
+    median_of_passes,
+    read_questions,
+    run_methods,
+)
 
 DEFAULT_TREES = ((4, 3, 12, 0), (4, 4, 16, 0), (6, 4, 24, 0), (8, 4, 32, 0), (10, 5, 60, 0))
 
 
 def parse_tree(text: str) -> tuple[int, int, int, int]:
-    """ "K,D,M" or "K,D,M,V" (V: the draft vocabulary, 0 = all tokens)."""
-    values = [int(x) for x in text.split(",")]
+    """ "K,D,M" or "K,D,M,V" (V: the draft vocabulary, 0 = all tokens), sizes checked."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
     if len(values) not in (3, 4):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
+        raise checks.InputError(f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
     k, d, m, v = (values + [0])[:4]
+    checks.tree_sizes(top_k=k, depth=d, total_tokens=m, vocab_size=v or None)
+    checks.integer(v, name="--tree's draft vocabulary (0 = all)", minimum=0)
     return k, d, m, v
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(prog="python -m inference.tune_tree", description=__doc__)
     p.add_argument("--base", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "base")
     p.add_argument("--draft", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "griffin")
     p.add_argument("--bench", type=pathlib.Path,
@@ -41,20 +51,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-questions", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--tree", action="append", type=parse_tree, default=[],
+    p.add_argument("--tree", action="append", type=str, default=[],
                    help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (repeatable)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     p.add_argument("--write", action="store_true", help="store the best as tree.json")
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
     args = p.parse_args(argv)
+    tree_sizes = [parse_tree(t) for t in args.tree] or list(DEFAULT_TREES)
+    check_run_flags(args, [args.temperature])
+    if not (args.draft / "config.json").is_file():
+        raise checks.InputError(f"--draft {args.draft} has no config.json (not a draft folder)")
+    cli.output_file(args.out, "--out")
+    questions = read_questions(args.bench, args.num_questions)
 
     model = SpeculativeModel.from_pretrained(args.base, args.draft)
-    prompts = encode(
-        model.tokenizer, read_questions(args.bench, args.num_questions), chat=False, system=None
-    )
+    prompts = encode_checked(model.tokenizer, questions, model.cfg, args.max_new_tokens, chat=False)
     knobs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     trees = {f"{k},{d},{m},{v}": TreeConfig(top_k=k, depth=d, total_tokens=m, draft_vocab=v)
-             for k, d, m, v in args.tree or DEFAULT_TREES}  # fmt: skip
+             for k, d, m, v in tree_sizes}  # fmt: skip
 
     def with_tree(tree: TreeConfig):
         def run(prompts, **kw):
@@ -95,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -12,6 +14,7 @@ from spec_models import aligned_pair, base_config, draft_config
 
 from convert.export_draft import export_draft
 from convert.export_hf import export_hf
+from griffin_jax.cli import run as run_cli
 from inference import generate as cli
 from inference.api import DEFAULT_MODEL_DIR, ModelLoadError, SpeculativeModel
 
@@ -22,7 +25,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def pair(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     """A tiny base in HF layout with the project tokenizer, and a GRIFFIN draft for it."""
     root = tmp_path_factory.mktemp("pair")
-    cfg = base_config("llama", vocab_size=8192, eos_token_ids=(1,), bos_token_id=0)
+    cfg = base_config(
+        "llama", vocab_size=8192, eos_token_ids=(1,), bos_token_id=0, max_position_embeddings=256
+    )
     dcfg = draft_config(cfg)
     base, draft = aligned_pair(cfg, dcfg, noise=0.2)
     export_hf(base, cfg, root / "base")
@@ -36,7 +41,7 @@ def pair(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def _run(capsys, argv):
-    code = cli.main(argv)
+    code = run_cli(cli.main, argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -62,7 +67,7 @@ def test_json_output_is_the_last_line_and_matches_vanilla(pair, capsys):
 def test_compare_reports_speedup_and_batch_outputs(pair, capsys, tmp_path):
     base, draft = pair
     prompts = tmp_path / "p.txt"
-    prompts.write_text("def a():\nclass B:\n\nimport os\n")
+    prompts.write_text("def a():\nclass B:\nimport os\n")
     argv = ["--base", str(base), "--draft", str(draft), "--prompt-file", str(prompts),
             "--max-new-tokens", "6", "--compare", "--json"]  # fmt: skip
     code, out, _ = _run(capsys, argv)
@@ -85,20 +90,147 @@ def test_streams_text_without_json(pair, capsys):
     "extra,message",
     [
         (["--temperature", "-1"], "temperature"),
-        (["--top-p", "0"], "top-p"),
-        (["--top-p", "1.5"], "top-p"),
-        (["--prompt", ""], "empty prompt"),
-        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--temperature", "nan"], "temperature must be finite"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-p", "nan"], "top_p must be finite"),
+        (["--top-k", "-2"], "top_k"),
+        (["--prompt", ""], "--prompt is empty"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
         (["--draft", "/nonexistent/folder"], "no such model folder"),
+        (["--total-tokens", "1"], "--total-tokens must be >= 2"),
+        (["--total-tokens", "0"], "--total-tokens must be >= 2"),
+        (["--total-tokens", "-5"], "--total-tokens must be >= 2"),
+        (["--total-tokens", "10000"], "total_tokens=10000 must be in [2, 31]"),
+        (["--tree-top-k", "0"], "top_k must be >= 1"),
+        (["--depth", "-1"], "depth must be >= 0"),
+        (["--draft-vocab", "-3"], "draft_vocab"),
+        (["--max-new-tokens", "1000000000"], "lower --max-new-tokens to at most"),
+        (["--max-new-tokens", "300"], "exceeds the model's 256 positions"),
+        (["--prompt", "x " * 400], "shorten the prompt"),
+        (["--vanilla"], "--draft and --vanilla exclude each other"),
     ],
 )
-def test_bad_input_is_one_line_error(pair, capsys, extra, message):
+def test_bad_input_is_one_line_error(pair, capsys, monkeypatch, extra, message):
+    """Caught before any weights load: loading raises AssertionError, which the CLI never hides."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded for a bad input")
+
+    monkeypatch.setattr(SpeculativeModel, "from_pretrained", no_loading)
     base, draft = pair
     argv = ["--base", str(base), "--draft", str(draft), "--prompt", "hi", *extra]
     code, out, err = _run(capsys, argv)
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("error:") and message in err
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
     assert "Traceback" not in err
+
+
+def test_vanilla_respects_the_position_limit(pair, capsys):
+    base, _ = pair
+    argv = ["--base", str(base), "--vanilla", "--prompt", "hi", "--max-new-tokens", "1000000000"]
+    code, _, err = _run(capsys, argv)
+    assert code == 2 and "256 positions" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("a\n\nb\n", "line 2 is blank"),
+        ("a\nb\n\n", "line 3 is blank"),
+        ("  \na\n", "line 1 is blank"),
+        ("", "is empty"),
+    ],
+)
+def test_prompt_file_blank_lines_are_errors(pair, capsys, tmp_path, content, message):
+    base, draft = pair
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(content)
+    argv = ["--base", str(base), "--draft", str(draft), "--prompt-file", str(prompts)]
+    code, _, err = _run(capsys, argv)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_prompt_file_rows_match_lines(pair, capsys, tmp_path):
+    """Row i answers line i; a final newline adds no prompt (and no blank-line error)."""
+    base, _ = pair
+    lines = ["def a():", "import os"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(lines) + "\n")
+    argv = ["--base", str(base), "--vanilla", "--prompt-file", str(prompts),
+            "--max-new-tokens", "4", "--json"]  # fmt: skip
+    code, out, _ = _run(capsys, argv)
+    assert code == 0
+    batch = json.loads(out.strip().splitlines()[-1])["output_ids"]
+    for line, ids in zip(lines, batch, strict=True):
+        code, out, _ = _run(capsys, [*argv[:3], "--prompt", line, *argv[5:]])
+        assert json.loads(out.strip().splitlines()[-1])["output_ids"] == ids
+
+
+def test_debug_flag_shows_the_traceback(pair):
+    base, draft = pair
+    argv = ["--base", str(base), "--draft", str(draft), "--prompt", "hi", "--top-p", "2"]
+    with pytest.raises(ValueError, match="top_p"):
+        run_cli(cli.main, [*argv, "--debug"])
+
+
+def test_depth_zero_is_one_drafted_level(pair):
+    """depth 0 is honoured (not replaced by tree.json's 3): one level of top_k drafted tokens."""
+    base, draft = pair
+    model = SpeculativeModel.from_pretrained(base, draft, depth=0, total_tokens=4)
+    assert (model.tree_cfg.depth, model.tree_cfg.top_k, model.tree_cfg.total_tokens) == (0, 3, 4)
+    ids = [model.tokenizer("def g(y):")["input_ids"]]
+    spec = model.generate(ids, max_new_tokens=10)
+    assert spec.output_ids == model.vanilla_generate(ids, max_new_tokens=10).output_ids
+    assert max(a for row in spec.accept_lengths for a in row) <= 1
+
+
+@pytest.mark.parametrize(
+    "prompts,message",
+    [
+        ([[5, 8192]], "token id 8192 at position 1 is outside the vocabulary"),
+        ([[10**9]], "outside the vocabulary"),
+        ([[-1, 4]], "token id -1 at position 0"),
+        ([[1.0, 2.0]], "must be integers"),
+        ([[True]], "must be integers"),
+        ([[]], "prompt 0 is empty"),
+        ([], "no prompts"),
+        ("def f():", "encode text with the tokenizer first"),
+        ([[5] * 250], "lower max_new_tokens to at most 6"),
+    ],
+)
+@pytest.mark.parametrize("method", ["generate", "vanilla_generate"])
+def test_api_refuses_bad_prompts(pair, prompts, message, method):
+    base, draft = pair
+    model = _api_model(base, draft)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(model, method)(prompts, max_new_tokens=10)
+
+
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        (dict(temperature=float("nan")), "temperature must be finite"),
+        (dict(temperature=float("inf")), "temperature must be finite"),
+        (dict(top_p=float("nan")), "top_p must be finite"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=3.0), "max_new_tokens must be an integer"),
+        (dict(seed=-1), "seed must be >= 0"),
+    ],
+)
+def test_api_refuses_bad_settings(pair, knobs, message):
+    base, draft = pair
+    model = _api_model(base, draft)
+    settings = dict(max_new_tokens=4) | knobs
+    for method in (model.generate, model.vanilla_generate):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            method([[5, 6]], **settings)
+
+
+@functools.cache
+def _api_model(base, draft):
+    return SpeculativeModel.from_pretrained(base, draft, load_tokenizer=False)
 
 
 def test_draft_that_does_not_fit_the_base_is_refused(pair, capsys, tmp_path):

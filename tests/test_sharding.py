@@ -205,9 +205,10 @@ def test_sharded_safetensors_loader_matches_and_is_strict(tmp_path):
 
 
 def test_cli_rejects_a_bad_mesh(capsys):
+    from griffin_jax.cli import run
     from inference.generate import main
 
-    assert main(["--vanilla", "--prompt", "hi", "--mesh", "model=x"]) == 2
+    assert run(main, ["--vanilla", "--prompt", "hi", "--mesh", "model=x"]) == 2
     assert "not an integer" in capsys.readouterr().err
 
 
@@ -389,7 +390,7 @@ def _parity(case: str) -> dict:
         "compiles": {n: compiled.count(n) for n in ENGINE_JITS},
     }
     # The same call by hand, to read the state's shardings (a compile-cache hit).
-    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], NEW_TOKENS, TREE, max_len=None)
+    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], NEW_TOKENS, TREE)
     tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=NEW_TOKENS, eos_ids=[-1])
     tokens, lengths, (knobs, key) = sharding.place_inputs(

@@ -39,8 +39,9 @@ def test_greedy_equals_vanilla_batch(family, kind, aligned):
         assert res.tau > 3.0
     for row, out in zip(res.accept_lengths, res.output_ids, strict=True):
         assert len(out) <= 24
-        # one token from prefill, then accepted + bonus per round (the last may be cut)
-        assert sum(a + 1 for a in row) >= len(out) - 1
+        # one token from prefill, then the emitted accepted tokens + bonus of every round (the
+        # last round counts only what it emitted: tau is honest)
+        assert 1 + sum(a + 1 for a in row) == len(out)
 
 
 @pytest.mark.parametrize("kind", ["griffin", "eagle2"])
@@ -69,6 +70,8 @@ def test_stops_at_eos_with_stop_token_included():
     assert spec.output_ids == _vanilla(base, cfg, PROMPTS, 30, eos_ids=[eos])
     row0 = spec.output_ids[0]
     assert row0[-1] == eos and eos not in row0[:-1] and len(row0) <= 8
+    for row, out in zip(spec.accept_lengths, spec.output_ids, strict=True):
+        assert 1 + sum(a + 1 for a in row) == len(out)  # tokens past the stop do not count
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 7])
@@ -80,6 +83,8 @@ def test_never_more_than_max_new_tokens(max_new):
         base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=max_new, eos_ids=[-5]
     )
     assert [len(o) for o in spec.output_ids] == [max_new] * len(PROMPTS)
+    # tau counts emitted tokens only: accepted tokens past max_new_tokens are not counted
+    assert [1 + sum(a + 1 for a in row) for row in spec.accept_lengths] == [max_new] * len(PROMPTS)
     assert spec.output_ids == _vanilla(base, cfg, PROMPTS, max_new, eos_ids=[-5])
 
 
@@ -116,7 +121,7 @@ def test_prompt_that_cannot_fit_is_refused():
     cfg = base_config("llama", max_position_embeddings=32)
     dcfg = draft_config(cfg)
     base, draft = random_pair(cfg, dcfg)
-    with pytest.raises(ValueError, match="cache slots"):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
         speculative.generate(
             base, cfg, draft, dcfg, [list(range(30))], tree_cfg=TREE, max_new_tokens=8,
             max_len=cfg.max_position_embeddings,
@@ -205,7 +210,7 @@ def test_draft_head_drafts_only_its_tokens_and_stays_lossless(family):
         base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=20, draft_head=head
     )
     assert res.output_ids == _vanilla(base, cfg, PROMPTS, 20)
-    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], 20, TREE, max_len=None)
+    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], 20, TREE)
     tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=20, eos_ids=[])
     state = speculative.prefill(

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch_ref_tree
 
+from griffin_jax import checks
 from griffin_jax import tree as tree_lib
 
 R = 97  # hash range = table rows
@@ -224,9 +225,16 @@ def test_verify_positions_and_mask():
         assert not mask[b, :, length + 8 :].any()
 
 
-def test_check_tree_sizes_rejects_bad_sizes():
-    tree_lib.check_tree_sizes(top_k=10, depth=5, total_tokens=60, vocab_size=100)
+def test_tree_sizes_check():
+    checks.tree_sizes(top_k=10, depth=5, total_tokens=60, vocab_size=100)
+    checks.tree_sizes(top_k=3, depth=0, total_tokens=4, vocab_size=100)  # one drafted level
     with pytest.raises(ValueError, match="total_tokens"):
-        tree_lib.check_tree_sizes(top_k=2, depth=2, total_tokens=12, vocab_size=100)
+        checks.tree_sizes(top_k=2, depth=2, total_tokens=12, vocab_size=100)
+    with pytest.raises(ValueError, match="total_tokens"):
+        checks.tree_sizes(top_k=3, depth=0, total_tokens=5, vocab_size=100)
     with pytest.raises(ValueError, match="vocabulary"):
-        tree_lib.check_tree_sizes(top_k=20, depth=2, total_tokens=12, vocab_size=10)
+        checks.tree_sizes(top_k=20, depth=2, total_tokens=12, vocab_size=10)
+    with pytest.raises(ValueError, match="top_k"):
+        checks.tree_sizes(top_k=0, depth=2, total_tokens=12)
+    with pytest.raises(ValueError, match="depth"):
+        checks.tree_sizes(top_k=2, depth=-1, total_tokens=2)

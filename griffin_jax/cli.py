@@ -1,0 +1,88 @@
+"""How every `python -m ...` entry point reports bad input: one line, exit status 2.
+
+`run(main)` calls an entry point's `main(argv)`. A `ValueError` (every input check here raises
+one: `checks.InputError`, `ModelLoadError`, `CheckpointError`, `UnsupportedConfigError`,
+`CacheCapacityError`, ...) or an `OSError` (a missing or unwritable file) becomes one line on
+stderr, `error: <message>`, and exit status 2; Ctrl-C exits 130. `--debug` anywhere on the
+command line re-raises instead, with the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+from griffin_jax.checks import InputError
+
+DEBUG_FLAG = "--debug"
+USAGE_STATUS = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, `--steps abc`) are one-line `InputError`s too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+def positive(value: object, flag: str) -> None:
+    """`flag`'s value must be an integer >= 1."""
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise InputError(f"{flag} must be an integer >= 1, got {value}")
+
+
+def finite(value: float | None, flag: str, *, low: float | None = None) -> None:
+    """`flag`'s value must be finite (and >= `low`)."""
+    if value is not None and (not math.isfinite(value) or (low is not None and value < low)):
+        bound = "" if low is None else f" and >= {low:g}"
+        raise InputError(f"{flag} must be finite{bound}, got {value}")
+
+
+def input_file(path: pathlib.Path | None, flag: str) -> None:
+    """`flag` must name an existing file."""
+    if path is not None and not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise InputError(f"{flag} {path}: {what}")
+
+
+def output_file(path: pathlib.Path | None, flag: str) -> None:
+    """`flag` can be written: not a folder, and no file stands where its folders would go."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (continuation lines joined with '; ')."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Runs `main(argv)` (argv defaults to sys.argv[1:]) and returns its exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    try:
+        return int(main(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return USAGE_STATUS
