@@ -19,7 +19,6 @@ A draft folder is `config.json` (transformers 4 layout, as every published draft
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from convert.hf_keys import (
     convert_state,
     draft_layout,
 )
-from convert.load_hf import iter_checkpoint, parse_dtype
+from convert.load_hf import config_from_json, iter_checkpoint, parse_dtype, read_json
 from griffin_jax.config import ModelConfig
 from griffin_jax.draft import DraftConfig, abstract_draft_params
 
@@ -180,17 +179,19 @@ def load_draft(
     Returns:
       (DraftConfig with the kind and qkv_bias of the checkpoint, params).
     Raises:
-      CheckpointError: see `draft_params_from_state`; a draft/base mismatch names both numbers.
+      CheckpointError: see `draft_params_from_state`; a draft/base mismatch names both numbers;
+        an unreadable file (invalid JSON, a corrupt safetensors, a refused .bin) names the file.
       UnsupportedConfigError: a draft config field this port does not implement.
       ImportError: a .bin checkpoint without PyTorch (names the `griffin-jax[torch]` extra).
     """
     folder = Path(folder)
-    with open(folder / "config.json") as f:
-        hf = json.load(f)
+    config_path = folder / "config.json"
+    hf = read_json(config_path)
     state = read_draft_state(folder)
     kind, qkv_bias = draft_layout(state, source=str(folder))
     # The keys decide the biases (spec 8.3), whatever the config's `qkv_bias` says.
-    dcfg = dataclasses.replace(DraftConfig.from_hf(hf, kind=kind), qkv_bias=qkv_bias)
+    dcfg = config_from_json(config_path, lambda: DraftConfig.from_hf(hf, kind=kind))
+    dcfg = dataclasses.replace(dcfg, qkv_bias=qkv_bias)
     check_draft_matches_base(dcfg, base_cfg, source=str(folder))
     params = draft_params_from_state(
         state,

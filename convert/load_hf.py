@@ -6,23 +6,30 @@ Weights: `model.safetensors`, sharded safetensors with `model.safetensors.index.
 
 Memory: tensors are streamed shard by shard and tensor by tensor into preallocated buffers of the
 target dtype (`hf_keys.convert_state`), so the peak is one copy of the params plus one source
-tensor, never two full copies. safetensors files are read through a memory map of their raw
-bytes: the `safetensors` package's numpy reader cannot return bf16, and its flax reader would put
-every tensor on the default device; the format (an 8-byte header size, a JSON header, raw
-little-endian data) is simple enough to map directly, with ml_dtypes providing bf16.
+tensor, never two full copies. safetensors files are read as memory-mapped numpy views (see
+`iter_safetensors`), so a sharded load reads only each device's slice.
+
+Untrusted files: every read failure (a truncated or corrupt safetensors file, a `.bin` that is not
+a plain tensor state dict, e.g. a pickle that would run code, invalid JSON) is a one-line
+`CheckpointError` naming the file, and nothing is allocated from a size the file claims but does
+not hold.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import struct
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from convert.hf_keys import CheckpointError, check_tree, convert_state, table_for
 from griffin_jax.config import ModelConfig
@@ -35,8 +42,11 @@ __all__ = [
     "load_hf_config",
     "load_hf_params",
     "parse_dtype",
+    "read_json",
     "source_dtype",
 ]
+
+T = TypeVar("T")
 
 # safetensors dtype codes <-> numpy dtypes (ml_dtypes for bf16).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -76,55 +86,131 @@ def parse_dtype(dtype: Any) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object file; invalid JSON or another top-level type raises `CheckpointError`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        value = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError (with its line and column) or bad UTF-8
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def config_from_json(path: str | Path, build: Callable[[], T]) -> T:
+    """`build()` (a config's `from_hf` on `path`'s contents), its errors naming the file.
+
+    A missing or mistyped field (KeyError, TypeError, ...) becomes a `CheckpointError`; a
+    ValueError (e.g. `UnsupportedConfigError`) keeps its type and gains the file name.
+    """
+    try:
+        return build()
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e}") from e
+    except (TypeError, ArithmeticError, AttributeError) as e:
+        raise CheckpointError(f"{path}: invalid config ({e})") from e
+    except ValueError as e:
+        if str(path) not in str(e):
+            e.args = (f"{path}: {e}", *e.args[1:])
+        raise
 
 
 def load_hf_config(folder: str | Path) -> ModelConfig:
     """`config.json` (+ `generation_config.json`'s EOS ids, merged) -> ModelConfig."""
     folder = Path(folder)
-    hf = _read_json(folder / "config.json")
+    path = folder / "config.json"
+    hf = read_json(path)
     gen_path = folder / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.exists() else None
-    return ModelConfig.from_hf(hf, generation_config=gen)
+    gen = read_json(gen_path) if gen_path.exists() else None
+    return config_from_json(path, lambda: ModelConfig.from_hf(hf, generation_config=gen))
 
 
 def source_dtype(folder: str | Path) -> np.dtype:
     """The checkpoint's dtype from `config.json` (`dtype`, or transformers 4's `torch_dtype`)."""
-    hf = _read_json(Path(folder) / "config.json")
+    hf = read_json(Path(folder) / "config.json")
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return parse_dtype(name) if name in _DTYPE_NAMES else np.dtype(np.float32)
+    if isinstance(name, str) and name in _DTYPE_NAMES:
+        return parse_dtype(name)
+    return np.dtype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------
 # Readers: each yields (key, numpy array) one tensor at a time.
 
 
+def _safetensors_error(path: Path, err: Exception) -> CheckpointError:
+    """The library's error, plus the tensor a truncated file cuts (the library does not say)."""
+    hint = ""
+    try:  # best effort: parse the header ourselves, bounded by the file size
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                hint = f"; the header claims {header_len} bytes, the file holds {size}"
+            else:
+                header = json.loads(f.read(header_len))
+                header.pop("__metadata__", None)
+                for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+                    if info["data_offsets"][1] > size - 8 - header_len:
+                        hint = (
+                            f"; tensor {key!r} needs data bytes {info['data_offsets']}, the file "
+                            f"holds {size - 8 - header_len} (truncated?)"
+                        )
+                        break
+    except Exception:  # the hint is optional; the library's message stands
+        pass
+    return CheckpointError(f"{path}: not a valid safetensors file ({err}{hint})")
+
+
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, memory-mapped array) for every tensor of one .safetensors file, in file order."""
+    """(key, memory-mapped array) for every tensor of one .safetensors file, in file order.
+
+    The `safetensors` library parses and validates the header (size, JSON, dtypes, shapes, and
+    offsets that tile the data exactly up to the end of the file); errors become a
+    `CheckpointError` naming the file (and the first cut tensor of a truncated file). The arrays
+    themselves are our own read-only `np.memmap` views rather than the library's `get_tensor`,
+    which copies each tensor, and its `get_slice`, which is no array (no `.T`, no `astype`): the
+    sharded loader reads transposed slices of every tensor per device, and the draft loader
+    holds all tensors at once, both at no memory cost this way. The views' offsets are the
+    running sums of the library-validated sizes in file order, checked to end at the file's end.
+    """
     path = Path(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            entries = [
+                (key, f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape()))
+                for key in f.offset_keys()
+            ]
+    except SafetensorError as e:
+        raise _safetensors_error(path, e) from e
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path}: not a safetensors file (truncated header)")
-        (header_len,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    if not header:
-        return
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    for key, info in items:
-        code = info["dtype"]
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    start, data_size = 8 + header_len, path.stat().st_size - 8 - header_len
+    layout, offset = [], 0
+    for key, code, shape in entries:
         if code not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: {key!r} has unsupported dtype {code}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        yield key, data[begin:end].view(SAFETENSORS_DTYPES[code]).reshape(shape)
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+        dtype = SAFETENSORS_DTYPES[code]
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        layout.append((key, dtype, shape, offset, offset + nbytes))
+        offset += nbytes
+    if offset != data_size:
+        raise CheckpointError(
+            f"{path}: the tensors cover {offset} data bytes, the file holds {data_size}"
+        )
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if data_size else None
+    for key, dtype, shape, begin, end in layout:
+        if begin < end:
+            yield key, data[begin:end].view(dtype).reshape(shape)
+            continue
+        try:
+            empty = np.zeros(shape, dtype)
+        except ValueError as e:  # numpy refuses some empty shapes, e.g. (0, 2**63)
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shape}: {e}") from e
+        yield key, empty
 
 
 def _import_torch():
@@ -143,18 +229,58 @@ def _torch_to_numpy(tensor: Any, torch: Any) -> np.ndarray:
     return tensor.numpy()
 
 
+_TORCH_BOILERPLATE = (
+    "Weights only load failed",
+    "(1)",
+    "(2)",
+    "Please file an issue",
+    "Check the documentation",
+)
+
+
+def _torch_load_error(path: Path, err: Exception) -> CheckpointError:
+    """torch.load's multi-paragraph message cut to its informative sentence."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_TORCH_BOILERPLATE)]
+    detail = (lines or [type(err).__name__])[0].split(". ")[0].rstrip(".")
+    if isinstance(err, pickle.UnpicklingError):  # weights_only refused it (e.g. code to run)
+        return CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True), not a plain tensor state dict "
+            f"({detail})"
+        )
+    return CheckpointError(f"{path}: cannot read ({type(err).__name__}: {detail})")
+
+
 def iter_torch_bin(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) for every tensor of one pytorch_model*.bin (memory-mapped when possible)."""
+    """(key, array) for every tensor of one pytorch_model*.bin (memory-mapped when possible).
+
+    Only `torch.load(weights_only=True)` reads it, so a pickle that would run code is refused;
+    every failure is a `CheckpointError` naming the file.
+    """
+    path = Path(path)
     torch = _import_torch()
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # files in the legacy (pre-zip) format cannot be mapped
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except RuntimeError:
-        # Files in the legacy (pre-zip) format cannot be memory-mapped.
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # e.g. a pickle protocol note: the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True, map_location="cpu", mmap=zipped)
+    except Exception as e:  # torch raises many types for one meaning
+        raise _torch_load_error(path, e) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     for key in list(state):
-        yield key, _torch_to_numpy(state.pop(key), torch)
+        value = state.pop(key)
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: expected a state dict of tensors, got {key!r}: {type(value).__name__}"
+            )
+        try:
+            array = _torch_to_numpy(value, torch)
+        except (TypeError, RuntimeError) as e:  # a dtype or layout numpy cannot hold
+            raise CheckpointError(f"{path}: tensor {key!r}: {e}") from e
+        yield key, array
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -166,16 +292,17 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     ):
         index = folder / index_name
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not weight_map:
+            weight_map = read_json(index).get("weight_map")
+            if not weight_map or not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no weight_map")
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).exists()]
+            shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
+            bad = [s for s in weight_map.values() if not isinstance(s, str)]
+            bad += [s for s in shards if not s.endswith(reader_ext) or Path(s).name != s]
+            if bad:
+                raise CheckpointError(f"{index}: unexpected shard names {bad[:8]}")
+            missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shard files {missing} are missing")
-            bad = [s for s in shards if not s.endswith(reader_ext)]
-            if bad:
-                raise CheckpointError(f"{index}: unexpected shard names {bad}")
             return [folder / s for s in shards]
         if (folder / single).exists():
             return [folder / single]

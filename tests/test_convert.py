@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
+import subprocess
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -18,6 +22,7 @@ from convert.convert_checkpoint import load_converted, main
 from convert.export_hf import export_hf
 from convert.hf_keys import CheckpointError
 from convert.load_hf import load_hf
+from griffin_jax import cli
 
 TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 NP_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "f16": np.float16}
@@ -292,3 +297,156 @@ def test_orbax_convert_round_trip(hf_checkpoint, tmp_path, dtype):
     cfg3, params3 = load_hf(back)
     assert cfg3 == ref_cfg
     assert_trees_equal(params3, ref_params)
+
+
+# ---------------------------------------------------------------- untrusted files, the CLI
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (torch.load(weights_only=True) must refuse it)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _set_header_len(path, value):
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", value) + raw[8:])
+
+
+def test_huge_safetensors_header_is_a_one_line_error(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    path = folder / "model.safetensors"
+    _set_header_len(path, 2**62)
+    with pytest.raises(CheckpointError, match="header too large") as err:
+        load_hf(folder)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_safetensors_names_the_file_and_the_tensor(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    path = folder / "model.safetensors"
+    with safetensors.safe_open(path, "np") as f:
+        last = f.offset_keys()[-1]
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError) as err:
+        load_hf(folder)
+    assert str(path) in str(err.value) and repr(last) in str(err.value)
+
+
+def test_code_running_bin_is_refused(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.norm.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refused by torch.load") as err:
+        load_hf(folder)
+    assert str(folder / "pytorch_model.bin") in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "generation_config.json", "model.safetensors.index.json"]
+)
+def test_invalid_json_names_the_file_and_position(hf_checkpoint, name):
+    folder, _ = hf_checkpoint("llama")
+    (folder / name).write_text('{"vocab_size": 128,,}')
+    with pytest.raises(CheckpointError, match=r"invalid JSON \(.*line 1 column 20") as err:
+        load_hf(folder)
+    assert str(folder / name) in str(err.value)
+
+
+def _drop_key(folder):
+    _rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+
+
+def _bad_shape(folder):
+    _rewrite(folder, lambda t: t.update({"model.norm.weight": torch.zeros(3)}))
+
+
+def _evil_bin(folder):
+    (folder / "model.safetensors").unlink()
+    torch.save({"x": _RunsCode(folder / "ran")}, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    "corrupt,out_name,force,message",
+    [
+        (_drop_key, "new", False, "missing keys 'model.layers.1.mlp.up_proj.weight'"),
+        (_bad_shape, "new", False, "'model.norm.weight' has shape (3,)"),
+        (_evil_bin, "new", False, "refused by torch.load"),
+        (None, "existing", False, "already exists; pass --force"),
+        (_drop_key, "existing", True, "missing keys"),  # --force: still untouched on error
+        (None, "file/out", False, "File exists"),  # the parent is a file: unwritable
+    ],
+    ids=["missing_key", "bad_shape", "code_running_bin", "exists", "exists_force", "unwritable"],
+)
+def test_cli_errors_are_one_line_and_change_nothing(
+    hf_checkpoint, tmp_path, capsys, corrupt, out_name, force, message
+):
+    folder, _ = hf_checkpoint("llama")
+    if corrupt:
+        corrupt(folder)
+    work = tmp_path / "work"
+    (work / "existing").mkdir(parents=True)
+    (work / "existing" / "model.safetensors").write_bytes(b"bf16 weights")
+    (work / "file").write_bytes(b"a file")
+    before = sorted(str(p) for p in work.rglob("*"))
+    capsys.readouterr()  # drop the fixture's progress bars
+    argv = ["--hf", str(folder), "--out", str(work / out_name)] + (["--force"] if force else [])
+    assert cli.run(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(str(p) for p in work.rglob("*")) == before  # no output, no temporary folder
+    assert (work / "existing" / "model.safetensors").read_bytes() == b"bf16 weights"
+    assert not (folder / "ran").exists()
+
+
+def test_cli_force_replaces_the_output(hf_checkpoint, tmp_path, capsys):
+    folder, _ = hf_checkpoint("llama")
+    out = tmp_path / "work" / "out"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("old")
+    assert cli.run(main, ["--hf", str(folder), "--out", str(out), "--force"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "params").is_dir()
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # no temporary folders left
+    assert load_converted(out)[0] == load_hf(folder)[0]
+
+
+def test_cli_module_exits_2_with_one_line(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    _drop_key(folder)
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convert.convert_checkpoint",
+            "--hf",
+            str(folder),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "missing keys" in run.stderr, run.stderr
+    assert not out.exists()
+
+
+def test_cli_to_hf_corrupt_orbax_is_one_line(hf_checkpoint, tmp_path, capsys):
+    folder, _ = hf_checkpoint("llama")
+    converted = tmp_path / "converted"
+    assert cli.run(main, ["--hf", str(folder), "--out", str(converted)]) == 0
+    data = next((converted / "params" / "d").iterdir())
+    data.write_bytes(data.read_bytes()[:100])
+    capsys.readouterr()
+    assert cli.run(main, ["--to-hf", str(converted), "--out", str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot restore the orbax checkpoint" in err, err
+    assert str(converted / "params") in err and not (tmp_path / "back").exists()

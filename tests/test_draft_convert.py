@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -326,3 +327,48 @@ def test_export_loads_strictly_into_the_reference(tmp_path, kind, bias, fmt):
     fresh.load_state_dict(exported, strict=True)
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- untrusted files
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (torch.load(weights_only=True) must refuse it)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_invalid_config_json_names_the_file(tmp_path):
+    cfg, ref = _ref("griffin")
+    folder = _write_folder(tmp_path / "d", _published_config(cfg), ref.state_dict(), "safetensors")
+    (folder / "config.json").write_text('{"hidden_size": 64\n "vocab_size": 128}')
+    with pytest.raises(CheckpointError, match=r"invalid JSON \(.*line 2 column 2") as err:
+        load_draft(folder, BASE)
+    assert str(folder / "config.json") in str(err.value)
+
+
+def test_code_running_bin_is_refused(tmp_path):
+    cfg, _ = _ref("griffin")
+    marker = tmp_path / "ran"
+    state = {"fc.fc.weight": _RunsCode(marker)}
+    folder = _write_folder(tmp_path / "d", _published_config(cfg), state, "bin")
+    with pytest.raises(CheckpointError, match="refused by torch.load") as err:
+        load_draft(folder, BASE)
+    assert str(folder / "pytorch_model.bin") in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_truncated_safetensors_names_the_file_and_the_tensor(tmp_path):
+    cfg, ref = _ref("eagle2")
+    folder = _write_folder(tmp_path / "d", _published_config(cfg), ref.state_dict(), "safetensors")
+    path = folder / "model.safetensors"
+    with safetensors.safe_open(path, "np") as f:
+        last = f.offset_keys()[-1]
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        load_draft(folder, BASE)
+    assert str(path) in str(err.value) and repr(last) in str(err.value)
