@@ -154,6 +154,18 @@ def tree_sizes(
 SEED_LIMIT = 2**32
 
 
+def seeds(seed: object, batch: int) -> None:
+    """An integer seed (row b samples with seed + b) or one integer seed per row, in [0, 2**32)."""
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        if len(seed) != batch:
+            raise InputError(f"seed: got {len(seed)} per-row seeds for {batch} prompts")
+        values = [integer(s, name="seed", minimum=0) for s in seed]
+    else:
+        values = [integer(seed, name="seed", minimum=0) + batch - 1]
+    if max(values) >= SEED_LIMIT:
+        raise InputError(f"seed must be < 2**32 (row b uses seed + b), got {max(values)}")
+
+
 def generation(
     prompts: object,
     *,
@@ -168,9 +180,7 @@ def generation(
     """Every check of one generation request (both engines call it); returns the prompts."""
     sampling(temperature, top_p, top_k)
     max_new = max_new_tokens(max_new)
-    seed = integer(seed, name="seed", minimum=0)
-    if seed >= SEED_LIMIT:
-        raise InputError(f"seed must be < 2**32, got {seed}")
     ids = token_ids(prompts, vocab_size=vocab_size)
+    seeds(seed, len(ids))
     position_limit([len(p) for p in ids], max_new, max_positions=max_positions)
     return ids

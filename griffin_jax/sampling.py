@@ -3,7 +3,20 @@
 Mirrors transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`
 (applied in that order, as `GenerationMixin` does; the GRIFFIN/EAGLE reference's
 `prepare_logits_processor` applies top-p before top-k, which only matters when both are set), and
-the reference's `evaluate_posterior` (GRIFFIN spec 5.4 and 5.5).
+the acceptance of the reference's `evaluate_posterior` (GRIFFIN spec 5.4 and 5.5) in an
+equivalent, position-keyed form.
+
+Position-keyed sampling: the token at absolute sequence index i of a row is drawn with the key
+`fold_in(key(seed), i)` of that row's seed, in vanilla and speculative decoding alike. The draft
+tree's tokens are deterministic top-k picks, so the reference's sibling-by-sibling rejection with
+renormalisation (q = 1) accepts child c of a node with probability p(c), and emits a bonus from
+the residual otherwise: the same distribution as drawing one token x ~ p at the node and
+following the child equal to x, or emitting x as the bonus when no child matches. Drawing that x
+with the position's key makes speculative sampling emit exactly the tokens vanilla sampling with
+the same seed emits, whatever the tree, the batch or the draft (up to float round-off between
+the two programs' logits: a draw whose Gumbel-perturbed top two scores lie within round-off of
+each other may flip, as a greedy near-tie may). Greedy acceptance is the same walk with x the
+argmax.
 
 Conventions:
 - Sampling knobs (temperature, top-p, top-k) are traced values (scalars or one per row), never
@@ -126,13 +139,36 @@ def _top_p_filter(scores: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where((top_p < 1.0) & (keys <= cut) & ~is_max, -jnp.inf, scores)
 
 
-def sample(key: jax.Array, logprobs: jax.Array) -> jax.Array:
-    """One token per row from log-probabilities [..., V] -> [...] int32."""
-    return jax.random.categorical(key, logprobs, axis=-1).astype(jnp.int32)
+def row_keys(seeds: jax.Array) -> jax.Array:
+    """[B] PRNG keys, one per row, from [B] integer seeds (traced)."""
+    return jax.vmap(jax.random.key)(seeds)
+
+
+def keyed_sample(keys: jax.Array, positions: jax.Array, logprobs: jax.Array) -> jax.Array:
+    """Tokens drawn from `logprobs` [B, ..., V], each with its row key folded with its position.
+
+    Args:
+      keys: [B] row keys (`row_keys`).
+      positions: [B, ...] int32 absolute sequence index of each token drawn.
+      logprobs: [B, ..., V] (masked entries -inf).
+    Returns:
+      [B, ...] int32.
+    """
+
+    def draw(key, position, lp):
+        return jax.random.categorical(jax.random.fold_in(key, position), lp, axis=-1)
+
+    def row(key, pos, lp):
+        flat_pos, flat_lp = pos.reshape(-1), lp.reshape(-1, lp.shape[-1])
+        out = jax.vmap(draw, in_axes=(None, 0, 0))(key, flat_pos, flat_lp)
+        return out.reshape(pos.shape)
+
+    return jax.vmap(row)(keys, positions, logprobs).astype(jnp.int32)
 
 
 def next_token(
-    key: jax.Array,
+    keys: jax.Array,
+    positions: jax.Array,
     logits: jax.Array,
     *,
     greedy: bool,
@@ -140,26 +176,39 @@ def next_token(
     top_p: jax.Array | float = 1.0,
     top_k: jax.Array | int = 0,
 ) -> jax.Array:
-    """Argmax (static `greedy`) or a sample from the warped distribution; logits [..., V]."""
+    """Argmax (static `greedy`) or a position-keyed draw from the warped distribution.
+
+    Args:
+      keys: [B] row keys.  positions: [B, ...] sequence index of each token to draw.
+      logits: [B, ..., V].  temperature / top_p / top_k: scalars or [B] (see `warp`).
+    Returns:
+      [B, ...] int32.
+    """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample(key, warp(logits, temperature, top_p, top_k))
+    extra = (1,) * (logits.ndim - 2)  # per-row knobs broadcast over the token axes
+    knobs = [jnp.asarray(x) for x in (temperature, top_p, top_k)]
+    knobs = [x.reshape(x.shape + extra) if x.ndim == 1 else x for x in knobs]
+    return keyed_sample(keys, positions, warp(logits, *knobs))
 
 
-# ----------------------------------------------------------------------------- greedy acceptance
+# ----------------------------------------------------------------------------- acceptance
 
 
-def _greedy_from_argmax(
-    candidates: jax.Array, target_argmax: jax.Array, path_mask: jax.Array
+def _accept_from_targets(
+    candidates: jax.Array, targets: jax.Array, path_mask: jax.Array
 ) -> Acceptance:
-    """Spec 5.4 on precomputed target argmaxes [B, P, A]."""
-    match = (candidates[:, :, 1:] == target_argmax[:, :, :-1]) & path_mask[:, :, 1:]  # [B,P,A-1]
+    """The longest run of path tokens equal to the target token at their parent.
+
+    candidates, targets: [B, P, A] (targets[..., j] = the base's token after position j).
+    """
+    match = (candidates[:, :, 1:] == targets[:, :, :-1]) & path_mask[:, :, 1:]  # [B, P, A-1]
     run = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1)  # [B, P]
     run = jnp.where(path_mask[:, :, 0], run, -1)  # padded rows never win
     best = jnp.argmax(run, axis=-1).astype(jnp.int32)  # first maximum, like torch.argmax
     accept_len = jnp.take_along_axis(run, best[:, None], axis=1)[:, 0]
-    best_argmax = jnp.take_along_axis(target_argmax, best[:, None, None], axis=1)[:, 0]  # [B, A]
-    bonus = jnp.take_along_axis(best_argmax, accept_len[:, None], axis=1)[:, 0]
+    best_targets = jnp.take_along_axis(targets, best[:, None, None], axis=1)[:, 0]  # [B, A]
+    bonus = jnp.take_along_axis(best_targets, accept_len[:, None], axis=1)[:, 0]
     return Acceptance(best, accept_len.astype(jnp.int32), bonus.astype(jnp.int32))
 
 
@@ -177,26 +226,31 @@ def greedy_accept(
       bonus_token = argmax of the base logits right after it.
     """
     target_argmax = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, P, A]
-    return _greedy_from_argmax(candidates, target_argmax, path_mask)
+    return _accept_from_targets(candidates, target_argmax, path_mask)
 
 
-def greedy_accept_nodes(
+def accept_nodes(
     draft_tokens: jax.Array,
-    target_logits: jax.Array,
+    node_targets: jax.Array,
     retrieve_idx: jax.Array,
     path_mask: jax.Array,
 ) -> Acceptance:
-    """`greedy_accept` on per-node logits: argmax once per tree node, then gather per path.
+    """Acceptance on per-node target tokens: follow the child equal to its parent's target.
+
+    With `node_targets` the base argmax per node this is greedy acceptance (spec 5.4); with
+    position-keyed draws from the warped base distribution (`next_token`) it is lossless
+    sampling acceptance (see the module docstring). Siblings hold distinct tokens, so the
+    accepted prefix is unique; the bonus is the target token after it.
 
     Args:
       draft_tokens: [B, M] int32 tree tokens (root first).
-      target_logits: [B, M, V] base logits of the verified tree nodes.
+      node_targets: [B, M] int32 the base's next token after each tree node.
       retrieve_idx: [B, P, A] int32 node indices of each path (padding in range).
       path_mask: [B, P, A] bool.
     """
-    node_argmax = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, M]
     candidates = _gather_paths(draft_tokens, retrieve_idx)
-    return _greedy_from_argmax(candidates, _gather_paths(node_argmax, retrieve_idx), path_mask)
+    targets = _gather_paths(node_targets, retrieve_idx)
+    return _accept_from_targets(candidates, targets, path_mask)
 
 
 def _gather_paths(per_node: jax.Array, retrieve_idx: jax.Array) -> jax.Array:
@@ -204,184 +258,3 @@ def _gather_paths(per_node: jax.Array, retrieve_idx: jax.Array) -> jax.Array:
     b, p, a = retrieve_idx.shape
     flat = jnp.take_along_axis(per_node, retrieve_idx.reshape(b, p * a), axis=1)
     return flat.reshape(b, p, a)
-
-
-# ----------------------------------------------------------------------------- sampling acceptance
-
-
-def _rejection_row(
-    uniforms: jax.Array,
-    candidates: jax.Array,
-    path_mask: jax.Array,
-    node_logits: jax.Array,
-    path_nodes: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    top_k: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Spec 5.5 for one row, vectorised over siblings; returns (best, accept_len, bonus_probs).
-
-    Shapes: uniforms [A, P], candidates / path_mask / path_nodes [P, A], node_logits [N, V].
-
-    At depth i the alive paths (those whose first i tokens are the accepted prefix) all pass
-    through one node, whose warped distribution is p. Its distinct children c_1..c_n, in path
-    order, are tried one after the other: c_j is accepted iff u_j < p(c_j) / (1 - sum_{k<j}
-    p(c_k)), which is the reference's "zero the rejected sibling and renormalise" in closed form
-    (an exclusive cumsum instead of a Python loop). If all are rejected, the bonus distribution
-    is the residual p with the tried children removed; if the node has no children, it is p
-    itself (the reference forgets the processor here, spec 8.11; we warp in every branch). The
-    draft probability q is 1 (draft tokens are deterministic top-k picks), which keeps the
-    output distribution exactly the warped target.
-    """
-    num_paths, a = candidates.shape
-    # One extra, always-masked column: at depth A there are no children, so every row
-    # terminates inside the loop and the bonus distribution is set in one place.
-    candidates = jnp.pad(candidates, ((0, 0), (0, 1)))
-    path_mask = jnp.pad(path_mask, ((0, 0), (0, 1)))
-    earlier = jnp.tril(jnp.ones((num_paths, num_paths), bool), k=-1)  # [r, r'] = r' < r
-
-    def level(i, state):
-        active, accepted, best, alive, bonus_probs = state
-        node = path_nodes[best, i - 1]
-        p = jnp.exp(warp(node_logits[node], temperature, top_p, top_k))  # [V]
-        has_child = alive & path_mask[:, i]  # [P]
-        child = jnp.where(has_child, candidates[:, i], 0)  # [P]
-        same = (child[:, None] == child[None, :]) & has_child[:, None] & has_child[None, :]
-        first = has_child & ~jnp.any(same & earlier, axis=1)  # first path reaching each child
-        p_child = jnp.where(first, p[child], 0.0)  # [P]
-        total = jnp.sum(p)
-        before = jnp.cumsum(p_child) - p_child  # mass of the siblings tried earlier
-        ratio = p_child / jnp.maximum(total - before, 1e-30)
-        # u < ratio (not <=): with u drawn from [0, 1) a zero-probability child is never taken.
-        take = first & (uniforms[i - 1] < ratio)
-        any_take = jnp.any(take)
-        chosen = jnp.argmax(take).astype(jnp.int32)
-        tried = jnp.zeros(p.shape, bool).at[child].max(first)  # [V]
-        residual = jnp.where(tried, 0.0, p)
-        mass = jnp.sum(residual)
-        residual = jnp.where(mass > 0, residual / jnp.maximum(mass, 1e-30), p)
-        step = active & any_take
-        stop = active & ~any_take
-        return (
-            step,
-            accepted + step.astype(jnp.int32),
-            jnp.where(step, chosen, best),
-            jnp.where(step, has_child & (child == child[chosen]), alive),
-            jnp.where(stop, residual, bonus_probs),
-        )
-
-    init = (
-        jnp.array(True),
-        jnp.array(0, jnp.int32),
-        jnp.array(0, jnp.int32),
-        path_mask[:, 0],
-        jnp.zeros(node_logits.shape[-1], jnp.float32),
-    )
-    _, accepted, best, _, bonus_probs = jax.lax.fori_loop(1, a + 1, level, init)
-    return best, accepted, bonus_probs
-
-
-def rejection_sample(
-    uniforms: jax.Array,
-    candidates: jax.Array,
-    path_mask: jax.Array,
-    node_logits: jax.Array,
-    path_nodes: jax.Array,
-    *,
-    temperature: jax.Array | float,
-    top_p: jax.Array | float = 1.0,
-    top_k: jax.Array | int = 0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sampling acceptance with caller-given uniforms (testing / golden comparisons).
-
-    Args:
-      uniforms: [B, A, P] f32 in [0, 1): uniforms[b, i-1, r] tests path r's child at depth i.
-      candidates: [B, P, A] int32 path tokens (root first).
-      path_mask: [B, P, A] bool.
-      node_logits: [B, N, V] target logits of the N distinct positions.
-      path_nodes: [B, P, A] int32 index into N of each path position.
-      temperature, top_p, top_k: scalars or [B].
-    Returns:
-      best_path [B], accept_len [B], bonus_probs [B, V] (the distribution the bonus is drawn from).
-    """
-    b = candidates.shape[0]
-    knobs = [
-        jnp.broadcast_to(jnp.asarray(x, dt), (b,))
-        for x, dt in ((temperature, jnp.float32), (top_p, jnp.float32), (top_k, jnp.int32))
-    ]
-    return jax.vmap(_rejection_row)(
-        uniforms, candidates, path_mask, node_logits, path_nodes, *knobs
-    )
-
-
-def _sample_accept(key, candidates, path_mask, node_logits, path_nodes, temperature, top_p, top_k):
-    b, p, a = candidates.shape
-    key_u, key_bonus = jax.random.split(key)
-    uniforms = jax.random.uniform(key_u, (b, a, p), jnp.float32)
-    best, accept_len, bonus_probs = rejection_sample(
-        uniforms,
-        candidates,
-        path_mask,
-        node_logits,
-        path_nodes,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-    )
-    logprobs = jnp.where(bonus_probs > 0, jnp.log(jnp.maximum(bonus_probs, 1e-38)), -jnp.inf)
-    return Acceptance(best, accept_len, sample(key_bonus, logprobs))
-
-
-def sample_accept(
-    key: jax.Array,
-    candidates: jax.Array,
-    target_logits: jax.Array,
-    path_mask: jax.Array,
-    *,
-    temperature: jax.Array | float,
-    top_p: jax.Array | float = 1.0,
-    top_k: jax.Array | int = 0,
-) -> Acceptance:
-    """Lossless sampling acceptance (spec 5.5): recursive rejection over siblings, q = 1.
-
-    The token sequence it emits (accepted draft tokens, then the bonus) is distributed exactly
-    as sampling from `warp(target_logits)` one token at a time. Siblings are tried in path
-    order, so the caller's path order (the reference sorts paths lexicographically in sampling
-    mode, see tree.py) fixes which uniform tests which child.
-
-    Args:
-      key: PRNG key (uniforms and the bonus draw are split from it).
-      candidates: [B, P, A] int32 path tokens (root first).
-      target_logits: [B, P, A, V] base logits at each path position.
-      path_mask: [B, P, A] bool (row 0 must be valid).
-      temperature: > 0, scalar or [B]; top_p, top_k: scalars or [B] (1.0 / 0 = off).
-    Returns:
-      Acceptance(best_path, accept_len, bonus_token).
-    """
-    b, p, a, v = target_logits.shape
-    node_logits = target_logits.reshape(b, p * a, v)
-    path_nodes = jnp.broadcast_to(jnp.arange(p * a, dtype=jnp.int32).reshape(p, a), (b, p, a))
-    return _sample_accept(
-        key, candidates, path_mask, node_logits, path_nodes, temperature, top_p, top_k
-    )
-
-
-def sample_accept_nodes(
-    key: jax.Array,
-    draft_tokens: jax.Array,
-    target_logits: jax.Array,
-    retrieve_idx: jax.Array,
-    path_mask: jax.Array,
-    *,
-    temperature: jax.Array | float,
-    top_p: jax.Array | float = 1.0,
-    top_k: jax.Array | int = 0,
-) -> Acceptance:
-    """`sample_accept` on per-node logits [B, M, V] and node-index paths [B, P, A].
-
-    Only the A nodes visited along the accepted prefix are warped, never all M.
-    """
-    candidates = _gather_paths(draft_tokens, retrieve_idx)
-    return _sample_accept(
-        key, candidates, path_mask, target_logits, retrieve_idx, temperature, top_p, top_k
-    )

@@ -54,7 +54,7 @@ class SpecState:
     done: jax.Array  # [B] bool
     accept_log: jax.Array  # [B, R] int32 accepted draft tokens emitted per round (-1 = no round)
     rounds: jax.Array  # [B] int32 rounds while the row was active
-    key: jax.Array  # PRNG key
+    keys: jax.Array  # [B] row PRNG keys (a draw at sequence index i folds in i)
 
 
 @flax.struct.dataclass
@@ -187,7 +187,7 @@ def prefill(
     tokens: jax.Array,
     lengths: jax.Array,
     knobs: Knobs,
-    key: jax.Array,
+    seeds: jax.Array,
     draft_head: DraftHead | None = None,
     *,
     cfg: ModelConfig,
@@ -202,6 +202,7 @@ def prefill(
     Args:
       tokens: [B, T] int32 right-padded prompts (T = the length bucket).
       lengths: [B] int32 true prompt lengths (>= 1).
+      seeds: [B] uint32 sampling seeds (`sampling.row_keys`; unused when greedy).
       mesh: when given, the caches are created sharded and the state is pinned
         (`sharding.constrain`); the params arrive sharded.
     """
@@ -218,10 +219,10 @@ def prefill(
             write_idx=zero, mask=causal_mask(zero, t, shapes.capacity), cfg=cfg,
         )  # fmt: skip
         cache = cache.replace(length=lengths)
-    key, root_key = jax.random.split(key)
+    keys = sampling.row_keys(seeds)
     last = lengths - 1
     root = sampling.next_token(
-        root_key, logits[rows, last], greedy=greedy,
+        keys, lengths, logits[rows, last], greedy=greedy,
         temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
     )  # fmt: skip
     with jax.named_scope("prefill/draft_trunk"):
@@ -255,7 +256,7 @@ def prefill(
         done=done,
         accept_log=jnp.full((b, shapes.out_size), -1, jnp.int32),
         rounds=jnp.zeros((b,), jnp.int32),
-        key=key,
+        keys=keys,
     )
     return sharding.constrain(state, mesh)
 
@@ -286,23 +287,22 @@ def spec_round(
     rows = jnp.arange(b)
     active = ~state.done
     cache = state.cache
+    positions = tree_lib.verify_positions(tree, cache.length)  # [B, M]
     with jax.named_scope("verify"):
         logits, hidden, cache = base_forward(
-            base_params, tree.draft_tokens, tree_lib.verify_positions(tree, cache.length), cache,
-            write_idx=cache.length, mask=tree_lib.verify_mask(tree, cache.length, shapes.capacity),
-            cfg=cfg,
+            base_params, tree.draft_tokens, positions, cache, write_idx=cache.length,
+            mask=tree_lib.verify_mask(tree, cache.length, shapes.capacity), cfg=cfg,
         )  # fmt: skip
-    key, acc_key = jax.random.split(state.key)
     with jax.named_scope("accept"):
-        if greedy:
-            acc = sampling.greedy_accept_nodes(
-                tree.draft_tokens, logits, tree.retrieve_idx, tree.path_mask
-            )
-        else:
-            acc = sampling.sample_accept_nodes(
-                acc_key, tree.draft_tokens, logits, tree.retrieve_idx, tree.path_mask,
-                temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
-            )  # fmt: skip
+        # The base's next token after every node (argmax, or the position-keyed draw), then
+        # the walk down the tree along the children that match (sampling.py).
+        node_targets = sampling.next_token(
+            state.keys, positions + 1, logits, greedy=greedy,
+            temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
+        )  # fmt: skip
+        acc = sampling.accept_nodes(
+            tree.draft_tokens, node_targets, tree.retrieve_idx, tree.path_mask
+        )
     accept_len = acc.accept_len
     best_nodes = tree.retrieve_idx[rows, acc.best_path]  # [B, A]
     path_tokens = tree.path_tokens()[rows, acc.best_path]  # [B, A] root first
@@ -357,7 +357,7 @@ def spec_round(
         done=done,
         accept_log=accept_log,
         rounds=state.rounds + active.astype(jnp.int32),
-        key=key,
+        keys=state.keys,
     )
     return sharding.constrain(state, mesh)
 
@@ -369,7 +369,7 @@ def generate_device(
     tokens,
     lengths,
     knobs: Knobs,
-    key,
+    seeds,
     draft_head: DraftHead | None = None,
     *,
     cfg,
@@ -381,7 +381,7 @@ def generate_device(
 ) -> SpecState:
     """Prefill plus every round in one program (`lax.while_loop`): no host round trips."""
     static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
-    state = prefill(base_params, draft_params, tokens, lengths, knobs, key, draft_head, **static)
+    state = prefill(base_params, draft_params, tokens, lengths, knobs, seeds, draft_head, **static)
 
     def cond(carry):
         state, i = carry
@@ -419,7 +419,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     eos_ids: Sequence[int] | None = None,
     max_len: int | None = None,
     on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
@@ -461,7 +461,8 @@ def generate(
         eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids,
     )  # fmt: skip
     static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
-    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, jax.random.key(seed), draft_head)
+    seeds = jnp.asarray(vanilla.row_seeds(seed, len(prompts)))
+    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, draft_head)
     if mesh is not None:
         base_params = sharding.shard_params(base_params, mesh, head_dim=cfg.head_dim)
         draft_params = sharding.shard_params(draft_params, mesh, head_dim=dcfg.head_dim)

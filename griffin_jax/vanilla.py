@@ -46,7 +46,7 @@ class DecodeState:
     output: jax.Array  # [B, N] int32 emitted tokens (N = output capacity), 0-padded
     num_new: jax.Array  # [B] int32 tokens emitted so far
     done: jax.Array  # [B] bool
-    key: jax.Array  # PRNG key
+    keys: jax.Array  # [B] row PRNG keys (a draw at sequence index i folds in i)
     step: jax.Array  # [] int32 decode steps run
 
 
@@ -98,6 +98,18 @@ def prompt_bucket(length: int, buckets: Sequence[int] | None = None) -> int:
 def output_capacity(max_new_tokens: int) -> int:
     """Static output-buffer length for `max_new_tokens` (power of two >= 16)."""
     return _next_pow2(max_new_tokens)
+
+
+def row_seeds(seed: int | Sequence[int], batch: int) -> np.ndarray:
+    """[B] uint32 per-row sampling seeds: `seed + b` for row b, or one given seed per row.
+
+    A row's sampled tokens depend only on its seed and its own tokens (position-keyed draws,
+    `sampling.keyed_sample`), so a prompt sampled with seed s gives the same tokens alone, in
+    any batch, and with vanilla or speculative decoding.
+    """
+    if isinstance(seed, (int, np.integer)):
+        return (int(seed) + np.arange(batch, dtype=np.int64)).astype(np.uint32)
+    return np.asarray(seed, np.int64).astype(np.uint32)
 
 
 def eos_array(eos_ids: Sequence[int]) -> jax.Array:
@@ -174,10 +186,10 @@ def decode_step(
     )
     cache = cache.replace(length=length + live.astype(jnp.int32))
     temperature, top_p, top_k = knobs
-    key = jax.random.fold_in(state.key, state.step)
     token = sampling.next_token(
-        key, logits[:, 0], greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k
-    )
+        state.keys, length + 1, logits[:, 0], greedy=greedy, temperature=temperature,
+        top_p=top_p, top_k=top_k,
+    )  # fmt: skip
     state = state.replace(cache=cache, step=state.step + 1)
     return sharding.constrain(_emit(state, token, max_new_tokens, eos), mesh)
 
@@ -186,7 +198,7 @@ def start(
     params,
     tokens: jax.Array,
     lengths: jax.Array,
-    key: jax.Array,
+    seeds: jax.Array,
     knobs: tuple[jax.Array, jax.Array, jax.Array],
     max_new_tokens: jax.Array,
     eos: jax.Array,
@@ -204,9 +216,10 @@ def start(
     cache = sharding.constrain(cache, mesh)
     last_logits, cache = prefill(params, tokens, lengths, cache, cfg=cfg)
     temperature, top_p, top_k = knobs
-    key_first, key = jax.random.split(key)
+    keys = sampling.row_keys(seeds)
     token = sampling.next_token(
-        key_first,
+        keys,
+        lengths,
         last_logits,
         greedy=greedy,
         temperature=temperature,
@@ -219,15 +232,15 @@ def start(
         output=jnp.zeros((b, out_len), jnp.int32),
         num_new=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
-        key=key,
+        keys=keys,
         step=jnp.zeros((), jnp.int32),
     )
     return sharding.constrain(_emit(state, token, max_new_tokens, eos), mesh)
 
 
-def _generate_device(params, tokens, lengths, key, knobs, max_new_tokens, eos, **static):
+def _generate_device(params, tokens, lengths, seeds, knobs, max_new_tokens, eos, **static):
     greedy, cfg = static["greedy"], static["cfg"]
-    state = start(params, tokens, lengths, key, knobs, max_new_tokens, eos, **static)
+    state = start(params, tokens, lengths, seeds, knobs, max_new_tokens, eos, **static)
     step = functools.partial(
         decode_step,
         params,
@@ -281,7 +294,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     eos_ids: Sequence[int] | None = None,
     buckets: Sequence[int] | None = None,
     capacity: int | None = None,
@@ -326,7 +339,7 @@ def generate(
         params,
         jnp.asarray(tokens),
         jnp.asarray(lengths),
-        jax.random.key(seed),
+        jnp.asarray(row_seeds(seed, len(prompts))),
         knobs.as_arrays(),
         jnp.asarray(max_new_tokens, jnp.int32),
         eos,

@@ -262,7 +262,7 @@ class SpeculativeModel:
         top_p: float = 1.0,
         top_k: int = 0,
         max_new_tokens: int = 512,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         eos_ids: Sequence[int] | None = None,
         on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
     ) -> GenerationOutput:
@@ -291,7 +291,7 @@ class SpeculativeModel:
         top_p: float = 1.0,
         top_k: int = 0,
         max_new_tokens: int = 512,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         eos_ids: Sequence[int] | None = None,
         on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
     ) -> GenerationOutput:

@@ -393,15 +393,16 @@ def _parity(case: str) -> dict:
     shapes = speculative.plan_shapes([len(p) for p in PROMPTS], NEW_TOKENS, TREE)
     tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=NEW_TOKENS, eos_ids=[-1])
-    tokens, lengths, (knobs, key) = sharding.place_inputs(
-        jnp.asarray(tokens), jnp.asarray(lengths), (knobs, jax.random.key(0)), mesh
+    seeds = jnp.asarray(vanilla.row_seeds(0, len(PROMPTS)))
+    tokens, lengths, (knobs, seeds) = sharding.place_inputs(
+        jnp.asarray(tokens), jnp.asarray(lengths), (knobs, seeds), mesh
     )
     base = sharding.shard_params(base, mesh, head_dim=cfg.head_dim)
     draft = sharding.shard_params(draft, mesh, head_dim=dcfg.head_dim)
     static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes, mesh=mesh)
     fn = speculative.prefill if loop == "host" else speculative.generate_device
     with _compiles() as compiled:
-        state = fn(base, draft, tokens, lengths, knobs, key, None, **static)  # as generate
+        state = fn(base, draft, tokens, lengths, knobs, seeds, None, **static)  # as generate
     report["extra_compiles"] = sum(compiled.count(n) for n in ENGINE_JITS)
     k = state.cache.k[0] if state.cache.per_layer else state.cache.k
     report["cache_spec"] = list(k.sharding.spec) + [None] * (k.ndim - len(k.sharding.spec))
