@@ -165,13 +165,13 @@ def _root_inputs(step_out, last: jax.Array, head: DraftHead | None, *, base_para
     return jax.nn.log_softmax(logits, axis=-1), next_feature[rows, last]
 
 
-def _build_tree(
-    step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree_cfg, greedy, shapes
-):
+def _build_tree(step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree_cfg, shapes):
+    # Path order does not matter to the keyed acceptance (sampling.accept_nodes), so sampling
+    # skips the reference's lexicographic sort (which fixed its sibling-rejection order).
     return tree_lib.build_tree(
         step, root_lp, root_feat, root, trunk_len, dcache,
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
-        capacity=shapes.draft_capacity, lexicographic_paths=not greedy,
+        capacity=shapes.draft_capacity, lexicographic_paths=False,
         token_ids=None if head is None else head.token_ids,
     )  # fmt: skip
 
@@ -241,7 +241,7 @@ def prefill(
         )
     tree, dcache = _build_tree(
         step, root_lp, root_feat, root, lengths, dcache, draft_head,
-        tree_cfg=tree_cfg, greedy=greedy, shapes=shapes,
+        tree_cfg=tree_cfg, shapes=shapes,
     )  # fmt: skip
     out_tokens = jnp.zeros((b, shapes.out_size), jnp.int32).at[:, 0].set(root)
     num_out = jnp.ones((b,), jnp.int32)
@@ -345,7 +345,7 @@ def spec_round(
         )  # fmt: skip
     new_tree, dcache = _build_tree(
         step, root_lp, root_feat, acc.bonus_token, new_trunk, dcache, draft_head,
-        tree_cfg=tree_cfg, greedy=greedy, shapes=shapes,
+        tree_cfg=tree_cfg, shapes=shapes,
     )  # fmt: skip
     state = SpecState(
         cache=cache,
