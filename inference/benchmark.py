@@ -1,8 +1,9 @@
 """`python -m inference.benchmark`: tau, per-depth acceptance, tokens/s and speedup over vanilla.
 
 Runs every question (first turn) of MT-bench-format files (`question.jsonl`: one object per line
-with `turns`) at batch 1, for vanilla decoding and for each draft given, at each temperature,
-all in one process on the same machine, and writes a JSON report plus a PNG plot.
+with `turns`) at batch 1 (or `--batch N`: N prompts right-padded per call), for vanilla decoding
+and for each draft given, at each temperature, all in one process on the same machine, and
+writes a JSON report plus a PNG plot.
 
 Conventions (README "Definitions"): every timed call runs after a warm-up of the same shapes
 (prompt-length bucket, tree sizes), prefill included. tau = tokens committed per verification
@@ -104,28 +105,31 @@ def encode_checked(
 
 
 def run_methods(
-    methods: dict[str, Any], prompts: list[list[int]], *, seed: int = 0, **knobs
+    methods: dict[str, Any], prompts: list[list[int]], *, seed: int = 0, batch: int = 1, **knobs
 ) -> dict[str, dict[str, Any]]:
-    """Times every method on every prompt at batch 1, interleaved prompt by prompt.
+    """Times every method on the prompts in batches of `batch`, interleaved batch by batch.
 
-    Each method first warms up every prompt-length bucket. The methods then take turns on each
-    prompt (seed + index), so a drift in machine speed during the run hits them alike.
+    Each method first warms up every (batch size, prompt-length bucket) shape. The methods then
+    take turns on each batch (right-padded; row b of batch i samples with seed + i * batch + b),
+    so a drift in machine speed during the run hits them alike.
     """
-    buckets = {}
-    for p in prompts:
-        buckets.setdefault(vanilla.prompt_bucket(len(p)), p)
+    chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    shapes = {}
+    for chunk in chunks:
+        shapes.setdefault((len(chunk), vanilla.prompt_bucket(max(map(len, chunk)))), chunk)
     for generate in methods.values():
-        for p in buckets.values():
-            generate([p], seed=seed, **knobs)
+        for chunk in shapes.values():
+            generate(chunk, seed=seed, **knobs)
     acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": []} for name in methods}
-    for i, p in enumerate(prompts):
+    for i, chunk in enumerate(chunks):
         for name, generate in methods.items():
-            res = generate([p], seed=seed + i, **knobs)
+            res = generate(chunk, seed=seed + i * batch, **knobs)
             a = acc[name]
             a["tokens"] += res.new_tokens
             a["seconds"] += res.seconds
-            a["rounds"] += res.rounds[0]
-            a["accepts"].extend(res.accept_lengths[0])
+            a["rounds"] += sum(res.rounds)
+            for row in res.accept_lengths:
+                a["accepts"].extend(row)
     out = {}
     for name, a in acc.items():
         row = {"new_tokens": a["tokens"], "seconds": a["seconds"], "rounds": a["rounds"],
@@ -213,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=8")
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per call (right-padded)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
     args = p.parse_args(argv)
+    cli.positive(args.batch, "--batch")
 
     drafts = parse_drafts(args.draft) or {
         name: str(DEFAULT_MODEL_DIR / name)
@@ -233,13 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_hf_config(args.base)
     for folder in drafts.values():
         resolve_tree(read_tree_file(pathlib.Path(folder)), vocab_size=cfg.vocab_size, **tree_flags)
-    base = SpeculativeModel.from_pretrained(
-        args.base, dtype=args.dtype, with_draft=False, mesh=args.mesh
-    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
     prompts_of = {
-        bench: encode_checked(base.tokenizer, qs, cfg, args.max_new_tokens, chat=args.chat)
+        bench: encode_checked(tokenizer, qs, cfg, args.max_new_tokens, chat=args.chat)
         for bench, qs in questions.items()
     }
+    base = SpeculativeModel.from_pretrained(
+        args.base, dtype=args.dtype, with_draft=False, mesh=args.mesh, load_tokenizer=False
+    )
     models = {}
     for name, folder in drafts.items():
         m = SpeculativeModel.from_pretrained(
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.machine()} {jax.default_backend()} x{jax.device_count()}, {platform.node()}"
     )
     report: dict[str, Any] = {"machine": machine, "base": str(args.base), "drafts": drafts,
-                              "max_new_tokens": args.max_new_tokens, "results": [],
+                              "max_new_tokens": args.max_new_tokens, "batch": args.batch,
+                              "results": [],
                               "trees": {n: vars(m.tree_cfg) for n, m in models.items()},
                               "command": " ".join(sys.argv)}  # fmt: skip
     for bench, prompts in prompts_of.items():
@@ -261,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             methods = {"vanilla": base.vanilla_generate}
             methods.update({name: m.generate for name, m in models.items()})
-            passes = [run_methods(methods, prompts, **knobs) for _ in range(args.repeats)]
+            passes = [
+                run_methods(methods, prompts, batch=args.batch, **knobs)
+                for _ in range(args.repeats)
+            ]
             results = median_of_passes(passes)
             row: dict[str, Any] = {"bench": bench.parent.name, "temperature": temperature,
                                    "questions": len(prompts), "vanilla": results.pop("vanilla"),

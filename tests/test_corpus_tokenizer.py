@@ -236,3 +236,30 @@ def test_committed_tokenizer_round_trips_heldout_stdlib_files():
     assert tok.is_fast and len(tok) <= 65536  # ids are stored as uint16.
     texts = [p.read_bytes().decode("utf-8") for p in corpus.heldout_stdlib_files()]
     _assert_round_trips(tok, [*texts, NON_ASCII])
+
+
+def test_tokenizer_cli_trains_and_writes_the_id_streams(tmp_path):
+    from griffin_jax import cli
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for split, texts in (("train", _sample_texts()), ("heldout", [NON_ASCII])):
+        with open(corpus_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    argv = ["--corpus", str(corpus_dir), "--out", str(tmp_path / "tok"), "--vocab-size", "300"]
+    assert cli.run(tokenizer.main, [*argv, "--write-ids"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    ids = np.load(corpus_dir / "heldout_ids.npy")
+    assert ids[0] == tokenizer.BOS_ID and ids[-1] == tokenizer.EOS_ID
+
+
+def test_a_bad_corpus_line_is_named_by_file_and_line(tmp_path):
+    from griffin_jax.checks import InputError
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut sh\n')
+    with pytest.raises(InputError, match=r"train.jsonl:2: invalid JSON"):
+        list(corpus.read_jsonl(path))
+    path.write_text('["not", "a", "document"]\n')
+    with pytest.raises(InputError, match=r"train.jsonl:1: not a \{\"text\": ...\} document"):
+        list(corpus.read_jsonl(path))

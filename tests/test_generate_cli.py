@@ -292,6 +292,89 @@ def test_benchmark_reports_medians_over_repeated_passes(pair, tmp_path, capsys):
     assert out.with_suffix(".png").exists()
 
 
+def test_benchmark_batches_and_seeded_sampling_match_vanilla(pair, tmp_path, capsys):
+    """--batch 2: right-padded batches; seeded sampling emits vanilla's tokens (same counts)."""
+    from inference import benchmark
+
+    base, draft = pair
+    questions = tmp_path / "bench" / "question.jsonl"
+    questions.parent.mkdir()
+    texts = ("def a(x):", "import os\n", "x = 1")
+    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in texts))
+    out = tmp_path / "report.json"
+    argv = ["--base", str(base), "--draft", f"g={draft}", "--bench", str(questions),
+            "--temperature", "0", "--temperature", "1", "--max-new-tokens", "8", "--batch", "2",
+            "--out", str(out)]  # fmt: skip
+    assert run_cli(benchmark.main, argv) == 0
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["batch"] == 2 and len(report["results"]) == 2
+    for row in report["results"]:
+        g, v = row["drafts"]["g"], row["vanilla"]
+        assert g["new_tokens"] == v["new_tokens"], row["temperature"]
+        assert v["rounds"] == v["new_tokens"] - 3  # one decode per token after the first
+
+
+@pytest.mark.parametrize(
+    "module,extra,message",
+    [
+        ("benchmark", ["--draft", "nameless"], "expected NAME=FOLDER"),
+        ("benchmark", ["--draft", "g=/nonexistent"], "has no config.json"),
+        ("benchmark", ["--batch", "0"], "--batch must be an integer >= 1"),
+        ("benchmark", ["--temperature", "nan"], "temperature must be finite"),
+        ("benchmark", ["--repeats", "0"], "--repeats must be an integer >= 1"),
+        ("benchmark", ["--num-questions", "-1"], "--num-questions must be an integer >= 1"),
+        ("benchmark", ["--total-tokens", "1000"], "total_tokens=1000"),
+        ("benchmark", ["--max-new-tokens", "5000"], "lower --max-new-tokens"),
+        ("benchmark", ["--bench", "BAD"], "expected a JSON object"),
+        ("benchmark", ["--bench", "/nonexistent.jsonl"], "no such file"),
+        ("benchmark", ["--out", "FILE/report.json"], "is a file, not a folder"),
+        ("tune_tree", ["--tree", "1,2"], "expected TOP_K,DEPTH,TOTAL_TOKENS"),
+        ("tune_tree", ["--tree", "0,2,3"], "top_k must be >= 1"),
+        ("tune_tree", ["--tree", "2,1,40"], "total_tokens=40"),
+        ("tune_tree", ["--temperature", "-1"], "temperature must be >= 0"),
+        ("tune_tree", ["--draft", "/nonexistent"], "has no config.json"),
+        ("bench_vanilla", ["--heads", "3"], "must divide by --heads"),
+        ("bench_vanilla", ["--new-tokens", "0"], "--new-tokens must be an integer >= 1"),
+        ("memory_plan", ["--devices", "1,x"], "expected positive integers"),
+        ("memory_plan", ["--batch", "abc"], "invalid int value"),
+    ],
+)
+def test_inference_entry_points_refuse_bad_flags(
+    pair, capsys, monkeypatch, tmp_path, module, extra, message
+):
+    """One line, status 2, before any model is loaded."""
+    import importlib
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded for a bad input")
+
+    monkeypatch.setattr(SpeculativeModel, "from_pretrained", no_loading)
+    base, draft = pair
+    good = tmp_path / "q.jsonl"
+    good.write_text(json.dumps({"turns": ["def f():"]}) + "\n")
+    (tmp_path / "bad.jsonl").write_text('{"turns": 3}\n')
+    (tmp_path / "FILE").write_text("")
+    extra = [
+        {"BAD": str(tmp_path / "bad.jsonl"), "FILE/report.json": str(tmp_path / "FILE/r.json")}.get(
+            x, x
+        )
+        for x in extra
+    ]
+    common = {
+        "benchmark": ["--base", str(base), "--draft", f"g={draft}", "--bench", str(good)],
+        "tune_tree": ["--base", str(base), "--draft", str(draft), "--bench", str(good)],
+    }.get(module, [])
+    if module == "benchmark" and any(x.startswith("g=") or x == "nameless" for x in extra):
+        common = common[:2] + common[4:]
+    if module == "benchmark" and "--bench" in extra:
+        common = common[:4]
+    mod = importlib.import_module(f"inference.{module}")
+    code = run_cli(mod.main, [*common, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
 def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
     import numpy as np
 

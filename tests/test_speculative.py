@@ -251,8 +251,12 @@ def test_sampling_same_seed_same_output():
 # and vanilla decoding with the same seed emit the same tokens. Near-tie rule (as for greedy):
 # equality is exact unless two Gumbel-perturbed scores of a draw lie within the f32 round-off
 # between the two programs' logits (~1e-6): for these few hundred draws, odds below 1e-3.
-SEEDED_TREES = [TREE, TreeConfig(top_k=1, depth=4, total_tokens=6),
-                TreeConfig(top_k=2, depth=2, total_tokens=7), TreeConfig(top_k=3, depth=0, total_tokens=4)]  # fmt: skip
+SEEDED_TREES = [
+    TREE,
+    TreeConfig(top_k=1, depth=4, total_tokens=6),
+    TreeConfig(top_k=2, depth=2, total_tokens=7),
+    TreeConfig(top_k=3, depth=0, total_tokens=4),
+]
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 0.9, 0), (1.0, 1.0, 5)])

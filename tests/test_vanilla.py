@@ -100,8 +100,12 @@ def test_bad_inputs_raise_clear_errors(llama):
         vanilla.generate(params, cfg, [PROMPTS[2]], max_new_tokens=30, capacity=32)
     with pytest.raises(ValueError, match="largest bucket"):
         vanilla.generate(params, cfg, [list(range(40))], max_new_tokens=4, buckets=(16, 32))
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
         vanilla.generate(params, cfg, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vanilla.generate(params, cfg, [[1, cfg.vocab_size]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        vanilla.generate(params, cfg, [[1, 2]], max_new_tokens=cfg.max_position_embeddings)
     with pytest.raises(ValueError, match="temperature"):
         vanilla.generate(params, cfg, [[1, 2]], max_new_tokens=4, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):

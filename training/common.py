@@ -1,7 +1,8 @@
 """Pieces shared by base pretraining (`training.pretrain`) and the draft trainer (`training.train`).
 
 One place for: the optax optimizer recipe (AdamW, linear warmup then decay, clipping), orbax
-checkpoints that resume (params, optimizer state, step, data position, RNG), metrics to JSONL
+checkpoints that resume (params, optimizer state, step, data position, RNG; past a broken newest
+step, see `Checkpointer`), metrics to JSONL
 plus a progress bar, loss-curve plots, and data parallelism over local devices with
 `jax.sharding` (the batch axis is split over a 1-D `data` mesh; params are replicated).
 
@@ -14,12 +15,16 @@ hosts and `data_mesh()` covers them. Each host feeds its own slice of the global
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
+import re
+import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -27,8 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from griffin_jax.checks import InputError
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer
@@ -84,47 +92,186 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 # Checkpoints
 
 
+class CheckpointError(InputError):
+    """No checkpoint restores (or one cannot be saved): one line naming the steps and why."""
+
+
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The step folders under a checkpoint directory, ascending, without creating anything.
+
+    orbax names a finished step `<step>` (its in-progress saves carry a `.orbax-checkpoint-tmp`
+    suffix, and set-aside folders a `.unrestorable` one, so neither counts).
+    """
+    path = pathlib.Path(directory)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """orbax logs (through absl) a line per odd step folder; the warnings here say it once."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _drop_closed_loop_reports() -> None:
+    """Silences one benign report, from the first failed restore on.
+
+    A failed orbax restore abandons tensorstore reads whose completion callbacks may still reach
+    the asyncio loop orbax has closed; Python would print each as a multi-line "Exception
+    ignored ... Event loop is closed" report on stderr, after the one-line warning. Other
+    unraisable exceptions still reach the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
+def _unrestorable_reason(path: pathlib.Path, err: Exception) -> str:
+    """A few words on why a step folder did not restore (orbax's messages are pages long)."""
+    if path.is_dir() and not any(path.iterdir()):
+        return "empty folder"
+    text = str(err).strip()
+    if item := re.search(r'Item "(\w+)" was not found', text):
+        return f"incomplete: no {item.group(1)!r} item"
+    if isinstance(err, json.JSONDecodeError):
+        return "garbled JSON metadata"
+    # tensorstore status codes, at the start of its messages.
+    for code, why in (
+        ("NOT_FOUND", "a data file is missing"),
+        ("OUT_OF_RANGE", "a data file is truncated"),
+        ("DATA_LOSS", "a data file is corrupt"),
+    ):
+        if text.startswith(code):
+            return why
+    first = text.splitlines()[0][:120] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 class Checkpointer:
     """Orbax `CheckpointManager` over a train state pytree plus a small JSON of metadata.
 
     The state pytree holds params, optimizer state, step and RNG key (as raw key data); the JSON
     holds the data position and anything else the loop needs to resume exactly.
+
+    Resuming falls back from an unrestorable newest step (an empty folder, a partial copy, a
+    truncated or garbled file) to the newest one that restores, with a one-line warning; nothing
+    is deleted. Saving moves any step folder at or past the new step aside
+    (`<step>.unrestorable`), since orbax silently skips a save at or below its latest step.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int = 2,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.directory = pathlib.Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+        self.warn = warn or _print_warning
+        self.skipped: dict[int, str] = {}  # step -> why it did not restore
+        with _quiet_absl():
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
-        self.manager.save(
+        stale = [s for s in self.manager.all_steps() if s >= step]
+        if stale:
+            if jax.process_index() == 0:
+                for s in stale:
+                    self._set_aside(s, step)
+            if jax.process_count() > 1:  # every host must see the renames before it saves
+                multihost_utils.sync_global_devices("griffin_jax checkpoint set-aside")
+            with _quiet_absl():
+                self.manager.reload()
+        saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
             ),
         )
         self.manager.wait_until_finished()
+        if not saved:
+            raise CheckpointError(f"orbax did not save step {step} in {self.directory}")
+
+    def _set_aside(self, old: int, step: int) -> None:
+        src = self.directory / str(old)
+        why = self.skipped.get(old)
+        suffix = "unrestorable" if why else "replaced"
+        dst, n = src.with_name(f"{old}.{suffix}"), 1
+        while dst.exists():
+            dst, n = src.with_name(f"{old}.{suffix}.{n}"), n + 1
+        os.rename(src, dst)
+        self.warn(
+            f"warning: moved checkpoint {old} ({why or 'not restored'}) aside to {dst.name} "
+            f"to save step {step}"
+        )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores (state, meta); `abstract_state` gives structure, shapes and shardings."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
+        """Restores (state, meta) of `step`, or of the newest step that restores.
+
+        `abstract_state` gives structure, shapes and shardings. Each newer step that fails is
+        named in one warning line (and remembered in `skipped`); when none restores,
+        `CheckpointError` lists them all.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        skipped = []
+        for s in steps:
+            try:
+                with _quiet_absl():
+                    out = self.manager.restore(
+                        s,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            meta=ocp.args.JsonRestore(),
+                        ),
+                    )
+            except Exception as err:  # any unreadable step: fall back to an older one
+                _drop_closed_loop_reports()
+                self.skipped[s] = _unrestorable_reason(self.directory / str(s), err)
+                skipped.append(f"{s} ({self.skipped[s]})")
+                continue
+            if skipped:
+                self.warn(
+                    f"warning: skipped unrestorable checkpoint {', '.join(skipped)} in "
+                    f"{self.directory}; restored step {s} (nothing deleted)"
+                )
+            return out["state"], dict(out["meta"])
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} restores: {', '.join(skipped)}; move the broken "
+            "step folders away (nothing was deleted)"
         )
-        return out["state"], dict(out["meta"])
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _print_warning(message: str) -> None:
+    """One line on stderr, on its own line even while a progress bar is drawn."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def key_to_data(key: jax.Array) -> jax.Array:
@@ -176,6 +323,20 @@ def _to_py(v: Any) -> Any:
     if isinstance(v, (jax.Array, np.ndarray, np.generic)):
         return np.asarray(v).item() if np.asarray(v).size == 1 else np.asarray(v).tolist()
     return v
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Drops records past `step` (logged by a killed run after the checkpoint it resumes from)."""
+    path = pathlib.Path(path)
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                continue
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -24,7 +24,6 @@ mixed) and ``manifest.json`` (file and character counts per split and per source
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import html.parser
@@ -35,6 +34,10 @@ import sys
 import sysconfig
 import warnings
 from collections.abc import Iterator
+
+from griffin_jax import cli
+from griffin_jax.checks import InputError
+from training import args as args_lib
 
 HELDOUT_PER_10K = 300  # 3% of files are held out.
 MAX_FILE_BYTES = 400 * 1024
@@ -313,23 +316,41 @@ def build_corpus(
 
 
 def read_jsonl(path: pathlib.Path) -> Iterator[dict[str, str]]:
-    """Yields the documents of a corpus ``.jsonl`` file."""
+    """Yields the documents of a corpus ``.jsonl`` file (a bad line raises `InputError`)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+        for lineno, line in enumerate(f, 1):
+            try:
+                doc = json.loads(line)
+            except ValueError as err:
+                raise InputError(f"{path}:{lineno}: invalid JSON ({err})") from err
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise InputError(f'{path}:{lineno}: not a {{"text": ...}} document')
+            yield doc
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: builds the corpus and prints its sizes."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m training.corpus", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/corpus"))
-    parser.add_argument("--docs-root", type=pathlib.Path, default=DOCS_HTML_ROOT)
+    parser.add_argument(
+        "--docs-root", type=pathlib.Path, default=None, help=f"default: {DOCS_HTML_ROOT}"
+    )
     parser.add_argument("--no-docs", action="store_true", help="stdlib source only")
     parser.add_argument(
         "--tokenizer", type=pathlib.Path, default=None, help="also report token counts"
     )
     args = parser.parse_args(argv)
-    manifest = build_corpus(args.out, docs_root=None if args.no_docs else args.docs_root)
+    if args.no_docs and args.docs_root is not None:
+        raise InputError("--no-docs and --docs-root exclude each other")
+    if args.docs_root is not None:  # given explicitly: it must be there (the default may not)
+        args_lib.folder(args.docs_root, "--docs-root", hint="Sphinx HTML of the Python docs")
+    if args.tokenizer is not None:
+        args_lib.folder(args.tokenizer, "--tokenizer", needs=("tokenizer.json",))
+    args_lib.out_folder(args.out)
+    docs_root = None if args.no_docs else (args.docs_root or DOCS_HTML_ROOT)
+    manifest = build_corpus(args.out, docs_root=docs_root)
     for split, per_source in manifest["splits"].items():
         for source, c in per_source.items():
             print(f"{split:8s} {source:7s} files={c['files']:6d} chars={c['chars']:,}")
@@ -346,4 +367,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

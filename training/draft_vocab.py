@@ -19,6 +19,10 @@ import sys
 
 import numpy as np
 
+from griffin_jax import cli
+from griffin_jax.checks import InputError
+from training import args as args_lib
+
 FILE = "draft_vocab.safetensors"
 
 
@@ -26,7 +30,10 @@ def rank_tokens(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """All ids of a vocabulary, most frequent in `ids` first (a stable sort: ties by id)."""
     counts = np.bincount(np.asarray(ids, np.int64).ravel(), minlength=vocab_size)
     if len(counts) > vocab_size:
-        raise ValueError(f"token id {len(counts) - 1} is outside the vocabulary ({vocab_size})")
+        raise InputError(
+            f"token id {len(counts) - 1} is outside the vocabulary ({vocab_size}): pass the "
+            "draft's --vocab-size or the tokens of its tokenizer"
+        )
     return np.argsort(-counts, kind="stable").astype(np.int32)
 
 
@@ -47,25 +54,52 @@ def write_ranking(ranking: np.ndarray, folder: pathlib.Path) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.ArgumentParser(
+        prog="python -m training.draft_vocab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tokens", type=pathlib.Path, required=True, help="folder with train_ids.npy")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the draft's config")
     p.add_argument("--out", type=pathlib.Path, required=True, help="the draft folder")
     args = p.parse_args(argv)
-    ids = np.load(args.tokens / "train_ids.npy", allow_pickle=False)
+    args_lib.at_least(args.vocab_size, "--vocab-size", 1)
+    made_by = "written by python -m training.tokenizer --write-ids"
+    args_lib.folder(args.tokens, "--tokens", needs=("train_ids.npy",), hint=made_by)
+    args_lib.out_folder(args.out)
     vocab = args.vocab_size
     if vocab is None:
-        vocab = json.loads((args.out / "config.json").read_text())["vocab_size"]
+        hint = "or pass --vocab-size"
+        args_lib.folder(args.out, "--out", needs=("config.json",), hint=hint)
+        try:
+            vocab = json.loads((args.out / "config.json").read_text())["vocab_size"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(
+                f"{args.out / 'config.json'}: no vocab_size ({err!r}); {hint}"
+            ) from err
+        args_lib.at_least(vocab, f"{args.out / 'config.json'} vocab_size", 1)
+    ids = _token_ids(args.tokens / "train_ids.npy")
     ranking = rank_tokens(ids, vocab)
-    path = write_ranking(ranking, args.out)
     heldout = args.tokens / "heldout_ids.npy"
-    sample = np.load(heldout, allow_pickle=False) if heldout.exists() else ids
+    sample = _token_ids(heldout) if heldout.exists() else ids
     cover = coverage(sample, ranking, (512, 1024, 2048, 4096))
+    path = write_ranking(ranking, args.out)
     print(json.dumps({"wrote": str(path), "tokens": int(ids.size), "coverage": cover}))
     return 0
 
 
+def _token_ids(path: pathlib.Path) -> np.ndarray:
+    """A non-empty 1-D array of non-negative integer ids."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise InputError(f"{path} is not a .npy token array ({err})") from err
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.size == 0 or ids.min() < 0:
+        raise InputError(
+            f"{path} must hold a non-empty 1-D array of token ids >= 0, got {ids.dtype} {ids.shape}"
+        )
+    return ids
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -46,9 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from griffin_jax import cli
 from griffin_jax import model as base_model
+from griffin_jax.checks import InputError
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
+from training import args as args_lib
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -158,18 +161,30 @@ def text_examples(tokenizer, text: str, *, max_len: int) -> list[Example]:
 
 
 def iter_records(path: pathlib.Path) -> Iterator[dict[str, Any] | str]:
-    """JSON records of a `.jsonl` / `.json` file, or the whole text of any other file."""
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-    elif path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        yield from data if isinstance(data, list) else [data]
-    else:
-        yield path.read_text(encoding="utf-8")
+    """JSON records of a `.jsonl` / `.json` file, or the whole text of any other file.
+
+    Invalid JSON or text that is not UTF-8 raises `InputError` naming the file (and line).
+    """
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError as err:
+                            raise InputError(f"{path}:{lineno}: invalid JSON ({err})") from err
+        elif path.suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}: invalid JSON ({err})") from err
+            yield from data if isinstance(data, list) else [data]
+        else:
+            yield path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 def load_examples(
@@ -209,7 +224,12 @@ def load_examples(
                 new = [chat_example(tokenizer, msgs, max_len=max_len)]
                 kind = "chat"
             else:
-                text = record["text"] if isinstance(record, dict) else record
+                text = record.get("text") if isinstance(record, dict) else record
+                if not isinstance(text, str):
+                    raise InputError(
+                        f'{path}: a record is neither a conversation ({{"conversations": '
+                        f'[...]}}) nor text ({{"text": "..."}}): {str(record)[:60]}'
+                    )
                 new = text_examples(tokenizer, text, max_len=max_len)
                 kind = "text"
             for ex in new:
@@ -338,6 +358,36 @@ def _fingerprint(examples: Sequence[Example], cfg: ModelConfig, extra: dict[str,
     return h.hexdigest()
 
 
+def fingerprint(
+    examples: Sequence[Example],
+    *,
+    cfg: ModelConfig,
+    shard_size: int,
+    hidden_dtype: str,
+    max_len: int,
+    meta: dict[str, Any] | None,
+) -> str:
+    """What a feature folder was made from: the tokenized data, the base config and the layout."""
+    extra = {"shard_size": shard_size, "hidden_dtype": hidden_dtype, "max_len": max_len}
+    return _fingerprint(examples, cfg, {**extra, **(meta or {})})
+
+
+def check_resumable(out: pathlib.Path, fp: str) -> None:
+    """A folder with a manifest continues only the run of the same fingerprint."""
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("fingerprint")
+    except (ValueError, AttributeError) as err:
+        raise InputError(f"{path}: not a feature manifest ({err!r}); use another --out") from err
+    if old != fp:
+        raise InputError(
+            f"{out} holds features of other data or another base (fingerprint mismatch); "
+            "use another --out or delete it"
+        )
+
+
 def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
@@ -405,17 +455,16 @@ def generate(
     ids_dtype = np.uint16 if cfg.vocab_size <= 65536 else np.int32
     h_dtype = HIDDEN_DTYPES[hidden_dtype]
     num_shards = -(-len(examples) // shard_size)
-    fp = _fingerprint(
+    fp = fingerprint(
         examples,
-        cfg,
-        {
-            "shard_size": shard_size,
-            "hidden_dtype": hidden_dtype,
-            "max_len": max_len,
-            **(meta or {}),
-        },
+        cfg=cfg,
+        shard_size=shard_size,
+        hidden_dtype=hidden_dtype,
+        max_len=max_len,
+        meta=meta,
     )
     manifest_path = out / MANIFEST
+    check_resumable(out, fp)
     manifest: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -434,11 +483,6 @@ def generate(
     }
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if old.get("fingerprint") != fp:
-            raise ValueError(
-                f"{out} holds features of other data or another base (fingerprint mismatch); "
-                "use another --out or delete it"
-            )
         manifest["shards"] = [s for s in old["shards"] if (out / s["file"]).exists()]
     for stale in out.glob("*.tmp"):
         stale.unlink()
@@ -507,9 +551,20 @@ class FeatureStore:
 
     def __init__(self, folder: str | os.PathLike, *, require_complete: bool = True) -> None:
         self.folder = pathlib.Path(folder)
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        if require_complete and not self.manifest["complete"]:
-            raise ValueError(f"{self.folder}: feature generation is not complete (rerun it)")
+        path = self.folder / MANIFEST
+        try:
+            self.manifest = json.loads(path.read_text())
+            complete, shards = self.manifest["complete"], self.manifest["shards"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"{path}: not a feature manifest ({err!r})") from err
+        if require_complete and not complete:
+            raise InputError(
+                f"{self.folder}: feature generation is not complete (rerun training.features "
+                "with the same arguments to finish it)"
+            )
+        for shard in shards:
+            if not (self.folder / shard["file"]).is_file():
+                raise InputError(f"{self.folder}: shard {shard['file']} of the manifest is missing")
         self._files: dict[str, Any] = {}
         index, lengths = [], []
         for shard in self.manifest["shards"]:
@@ -549,8 +604,10 @@ class FeatureStore:
 
 
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.ArgumentParser(
+        prog="python -m training.features",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", type=pathlib.Path, required=True, help="base model folder (HF)")
     p.add_argument("--tokenizer", type=pathlib.Path, default=None, help="default: --base")
@@ -562,36 +619,82 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use the first N sequences")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--hidden-dtype", choices=sorted(HIDDEN_DTYPES), default="float16")
-    p.add_argument("--dtype", default=None, help="base compute dtype (default: checkpoint's)")
+    p.add_argument(
+        "--dtype", default=None, help="base compute dtype, f32 | bf16 | f16 (default: checkpoint's)"
+    )
     p.add_argument("--tokens-per-batch", type=int, default=8192)
     p.add_argument("--min-bucket", type=int, default=32)
     p.add_argument("--max-new-shards", type=int, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, minimum in (
+        ("max_len", 2),
+        ("limit", 1),
+        ("shard_size", 1),
+        ("tokens_per_batch", 1),
+        ("min_bucket", 1),
+        ("max_new_shards", 1),
+    ):
+        args_lib.at_least(getattr(args, name), "--" + name.replace("_", "-"), minimum)
+    if args.dtype is not None and args.dtype not in ("f32", "bf16", "f16", *HIDDEN_DTYPES):
+        raise InputError(f"--dtype {args.dtype!r} is not one of f32, bf16, f16")
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> ModelConfig:
+    """Checks the paths (before any model is loaded or anything written); returns the base's
+    config from its config.json."""
+    from convert.load_hf import load_hf_config
+
+    args_lib.folder(args.base, "--base", needs=("config.json",), hint="a HF model folder")
+    cfg = load_hf_config(args.base)
+    args_lib.folder(args.tokenizer or args.base, "--tokenizer" if args.tokenizer else "--base")
+    if args.chat_template is not None:
+        cli.input_file(pathlib.Path(args.chat_template), "--chat-template")
+    for path in args.data:
+        cli.input_file(pathlib.Path(path), "--data")
+    args_lib.out_folder(args.out)
+    return cfg
+
+
+def check_positions(examples: Sequence[Example], cfg: ModelConfig, *, flag: str) -> None:
+    """Every sequence within the base's positions (RoPE past them was never trained)."""
+    longest = max((len(e.ids) for e in examples), default=0)
+    limit = cfg.max_position_embeddings
+    if limit is not None and longest > limit:
+        raise InputError(
+            f"{flag} has sequences of {longest} tokens, past the base's {limit} positions "
+            f"(max_position_embeddings); pass --max-len {limit} or less"
+        )
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = parse_args(argv)
-    from convert.load_hf import load_hf
-
+    cfg = check_inputs(args)
     tok = load_tokenizer(args.tokenizer or args.base, chat_template=args.chat_template)
     examples, counts = load_examples(
         args.data, tok, max_len=args.max_len, system=args.system, limit=args.limit
     )
+    if not examples:
+        raise InputError(f"--data holds no usable sequence ({counts['skipped']} skipped)")
+    check_positions(examples, cfg, flag="--data")
+    layout = dict(shard_size=args.shard_size, hidden_dtype=args.hidden_dtype, max_len=args.max_len)
+    meta = {"base": str(args.base), "data": [str(d) for d in args.data]}
+    check_resumable(args.out, fingerprint(examples, cfg=cfg, meta=meta, **layout))
     print(f"tokenized: {counts}", file=sys.stderr)
+    from convert.load_hf import load_hf
+
     cfg, params = load_hf(args.base, args.dtype)
     manifest = generate(
         params,
         examples,
         args.out,
         cfg=cfg,
-        shard_size=args.shard_size,
-        hidden_dtype=args.hidden_dtype,
         tokens_per_batch=args.tokens_per_batch,
         min_bucket=args.min_bucket,
-        max_len=args.max_len,
         max_new_shards=args.max_new_shards,
-        meta={"base": str(args.base), "data": [str(d) for d in args.data]},
+        meta=meta,
         log=lambda msg: print(msg, file=sys.stderr),
+        **layout,
     )
     state = "complete" if manifest["complete"] else "incomplete (rerun to continue)"
     print(f"{len(manifest['shards'])}/{manifest['num_shards']} shards: {state}", file=sys.stderr)
@@ -599,4 +702,4 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -17,14 +17,16 @@ seeded RNG, then taken round-robin across files so the prompts spread over the h
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
 import pathlib
 import random
+import sys
 from collections.abc import Sequence
 
+from griffin_jax import cli
+from training import args as args_lib
 from training.corpus import heldout_stdlib_files, stdlib_root
 
 CATEGORY = "heldout_code"
@@ -161,7 +163,9 @@ def to_question_lines(prompts: Sequence[FunctionPrompt], *, first_id: int = 1) -
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: writes the held-out prompt file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m training.heldout_prompts", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("runs/prompts/heldout_code/question.jsonl")
     )
@@ -170,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-id", type=int, default=1)
     parser.add_argument("--max-prompt-chars", type=int, default=1500)
     args = parser.parse_args(argv)
+    args_lib.at_least(args.n, "--n", 1)
+    args_lib.at_least(args.first_id, "--first-id", 0)
+    args_lib.at_least(args.max_prompt_chars, "--max-prompt-chars", 1)
+    cli.output_file(args.out, "--out")
     files = heldout_stdlib_files()
     prompts = select_prompts(
         files, n=args.n, seed=args.seed, max_prompt_chars=args.max_prompt_chars
@@ -187,4 +195,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -7,7 +7,9 @@ checkpoints with orbax and resumes with `--resume`. `--export DIR` writes the fi
 layout (config.json + bf16 model.safetensors) for `convert.load_hf` and transformers.
 
 Batches are a pure function of (seed, step), so a resumed run sees exactly the batches an
-uninterrupted run would.
+uninterrupted run would. `--resume` starts from the newest checkpoint that restores (see
+`common.Checkpointer`). Flags, token files and the run folder are checked before the model is
+built; bad input is one `error:` line, exit status 2 (`griffin_jax.cli`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from griffin_jax import cli
 from griffin_jax import model as base_model
+from griffin_jax.checks import InputError
 from griffin_jax.config import ModelConfig, RopeConfig
 from griffin_jax.kv_cache import causal_mask
+from training import args as args_lib
 from training import common
 
 
@@ -75,7 +80,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, remat
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
@@ -107,8 +112,10 @@ def export(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer_dir: pathl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.ArgumentParser(
+        prog="python -m training.pretrain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--tokens",
@@ -153,21 +160,141 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="stop (checkpointed) after this much wall time; --resume continues",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flag values on their own (no files): ranges, shapes that fit, flags that pair."""
+    for flag, minimum in (
+        ("seed", 0),
+        ("d_model", 1),
+        ("n_layers", 1),
+        ("n_heads", 1),
+        ("n_kv_heads", 1),
+        ("d_ff", 1),
+        ("max_position", 1),
+        ("seq_len", 1),
+        ("batch", 1),
+        ("steps", 1),
+        ("warmup", 0),
+        ("eval_every", 1),
+        ("eval_windows", 1),
+        ("ckpt_every", 1),
+    ):
+        args_lib.at_least(getattr(args, flag), "--" + flag.replace("_", "-"), minimum)
+    args_lib.number(args.lr, "--lr", above=0)
+    args_lib.number(args.weight_decay, "--weight-decay", minimum=0)
+    args_lib.number(args.max_minutes, "--max-minutes", above=0)
+    if args.d_model % args.n_heads or (args.d_model // args.n_heads) % 2:
+        raise InputError(
+            f"--d-model {args.d_model} / --n-heads {args.n_heads} must give an even whole head "
+            "dimension (split-half RoPE)"
+        )
+    if args.n_heads % args.n_kv_heads:
+        raise InputError(
+            f"--n-heads {args.n_heads} must be a multiple of --n-kv-heads {args.n_kv_heads}"
+        )
+    if args.seq_len > args.max_position:
+        raise InputError(
+            f"--seq-len {args.seq_len} exceeds --max-position {args.max_position}: raise "
+            "--max-position or lower --seq-len"
+        )
+    if args.warmup > args.steps:
+        raise InputError(
+            f"--warmup {args.warmup} exceeds --steps {args.steps}: the learning rate would never "
+            "reach --lr; lower --warmup"
+        )
+    if args.export_only and args.export is None:
+        raise InputError("--export-only needs --export DIR (where to write the model)")
+
+
+def _token_stream(path: pathlib.Path, *, vocab_size: int, need: int, seq_len: int) -> np.ndarray:
+    """A 1-D integer id array (memory-mapped) with at least `need` ids, all in the vocabulary."""
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except ValueError as err:
+        raise InputError(f"{path} is not a .npy token array ({err})") from err
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise InputError(f"{path} must hold a 1-D integer id array, got {ids.dtype} {ids.shape}")
+    if len(ids) < need:
+        raise InputError(
+            f"{path} holds {len(ids)} tokens: --seq-len {seq_len} needs at least {need}; "
+            "lower --seq-len or add text to the corpus"
+        )
+    if ids.max() >= vocab_size:
+        raise InputError(
+            f"{path} holds token id {int(ids.max())}, outside the tokenizer's {vocab_size} ids "
+            "(retokenize with this --tokenizer)"
+        )
+    return ids
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, ModelConfig]:
+    """Checks every path, the token streams and the checkpoints against the flags, and builds
+    the model config; loads no model and writes nothing.
+
+    Returns:
+      (train ids, held-out ids, the model config).
+    """
+    made_by = "written by python -m training.tokenizer --write-ids"
+    args_lib.folder(
+        args.tokens, "--tokens", needs=("train_ids.npy", "heldout_ids.npy"), hint=made_by
+    )
+    made_by = "written by python -m training.tokenizer"
+    args_lib.folder(args.tokenizer, "--tokenizer", needs=("tokenizer.json",), hint=made_by)
+    args_lib.out_folder(args.out)
+    if args.export is not None:
+        args_lib.out_folder(args.export, "--export")
+    try:
+        tok_cfg = json.loads((args.tokenizer / "tokenizer.json").read_text())
+        vocab = tok_cfg["model"]["vocab"]
+        specials = {t["content"]: t["id"] for t in tok_cfg.get("added_tokens", [])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{args.tokenizer / 'tokenizer.json'}: not a tokenizer ({err!r})") from err
+    vocab_size = max(len(vocab), max(specials.values(), default=0) + 1)
+    vocab_size = -(-vocab_size // 64) * 64  # pad the vocab to a multiple of 64
+    cfg = model_config(args, vocab_size, bos=specials.get("<s>", 0), eos=specials.get("</s>", 1))
+    train_ids, heldout_ids = (
+        _token_stream(
+            args.tokens / f"{split}_ids.npy", vocab_size=vocab_size, need=need, seq_len=args.seq_len
+        )
+        for split, need in (("train", args.seq_len + 2), ("heldout", args.seq_len + 1))
+    )
+    ckpt_dir = args.out / "checkpoints"
+    steps = common.saved_steps(ckpt_dir)
+    flag = "--export-only" if args.export_only else "--resume"
+    if (args.resume or args.export_only) and not steps:
+        raise InputError(f"{flag}: no checkpoint in {ckpt_dir} (start a new run without {flag})")
+    if steps and not (args.resume or args.export_only):
+        raise InputError(
+            f"--out {args.out} already holds checkpoints (up to step {steps[-1]}): pass --resume "
+            "to continue that run, or another --out"
+        )
+    saved = args.out / "config.json"
+    if steps and saved.is_file() and _read_config(saved) != cfg.to_hf():
+        raise InputError(
+            f"{flag}: {saved} differs from the model these flags build; pass the model flags "
+            "(--d-model, --n-layers, ...) and --tokenizer of that run"
+        )
+    if args.batch % jax.device_count():
+        raise InputError(
+            f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices"
+        )
+    return train_ids, heldout_ids, cfg
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{path}: invalid JSON ({err})") from err
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    train_ids = np.load(args.tokens / "train_ids.npy", mmap_mode="r")
-    heldout_ids = np.load(args.tokens / "heldout_ids.npy", mmap_mode="r")
-    tok_cfg = json.loads((args.tokenizer / "tokenizer.json").read_text())
-    vocab = tok_cfg["model"]["vocab"]
-    specials = {t["content"]: t["id"] for t in tok_cfg.get("added_tokens", [])}
-    vocab_size = max(len(vocab), max(specials.values(), default=0) + 1)
-    vocab_size = -(-vocab_size // 64) * 64  # pad the vocab to a multiple of 64
-    cfg = model_config(args, vocab_size, bos=specials.get("<s>", 0), eos=specials.get("</s>", 1))
-    (args.out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    train_ids, heldout_ids, cfg = load_inputs(args)
     print(f"model: {cfg}", file=sys.stderr)
 
     opt = common.OptimConfig(
@@ -188,18 +315,31 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    args.out.mkdir(parents=True, exist_ok=True)
     ckpt = common.Checkpointer(args.out / "checkpoints")
     start = 0
     if args.resume or args.export_only:
-        if ckpt.latest_step() is not None:
+        try:
             state, meta = ckpt.restore(jax.tree.map(_abstract, state))
             start = int(meta["step"])
-            print(f"resumed at step {start}", file=sys.stderr)
-        elif args.export_only:
-            raise SystemExit("no checkpoint to export")
+            if meta.get("seed", args.seed) != args.seed:
+                raise InputError(
+                    f"--resume: the checkpoint was trained with --seed {meta['seed']}; pass it"
+                )
+            if start > args.steps and not args.export_only:
+                raise InputError(
+                    f"--steps {args.steps} is below the checkpoint's step {start}: raise --steps"
+                )
+        except BaseException:  # stop orbax's threads before the error reaches the CLI
+            ckpt.close()
+            raise
+        print(f"resumed at step {start}", file=sys.stderr)
     if args.export_only:
+        ckpt.close()
         export(state["params"], cfg, args.export, args.tokenizer)
         return 0
+    (args.out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    common.trim_metrics(args.out / "metrics.jsonl", start)
 
     mesh = common.data_mesh()
     state = jax.device_put(state, common.replicated(mesh))
@@ -253,4 +393,4 @@ def _abstract(x):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Iterable, Iterator
 
@@ -39,6 +40,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from griffin_jax import cli
+from griffin_jax.checks import InputError
+from training import args as args_lib
 from training.corpus import read_jsonl
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -181,9 +185,30 @@ def tokens_per_char(tok: tokenizers.Tokenizer, texts: list[str]) -> float:
     return n_tokens / max(1, sum(len(t) for t in texts))
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flags and the corpus files, before anything is trained or written."""
+    if not len(SPECIAL_TOKENS) + 256 <= args.vocab_size <= 65536:
+        raise InputError(
+            f"--vocab-size must be in [259, 65536] (uint16 ids), got {args.vocab_size}"
+        )
+    args_lib.at_least(args.max_train_chars, "--max-train-chars", 1)
+    args_lib.at_least(args.model_max_length, "--model-max-length", 1)
+    made_by = "written by python -m training.corpus"
+    args_lib.folder(args.corpus, "--corpus", needs=("train.jsonl", "heldout.jsonl"), hint=made_by)
+    args_lib.out_folder(args.out)
+    if args.ids_only:
+        args_lib.folder(args.out, "--out", needs=("tokenizer.json",), hint="--ids-only reuses it")
+    for split in ("train", "heldout"):  # read whole: a bad line fails here, not mid-training
+        path = args.corpus / f"{split}.jsonl"
+        if sum(1 for _ in read_jsonl(path)) == 0:
+            raise InputError(f"{path} holds no document: rebuild the corpus")
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: trains and saves the tokenizer, optionally tokenizes the corpus."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m training.tokenizer", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--corpus", type=pathlib.Path, default=pathlib.Path("runs/corpus"))
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("inference/default_model/base")
@@ -202,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         help="skip training; tokenize the corpus with the tokenizer already in --out",
     )
     args = parser.parse_args(argv)
-
+    check_args(args)
     if not args.ids_only:
         start = time.perf_counter()
         tok = train_tokenizer(
@@ -227,4 +252,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -19,13 +19,16 @@ Usage::
     python -m training.train plot --metrics runs/griffin_s2/metrics.jsonl --out curves.png
 
 Training state (params, AdamW state, step, RNG key) goes to orbax checkpoints under OUT/checkpoints
-with the data position in their metadata; `--resume` continues a killed run. Batches and noise
-are pure functions of (seed, step), so a run killed and resumed ends with the same params as an
-uninterrupted one. Batches are padded to power-of-two length buckets, so the step compiles at
-most once per bucket. Data parallel over all local devices (`training.common.data_mesh`: batch
-axis split, params replicated); multi-host: call with `--distributed` on every host (the same
-command; `jax.distributed.initialize` reads the cluster from the environment), and each host
-loads its slice of every global batch.
+with the data position in their metadata; `--resume` continues a killed run from its newest
+checkpoint that restores (a broken newer one is named in a warning and kept, moved aside to
+`<step>.unrestorable` at the next save). Every flag, path and the run folder are
+checked before the base is loaded; bad input is one `error:` line, exit status 2
+(`griffin_jax.cli`). Batches and noise are pure functions of (seed, step), so a run killed and
+resumed ends with the same params as an uninterrupted one. Batches are padded to power-of-two
+length buckets, so the step compiles at most once per bucket. Data parallel over all local
+devices (`training.common.data_mesh`: batch axis split, params replicated); multi-host: call with
+`--distributed` on every host (the same command; `jax.distributed.initialize` reads the cluster
+from the environment), and each host loads its slice of every global batch.
 
 Evaluation (every `--eval-every` steps, on the last `--eval-frac` of the sequences): top-1/2/3
 accuracy of the first pass under the loss mask against the base's next token, and the
@@ -51,10 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from griffin_jax import cli
 from griffin_jax import draft as draft_lib
 from griffin_jax import model as base_model
+from griffin_jax.checks import InputError
 from griffin_jax.config import ModelConfig
 from griffin_jax.draft import DraftConfig
+from training import args as args_lib
 from training import common, features, losses
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -350,14 +356,24 @@ def draft_config(args: argparse.Namespace, base_cfg: ModelConfig) -> DraftConfig
     """A new draft's config: the base's sizes unless overridden (the reference's draft configs
     copy the base's hidden size, vocab, heads, norm eps and RoPE)."""
     n_heads = args.draft_heads or base_cfg.n_heads
+    n_kv_heads = args.draft_kv_heads or (base_cfg.n_kv_heads if not args.draft_heads else n_heads)
+    if base_cfg.d_model % n_heads or (base_cfg.d_model // n_heads) % 2:
+        raise InputError(
+            f"the base's hidden size {base_cfg.d_model} / {n_heads} draft heads must give an even "
+            "whole head dimension (split-half RoPE); pick another --draft-heads"
+        )
+    if n_heads % n_kv_heads:
+        raise InputError(
+            f"{n_heads} draft heads are not a multiple of {n_kv_heads} KV heads; pick another "
+            "--draft-kv-heads"
+        )
     return DraftConfig(
         kind=args.draft_kind,
         vocab_size=base_cfg.vocab_size,
         d_model=base_cfg.d_model,
         d_ff=args.draft_d_ff or base_cfg.d_ff,
         n_heads=n_heads,
-        n_kv_heads=args.draft_kv_heads
-        or (base_cfg.n_kv_heads if not args.draft_heads else n_heads),
+        n_kv_heads=n_kv_heads,
         head_dim=base_cfg.d_model // n_heads,
         rope=base_cfg.rope,
         rms_eps=base_cfg.rms_eps,
@@ -374,7 +390,8 @@ def init_draft(
     args: argparse.Namespace, base_cfg: ModelConfig, base_params, tx
 ) -> tuple[DraftConfig, Any]:
     """Fresh params, or a warm start (`--init`): a published-layout draft folder
-    (`convert.load_draft`) or a previous run's output folder (its latest checkpoint)."""
+    (`convert.load_draft`) or a previous run's output folder (its latest checkpoint that
+    restores). `check_inputs` has vetted the folder."""
     init = args.init
     if init is None:
         dcfg = draft_config(args, base_cfg)
@@ -386,28 +403,31 @@ def init_draft(
         embedding = np.asarray(base_params["embed_tokens"]["embedding"], np.float32)
         dcfg, params = load_draft(init, base_cfg, dtype="float32", base_embedding=embedding)
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    elif (init / "checkpoints").exists():
-        hf = json.loads((init / "draft_config.json").read_text())
-        kind = hf.pop("kind")
-        dcfg = DraftConfig.from_hf(hf, kind=kind)
+    else:
+        dcfg = _run_draft_config(init)
         params = draft_lib.init_draft_params(dcfg, jax.random.key(0), jnp.float32)
         abstract = jax.tree.map(_abstract, _fresh_state(params, tx, seed=0))
         ckpt = common.Checkpointer(init / "checkpoints")
-        state, _ = ckpt.restore(abstract)
-        ckpt.close()
+        try:
+            state, _ = ckpt.restore(abstract)
+        finally:
+            ckpt.close()
         params = state["params"]
-    else:
-        raise FileNotFoundError(f"--init {init}: neither a draft folder nor a training run")
     if dcfg.kind != args.draft_kind:
-        raise ValueError(f"--init {init} holds a {dcfg.kind} draft, not {args.draft_kind}")
+        raise InputError(
+            f"--init {init} holds a {dcfg.kind} draft, not {args.draft_kind} (--draft-kind)"
+        )
     return dcfg, params
 
 
-def _trim_metrics(path: pathlib.Path, start: int) -> None:
-    """Drops records past the resumed step (logged by the killed run after its checkpoint)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
+def _run_draft_config(run: pathlib.Path) -> DraftConfig:
+    """The draft config a training run wrote (`draft_config.json`)."""
+    path = run / "draft_config.json"
+    try:
+        hf = json.loads(path.read_text())
+        return DraftConfig.from_hf(hf, kind=hf.pop("kind"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a draft config ({err!r})") from err
 
 
 def _fresh_state(params, tx, *, seed: int) -> dict[str, Any]:
@@ -419,24 +439,47 @@ def _fresh_state(params, tx, *, seed: int) -> dict[str, Any]:
     }
 
 
-def load_data(args: argparse.Namespace) -> SequenceData:
+def load_data(args: argparse.Namespace, base_cfg: ModelConfig) -> SequenceData:
+    """The training sequences (tokenized online, or a feature folder); no model is loaded."""
     if args.online:
-        if not args.corpus:
-            raise SystemExit("--online needs --corpus FILE...")
         tok = features.load_tokenizer(args.tokenizer or args.base, chat_template=args.chat_template)
         examples, counts = features.load_examples(
             args.corpus, tok, max_len=args.max_len, system=args.system, limit=args.limit
         )
+        features.check_positions(examples, base_cfg, flag="--corpus")
+        data, source = SequenceData(examples=examples), f"--corpus ({counts})"
+    else:
+        store = features.FeatureStore(args.features)
+        if store.d_model != base_cfg.d_model:
+            raise InputError(
+                f"--features {args.features} were made by a base of hidden size {store.d_model}, "
+                f"--base has {base_cfg.d_model}: pass the base that made them"
+            )
+        data, source = SequenceData(store=store), f"--features {args.features}"
+    if len(data) == 0:
+        raise InputError(f"{source} holds no usable training sequence")
+    if args.online:
         print(f"online data: {counts}", file=sys.stderr)
-        return SequenceData(examples=examples)
-    if args.features is None:
-        raise SystemExit("give --features DIR or --online --corpus FILE...")
-    return SequenceData(store=features.FeatureStore(args.features))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_DTYPE_NAMES = ("f32", "bf16", "f16", "float32", "bfloat16", "float16")
+_ONLINE_ONLY = ("corpus", "tokenizer", "chat_template", "system", "limit")
+_DRAFT_SHAPE = ("draft_d_ff", "draft_heads", "draft_kv_heads", "draft_qkv_bias")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", type=pathlib.Path, required=True, help="base model folder (HF)")
     p.add_argument("--base-dtype", default=None, help="base dtype (default: the checkpoint's)")
@@ -495,32 +538,170 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--max-minutes", type=float, default=None)
     run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     args = p.parse_args(argv)
-    if args.draft_kind == "eagle2" and args.stage != 1:
-        p.error("EAGLE-2 drafts are trained with the stage-1 loss only (--stage 1)")
+    check_args(args)
     if args.lr is None:
         args.lr = 5e-5 if args.stage == 1 else 3e-5
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flag values on their own (no files): ranges and the flags that go together."""
+    for name, minimum in (
+        ("limit", 1),
+        ("max_len", 2),
+        ("min_bucket", 1),
+        ("stage", 1),
+        ("draft_d_ff", 1),
+        ("draft_heads", 1),
+        ("draft_kv_heads", 1),
+        ("topk_train", 1),
+        ("steps", 1),
+        ("batch", 1),
+        ("warmup", 0),
+        ("schedule_steps", 1),
+        ("seed", 0),
+        ("eval_every", 0),
+        ("eval_batches", 1),
+        ("eval_depth", 1),
+        ("ckpt_every", 1),
+        ("log_every", 1),
+        ("devices", 1),
+        ("stop_at", 1),
+    ):
+        args_lib.at_least(getattr(args, name), _flag(name), minimum)
+    args_lib.number(args.eval_frac, "--eval-frac", minimum=0, below=1)
+    args_lib.number(args.noise_std, "--noise-std", minimum=0)
+    args_lib.number(args.lr, "--lr", minimum=0)
+    args_lib.number(args.weight_decay, "--weight-decay", minimum=0)
+    args_lib.number(args.clip_value, "--clip-value", above=0)
+    args_lib.number(args.max_minutes, "--max-minutes", above=0)
+    for name in ("base_dtype", "export_dtype"):
+        value = getattr(args, name)
+        if value is not None and value not in _DTYPE_NAMES:
+            raise InputError(f"{_flag(name)} {value!r} is not one of {', '.join(_DTYPE_NAMES)}")
+    if args.draft_kind == "eagle2" and args.stage != 1:
+        raise InputError("EAGLE-2 drafts are trained with the stage-1 loss only (--stage 1)")
+    if args.warmup > args.steps:
+        raise InputError(
+            f"--warmup {args.warmup} exceeds --steps {args.steps}: the learning rate would never "
+            "reach --lr; lower --warmup"
+        )
+    if args.warmup > args.schedule_steps:
+        raise InputError(
+            f"--warmup {args.warmup} exceeds --schedule-steps {args.schedule_steps} (where the lr "
+            "reaches 0); lower --warmup or raise --schedule-steps"
+        )
+    if args.online and args.features is not None:
+        raise InputError("--features and --online exclude each other: pick one data source")
+    if args.online and not args.corpus:
+        raise InputError("--online needs --corpus FILE... (JSONL/JSON conversations or texts)")
+    if not args.online:
+        if args.features is None:
+            raise InputError(
+                "give --features DIR (from python -m training.features) or --online --corpus "
+                "FILE..."
+            )
+        given = [_flag(n) for n in _ONLINE_ONLY if getattr(args, n) not in (None, [])]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply with --online (they tokenize text)")
+    if args.init is not None:
+        given = [_flag(n) for n in _DRAFT_SHAPE if getattr(args, n) not in (None, False)]
+        if given:
+            raise InputError(f"{', '.join(given)} cannot change the draft --init {args.init} holds")
+    if args.eval_every and args.eval_frac == 0:
+        raise InputError(
+            "--eval-every needs held-out sequences: --eval-frac > 0 (or --eval-every 0)"
+        )
+
+
+def check_inputs(args: argparse.Namespace) -> ModelConfig:
+    """Checks every path and the run folder against the flags, before any model is loaded and
+    before anything is written; returns the base's config (read from its config.json)."""
+    from convert.load_hf import load_hf_config
+
+    args_lib.folder(args.base, "--base", needs=("config.json",), hint="a HF model folder")
+    base_cfg = load_hf_config(args.base)
+    if args.online:
+        for path in args.corpus:
+            cli.input_file(pathlib.Path(path), "--corpus")
+        args_lib.folder(args.tokenizer or args.base, "--tokenizer" if args.tokenizer else "--base")
+        if args.chat_template is not None:
+            cli.input_file(pathlib.Path(args.chat_template), "--chat-template")
+    else:
+        made_by = "written by python -m training.features"
+        args_lib.folder(args.features, "--features", needs=(features.MANIFEST,), hint=made_by)
+    planned = None if args.init is not None else draft_config(args, base_cfg)
+    if args.init is not None:
+        args_lib.folder(args.init, "--init")
+        if not (args.init / "config.json").is_file():
+            if not (args.init / "draft_config.json").is_file():
+                raise InputError(
+                    f"--init {args.init} is neither a draft folder (config.json) nor a training "
+                    "run (draft_config.json and checkpoints/)"
+                )
+            if not common.saved_steps(args.init / "checkpoints"):
+                raise InputError(
+                    f"--init {args.init}: no checkpoint in {args.init / 'checkpoints'}"
+                )
+            planned = _run_draft_config(args.init)
+            if planned.kind != args.draft_kind:
+                raise InputError(
+                    f"--init {args.init} holds a {planned.kind} draft, not {args.draft_kind} "
+                    "(--draft-kind)"
+                )
+    args_lib.out_folder(args.out)
+    ckpt_dir = args.out / "checkpoints"
+    steps = common.saved_steps(ckpt_dir)
+    if args.resume and not steps:
+        raise InputError(f"--resume: no checkpoint in {ckpt_dir} (start without --resume)")
+    if steps and not args.resume:
+        raise InputError(
+            f"--out {args.out} already holds checkpoints (up to step {steps[-1]}): pass --resume "
+            "to continue that run, or another --out"
+        )
+    saved = args.out / "draft_config.json"
+    if args.resume and planned is not None and saved.is_file():
+        if _run_draft_config(args.out) != planned:
+            raise InputError(
+                f"--resume: {saved} differs from the draft these flags build; pass the draft "
+                "flags (--draft-kind, --draft-*, --init) of that run"
+            )
+    if args.export is not None:
+        args_lib.out_folder(args.export, "--export")
+    available = jax.device_count()
+    if args.devices is not None and args.devices > available:
+        raise InputError(f"--devices {args.devices}: only {available} devices are visible")
+    devices = args.devices or available
+    if args.batch % devices:
+        raise InputError(f"--batch {args.batch} must be a multiple of the {devices} devices")
+    return base_cfg
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the final state's params and the last metrics."""
+    """Runs (or resumes) training; returns the final state's params and the last metrics.
+
+    Every input is checked (`check_args` in `parse_args`, `check_inputs`, the data) before the
+    base is loaded and before anything is written.
+    """
     from convert.load_hf import load_hf
 
     if args.distributed:
         common.init_distributed()
-    out: pathlib.Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    base_cfg = check_inputs(args)
+    data = load_data(args, base_cfg)
+    train_idx, eval_idx = split(len(data), args.eval_frac)
+    if len(train_idx) < args.batch:
+        raise InputError(
+            f"{len(train_idx)} training sequences (after --eval-frac {args.eval_frac}) are fewer "
+            f"than one --batch {args.batch}: lower --batch or add data"
+        )
+    plan = BatchPlan(data.lengths[train_idx], seed=args.seed, batch=args.batch)
     base_cfg, base_params = load_hf(args.base, args.base_dtype)
     if args.online:
         frozen = base_params
     else:  # the embedding and lm_head are all the step needs; f32 as the reference's head
         frozen = {k: base_params[k] for k in ("embed_tokens", "lm_head") if k in base_params}
         frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), frozen)
-    data = load_data(args)
-    if data.store is not None and data.store.d_model != base_cfg.d_model:
-        raise ValueError(f"features have D={data.store.d_model}, the base {base_cfg.d_model}")
-    train_idx, eval_idx = split(len(data), args.eval_frac)
-    plan = BatchPlan(data.lengths[train_idx], seed=args.seed, batch=args.batch)
 
     opt = common.OptimConfig(
         lr=args.lr,
@@ -538,9 +719,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"from stage {args.stage - 1})",
             file=sys.stderr,
         )
-    (out / "draft_config.json").write_text(
-        json.dumps({"kind": dcfg.kind, **dcfg.to_hf()}, indent=2)
-    )
     sc = StepConfig(
         stage=args.stage,
         mask_mode=args.mask_mode,
@@ -553,22 +731,35 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         eval_depth=args.eval_depth,
     )
     state = _fresh_state(params, tx, seed=args.seed)
+    out: pathlib.Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     ckpt = common.Checkpointer(out / "checkpoints")
     start = 0
     metrics_path = out / "metrics.jsonl"
-    if args.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(jax.tree.map(_abstract, state))
-        if meta["seed"] != args.seed or meta["stage"] != args.stage:
-            raise ValueError(f"checkpoint has seed/stage {meta['seed']}/{meta['stage']}")
-        start = int(meta["data_position"])
+    if args.resume:
+        try:
+            state, meta = ckpt.restore(jax.tree.map(_abstract, state))
+            if meta["seed"] != args.seed or meta["stage"] != args.stage:
+                raise InputError(
+                    f"--resume: the checkpoint was trained with --seed {meta['seed']} --stage "
+                    f"{meta['stage']}; pass the same"
+                )
+            start = int(meta["data_position"])
+            if min(args.steps, args.stop_at or args.steps) < start:
+                raise InputError(
+                    f"--resume: the checkpoint is at step {start}, past --steps / --stop-at; "
+                    "raise them"
+                )
+        except BaseException:  # stop orbax's threads before the error reaches the CLI
+            ckpt.close()
+            raise
         print(f"resumed at step {start}", file=sys.stderr)
-    elif ckpt.latest_step() is not None:
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume or another --out")
-    _trim_metrics(metrics_path, start)
+    (out / "draft_config.json").write_text(
+        json.dumps({"kind": dcfg.kind, **dcfg.to_hf()}, indent=2)
+    )
+    common.trim_metrics(metrics_path, start)
 
     mesh = common.data_mesh(args.devices)
-    if args.batch % mesh.size:
-        raise ValueError(f"--batch {args.batch} is not a multiple of {mesh.size} devices")
     state = jax.device_put(state, common.replicated(mesh))
     frozen = jax.device_put(frozen, common.replicated(mesh))
     step_fn = functools.partial(train_step, tx=tx, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
@@ -644,11 +835,13 @@ PLOT_KEYS = ("loss", "top1_1", "eval_top1", "eval_acc@1", "eval_acc@3")
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plot"]:
-        p = argparse.ArgumentParser(prog="python -m training.train plot")
+        p = cli.ArgumentParser(prog="python -m training.train plot")
         p.add_argument("--metrics", type=pathlib.Path, required=True)
-        p.add_argument("--out", type=pathlib.Path, required=True)
+        p.add_argument("--out", type=pathlib.Path, required=True, help="a .png file")
         p.add_argument("--keys", nargs="+", default=list(PLOT_KEYS))
         a = p.parse_args(argv[1:])
+        cli.input_file(a.metrics, "--metrics")
+        cli.output_file(a.out, "--out")
         common.plot_metrics(a.metrics, a.out, keys=a.keys, title=str(a.metrics.parent.name))
         return 0
     train(parse_args(argv))
@@ -656,4 +849,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
