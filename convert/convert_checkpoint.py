@@ -54,31 +54,11 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Any) -> Path:
     return out_dir
 
 
-def _drop_closed_loop_noise() -> None:
-    """Filters orbax's late RuntimeError('Event loop is closed') out of `sys.unraisablehook`.
-
-    After a failed restore, tensorstore reads still in flight complete on orbax's closed asyncio
-    loop, and each would print an 'Exception ignored' traceback after our one-line error. Only
-    that exact error is dropped; installed once per process.
-    """
-    hook = sys.unraisablehook
-    if getattr(hook, "drops_closed_loop_noise", False):
-        return
-
-    def filtered(unraisable: Any) -> None:
-        err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
-            hook(unraisable)
-
-    filtered.drops_closed_loop_noise = True
-    sys.unraisablehook = filtered
-
-
 def _restore_params(params_dir: Path, expected: Any) -> Any:
     """The orbax params (orbax returns the stored shapes: the caller checks them)."""
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (not a converted directory)")
-    _drop_closed_loop_noise()
+    cli.drop_closed_loop_reports()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(params_dir, expected)

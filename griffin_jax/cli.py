@@ -61,6 +61,27 @@ def output_file(path: pathlib.Path | None, flag: str) -> None:
             break
 
 
+def drop_closed_loop_reports() -> None:
+    """Silences one benign report, from the first failed orbax restore on (process-wide).
+
+    A failed orbax restore abandons tensorstore reads whose completion callbacks may still reach
+    the asyncio loop orbax has closed; Python would print each as a multi-line "Exception
+    ignored ... Event loop is closed" report on stderr, after the one-line error. Only that exact
+    RuntimeError is dropped; other unraisable exceptions still reach the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
 def one_line(err: BaseException) -> str:
     """The error's message on one line (continuation lines joined with '; ')."""
     text = str(err).strip() or type(err).__name__

@@ -351,3 +351,11 @@ class TreeConfig:
     @property
     def path_len(self) -> int:  # A: the root plus up to D + 1 drafted tokens
         return self.depth + 2
+
+    def trimmed(self) -> TreeConfig:
+        """The same tree without levels that `total_tokens` could never keep.
+
+        M - 1 drafted nodes reach at most depth M - 1 (a chain), so expansions past
+        D = M - 2 would be drafted and then discarded by the reranking: they are dropped.
+        """
+        return dataclasses.replace(self, depth=min(self.depth, max(self.total_tokens - 2, 0)))

@@ -452,6 +452,7 @@ def generate(
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
         vocab_size=cfg.vocab_size if draft_head is None else draft_head.token_ids.shape[0],
     )  # fmt: skip
+    tree_cfg = tree_cfg.trimmed()  # no level drafted that total_tokens then discards
     sampling_knobs = vanilla.SamplingKnobs(temperature, top_p, top_k)
     shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, tree_cfg)
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])

@@ -282,3 +282,19 @@ def test_seeded_sampling_equals_seeded_vanilla(temperature, top_p, top_k):
     assert accepted > 20  # multi-token rounds happened: the equality is not trivial
     # Another seed samples something else.
     assert vanilla.generate(base, cfg, PROMPTS, seed=12, **knobs).output_ids != want
+
+
+def test_levels_total_tokens_cannot_keep_are_not_drafted():
+    """depth 6 with 4 nodes: at most 3 drafted levels survive, so only depth 2 is drafted."""
+    deep = TreeConfig(top_k=2, depth=6, total_tokens=4)
+    assert deep.trimmed() == TreeConfig(top_k=2, depth=2, total_tokens=4)
+    assert TREE.trimmed() == TREE
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    a = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=deep, max_new_tokens=12)
+    b = speculative.generate(
+        base, cfg, draft, dcfg, PROMPTS, tree_cfg=deep.trimmed(), max_new_tokens=12
+    )
+    assert (a.output_ids, a.accept_lengths) == (b.output_ids, b.accept_lengths)
+    assert a.output_ids == _vanilla(base, cfg, PROMPTS, 12)

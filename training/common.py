@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from griffin_jax import cli
 from griffin_jax.checks import InputError
 
 # ---------------------------------------------------------------------------------------------
@@ -118,27 +119,6 @@ def _quiet_absl():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _drop_closed_loop_reports() -> None:
-    """Silences one benign report, from the first failed restore on.
-
-    A failed orbax restore abandons tensorstore reads whose completion callbacks may still reach
-    the asyncio loop orbax has closed; Python would print each as a multi-line "Exception
-    ignored ... Event loop is closed" report on stderr, after the one-line warning. Other
-    unraisable exceptions still reach the previous hook.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_reports", False):
-        return
-
-    def hook(unraisable) -> None:
-        err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.drops_closed_loop_reports = True
-    sys.unraisablehook = hook
 
 
 def _unrestorable_reason(path: pathlib.Path, err: Exception) -> str:
@@ -248,7 +228,7 @@ class Checkpointer:
                         ),
                     )
             except Exception as err:  # any unreadable step: fall back to an older one
-                _drop_closed_loop_reports()
+                cli.drop_closed_loop_reports()
                 self.skipped[s] = _unrestorable_reason(self.directory / str(s), err)
                 skipped.append(f"{s} ({self.skipped[s]})")
                 continue
