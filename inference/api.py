@@ -368,6 +368,44 @@ def read_tree_file(folder: pathlib.Path) -> dict:
     return {}
 
 
+def parse_tree(text: str) -> tuple[int, int, int, int]:
+    """ "K,D,M" or "K,D,M,V" (top_k, depth, total_tokens, draft vocabulary; V 0 = all tokens)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (3, 4):
+        raise checks.InputError(f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
+    k, d, m, v = (values + [0])[:4]
+    checks.tree_sizes(top_k=k, depth=d, total_tokens=m, vocab_size=v or None)
+    checks.integer(v, name="--tree's draft vocabulary (0 = all)", minimum=0)
+    return k, d, m, v
+
+
+def tree_flags(args: Any) -> dict[str, int | None]:
+    """The tree sizes a command line gives (`from_pretrained`'s keywords; None = not given).
+
+    `--tree K,D,M[,V]` names them all; `--tree-top-k`, `--depth`, `--total-tokens` and
+    `--draft-vocab` are its single-size aliases (`--total-tokens -1` picks M by timing).
+    """
+    flags = dict(
+        top_k=args.tree_top_k, depth=args.depth, total_tokens=args.total_tokens,
+        draft_vocab=args.draft_vocab,
+    )  # fmt: skip
+    if args.tree is None:
+        return flags
+    if args.tree == "auto":
+        raise checks.InputError(
+            "--tree auto (the adaptive draft budget) is not available yet: give "
+            "TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB] or leave --tree out for the draft's tree.json"
+        )
+    if any(v is not None for v in flags.values()):
+        raise checks.InputError(
+            "--tree names every tree size: drop --tree-top-k/--depth/--total-tokens/--draft-vocab"
+        )
+    return dict(zip(flags, parse_tree(args.tree), strict=True))
+
+
 def resolve_tree(
     stored: dict,
     *,

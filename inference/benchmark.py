@@ -37,7 +37,13 @@ import numpy as np
 
 from convert.load_hf import load_hf_config
 from griffin_jax import checks, cli, vanilla
-from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel, read_tree_file, resolve_tree
+from inference.api import (
+    DEFAULT_MODEL_DIR,
+    SpeculativeModel,
+    read_tree_file,
+    resolve_tree,
+    tree_flags,
+)
 from inference.generate import encode
 
 
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", action="append", type=float, default=[])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--tree", default=None, help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB]")
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--tree-top-k", type=int, default=None)
     p.add_argument("--draft-vocab", type=int, default=None, help="0 = all tokens")
@@ -232,13 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     check_run_flags(args, temperatures)
     cli.output_file(args.out, "--out")
     questions = {bench: read_questions(bench, args.num_questions) for bench in benches}
-    tree_flags = dict(
-        total_tokens=args.total_tokens, depth=args.depth, top_k=args.tree_top_k,
-        draft_vocab=args.draft_vocab,
-    )  # fmt: skip
+    tree_sizes = tree_flags(args)
     cfg = load_hf_config(args.base)
     for folder in drafts.values():
-        resolve_tree(read_tree_file(pathlib.Path(folder)), vocab_size=cfg.vocab_size, **tree_flags)
+        resolve_tree(read_tree_file(pathlib.Path(folder)), vocab_size=cfg.vocab_size, **tree_sizes)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, folder in drafts.items():
         m = SpeculativeModel.from_pretrained(
             args.base, folder, dtype=args.dtype, load_tokenizer=False, mesh=args.mesh,
-            **tree_flags,
+            **tree_sizes,
         )  # fmt: skip
         models[name] = m
         print(f"{name}: {m.dcfg.kind} draft, tree {m.tree_cfg}", file=sys.stderr)

@@ -36,6 +36,7 @@ from inference.api import (
     read_tree_file,
     resolve_folders,
     resolve_tree,
+    tree_flags,
 )
 
 
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="tree nodes incl. the root; -1 = pick by timing this machine",
+    )
+    p.add_argument(
+        "--tree",
+        default=None,
+        help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (default: the draft's tree.json); the four "
+        "flags below are its single-size aliases",
     )
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--tree-top-k", type=int, default=None)
@@ -121,6 +128,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--draft and --vanilla exclude each other")
     if args.base is not None and args.draft is None and not args.vanilla:
         raise UsageError("--base without --draft: pass --draft FOLDER or --vanilla")
+    tree_flags(args)
     if args.total_tokens is not None and args.total_tokens < 2 and args.total_tokens != -1:
         raise UsageError(
             f"--total-tokens must be >= 2 (tree nodes counting the root) or -1 (pick by "
@@ -200,10 +208,7 @@ def load(args: argparse.Namespace, prompts: list[str]) -> tuple[SpeculativeModel
             raise UsageError("the default draft is not installed yet: pass --vanilla")
     base_dir, draft_dir = resolve_folders(args.base, args.draft, with_draft=not args.vanilla)
     cfg = load_hf_config(base_dir)
-    tree = dict(
-        top_k=args.tree_top_k, depth=args.depth, total_tokens=args.total_tokens,
-        draft_vocab=args.draft_vocab,
-    )  # fmt: skip
+    tree = tree_flags(args)
     if draft_dir is not None:
         resolve_tree(read_tree_file(draft_dir), vocab_size=cfg.vocab_size, **tree)
     from transformers import AutoTokenizer

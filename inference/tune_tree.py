@@ -16,7 +16,7 @@ import sys
 
 from griffin_jax import checks, cli
 from griffin_jax.config import TreeConfig
-from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel
+from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel, parse_tree
 from inference.benchmark import (
     check_run_flags,
     encode_checked,
@@ -26,20 +26,6 @@ from inference.benchmark import (
 )
 
 DEFAULT_TREES = ((4, 3, 12, 0), (4, 4, 16, 0), (6, 4, 24, 0), (8, 4, 32, 0), (10, 5, 60, 0))
-
-
-def parse_tree(text: str) -> tuple[int, int, int, int]:
-    """ "K,D,M" or "K,D,M,V" (V: the draft vocabulary, 0 = all tokens), sizes checked."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (3, 4):
-        raise checks.InputError(f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
-    k, d, m, v = (values + [0])[:4]
-    checks.tree_sizes(top_k=k, depth=d, total_tokens=m, vocab_size=v or None)
-    checks.integer(v, name="--tree's draft vocabulary (0 = all)", minimum=0)
-    return k, d, m, v
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,10 @@ def test_streams_text_without_json(pair, capsys):
         (["--max-new-tokens", "300"], "exceeds the model's 256 positions"),
         (["--prompt", "x " * 400], "shorten the prompt"),
         (["--vanilla"], "--draft and --vanilla exclude each other"),
+        (["--tree", "auto"], "not available yet"),
+        (["--tree", "1,2"], "expected TOP_K,DEPTH,TOTAL_TOKENS"),
+        (["--tree", "2,1,40"], "total_tokens=40 must be in [2, 7]"),
+        (["--tree", "1,2,4", "--depth", "3"], "--tree names every tree size"),
     ],
 )
 def test_bad_input_is_one_line_error(pair, capsys, monkeypatch, extra, message):
@@ -124,6 +128,16 @@ def test_bad_input_is_one_line_error(pair, capsys, monkeypatch, extra, message):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
     assert "Traceback" not in err
+
+
+def test_tree_flag_sets_every_size(pair, capsys):
+    base, draft = pair
+    argv = ["--base", str(base), "--draft", str(draft), "--prompt", "def f(x):",
+            "--tree", "2,1,4,0", "--max-new-tokens", "6", "--json"]  # fmt: skip
+    code, out, err = _run(capsys, argv)
+    assert code == 0
+    assert "TreeConfig(top_k=2, depth=1, total_tokens=4, draft_vocab=0)" in err
+    assert len(json.loads(out.strip().splitlines()[-1])["output_ids"]) <= 6
 
 
 def test_vanilla_respects_the_position_limit(pair, capsys):
