@@ -389,6 +389,31 @@ def test_inference_entry_points_refuse_bad_flags(
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
+def test_profile_round_reports_every_piece(pair, tmp_path, capsys):
+    from inference import profile_round
+
+    base, draft = pair
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"turns": ["def f(x):"]}) + "\n")
+    out = tmp_path / "profile.json"
+    argv = ["--base", str(base), "--draft", str(draft), "--bench", str(questions),
+            "--num-questions", "1", "--repeats", "2", "--tree", "2,2,5", "--tree", "1,3,5",
+            "--out", str(out)]  # fmt: skip
+    assert run_cli(profile_round.main, argv) == 0
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["gemm_gflops"] > 0 and report["base_params"] > 0
+    assert [(r["top_k"], r["depth"], r["total_tokens"]) for r in report["trees"]] == [
+        (2, 2, 5),
+        (1, 3, 5),
+    ]
+    for row in report["trees"]:
+        for key in ("round_ms", "verify_ms", "decode_ms", "trunk_ms", "level_ms"):
+            assert row[key] > 0, key
+        assert row["hlo_ops"] > 100 and row["decodes_per_round"] > 0
+        assert row["draft_ms"] == row["trunk_ms"] + row["depth"] * row["level_ms"]
+
+
 def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
     import numpy as np
 

@@ -1,0 +1,213 @@
+"""`python -m inference.profile_round`: what one speculative round costs, piece by piece.
+
+For each tree (`--tree K,D,M[,V]`, repeatable; default: the draft's tree.json), in one run on
+the same prompts, with every piece compiled first and timed as the median of `--repeats` calls:
+
+- `round_ms`: a whole jitted `spec_round` (verify -> accept -> commit -> re-draft), chained on
+  its donated state from a real prefill of each prompt;
+- `verify_ms`: the base forward over the tree's M tokens alone (the same cache and masks);
+- `trunk_ms` / `level_ms`: one draft forward over the A = depth + 2 path slots (the trunk update
+  after acceptance) and over the K nodes of one tree level (with its lm_head), alone;
+- `decode_ms`: a one-token base decode at the same cache length (the unit of "decodes");
+- `gemm_gflops`: the f32 matmul rate of this machine (a 1024^3 product), and from it
+  `verify_floor_ms` = 2 x M x base parameters / that rate;
+- `bookkeeping_ms` = round - verify - trunk - depth x level: what the round spends outside the
+  model forwards (acceptance, commit, tree building and reranking, masks, copies);
+- `hlo_ops`: instructions in the optimised HLO of the compiled round.
+
+Each piece timed alone pays its own dispatch (the whole parameter pytree per call) and runs
+without the round's fusion across pieces, so `bookkeeping_ms` is a lower estimate and can read
+slightly negative on a noisy machine. Phases inside it are not split further here (a profiler
+trace with the engine's named scopes, `jax.profiler`, shows them).
+
+Example:
+  python -m inference.profile_round --tree 1,6,8,1024 --tree 4,4,16 --tree 10,5,60 \\
+      --bench runs/prompts/heldout_code/question.jsonl --num-questions 4 --out runs/profile.json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from griffin_jax import checks, cli, speculative, vanilla
+from griffin_jax import tree as tree_lib
+from griffin_jax.config import TreeConfig
+from griffin_jax.kv_cache import causal_mask
+from griffin_jax.model import forward as base_forward
+from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel, parse_tree, read_tree_file
+from inference.benchmark import encode_checked, read_questions
+
+
+def median_ms(fn: Callable[[Any], Any], carry: Any, repeats: int) -> float:
+    """Median wall time in ms of `carry = fn(carry)` (compiled first; results blocked on).
+
+    `fn` donates its carry (the caches), so every call updates them in place as a round does:
+    timing a forward on a non-donated cache would add a copy of the whole cache per call.
+    """
+    carry = jax.block_until_ready(fn(carry))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(fn(carry))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def gemm_gflops(repeats: int, n: int = 1024) -> float:
+    """This machine's f32 matmul rate (GFLOP/s) on an n x n x n product."""
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ a)
+    return 2 * n**3 / median_ms(matmul, a, repeats) / 1e6
+
+
+def count_params(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> dict:
+    """Every piece of one round of `model.tree_cfg` after a real prefill of `prompt`."""
+    tree, cfg, dcfg, head = model.tree_cfg, model.cfg, model.dcfg, model.draft_head()
+    base, draft = model.base_params, model.draft_params
+    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree, greedy=True)
+    # Room for the prefill plus the timed rounds of up to A tokens each.
+    shapes = speculative.plan_shapes([len(prompt)], (repeats + 2) * tree.path_len, tree)
+    tokens, lengths = vanilla.pad_prompts([prompt], [shapes.prompt_bucket])
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=10**6, eos_ids=[-1])
+    state = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, jnp.zeros(1, jnp.uint32),
+        head, shapes=shapes, **static,
+    )  # fmt: skip
+    compiled = speculative.spec_round.lower(
+        state, base, draft, knobs, head, shapes=shapes, **static
+    ).compile()
+    out = {"hlo_ops": sum(" = " in line for line in compiled.as_text().splitlines())}
+
+    def one_round(state):
+        return speculative.spec_round(state, base, draft, knobs, head, shapes=shapes, **static)
+
+    out["round_ms"] = median_ms(one_round, state, repeats)
+    # The pieces alone, on copies of a fresh state's caches (the round donated the original).
+    state = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, jnp.zeros(1, jnp.uint32),
+        head, shapes=shapes, **static,
+    )  # fmt: skip
+    t, length = state.tree, state.cache.length
+    positions = tree_lib.verify_positions(t, length)
+
+    @functools.partial(jax.jit, donate_argnums=0, static_argnames="width")
+    def base_forward_at(carry, *, width):
+        cache = carry[0]
+        mask = (
+            tree_lib.verify_mask(t, length, shapes.capacity)
+            if width == tree.total_tokens
+            else causal_mask(length, width, shapes.capacity)
+        )
+        logits_and_cache = base_forward(
+            base, t.draft_tokens[:, :width], positions[:, :width], cache, write_idx=length,
+            mask=mask, cfg=cfg,
+        )  # fmt: skip
+        return logits_and_cache[2], logits_and_cache[0]  # logits kept: nothing is pruned
+
+    for name, width in (("verify_ms", tree.total_tokens), ("decode_ms", 1)):
+        fn = functools.partial(base_forward_at, width=width)
+        out[name] = median_ms(fn, (jax.tree.map(jnp.copy, state.cache), None), repeats)
+
+    step = speculative._draft_step(base, draft, head, cfg=cfg, dcfg=dcfg)
+    trunk = state.trunk_len
+
+    @functools.partial(jax.jit, donate_argnums=0, static_argnames="width")
+    def draft_forward_at(carry, *, width):
+        dcache = carry[0]
+        feats = jnp.zeros((1, width, dcfg.d_model), base["embed_tokens"]["embedding"].dtype)
+        pos = trunk[:, None] + jnp.arange(width)[None]
+        mask = causal_mask(trunk, width, shapes.draft_capacity)
+        logits, next_feature, dcache = step(
+            feats, t.draft_tokens[:, :width], pos, dcache, trunk, mask
+        )
+        return dcache, (logits, next_feature)  # outputs kept: nothing is pruned
+
+    for name, width in (("trunk_ms", tree.path_len), ("level_ms", tree.top_k)):
+        fn = functools.partial(draft_forward_at, width=width)
+        out[name] = median_ms(fn, (jax.tree.map(jnp.copy, state.draft_cache), None), repeats)
+    return out
+
+
+def profile_tree(model: SpeculativeModel, tree: TreeConfig, prompts, repeats: int) -> dict:
+    """Medians over prompts of `profile_prompt`, and the derived figures (module docstring)."""
+    model.tree_cfg = tree = tree.trimmed()
+    rows = [profile_prompt(model, prompt, repeats) for prompt in prompts]
+    out = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    out["hlo_ops"] = int(out["hlo_ops"])
+    out["draft_ms"] = out["trunk_ms"] + tree.depth * out["level_ms"]
+    out["bookkeeping_ms"] = out["round_ms"] - out["verify_ms"] - out["draft_ms"]
+    out["decodes_per_round"] = out["round_ms"] / out["decode_ms"]
+    out["bookkeeping_decodes"] = out["bookkeeping_ms"] / out["decode_ms"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.ArgumentParser(prog="python -m inference.profile_round", description=__doc__)
+    p.add_argument("--base", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "base")
+    p.add_argument("--draft", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "griffin")
+    p.add_argument("--bench", type=pathlib.Path,
+                   default=pathlib.Path("runs/prompts/heldout_code/question.jsonl"))  # fmt: skip
+    p.add_argument("--num-questions", type=int, default=4)
+    p.add_argument("--tree", action="append", default=[], help="TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per piece and prompt")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
+    args = p.parse_args(argv)
+    cli.positive(args.num_questions, "--num-questions")
+    cli.positive(args.repeats, "--repeats")
+    cli.output_file(args.out, "--out")
+    for flag, folder in (("--base", args.base), ("--draft", args.draft)):
+        if not (folder / "config.json").is_file():
+            raise checks.InputError(f"{flag} {folder} has no config.json")
+    sizes = [parse_tree(t) for t in args.tree]
+    if not sizes:
+        stored = read_tree_file(args.draft)
+        sizes = [(stored.get("top_k", 10), stored.get("depth", 5),
+                  stored.get("total_tokens", 60), stored.get("draft_vocab", 0))]  # fmt: skip
+    questions = read_questions(args.bench, args.num_questions)
+
+    model = SpeculativeModel.from_pretrained(args.base, args.draft)
+    prompts = encode_checked(model.tokenizer, questions, model.cfg, 1, chat=False)
+    gflops = gemm_gflops(args.repeats)
+    n_params = count_params(model.base_params)
+    report: dict[str, Any] = {"machine": f"{jax.default_backend()} x{jax.device_count()}",
+                              "gemm_gflops": gflops, "base_params": n_params, "trees": [],
+                              "command": " ".join(sys.argv)}  # fmt: skip
+    for k, d, m, v in sizes:
+        tree = TreeConfig(top_k=k, depth=d, total_tokens=m, draft_vocab=v)
+        row = profile_tree(model, tree, prompts, args.repeats)
+        floor = 2 * tree.total_tokens * n_params / (gflops * 1e9) * 1e3
+        row.update(top_k=k, depth=d, total_tokens=m, draft_vocab=v, verify_floor_ms=floor,
+                   verify_vs_bound=row["verify_ms"] / max(floor, row["decode_ms"]))  # fmt: skip
+        report["trees"].append(row)
+        print(
+            f"({k}, {d}, {m}, V{v or 'all'}): round {row['round_ms']:.2f} ms = "
+            f"{row['decodes_per_round']:.2f} decodes; verify {row['verify_ms']:.2f} "
+            f"(floor {floor:.2f}), draft {row['draft_ms']:.2f}, bookkeeping "
+            f"{row['bookkeeping_ms']:.2f} ms = {row['bookkeeping_decodes']:.2f} decodes; "
+            f"{row['hlo_ops']} HLO ops",
+            file=sys.stderr,
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
