@@ -45,7 +45,13 @@ from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
 from griffin_jax.model import forward as base_forward
-from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel, parse_tree, read_tree_file
+from inference.api import (
+    DEFAULT_MODEL_DIR,
+    SpeculativeModel,
+    parse_tree,
+    read_tree_file,
+    resolve_tree,
+)
 from inference.benchmark import encode_checked, read_questions
 
 
@@ -174,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "config.json").is_file():
             raise checks.InputError(f"{flag} {folder} has no config.json")
     sizes = [parse_tree(t) for t in args.tree]
-    if not sizes:
-        stored = read_tree_file(args.draft)
-        sizes = [(stored.get("top_k", 10), stored.get("depth", 5),
-                  stored.get("total_tokens", 60), stored.get("draft_vocab", 0))]  # fmt: skip
+    if not sizes:  # the draft's own tree
+        stored = resolve_tree(read_tree_file(args.draft))
+        sizes = [(stored.top_k, stored.depth, stored.total_tokens, stored.draft_vocab)]
     questions = read_questions(args.bench, args.num_questions)
 
     model = SpeculativeModel.from_pretrained(args.base, args.draft)
