@@ -8,23 +8,30 @@ deliberate:
   rows stop contributing (their cache lengths and trunk stop moving);
 - exactly `max_new_tokens` at most (the reference overshoots), stop at any EOS id per row;
 - sampling applies the logits processor in every branch of the acceptance (spec 5.5);
-- one round = one jitted function of a donated state; the host loop reads back only the
-  per-row `done` flags each round (and the new tokens when streaming).
+- rounds run in jitted device loops over a donated state (`run_segment`), one program per
+  round shape; the host reads back the next shape and the `done` flags once per segment (and
+  the new tokens every round when streaming).
 
-A round, per row (the tree in the state was drafted at the end of the previous round):
-1. verify: one base forward over the M tree tokens at slots length.., positions length + depth;
-2. accept: greedy (longest path matching the base argmax) or lossless rejection sampling, plus
-   the bonus token;
-3. commit: the root and the accepted nodes' K/V move into place, length += accepted + 1;
-4. re-draft: the draft trunk consumes (feature, next token) for the A path slots (entries past
-   the accepted ones are garbage and never committed), then the next tree is built from the
-   last accepted position with the bonus token as its root.
+A round of a tree shape, per row (the state holds the draft's level-1 outputs for the root):
+1. draft: the tree is built from the root (the last emitted token) and the trunk's outputs;
+2. verify: one base forward over the M tree tokens at slots length.., positions length + depth;
+3. accept: the walk down the tree along the children equal to the base's next token there
+   (argmax, or the position-keyed draw), plus the bonus token;
+4. commit: the root and the accepted nodes' K/V move into place, length += accepted + 1;
+5. trunk: the draft consumes (feature, next token) for the A path slots (entries past the
+   accepted ones are garbage and never committed) and leaves its level-1 outputs for the next
+   root.
+A plain round (shape `None` of the adaptive budget, `budget.py`) verifies the root alone: one
+base decode step. Its (feature, token) pair waits in a pending buffer of Q slots, and the
+draft trunk catches up over all of them in one forward when drafting resumes or the buffer is
+full. The shape of each round is chosen on the device (`budget.choose`), inside the round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import flax.struct
@@ -32,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from griffin_jax import budget as budget_lib
 from griffin_jax import checks, sampling, sharding, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
@@ -39,6 +47,9 @@ from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft
 from griffin_jax.kv_cache import KVCache, causal_mask, commit_path, init_cache
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
+
+Shape = budget_lib.Shape
+PENDING = 16  # plain rounds the draft trunk may lag behind before a catch-up forward
 
 
 @flax.struct.dataclass
@@ -48,13 +59,24 @@ class SpecState:
     cache: KVCache  # base cache; length = committed tokens (the pending root is not in it)
     draft_cache: DraftCache
     trunk_len: jax.Array  # [B] int32 draft positions holding true-feature trunk entries
-    tree: tree_lib.Tree  # the tree to verify next (root = the last emitted token)
+    root: jax.Array  # [B] int32 the last emitted token (the next tree's root, not yet verified)
+    root_logprobs: jax.Array  # [B, V'] f32 the draft's level-1 log-probs after the trunk
+    root_feature: jax.Array  # [B, Dm] the draft's next-feature output there
+    pending_features: jax.Array  # [B, Q, D] base features of plain rounds not yet in the trunk
+    pending_tokens: jax.Array  # [B, Q] int32 the token paired with each (x_{p+1} for f_p)
+    pending_len: jax.Array  # [B] int32 (trunk_len + pending_len = cache.length)
     out_tokens: jax.Array  # [B, N_out] int32 new tokens (valid up to num_out)
     num_out: jax.Array  # [B] int32
     done: jax.Array  # [B] bool
     accept_log: jax.Array  # [B, R] int32 accepted draft tokens emitted per round (-1 = no round)
+    shape_log: jax.Array  # [B, R] int32 the budget's shape index of each round (-1 = no round)
     rounds: jax.Array  # [B] int32 rounds while the row was active
     keys: jax.Array  # [B] row PRNG keys (a draw at sequence index i folds in i)
+    hits: jax.Array  # [B, L] f32 decayed accepted-level counts (`budget.update_stats`)
+    trials: jax.Array  # [B, L] f32 decayed tried-level counts
+    plain_streak: jax.Array  # [] int32 plain rounds in a row (< 0: probe rounds left)
+    step: jax.Array  # [] int32 rounds run (indexes `Budget.schedule`)
+    next_shape: jax.Array  # [] int32 the budget's choice for the next round
 
 
 @flax.struct.dataclass
@@ -77,6 +99,7 @@ class Shapes:
     capacity: int  # base cache slots
     draft_capacity: int
     out_size: int  # output buffer (>= max_new + A)
+    pending: int = PENDING  # plain rounds the draft trunk may lag behind
 
 
 @dataclasses.dataclass
@@ -84,6 +107,7 @@ class SpecResult:
     output_ids: list[list[int]]  # new ids per row, stop token included
     accept_lengths: list[list[int]]  # accepted draft tokens per round, per row
     rounds: list[int]
+    round_shapes: list[list[int]] = dataclasses.field(default_factory=list)  # budget index
 
     @property
     def new_tokens(self) -> int:
@@ -130,14 +154,21 @@ def _draft_logits(base_params, hidden, head: DraftHead | None, *, cfg: ModelConf
     return head_logits(hidden, head.kernel)
 
 
-def plan_shapes(prompt_lens: Sequence[int], max_new_tokens: int, tree_cfg: TreeConfig) -> Shapes:
-    """Static sizes for a batch (the caller checks the position limit: `checks.generation`)."""
+def plan_shapes(
+    prompt_lens: Sequence[int], max_new_tokens: int, trees: TreeConfig | Sequence[Shape]
+) -> Shapes:
+    """Static sizes for a batch and every round shape (the caller checks the position limit:
+    `checks.generation`)."""
+    trees = (trees,) if isinstance(trees, TreeConfig) else tuple(trees)
+    path_len = max(budget_lib.path_len(t) for t in trees)
+    total = max(1 if t is None else t.total_tokens for t in trees)
+    tree_slots = max(0 if t is None else t.top_k * (t.depth + 1) for t in trees)
     longest = max(prompt_lens)
     bucket = vanilla.prompt_bucket(longest)
-    out_size = -(-(max_new_tokens + tree_cfg.path_len) // 64) * 64
-    needed = bucket + out_size + tree_cfg.total_tokens + tree_cfg.path_len
-    capacity = -(-needed // 128) * 128
-    draft_capacity = capacity + tree_cfg.path_len + tree_cfg.top_k * (tree_cfg.depth + 1)
+    out_size = -(-(max_new_tokens + path_len) // 64) * 64
+    needed = bucket + out_size + total + path_len
+    capacity = -(-needed // 64) * 64  # attention spans the whole capacity: keep it tight
+    draft_capacity = capacity + max(path_len, PENDING) + tree_slots
     return Shapes(len(prompt_lens), bucket, capacity, draft_capacity, out_size)
 
 
@@ -180,7 +211,11 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes", "mesh"))
+def _as_budget(tree: TreeConfig | budget_lib.Budget) -> budget_lib.Budget:
+    return tree if isinstance(tree, budget_lib.Budget) else budget_lib.make_budget([tree])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "greedy", "shapes", "mesh"))
 def prefill(
     base_params,
     draft_params,
@@ -188,21 +223,24 @@ def prefill(
     lengths: jax.Array,
     knobs: Knobs,
     seeds: jax.Array,
+    budget: budget_lib.Budget,
     draft_head: DraftHead | None = None,
     *,
     cfg: ModelConfig,
     dcfg: DraftConfig,
-    tree_cfg: TreeConfig,
     greedy: bool,
     shapes: Shapes,
     mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
-    """Base prefill, the first (root) token, the draft trunk over the prompt and the first tree.
+    """Base prefill, the first (root) token and the draft trunk over the prompt.
+
+    The first round drafts its tree from the trunk's level-1 outputs kept in the state.
 
     Args:
       tokens: [B, T] int32 right-padded prompts (T = the length bucket).
       lengths: [B] int32 true prompt lengths (>= 1).
       seeds: [B] uint32 sampling seeds (`sampling.row_keys`; unused when greedy).
+      budget: the round shapes (sizes the statistics; `budget.Budget`).
       mesh: when given, the caches are created sharded and the state is pinned
         (`sharding.constrain`); the params arrive sharded.
     """
@@ -230,7 +268,6 @@ def prefill(
         pair_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         pair_tokens = pair_tokens.at[rows, last].set(root)
         dcache = sharding.constrain(init_draft_cache(dcfg, b, shapes.draft_capacity, dtype), mesh)
-        step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
             positions, dcache, write_idx=zero, mask=causal_mask(zero, t, shapes.draft_capacity),
@@ -239,49 +276,139 @@ def prefill(
         root_lp, root_feat = _root_inputs(
             (token_feature, next_feature), last, draft_head, base_params=base_params, cfg=cfg
         )
-    tree, dcache = _build_tree(
-        step, root_lp, root_feat, root, lengths, dcache, draft_head,
-        tree_cfg=tree_cfg, shapes=shapes,
-    )  # fmt: skip
+    hits, trials = budget_lib.init_stats(b, budget.max_levels)
     out_tokens = jnp.zeros((b, shapes.out_size), jnp.int32).at[:, 0].set(root)
-    num_out = jnp.ones((b,), jnp.int32)
-    done = _is_eos(root, knobs.eos_ids) | (knobs.max_new <= 1)
     state = SpecState(
         cache=cache,
         draft_cache=dcache,
         trunk_len=lengths,
-        tree=tree,
+        root=root,
+        root_logprobs=root_lp,
+        root_feature=root_feat,
+        pending_features=jnp.zeros((b, shapes.pending, hidden.shape[-1]), hidden.dtype),
+        pending_tokens=jnp.zeros((b, shapes.pending), jnp.int32),
+        pending_len=zero,
+        out_tokens=out_tokens,
+        num_out=jnp.ones((b,), jnp.int32),
+        done=_is_eos(root, knobs.eos_ids) | (knobs.max_new <= 1),
+        accept_log=jnp.full((b, shapes.out_size), -1, jnp.int32),
+        shape_log=jnp.full((b, shapes.out_size), -1, jnp.int32),
+        rounds=zero,
+        keys=keys,
+        hits=hits,
+        trials=trials,
+        plain_streak=jnp.int32(0),
+        step=jnp.int32(0),
+        next_shape=jnp.int32(0),
+    )
+    return sharding.constrain(_with_choice(state, budget), mesh)
+
+
+def _emit(state: SpecState, emitted, n_new, knobs: Knobs, shape_index) -> SpecState:
+    """Appends each running row's new tokens (cut at a stop id or max_new) and logs the round.
+
+    emitted: [B, A] int32 (entries past n_new[b] are filler); n_new: [B] tokens committed.
+    """
+    b, a_len = emitted.shape
+    rows = jnp.arange(b)
+    slot = jnp.arange(a_len)
+    active = ~state.done
+    eos_hit = _is_eos(emitted, knobs.eos_ids) & (slot[None, :] < n_new[:, None])
+    upto_eos = jnp.where(jnp.any(eos_hit, axis=1), jnp.argmax(eos_hit, axis=1) + 1, n_new)
+    n_emit = jnp.where(active, jnp.minimum(upto_eos, knobs.max_new - state.num_out), 0)
+    out_tokens = jax.vmap(
+        lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0)
+    )(state.out_tokens, emitted, state.num_out)
+    num_out = state.num_out + n_emit
+    done = state.done | (active & jnp.any(eos_hit, axis=1)) | (num_out >= knobs.max_new)
+    # The round's accepted draft tokens as emitted (a stop token or max_new_tokens cut the last
+    # round short), so tau = emitted tokens per verification forward.
+    at = (rows, state.rounds)
+    accept_log = state.accept_log.at[at].set(jnp.where(active, n_emit - 1, state.accept_log[at]))
+    shape_log = state.shape_log.at[at].set(jnp.where(active, shape_index, state.shape_log[at]))
+    return state.replace(
         out_tokens=out_tokens,
         num_out=num_out,
         done=done,
-        accept_log=jnp.full((b, shapes.out_size), -1, jnp.int32),
-        rounds=jnp.zeros((b,), jnp.int32),
-        keys=keys,
+        accept_log=accept_log,
+        shape_log=shape_log,
+        rounds=state.rounds + active.astype(jnp.int32),
+        step=state.step + 1,
     )
-    return sharding.constrain(state, mesh)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes", "mesh"),
-    donate_argnames=("state",),
-)
-def spec_round(
-    state: SpecState,
-    base_params,
-    draft_params,
-    knobs: Knobs,
-    draft_head: DraftHead | None = None,
-    *,
-    cfg: ModelConfig,
-    dcfg: DraftConfig,
-    tree_cfg: TreeConfig,
-    greedy: bool,
-    shapes: Shapes,
-    mesh: jax.sharding.Mesh | None = None,
-) -> SpecState:
-    """One verify -> accept -> commit -> re-draft round (see the module docstring)."""
-    tree = state.tree
+def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, dcfg, shapes):
+    """Runs the draft trunk over the pending plain-round positions (one forward of Q slots).
+
+    Rows with nothing pending keep their level-1 inputs; their writes past the trunk are
+    garbage by contract and are overwritten before anything attends to them.
+    """
+    q = shapes.pending
+    trunk, n = state.trunk_len, state.pending_len
+    with jax.named_scope("draft/catch_up"):
+        token_feature, next_feature, dcache = draft_forward(
+            draft_params, base_params["embed_tokens"]["embedding"], state.pending_features,
+            state.pending_tokens, trunk[:, None] + jnp.arange(q)[None, :], state.draft_cache,
+            write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity), dcfg=dcfg,
+        )  # fmt: skip
+        lp, feat = _root_inputs(
+            (token_feature, next_feature), jnp.maximum(n - 1, 0), draft_head,
+            base_params=base_params, cfg=cfg,
+        )  # fmt: skip
+    has = n > 0
+    return state.replace(
+        draft_cache=dcache,
+        trunk_len=trunk + n,
+        root_logprobs=jnp.where(has[:, None], lp, state.root_logprobs),
+        root_feature=jnp.where(has[:, None], feat, state.root_feature),
+        pending_len=jnp.zeros_like(n),
+    )
+
+
+def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_index, **static):
+    """A plain decode step on the speculative state: verify the root alone, emit the next token.
+
+    The draft trunk is not run: the step's (feature, token) pair waits in the pending buffer
+    (flushed by `_catch_up` at the start of a segment: when drafting resumes or it is full).
+    """
+    cfg, greedy, shapes = static["cfg"], static["greedy"], static["shapes"]
+    active = ~state.done
+    cache = state.cache
+    length = cache.length
+    with jax.named_scope("verify"):
+        logits, hidden, cache = base_forward(
+            base_params, state.root[:, None], length[:, None], cache, write_idx=length,
+            mask=causal_mask(length, 1, shapes.capacity), cfg=cfg,
+        )  # fmt: skip
+    token = sampling.next_token(
+        state.keys, length + 1, logits[:, 0], greedy=greedy,
+        temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
+    )  # fmt: skip
+    state = _emit(state, token[:, None], jnp.ones_like(length), knobs, shape_index)
+    rows = jnp.arange(token.shape[0])
+    at = (rows, state.pending_len)
+    step = active.astype(jnp.int32)
+    return state.replace(
+        cache=cache.replace(length=length + step),
+        root=jnp.where(active, token, state.root),
+        pending_features=state.pending_features.at[at].set(hidden[:, 0]),
+        pending_tokens=state.pending_tokens.at[at].set(token),
+        pending_len=state.pending_len + step,
+        plain_streak=budget_lib.next_streak(
+            state.plain_streak, drafted=False, probe_every=static["probe_every"]
+        ),
+    )
+
+
+def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index, **static):
+    """Draft a tree -> verify -> accept -> commit -> draft trunk (see the module docstring)."""
+    cfg, dcfg, greedy, shapes = static["cfg"], static["dcfg"], static["greedy"], static["shapes"]
+    tree_cfg = static["tree_cfg"]
+    step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
+    tree, dcache = _build_tree(
+        step, state.root_logprobs, state.root_feature, state.root, state.trunk_len,
+        state.draft_cache, draft_head, tree_cfg=tree_cfg, shapes=shapes,
+    )  # fmt: skip
     b = tree.draft_tokens.shape[0]
     a_len = tree_cfg.path_len
     rows = jnp.arange(b)
@@ -310,88 +437,130 @@ def spec_round(
     # Emitted this round: the accepted draft tokens, then the bonus; past it, filler.
     shifted = jnp.concatenate([path_tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     emitted = jnp.where(slot[None, :] < accept_len[:, None], shifted, acc.bonus_token[:, None])
+    n_new = accept_len + 1
     with jax.named_scope("stop"):
-        n_new = accept_len + 1
-        eos_hit = _is_eos(emitted, knobs.eos_ids) & (slot[None, :] < n_new[:, None])
-        upto_eos = jnp.where(jnp.any(eos_hit, axis=1), jnp.argmax(eos_hit, axis=1) + 1, n_new)
-        n_emit = jnp.minimum(upto_eos, knobs.max_new - state.num_out)
-        n_emit = jnp.where(active, n_emit, 0)
-        out_tokens = jax.vmap(
-            lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0)
-        )(state.out_tokens, emitted, state.num_out)
-        num_out = state.num_out + n_emit
-        done = state.done | (active & jnp.any(eos_hit, axis=1)) | (num_out >= knobs.max_new)
-        # The round's accepted draft tokens as emitted (a stop token or max_new_tokens cut the
-        # last round short), so tau = emitted tokens per verification forward.
-        accept_log = state.accept_log.at[rows, state.rounds].set(
-            jnp.where(active, n_emit - 1, state.accept_log[rows, state.rounds])
+        hits, trials = budget_lib.update_stats(
+            state.hits, state.trials, accept_len, tree_cfg.depth + 1, active
         )
+        state = _emit(state, emitted, n_new, knobs, shape_index)
     with jax.named_scope("commit"):
         n_commit = jnp.where(active, n_new, 0)
         cache = commit_path(cache, best_nodes, n_commit)
     with jax.named_scope("draft/trunk"):
         trunk = state.trunk_len
         features = jnp.take_along_axis(hidden, best_nodes[:, :, None], axis=1)  # [B, A, D]
-        step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], features, emitted,
-            trunk[:, None] + slot[None, :], state.draft_cache, write_idx=trunk,
+            trunk[:, None] + slot[None, :], dcache, write_idx=trunk,
             mask=causal_mask(trunk, a_len, shapes.draft_capacity), dcfg=dcfg,
         )  # fmt: skip
-        new_trunk = trunk + n_commit
         root_lp, root_feat = _root_inputs(
             (token_feature, next_feature), accept_len, draft_head, base_params=base_params,
             cfg=cfg,
         )  # fmt: skip
-    new_tree, dcache = _build_tree(
-        step, root_lp, root_feat, acc.bonus_token, new_trunk, dcache, draft_head,
-        tree_cfg=tree_cfg, shapes=shapes,
-    )  # fmt: skip
-    state = SpecState(
+    return state.replace(
         cache=cache,
         draft_cache=dcache,
-        trunk_len=new_trunk,
-        tree=new_tree,
-        out_tokens=out_tokens,
-        num_out=num_out,
-        done=done,
-        accept_log=accept_log,
-        rounds=state.rounds + active.astype(jnp.int32),
-        keys=state.keys,
+        trunk_len=trunk + n_commit,
+        root=acc.bonus_token,
+        root_logprobs=root_lp,
+        root_feature=root_feat,
+        hits=hits,
+        trials=trials,
+        plain_streak=budget_lib.next_streak(
+            state.plain_streak, drafted=True, probe_every=static["probe_every"]
+        ),
     )
-    return sharding.constrain(state, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "greedy", "shapes", "mesh"))
-def generate_device(
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "tree_cfg", "shapes"))
+def draft_tree(
+    state: SpecState,
     base_params,
     draft_params,
-    tokens,
-    lengths,
-    knobs: Knobs,
-    seeds,
     draft_head: DraftHead | None = None,
     *,
-    cfg,
-    dcfg,
-    tree_cfg,
-    greedy,
-    shapes,
-    mesh=None,
+    cfg: ModelConfig,
+    dcfg: DraftConfig,
+    tree_cfg: TreeConfig,
+    shapes: Shapes,
+) -> tree_lib.Tree:
+    """The tree a round of `tree_cfg` would verify next from `state` (the state is unchanged;
+    its trunk must have caught up: no pending plain rounds). For inspection and profiling."""
+    step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
+    tree, _ = _build_tree(
+        step, state.root_logprobs, state.root_feature, state.root, state.trunk_len,
+        state.draft_cache, draft_head, tree_cfg=tree_cfg, shapes=shapes,
+    )  # fmt: skip
+    return tree
+
+
+def _with_choice(state: SpecState, budget: budget_lib.Budget) -> SpecState:
+    index = budget_lib.choose(
+        budget, state.hits, state.trials, ~state.done, state.plain_streak, state.step,
+        state.next_shape,
+    )  # fmt: skip
+    return state.replace(next_shape=index)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("index", "cfg", "dcfg", "greedy", "shapes", "mesh"),
+    donate_argnames=("state",),
+)
+def run_segment(
+    state: SpecState,
+    base_params,
+    draft_params,
+    knobs: Knobs,
+    budget: budget_lib.Budget,
+    draft_head: DraftHead | None = None,
+    limit: jax.Array | int = 1 << 30,
+    *,
+    index: int,
+    cfg: ModelConfig,
+    dcfg: DraftConfig,
+    greedy: bool,
+    shapes: Shapes,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
-    """Prefill plus every round in one program (`lax.while_loop`): no host round trips."""
-    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
-    state = prefill(base_params, draft_params, tokens, lengths, knobs, seeds, draft_head, **static)
+    """Rounds of the budget's shape `index` in one device loop, while the budget keeps choosing
+    it (`state.next_shape`), some row runs, fewer than `limit` rounds ran and (plain rounds)
+    the pending buffer has room.
+
+    One program per shape, no branch on the shape inside it: the host dispatches the next
+    segment by `state.next_shape`, so it syncs once per change of shape, not per round. A
+    segment starts by running the draft trunk over any pending plain-round positions (a
+    tree segment needs the trunk's level-1 outputs; a plain one needs room).
+    """
+    shape = budget.shapes[index]
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, probe_every=budget.probe_every)
+    catch_up = functools.partial(
+        _catch_up, base_params=base_params, draft_params=draft_params, draft_head=draft_head,
+        cfg=cfg, dcfg=dcfg, shapes=shapes,
+    )  # fmt: skip
+    if shape is None:
+        body_fn = _plain_round
+        needs = jnp.any(state.pending_len >= shapes.pending)
+    else:
+        body_fn = functools.partial(_tree_round, tree_cfg=shape)
+        needs = jnp.any(state.pending_len > 0)
+    state = jax.lax.cond(needs, catch_up, lambda s: s, state)
 
     def cond(carry):
-        state, i = carry
-        return jnp.any(~state.done) & (i < knobs.max_new)
+        s, n = carry
+        go = jnp.any(~s.done) & (s.next_shape == index) & (n < limit)
+        if shape is None:
+            go &= jnp.all(s.pending_len < shapes.pending)
+        return go
 
     def body(carry):
-        state, i = carry
-        return spec_round(state, base_params, draft_params, knobs, draft_head, **static), i + 1
+        s, n = carry
+        s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
+        return _with_choice(s, budget), n + 1
 
-    return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    return sharding.constrain(state, mesh)
 
 
 def make_knobs(
@@ -407,6 +576,19 @@ def make_knobs(
     )
 
 
+def prepare_budget(tree: TreeConfig | budget_lib.Budget, *, vocab_size: int) -> budget_lib.Budget:
+    """Checks every shape (`checks.tree_sizes`) and trims levels `total_tokens` discards."""
+    budget = _as_budget(tree)
+    for shape in budget.shapes:
+        if shape is not None:
+            checks.tree_sizes(
+                top_k=shape.top_k, depth=shape.depth, total_tokens=shape.total_tokens,
+                vocab_size=vocab_size,
+            )  # fmt: skip
+    trimmed = tuple(None if s is None else s.trimmed() for s in budget.shapes)
+    return budget.replace(shapes=trimmed)
+
+
 def generate(
     base_params,
     cfg: ModelConfig,
@@ -414,7 +596,7 @@ def generate(
     dcfg: DraftConfig,
     prompts: Sequence[Sequence[int]],
     *,
-    tree_cfg: TreeConfig,
+    tree_cfg: TreeConfig | budget_lib.Budget,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -430,13 +612,15 @@ def generate(
     """Speculative decoding of a batch of prompts (token id lists).
 
     Args:
-      tree_cfg: static tree sizes.  temperature: 0 = greedy.  top_p / top_k: 1.0 / 0 = off.
+      tree_cfg: one static tree, or a `budget.Budget` of round shapes the engine chooses among
+        as it runs (the adaptive draft budget; `None` in it = plain decode steps).
+      temperature: 0 = greedy.  top_p / top_k: 1.0 / 0 = off.
       eos_ids: stop ids (default: the base config's).  max_len: refuse prompts for which
         prompt + max_new_tokens exceeds it (default: the model's max_position_embeddings).
       on_round: called after every round with (out_tokens [B, N], num_out [B]) on the host, for
         streaming; it implies the host loop and costs one extra transfer per round.
-      loop: "device" (prefill and all rounds in one `lax.while_loop` program; the default) or
-        "host" (a Python loop over the jitted, donated `spec_round`, reading back `done`).
+      loop: "device" (rounds run in device loops, one `run_segment` per change of round shape;
+        the default) or "host" (one round per `run_segment` call, reading back `done`).
       mesh: run sharded on this mesh (`griffin_jax.sharding`): params not yet placed by the
         rules are placed (a no-op for loaded sharded params), tokens go over `data`.
       draft_head: draft from a token subset (`make_draft_head`); None = the whole vocabulary.
@@ -448,44 +632,119 @@ def generate(
         max_positions=cfg.max_position_embeddings if max_len is None else max_len,
         max_new=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
     )  # fmt: skip
-    checks.tree_sizes(
-        top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
-        vocab_size=cfg.vocab_size if draft_head is None else draft_head.token_ids.shape[0],
-    )  # fmt: skip
-    tree_cfg = tree_cfg.trimmed()  # no level drafted that total_tokens then discards
+    vocab = cfg.vocab_size if draft_head is None else draft_head.token_ids.shape[0]
+    budget = prepare_budget(tree_cfg, vocab_size=vocab)
     sampling_knobs = vanilla.SamplingKnobs(temperature, top_p, top_k)
-    shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, tree_cfg)
+    shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, budget.shapes)
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
     greedy = sampling_knobs.greedy
     knobs = make_knobs(
         sampling_knobs, max_new_tokens=max_new_tokens,
         eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids,
     )  # fmt: skip
-    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree_cfg, greedy=greedy, shapes=shapes, mesh=mesh)
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh)
     seeds = jnp.asarray(vanilla.row_seeds(seed, len(prompts)))
-    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, draft_head)
+    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, budget, draft_head)
     if mesh is not None:
         base_params = sharding.shard_params(base_params, mesh, head_dim=cfg.head_dim)
         draft_params = sharding.shard_params(draft_params, mesh, head_dim=dcfg.head_dim)
         tokens_in, lengths_in, rest = sharding.place_inputs(*inputs[:2], inputs[2:], mesh)
         inputs = (tokens_in, lengths_in, *rest)
-        knobs, draft_head = inputs[2], inputs[4]  # placed: unplaced ones recompile the round
-    if loop == "device" and on_round is None:
-        state = generate_device(base_params, draft_params, *inputs, **static)
-    else:
-        state = prefill(base_params, draft_params, *inputs, **static)
-        for _ in range(max_new_tokens):  # every round emits >= 1 token per active row
-            if on_round is not None:
-                on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
-            if bool(np.all(np.asarray(state.done))):
-                break
-            state = spec_round(state, base_params, draft_params, knobs, draft_head, **static)
+        # placed: unplaced ones recompile the round
+        knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
+    state = prefill(base_params, draft_params, *inputs, **static)
+    if len(budget.shapes) > 1:
+        # Every shape's program compiled now (zero rounds each), not when the policy first
+        # picks it in the middle of a generation.
+        for index in range(len(budget.shapes)):
+            state = run_segment(
+                state, base_params, draft_params, knobs, budget, draft_head, jnp.int32(0),
+                index=index, **static,
+            )  # fmt: skip
+    limit = jnp.int32(1 if on_round is not None or loop == "host" else 1 << 30)
+    for _ in range(max_new_tokens):  # every segment runs >= 1 round, each emits >= 1 token
+        if on_round is not None:
+            on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
+        index, all_done = jax.device_get((state.next_shape, jnp.all(state.done)))
+        if all_done:
+            break
+        state = run_segment(
+            state, base_params, draft_params, knobs, budget, draft_head, limit,
+            index=int(index), **static,
+        )  # fmt: skip
     out = np.asarray(state.out_tokens)
     num_out = np.asarray(state.num_out)
     log = np.asarray(state.accept_log)
+    shape_log = np.asarray(state.shape_log)
     rounds = np.asarray(state.rounds)
     return SpecResult(
         output_ids=[out[i, : num_out[i]].tolist() for i in range(len(prompts))],
         accept_lengths=[log[i, : rounds[i]].tolist() for i in range(len(prompts))],
         rounds=rounds.tolist(),
+        round_shapes=[shape_log[i, : rounds[i]].tolist() for i in range(len(prompts))],
     )
+
+
+def measure_round_costs(
+    base_params,
+    cfg: ModelConfig,
+    draft_params,
+    dcfg: DraftConfig,
+    budget: budget_lib.Budget,
+    *,
+    batch: int,
+    greedy: bool,
+    draft_head: DraftHead | None = None,
+    prompt_len: int = 128,
+    max_new: int = 256,
+    repeats: int = 3,
+    segment: int = 16,
+) -> list[float]:
+    """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows.
+
+    Runs the programs `generate` runs (`run_segment` per shape, each round forced to that shape
+    through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with buffers
+    sized for `max_new` new tokens: segments of `segment` rounds, each ended by the host read
+    `generate` does, so per-segment costs (dispatch, the trunk catching up) are included.
+    Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
+    Sampling rounds are timed at temperature 1.
+    """
+    budget = prepare_budget(budget, vocab_size=cfg.vocab_size)
+    shapes = plan_shapes([prompt_len] * batch, max_new, budget.shapes)
+    ids = (np.arange(batch * prompt_len).reshape(batch, prompt_len) * 7919) % cfg.vocab_size
+    tokens, lengths = vanilla.pad_prompts(ids.tolist(), [shapes.prompt_bucket])
+    sampling_knobs = vanilla.SamplingKnobs(0.0 if greedy else 1.0, 1.0, 0)
+    knobs = make_knobs(sampling_knobs, max_new_tokens=2**30, eos_ids=[])  # rows never finish
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes)
+    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs,
+              jnp.asarray(vanilla.row_seeds(0, batch)))  # fmt: skip
+    forced = [
+        budget.replace(schedule=jnp.full((shapes.out_size,), i, jnp.int32))
+        for i in range(len(budget.shapes))
+    ]
+
+    def timed(state, index: int, n: int) -> tuple[SpecState, float, int]:
+        step0 = int(state.step)
+        state = state.replace(next_shape=jnp.int32(index))  # what the schedule says next
+        t0 = time.perf_counter()
+        state = run_segment(
+            state, base_params, draft_params, knobs, forced[index], draft_head,
+            jnp.int32(n), index=index, **static,
+        )  # fmt: skip
+        step = int(jax.device_get(state.step))
+        if step == step0:
+            raise RuntimeError(f"measure_round_costs: shape {index} ran no round")
+        return state, time.perf_counter() - t0, step - step0
+
+    times: list[list[float]] = [[] for _ in budget.shapes]
+    for rep in range(repeats + 1):  # the first pass compiles and warms up
+        state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
+        for index in range(len(budget.shapes)):
+            state, _, _ = timed(state, index, 1)  # the switch (a trunk catch-up) untimed
+            seconds, rounds = 0.0, 0
+            while rounds < segment:
+                state, dt, n = timed(state, index, segment - rounds)
+                seconds, rounds = seconds + dt, rounds + n
+            if rep:
+                times[index].append(seconds * 1e3 / rounds)
+    return [float(np.median(t)) for t in times]

@@ -35,6 +35,7 @@ from convert.load_hf import (
     load_hf_params_sharded,
     read_json,
 )
+from griffin_jax import budget as budget_lib
 from griffin_jax import checks, sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
@@ -108,6 +109,7 @@ class GenerationOutput:
     rounds: list[int]  # base verification forwards per row (vanilla: decode steps)
     accept_lengths: list[list[int]]  # accepted draft tokens per round per row ([] for vanilla)
     seconds: float  # wall time, prefill included
+    round_shapes: list[list[str]] = dataclasses.field(default_factory=list)  # tree per round
 
     @property
     def new_tokens(self) -> int:
@@ -145,6 +147,10 @@ class SpeculativeModel:
         self.mesh = mesh
         self.vocab_ranking: np.ndarray | None = None  # token ids, most frequent first
         self._draft_heads: dict[int, speculative.DraftHead] = {}
+        # The adaptive draft budget (`tree="auto"`): rounds choose among `budget.auto_shapes(
+        # tree_cfg)` by measured cost per batch size (`round_costs`).
+        self.adaptive = False
+        self._costs: dict[tuple[int, bool], list[float]] = {}
 
     @classmethod
     def from_pretrained(
@@ -161,6 +167,7 @@ class SpeculativeModel:
         mesh: str | jax.sharding.Mesh | None = None,
         unroll_layers: bool = True,
         draft_vocab: int | None = None,
+        tree: str | None = None,
     ) -> SpeculativeModel:
         """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 layout).
 
@@ -183,6 +190,10 @@ class SpeculativeModel:
           draft_vocab: draft from the N most frequent tokens of the ranking stored next to the
             draft (`draft_vocab.safetensors`); 0 = the whole vocabulary; None = the tree file's
             setting (else 0). Lossless either way.
+          tree: "auto" = the adaptive draft budget (`griffin_jax.budget`): every round picks
+            plain decoding or a tree up to the sizes above, by running acceptance and the
+            round costs measured on this machine. None: the tree file's `"auto"` setting
+            (ignored when explicit sizes are given), else one fixed tree.
         """
         base_dir, draft_dir = resolve_folders(base_model_path, draft_model_path, with_draft)
         if isinstance(mesh, str):
@@ -212,13 +223,18 @@ class SpeculativeModel:
                 )
             stored = read_tree_file(draft_dir)
             model.vocab_ranking = _read_vocab_ranking(draft_dir)
-            model.tree_cfg = tree = resolve_tree(
-                stored, top_k=top_k, depth=depth, total_tokens=total_tokens,
-                draft_vocab=draft_vocab, vocab_size=cfg.vocab_size,
-            )  # fmt: skip
-            if tree.total_tokens == -1:
+            sizes = dict(
+                top_k=top_k, depth=depth, total_tokens=total_tokens, draft_vocab=draft_vocab
+            )
+            model.tree_cfg = resolved = resolve_tree(
+                stored, vocab_size=cfg.vocab_size, tree=tree, **sizes
+            )
+            model.adaptive = resolve_auto(
+                stored, tree, sizes_given=any(v is not None for v in sizes.values())
+            )
+            if resolved.total_tokens == -1:
                 model.tree_cfg = dataclasses.replace(
-                    tree, total_tokens=model.auto_total_tokens(tree)
+                    resolved, total_tokens=model.auto_total_tokens(resolved)
                 )
             model.draft_head()  # validates the draft vocabulary setting now
         return model
@@ -254,6 +270,39 @@ class SpeculativeModel:
     def has_draft(self) -> bool:
         return self.draft_params is not None
 
+    @property
+    def shapes(self) -> tuple[budget_lib.Shape, ...]:
+        """The round shapes generation uses: the adaptive set, or the one fixed tree."""
+        return budget_lib.auto_shapes(self.tree_cfg) if self.adaptive else (self.tree_cfg,)
+
+    def round_costs(self, batch: int, *, greedy: bool) -> list[float]:
+        """ms per round of each of `shapes` at `batch` rows on this machine: measured once
+        (`speculative.measure_round_costs`) and kept in the cost cache file
+        (`budget.cache_path()`, keyed by machine, model and shapes)."""
+        key = (batch, greedy)
+        if key not in self._costs:
+            dtype = self.base_params["embed_tokens"]["embedding"].dtype
+            layout = "unrolled" if is_unstacked(self.base_params) else "stacked"
+            model = f"{self.cfg}|{self.dcfg}|{jnp.dtype(dtype).name}|{layout}|greedy={greedy}"
+            mesh = "" if self.mesh is None else str(dict(self.mesh.shape))
+            file_key = budget_lib.cost_key(model + mesh, self.shapes, batch)
+
+            def measure() -> list[float]:
+                return speculative.measure_round_costs(
+                    self.base_params, self.cfg, self.draft_params, self.dcfg,
+                    budget_lib.make_budget(self.shapes), batch=batch, greedy=greedy,
+                    draft_head=self.draft_head(),
+                )  # fmt: skip
+
+            self._costs[key], _ = budget_lib.load_or_measure_costs(file_key, measure)
+        return self._costs[key]
+
+    def budget(self, batch: int, *, greedy: bool) -> budget_lib.Budget | TreeConfig:
+        """What `speculative.generate` gets as `tree_cfg` for a batch of this size."""
+        if not self.adaptive:
+            return self.tree_cfg
+        return budget_lib.make_budget(self.shapes, self.round_costs(batch, greedy=greedy))
+
     def generate(
         self,
         input_ids: Sequence[Sequence[int]],
@@ -271,17 +320,20 @@ class SpeculativeModel:
             raise ValueError(
                 "this model has no draft: pass draft_model_path, or use vanilla_generate"
             )
+        tree = self.budget(len(input_ids), greedy=temperature == 0)
         t0 = time.perf_counter()
         res = speculative.generate(
             self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
-            tree_cfg=self.tree_cfg, max_new_tokens=max_new_tokens, temperature=temperature,
+            tree_cfg=tree, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
             on_round=on_round, mesh=self.mesh,
             draft_head=self.draft_head(),
         )  # fmt: skip
+        names = [budget_lib.describe(s) for s in self.shapes]
         return GenerationOutput(
-            res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0
-        )
+            res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0,
+            round_shapes=[[names[i] for i in row] for row in res.round_shapes],
+        )  # fmt: skip
 
     def vanilla_generate(
         self,
@@ -352,7 +404,7 @@ def _time_verify(params, cfg: ModelConfig, size: int, prefix: int, repeats: int)
     return (time.perf_counter() - t0) / repeats
 
 
-TREE_KEYS = ("top_k", "depth", "total_tokens", "draft_vocab")
+TREE_KEYS = ("top_k", "depth", "total_tokens", "draft_vocab", "auto")
 
 
 def read_tree_file(folder: pathlib.Path) -> dict:
@@ -360,10 +412,12 @@ def read_tree_file(folder: pathlib.Path) -> dict:
     for candidate in (folder / TREE_FILE, folder.parent / TREE_FILE):
         if candidate.exists():
             stored = read_json(candidate)
-            if set(stored) - set(TREE_KEYS):
+            if not isinstance(stored, dict) or set(stored) - set(TREE_KEYS):
                 raise ModelLoadError(
                     f"{candidate}: expected an object with keys among {', '.join(TREE_KEYS)}"
                 )
+            if not isinstance(stored.get("auto", False), bool):
+                raise ModelLoadError(f'{candidate}: "auto" must be true or false')
             return stored
     return {}
 
@@ -382,28 +436,32 @@ def parse_tree(text: str) -> tuple[int, int, int, int]:
     return k, d, m, v
 
 
-def tree_flags(args: Any) -> dict[str, int | None]:
-    """The tree sizes a command line gives (`from_pretrained`'s keywords; None = not given).
+def tree_flags(args: Any) -> dict[str, Any]:
+    """The tree settings a command line gives (`from_pretrained`'s keywords; None = not given).
 
-    `--tree K,D,M[,V]` names them all; `--tree-top-k`, `--depth`, `--total-tokens` and
+    `--tree K,D,M[,V]` names every size; `--tree-top-k`, `--depth`, `--total-tokens` and
     `--draft-vocab` are its single-size aliases (`--total-tokens -1` picks M by timing).
+    `--tree auto` is the adaptive draft budget over the draft's stored tree (`tree="auto"`).
     """
     flags = dict(
         top_k=args.tree_top_k, depth=args.depth, total_tokens=args.total_tokens,
         draft_vocab=args.draft_vocab,
     )  # fmt: skip
-    if args.tree is None:
-        return flags
-    if args.tree == "auto":
-        raise checks.InputError(
-            "--tree auto (the adaptive draft budget) is not available yet: give "
-            "TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB] or leave --tree out for the draft's tree.json"
-        )
-    if any(v is not None for v in flags.values()):
+    return {**flags, **tree_spec(args.tree, flags)}
+
+
+def tree_spec(text: str | None, aliases: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """`--tree TEXT` as `from_pretrained` keywords: {} (not given), {"tree": "auto"} or the four
+    sizes (refused next to any single-size alias that was given)."""
+    if text is None:
+        return {}
+    if text == "auto":
+        return {"tree": "auto"}
+    if aliases and any(v is not None for v in aliases.values()):
         raise checks.InputError(
             "--tree names every tree size: drop --tree-top-k/--depth/--total-tokens/--draft-vocab"
         )
-    return dict(zip(flags, parse_tree(args.tree), strict=True))
+    return dict(zip(TREE_KEYS[:4], parse_tree(text), strict=True))
 
 
 def resolve_tree(
@@ -414,12 +472,16 @@ def resolve_tree(
     total_tokens: int | None = None,
     draft_vocab: int | None = None,
     vocab_size: int | None = None,
+    tree: str | None = None,
 ) -> TreeConfig:
     """The tree to use: each given size, else the stored one, else the reference's default.
 
     None means "not given" (0 is a value: depth 0 is one drafted level, a top_k of 0 is refused).
     `total_tokens=-1` is kept for the caller to resolve by timing (`auto_total_tokens`).
+    `tree="auto"` is checked here; whether the budget is adaptive is `resolve_auto`'s answer.
     """
+    if tree not in (None, "auto"):
+        raise checks.InputError(f'tree: expected "auto" or None, got {tree!r}')
     given = dict(top_k=top_k, depth=depth, total_tokens=total_tokens, draft_vocab=draft_vocab)
     default = TreeConfig()
     sizes = {
@@ -434,6 +496,14 @@ def resolve_tree(
         vocab_size=draft_vocab or vocab_size,
     )  # fmt: skip
     return TreeConfig(**sizes)
+
+
+def resolve_auto(stored: dict, tree: str | None, sizes_given: bool) -> bool:
+    """Whether to run the adaptive draft budget: `tree="auto"`, else the tree file's `"auto"`
+    unless explicit sizes were given (they name one fixed tree)."""
+    if tree == "auto":
+        return True
+    return bool(stored.get("auto", False)) and not sizes_given
 
 
 def _read_vocab_ranking(folder: pathlib.Path) -> np.ndarray | None:

@@ -43,6 +43,7 @@ from inference.api import (
     read_tree_file,
     resolve_tree,
     tree_flags,
+    tree_spec,
 )
 from inference.generate import encode
 
@@ -72,18 +73,23 @@ def read_questions(path: pathlib.Path, limit: int | None) -> list[str]:
     return out
 
 
-def parse_drafts(specs: list[str]) -> dict[str, str]:
-    """--draft NAME=FOLDER values (repeatable) as {name: folder}; folders must exist."""
-    drafts: dict[str, str] = {}
+def parse_drafts(specs: list[str]) -> dict[str, tuple[str, str | None]]:
+    """--draft NAME=FOLDER[@TREE] values (repeatable) as {name: (folder, tree)}; folders must
+    exist. TREE (`auto` or K,D,M[,V]) overrides --tree for that draft, so one run can time the
+    same draft with several trees."""
+    drafts: dict[str, tuple[str, str | None]] = {}
     for spec in specs:
-        name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise checks.InputError(f"--draft {spec!r}: expected NAME=FOLDER")
+        name, sep, rest = spec.partition("=")
+        folder, at, tree = rest.partition("@")
+        if not sep or not name or not folder or (at and not tree):
+            raise checks.InputError(f"--draft {spec!r}: expected NAME=FOLDER[@TREE]")
         if name in drafts or name == "vanilla":
             raise checks.InputError(f"--draft {spec!r}: the name {name!r} is taken")
         if not pathlib.Path(folder, "config.json").is_file():
             raise checks.InputError(f"--draft {spec!r}: {folder} has no config.json")
-        drafts[name] = folder
+        if tree:
+            tree_spec(tree)  # checked now, before any model loads
+        drafts[name] = (folder, tree or None)
     return drafts
 
 
@@ -126,7 +132,8 @@ def run_methods(
     for generate in methods.values():
         for chunk in shapes.values():
             generate(chunk, seed=seed, **knobs)
-    acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": []} for name in methods}
+    acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": [], "shapes": []}
+           for name in methods}  # fmt: skip
     for i, chunk in enumerate(chunks):
         for name, generate in methods.items():
             res = generate(chunk, seed=seed + i * batch, **knobs)
@@ -136,6 +143,8 @@ def run_methods(
             a["rounds"] += sum(res.rounds)
             for row in res.accept_lengths:
                 a["accepts"].extend(row)
+            for row in res.round_shapes:
+                a["shapes"].extend(row)
     out = {}
     for name, a in acc.items():
         row = {"new_tokens": a["tokens"], "seconds": a["seconds"], "rounds": a["rounds"],
@@ -147,6 +156,9 @@ def run_methods(
             row["acceptance_at_depth"] = [
                 float((lens >= d).mean()) for d in range(1, lens.max() + 2)
             ]
+        if len(set(a["shapes"])) > 1:  # the adaptive budget: how often each shape ran
+            names, counts = np.unique(a["shapes"], return_counts=True)
+            row["round_shapes"] = {str(n): int(c) for n, c in zip(names, counts, strict=True)}
         out[name] = row
     return out
 
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", action="append", type=float, default=[])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--total-tokens", type=int, default=None)
-    p.add_argument("--tree", default=None, help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB]")
+    p.add_argument("--tree", default=None, help="auto or TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB]")
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--tree-top-k", type=int, default=None)
     p.add_argument("--draft-vocab", type=int, default=None, help="0 = all tokens")
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.positive(args.batch, "--batch")
 
     drafts = parse_drafts(args.draft) or {
-        name: str(DEFAULT_MODEL_DIR / name)
+        name: (str(DEFAULT_MODEL_DIR / name), None)
         for name in ("griffin", "eagle2")
         if (DEFAULT_MODEL_DIR / name / "config.json").exists()
     }
@@ -240,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.output_file(args.out, "--out")
     questions = {bench: read_questions(bench, args.num_questions) for bench in benches}
     tree_sizes = tree_flags(args)
+    trees = {name: tree_spec(tree) if tree else tree_sizes for name, (_, tree) in drafts.items()}
     cfg = load_hf_config(args.base)
-    for folder in drafts.values():
-        resolve_tree(read_tree_file(pathlib.Path(folder)), vocab_size=cfg.vocab_size, **tree_sizes)
+    for name, (folder, _) in drafts.items():
+        stored = read_tree_file(pathlib.Path(folder))
+        resolve_tree(stored, vocab_size=cfg.vocab_size, **trees[name])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
@@ -254,20 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         args.base, dtype=args.dtype, with_draft=False, mesh=args.mesh, load_tokenizer=False
     )
     models = {}
-    for name, folder in drafts.items():
+    for name, (folder, _) in drafts.items():
         m = SpeculativeModel.from_pretrained(
             args.base, folder, dtype=args.dtype, load_tokenizer=False, mesh=args.mesh,
-            **tree_sizes,
+            **trees[name],
         )  # fmt: skip
         models[name] = m
-        print(f"{name}: {m.dcfg.kind} draft, tree {m.tree_cfg}", file=sys.stderr)
+        mode = "adaptive over " if m.adaptive else ""
+        print(f"{name}: {m.dcfg.kind} draft, tree {mode}{m.tree_cfg}", file=sys.stderr)
     machine = (
         f"{platform.machine()} {jax.default_backend()} x{jax.device_count()}, {platform.node()}"
     )
     report: dict[str, Any] = {"machine": machine, "base": str(args.base), "drafts": drafts,
                               "max_new_tokens": args.max_new_tokens, "batch": args.batch,
                               "results": [],
-                              "trees": {n: vars(m.tree_cfg) for n, m in models.items()},
+                              "trees": {n: {**vars(m.tree_cfg), "auto": m.adaptive}
+                                        for n, m in models.items()},
                               "command": " ".join(sys.argv)}  # fmt: skip
     for bench, prompts in prompts_of.items():
         for temperature in temperatures:

@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tree",
         default=None,
-        help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (default: the draft's tree.json); the four "
+        help="auto (the adaptive draft budget: each round plain decoding or a tree up to the "
+        "draft's tree.json sizes, by acceptance and measured cost) or "
+        "TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (default: the draft's tree.json); the four "
         "flags below are its single-size aliases",
     )
     p.add_argument("--depth", type=int, default=None)
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     log = sys.stderr
     if model.has_draft:
-        print(f"tree: {model.tree_cfg}", file=log)
+        mode = "adaptive, up to " if model.adaptive else ""
+        print(f"tree: {mode}{model.tree_cfg}", file=log)
     runner = model.vanilla_generate if args.vanilla else model.generate
     # Streaming reads tokens back every round (the host loop); --compare times the device loop.
     stream = not args.json and not args.compare and len(prompts) == 1
@@ -261,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         "compile_seconds": compile_s,
         "mode": "vanilla" if args.vanilla else "speculative",
     }
+    if model.has_draft and model.adaptive and not args.vanilla:
+        summary["round_shapes"] = (
+            result.round_shapes[0] if len(prompts) == 1 else result.round_shapes
+        )
     if args.compare:
         # Both compiled; then COMPARE_PASSES more runs taking turns, and each side's fastest run
         # (one run of a short generation is at the mercy of whatever else the machine does).

@@ -3,8 +3,8 @@
 For each tree (`--tree K,D,M[,V]`, repeatable; default: the draft's tree.json), in one run on
 the same prompts, with every piece compiled first and timed as the median of `--repeats` calls:
 
-- `round_ms`: a whole jitted `spec_round` (verify -> accept -> commit -> re-draft), chained on
-  its donated state from a real prefill of each prompt;
+- `round_ms`: a whole round (`run_segment` of one round: draft -> verify -> accept -> commit ->
+  trunk), chained on its donated state from a real prefill of each prompt;
 - `verify_ms`: the base forward over the tree's M tokens alone (the same cache and masks);
 - `trunk_ms` / `level_ms`: one draft forward over the A = depth + 2 path slots (the trunk update
   after acceptance) and over the K nodes of one tree level (with its lm_head), alone;
@@ -85,30 +85,32 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
     """Every piece of one round of `model.tree_cfg` after a real prefill of `prompt`."""
     tree, cfg, dcfg, head = model.tree_cfg, model.cfg, model.dcfg, model.draft_head()
     base, draft = model.base_params, model.draft_params
-    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=tree, greedy=True)
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=True)
+    budget = speculative.prepare_budget(tree, vocab_size=cfg.vocab_size)
     # Room for the prefill plus the timed rounds of up to A tokens each.
     shapes = speculative.plan_shapes([len(prompt)], (repeats + 2) * tree.path_len, tree)
     tokens, lengths = vanilla.pad_prompts([prompt], [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=10**6, eos_ids=[-1])
-    state = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, jnp.zeros(1, jnp.uint32),
-        head, shapes=shapes, **static,
-    )  # fmt: skip
-    compiled = speculative.spec_round.lower(
-        state, base, draft, knobs, head, shapes=shapes, **static
+    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, jnp.zeros(1, jnp.uint32), budget)
+    state = speculative.prefill(base, draft, *inputs, head, shapes=shapes, **static)
+    one = jnp.int32(1)
+    compiled = speculative.run_segment.lower(
+        state, base, draft, knobs, budget, head, one, index=0, shapes=shapes, **static
     ).compile()
     out = {"hlo_ops": sum(" = " in line for line in compiled.as_text().splitlines())}
 
     def one_round(state):
-        return speculative.spec_round(state, base, draft, knobs, head, shapes=shapes, **static)
+        return speculative.run_segment(
+            state, base, draft, knobs, budget, head, one, index=0, shapes=shapes, **static
+        )
 
     out["round_ms"] = median_ms(one_round, state, repeats)
     # The pieces alone, on copies of a fresh state's caches (the round donated the original).
-    state = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, jnp.zeros(1, jnp.uint32),
-        head, shapes=shapes, **static,
-    )  # fmt: skip
-    t, length = state.tree, state.cache.length
+    state = speculative.prefill(base, draft, *inputs, head, shapes=shapes, **static)
+    t = speculative.draft_tree(
+        state, base, draft, head, cfg=cfg, dcfg=dcfg, tree_cfg=tree, shapes=shapes
+    )
+    length = state.cache.length
     positions = tree_lib.verify_positions(t, length)
 
     @functools.partial(jax.jit, donate_argnums=0, static_argnames="width")

@@ -27,6 +27,12 @@ HF_DEFAULTS = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cost_cache(tmp_path_factory):
+    """The adaptive budget's round-cost cache in a session folder, never the user's."""
+    os.environ["GRIFFIN_COST_CACHE"] = str(tmp_path_factory.mktemp("costs") / "costs.json")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # CPU unless the run selects the gpu marker (JAX reads this when its backend first starts).
     markexpr = config.getoption("markexpr", "") or ""

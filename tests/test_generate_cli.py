@@ -109,7 +109,7 @@ def test_streams_text_without_json(pair, capsys):
         (["--max-new-tokens", "300"], "exceeds the model's 256 positions"),
         (["--prompt", "x " * 400], "shorten the prompt"),
         (["--vanilla"], "--draft and --vanilla exclude each other"),
-        (["--tree", "auto"], "not available yet"),
+        (["--tree", "Auto"], "expected TOP_K,DEPTH,TOTAL_TOKENS"),
         (["--tree", "1,2"], "expected TOP_K,DEPTH,TOTAL_TOKENS"),
         (["--tree", "2,1,40"], "total_tokens=40 must be in [2, 7]"),
         (["--tree", "1,2,4", "--depth", "3"], "--tree names every tree size"),
@@ -138,6 +138,37 @@ def test_tree_flag_sets_every_size(pair, capsys):
     assert code == 0
     assert "TreeConfig(top_k=2, depth=1, total_tokens=4, draft_vocab=0)" in err
     assert len(json.loads(out.strip().splitlines()[-1])["output_ids"]) <= 6
+
+
+def test_tree_auto_runs_the_adaptive_budget(pair, capsys, tmp_path, monkeypatch):
+    """--tree auto: greedy output equals vanilla, the JSON names each round's shape, and the
+    measured round costs land in the cost cache (read back, not measured, the second time)."""
+    monkeypatch.setenv("GRIFFIN_COST_CACHE", str(tmp_path / "costs.json"))
+    base, draft = pair
+    common = ["--base", str(base), "--prompt", "def f(x):", "--max-new-tokens", "12", "--json"]
+    code, out, err = _run(capsys, [*common, "--draft", str(draft), "--tree", "auto"])
+    assert code == 0 and "adaptive, up to TreeConfig(top_k=3, depth=3" in err
+    spec = json.loads(out.strip().splitlines()[-1])
+    code, out, _ = _run(capsys, [*common, "--vanilla"])
+    assert spec["output_ids"] == json.loads(out.strip().splitlines()[-1])["output_ids"]
+    assert len(spec["round_shapes"]) == spec["rounds"] == len(spec["accept_lengths"])
+    assert set(spec["round_shapes"]) <= {"none", "3,0,4", "3,1,7", "3,3,10"}
+    (costs,) = json.loads((tmp_path / "costs.json").read_text()).values()
+    assert len(costs) == 4 and all(c > 0 for c in costs)
+    model = SpeculativeModel.from_pretrained(base, draft, tree="auto", load_tokenizer=False)
+    model.round_costs(1, greedy=True)  # from the cache file: no new measurement
+    assert model._costs[(1, True)] == costs
+    # tree.json may ask for it; explicit sizes name one fixed tree instead.
+    auto_dir = tmp_path / "auto_draft"
+    shutil.copytree(draft, auto_dir)
+    stored = json.loads((auto_dir / "tree.json").read_text())
+    (auto_dir / "tree.json").write_text(json.dumps({**stored, "auto": True}))
+    assert SpeculativeModel.from_pretrained(base, auto_dir, load_tokenizer=False).adaptive
+    fixed = SpeculativeModel.from_pretrained(base, auto_dir, depth=2, load_tokenizer=False)
+    assert not fixed.adaptive and fixed.shapes == (fixed.tree_cfg,)
+    (auto_dir / "tree.json").write_text(json.dumps({**stored, "auto": "yes"}))
+    with pytest.raises(ModelLoadError, match="auto"):
+        SpeculativeModel.from_pretrained(base, auto_dir, load_tokenizer=False)
 
 
 def test_vanilla_respects_the_position_limit(pair, capsys):

@@ -271,13 +271,12 @@ def test_sharded_caches_have_the_expected_specs(device_results):
 
 def test_sharded_engine_compiles_once(device_results):
     for case, r in device_results["parity"].items():
-        # One program per generate (the host loop: prefill + one round executable for every
-        # round); a second call with the same inputs compiles nothing.
+        # Two programs per generate, either loop: prefill, and the segment of rounds (the host
+        # loop runs it one round at a time); a second call with the same inputs compiles
+        # nothing.
         if r["loop"] == "host":
             assert r["rounds"] > 2
-            assert r["compiles"] == {"prefill": 1, "spec_round": 1, "generate_device": 0}, case
-        else:
-            assert r["compiles"] == {"prefill": 0, "spec_round": 0, "generate_device": 1}, case
+        assert r["compiles"] == {"prefill": 1, "run_segment": 1}, case
         assert r["extra_compiles"] == 0, case
 
 
@@ -334,7 +333,7 @@ def _bytes_report(tree, mesh, head_dim) -> dict:
     }
 
 
-ENGINE_JITS = ("prefill", "spec_round", "generate_device")
+ENGINE_JITS = ("prefill", "run_segment")
 
 
 class _CompileLog(logging.Handler):
@@ -394,15 +393,17 @@ def _parity(case: str) -> dict:
     tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=NEW_TOKENS, eos_ids=[-1])
     seeds = jnp.asarray(vanilla.row_seeds(0, len(PROMPTS)))
-    tokens, lengths, (knobs, seeds) = sharding.place_inputs(
-        jnp.asarray(tokens), jnp.asarray(lengths), (knobs, seeds), mesh
+    budget = speculative.prepare_budget(TREE, vocab_size=cfg.vocab_size)
+    tokens, lengths, (knobs, seeds, budget) = sharding.place_inputs(
+        jnp.asarray(tokens), jnp.asarray(lengths), (knobs, seeds, budget), mesh
     )
     base = sharding.shard_params(base, mesh, head_dim=cfg.head_dim)
     draft = sharding.shard_params(draft, mesh, head_dim=dcfg.head_dim)
-    static = dict(cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes, mesh=mesh)
-    fn = speculative.prefill if loop == "host" else speculative.generate_device
-    with _compiles() as compiled:
-        state = fn(base, draft, tokens, lengths, knobs, seeds, None, **static)  # as generate
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=shapes, mesh=mesh)
+    with _compiles() as compiled:  # as generate
+        state = speculative.prefill(
+            base, draft, tokens, lengths, knobs, seeds, budget, None, **static
+        )
     report["extra_compiles"] = sum(compiled.count(n) for n in ENGINE_JITS)
     k = state.cache.k[0] if state.cache.per_layer else state.cache.k
     report["cache_spec"] = list(k.sharding.spec) + [None] * (k.ndim - len(k.sharding.spec))

@@ -111,10 +111,10 @@ def test_no_recompile_across_rounds_and_prompts_in_a_bucket():
     base, draft = random_pair(cfg, dcfg)
     run = dict(tree_cfg=TREE, max_new_tokens=12, loop="host")
     speculative.generate(base, cfg, draft, dcfg, [[1, 2, 3]], **run)
-    sizes = (speculative.prefill._cache_size(), speculative.spec_round._cache_size())
+    sizes = (speculative.prefill._cache_size(), speculative.run_segment._cache_size())
     speculative.generate(base, cfg, draft, dcfg, [[4, 5, 6, 7, 8, 9, 10]], **run)
     speculative.generate(base, cfg, draft, dcfg, [[11]], seed=3, **run)
-    assert (speculative.prefill._cache_size(), speculative.spec_round._cache_size()) == sizes
+    assert (speculative.prefill._cache_size(), speculative.run_segment._cache_size()) == sizes
 
 
 def test_prompt_that_cannot_fit_is_refused():
@@ -215,18 +215,19 @@ def test_draft_head_drafts_only_its_tokens_and_stays_lossless(family):
     tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=20, eos_ids=[])
     seeds = jnp.zeros(len(PROMPTS), jnp.uint32)
-    state = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, head,
-        cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes,
-    )  # fmt: skip
-    drafted = np.asarray(state.tree.draft_tokens)[:, 1:]  # node 0 is the root (base's token)
-    assert np.isin(drafted, subset).all()
+    budget = speculative.prepare_budget(TREE, vocab_size=cfg.vocab_size)
+    static = dict(cfg=cfg, dcfg=dcfg, shapes=shapes)
+    drafted = {}
+    for name, h in (("subset", head), ("full", None)):
+        state = speculative.prefill(
+            base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, budget, h,
+            greedy=True, **static,
+        )  # fmt: skip
+        tree = speculative.draft_tree(state, base, draft, h, tree_cfg=TREE, **static)
+        drafted[name] = np.asarray(tree.draft_tokens)[:, 1:]  # node 0: the base's root token
+    assert np.isin(drafted["subset"], subset).all()
     # the same draft over the whole vocabulary proposes tokens outside the subset
-    full = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds,
-        cfg=cfg, dcfg=dcfg, tree_cfg=TREE, greedy=True, shapes=shapes,
-    )  # fmt: skip
-    assert not np.isin(np.asarray(full.tree.draft_tokens)[:, 1:], subset).all()
+    assert not np.isin(drafted["full"], subset).all()
 
 
 def test_draft_head_refuses_bad_ids():

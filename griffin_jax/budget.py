@@ -1,0 +1,281 @@
+"""The adaptive draft budget: how much to speculate, decided round by round on the device.
+
+The engine compiles a small set of round shapes (`speculative.spec_round`): draft trees of
+several depths and `None`, a plain decode step on the same state (the draft trunk catches up
+lazily, in one forward, when drafting resumes). Before every round `choose` picks the shape
+that maximises the expected committed tokens per millisecond over the batch's running rows:
+
+    rate(s) = sum over running rows of E_row[tokens | s]  /  cost(s)
+
+- cost(s): the measured time of one round of shape s at this batch size
+  (`speculative.measure_round_costs`, or read from the cache file of `load_or_measure_costs`,
+  keyed by machine, model and shapes).
+  The policy never uses this machine's constants: on a GPU verification is nearly free and
+  deep trees win; on a CPU it is compute-bound and shallow trees or plain decoding win.
+- E_row[tokens | s] = 1 + sum_{i <= L_s} prod_{j <= i} p_j: the bonus plus the expected
+  accepted draft tokens of a tree with L_s drafted levels, from the row's per-level acceptance
+  p_j (the chance the accepted path reaches level j once it reached j - 1), kept as
+  exponentially decayed hit / trial counts. A level never tried borrows the estimate of the
+  level above it; level 1 starts from an optimistic prior so a fresh row drafts first.
+- While plain decoding is chosen no statistics arrive, so after `probe_every` plain rounds in a
+  row the deepest tree runs for PROBE_ROUNDS rounds to refresh them (every level gets trials).
+
+Correctness does not depend on the choice: every shape commits exactly what the base would
+decode (greedy argmax or the position-keyed draw, `sampling.py`), so greedy output equals
+vanilla greedy and seeded sampling equals seeded vanilla sampling whatever is chosen (tested
+with forced schedules, `Budget.schedule`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import platform
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from griffin_jax.config import TreeConfig
+
+PRIOR = 0.8  # level-1 acceptance assumed before any round of a row was drafted
+PRIOR_WEIGHT = 1.0  # pseudo-trials behind each level's prior
+DECAY = 0.97  # per drafting round: statistics follow the text over ~30 drafting rounds
+PROBE_EVERY = 8  # plain rounds in a row before drafting rounds refresh the statistics
+PROBE_ROUNDS = 3  # drafting rounds of such a probe (one round's luck is too little to go on)
+HYSTERESIS = 0.05  # another shape must promise this much more tokens per ms to be switched to
+
+Shape = TreeConfig | None  # None: a plain decode step (no draft)
+
+
+def levels(shape: Shape) -> int:
+    """Drafted levels of a shape (depth + 1; 0 for a plain decode step)."""
+    return 0 if shape is None else shape.depth + 1
+
+
+def path_len(shape: Shape) -> int:
+    """Tokens a round of this shape can commit (root plus drafted levels)."""
+    return 1 if shape is None else shape.path_len
+
+
+def describe(shape: Shape) -> str:
+    if shape is None:
+        return "none"
+    v = f",{shape.draft_vocab}" if shape.draft_vocab else ""
+    return f"{shape.top_k},{shape.depth},{shape.total_tokens}{v}"
+
+
+def auto_shapes(tree: TreeConfig) -> tuple[Shape, ...]:
+    """The shapes `--tree auto` chooses among: plain decoding and shallower trees up to `tree`.
+
+    Depths 0, 1, 3 and the full depth of the (trimmed) stored tree, each keeping the stored
+    top_k, draft vocabulary and at most its total_tokens (a chain stays a chain).
+    """
+    tree = tree.trimmed()
+    shapes: list[Shape] = [None]
+    for d in sorted({0, 1, 3, tree.depth}):
+        if d > tree.depth:
+            continue
+        m = min(tree.total_tokens, 1 + tree.top_k * (d + 1))
+        shapes.append(dataclasses.replace(tree, depth=d, total_tokens=max(m, 2)).trimmed())
+    return tuple(dict.fromkeys(shapes))  # ordered, without repeats
+
+
+@flax.struct.dataclass
+class Budget:
+    """Round shapes (static) and what the policy reads at run time (traced: no recompiles).
+
+    shapes: the compiled round shapes (`None` = plain decode step); a one-shape budget is a
+      fixed tree. costs: [S] f32 ms per round of each shape at the batch size run.
+    schedule: [R] int32 forced shape index per round (-1 = the policy's choice); for tests and
+      for measuring one shape inside the adaptive program.
+    """
+
+    shapes: tuple[Shape, ...] = flax.struct.field(pytree_node=False)
+    costs: jax.Array
+    schedule: jax.Array
+    probe_every: int = flax.struct.field(pytree_node=False, default=PROBE_EVERY)
+
+    @property
+    def max_levels(self) -> int:
+        return max(levels(s) for s in self.shapes)
+
+    @property
+    def max_path_len(self) -> int:
+        return max(path_len(s) for s in self.shapes)
+
+
+def make_budget(
+    shapes: Sequence[Shape],
+    costs: Sequence[float] | None = None,
+    schedule: Sequence[int] | None = None,
+    *,
+    probe_every: int = PROBE_EVERY,
+) -> Budget:
+    """A Budget; `costs` default to equal costs (then the deepest tree always wins)."""
+    shapes = tuple(shapes)
+    if not shapes:
+        raise ValueError("a budget needs at least one round shape")
+    if costs is None:
+        costs = [1.0] * len(shapes)
+    if len(costs) != len(shapes) or not all(np.isfinite(c) and c > 0 for c in costs):
+        raise ValueError(f"costs: expected {len(shapes)} positive finite values, got {costs}")
+    sched = np.asarray([-1] if schedule is None else list(schedule), np.int32)
+    if sched.ndim != 1 or len(sched) == 0 or sched.min() < -1 or sched.max() >= len(shapes):
+        raise ValueError(f"schedule: shape indices in [-1, {len(shapes)}) expected")
+    return Budget(
+        shapes=shapes,
+        costs=jnp.asarray(costs, jnp.float32),
+        schedule=jnp.asarray(sched),
+        probe_every=probe_every,
+    )
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def init_stats(batch: int, max_levels: int) -> tuple[jax.Array, jax.Array]:
+    """(hits, trials): [B, L] f32 decayed counts per drafted level."""
+    z = jnp.zeros((batch, max(max_levels, 1)), jnp.float32)
+    return z, z
+
+
+def update_stats(
+    hits: jax.Array,
+    trials: jax.Array,
+    accept_len: jax.Array,
+    drafted_levels: int,
+    active: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Counts after a drafting round with `drafted_levels` levels that accepted `accept_len`.
+
+    Level i (1-based) was tried iff accept_len >= i - 1 and i <= drafted_levels, and hit iff
+    accept_len >= i. Rows not running keep their counts.
+    """
+    lvl = jnp.arange(1, hits.shape[1] + 1)[None, :]
+    tried = (lvl <= jnp.minimum(accept_len + 1, drafted_levels)[:, None]).astype(jnp.float32)
+    hit = (lvl <= accept_len[:, None]).astype(jnp.float32) * tried
+    keep = ~active[:, None]
+    return (
+        jnp.where(keep, hits, DECAY * hits + hit),
+        jnp.where(keep, trials, DECAY * trials + tried),
+    )
+
+
+def level_acceptance(hits: jax.Array, trials: jax.Array) -> jax.Array:
+    """[B, L] per-level acceptance estimates (each level's prior is the level above's estimate)."""
+
+    def step(prior, counts):
+        h, t = counts
+        p = (h + PRIOR_WEIGHT * prior) / (t + PRIOR_WEIGHT)
+        return p, p
+
+    init = jnp.full(hits.shape[:1], PRIOR, jnp.float32)
+    _, p = jax.lax.scan(step, init, (hits.T, trials.T), unroll=True)  # a few levels
+    return p.T
+
+
+def expected_tokens(hits: jax.Array, trials: jax.Array, shapes: Sequence[Shape]) -> jax.Array:
+    """[B, S] expected committed tokens of one round of each shape, per row."""
+    reach = jnp.cumprod(level_acceptance(hits, trials), axis=1)  # P(path reaches level i)
+    accepted = jnp.concatenate([jnp.zeros_like(reach[:, :1]), jnp.cumsum(reach, axis=1)], 1)
+    idx = jnp.asarray([levels(s) for s in shapes])
+    return 1.0 + accepted[:, idx]
+
+
+def choose(
+    budget: Budget,
+    hits: jax.Array,
+    trials: jax.Array,
+    active: jax.Array,
+    plain_streak: jax.Array,
+    round_index: jax.Array,
+    current: jax.Array,
+) -> jax.Array:
+    """The shape index of the next round (int32 scalar; see the module docstring).
+
+    The current shape is kept unless another's rate beats it by HYSTERESIS: a change of shape
+    costs a host round trip (and, when drafting resumes, a trunk catch-up).
+    """
+    if len(budget.shapes) == 1:
+        return jnp.int32(0)
+    gain = jnp.sum(jnp.where(active[:, None], expected_tokens(hits, trials, budget.shapes), 0), 0)
+    rate = gain / budget.costs
+    best = jnp.argmax(rate).astype(jnp.int32)
+    best = jnp.where(rate[best] > (1 + HYSTERESIS) * rate[current], best, current)
+    drafting = jnp.asarray([s is not None for s in budget.shapes])
+    deepest = int(np.argmax([levels(s) for s in budget.shapes]))
+    probe = (~drafting[best]) & (plain_streak >= budget.probe_every) & jnp.any(drafting)
+    probe |= plain_streak < 0  # inside a probe (`next_streak`)
+    pick = jnp.where(probe, deepest, best)
+    forced = budget.schedule[jnp.minimum(round_index, budget.schedule.shape[0] - 1)]
+    forced = jnp.where(round_index < budget.schedule.shape[0], forced, -1)
+    return jnp.where(forced >= 0, forced, pick).astype(jnp.int32)
+
+
+def next_streak(plain_streak: jax.Array, *, drafted: bool, probe_every: int) -> jax.Array:
+    """The plain-round streak after a round: +1 after a plain round; after a drafting round 0,
+    or -(PROBE_ROUNDS - 1) when that round started a probe (negative: probe rounds left)."""
+    if not drafted:
+        return plain_streak + 1
+    started = plain_streak >= probe_every
+    return jnp.where(
+        started, -(PROBE_ROUNDS - 1), jnp.where(plain_streak < 0, plain_streak + 1, 0)
+    ).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def cache_path() -> pathlib.Path:
+    """The cost cache file (outside the package): $GRIFFIN_COST_CACHE, else the user cache."""
+    if os.environ.get("GRIFFIN_COST_CACHE"):
+        return pathlib.Path(os.environ["GRIFFIN_COST_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "griffin_jax" / "round_costs.json"
+
+
+def cost_key(model: str, shapes: Sequence[Shape], batch: int) -> str:
+    """Cache key: this machine (platform, device kind and count, CPU count), model, shapes."""
+    dev = jax.devices()[0]
+    machine = f"{platform.machine()}|{dev.platform}|{dev.device_kind}|{jax.device_count()}"
+    machine += f"|cpus={os.cpu_count()}"
+    text = "|".join([machine, model, ";".join(describe(s) for s in shapes), f"b={batch}"])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def load_or_measure_costs(
+    key: str, measure: Callable[[], list[float]], *, path: pathlib.Path | None = None
+) -> tuple[list[float], bool]:
+    """(costs, measured_now): read from the cache file, else measured and written there.
+
+    An unreadable or malformed cache file is replaced (it only holds measurements); a cache
+    that cannot be written is skipped.
+    """
+    path = cache_path() if path is None else path
+    table: dict = {}
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    if isinstance(entry, list) and entry and all(isinstance(c, (int, float)) for c in entry):
+        if all(np.isfinite(c) and c > 0 for c in entry):
+            return [float(c) for c in entry], False
+    costs = measure()
+    table[key] = costs
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return costs, True

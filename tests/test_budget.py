@@ -1,0 +1,248 @@
+"""The adaptive draft budget: the policy's arithmetic, and the engine under any choice of shapes."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from spec_models import aligned_pair, base_config, draft_config, random_pair
+
+from griffin_jax import budget, speculative, vanilla
+from griffin_jax.config import TreeConfig
+
+TREE = TreeConfig(top_k=2, depth=3, total_tokens=8)
+SHAPES = budget.auto_shapes(TREE)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 38)), [40]]
+
+
+def test_auto_shapes_are_plain_decoding_and_prefixes_of_the_tree():
+    assert SHAPES == (
+        None,
+        TreeConfig(top_k=2, depth=0, total_tokens=3),
+        TreeConfig(top_k=2, depth=1, total_tokens=5),
+        TreeConfig(top_k=2, depth=3, total_tokens=8),
+    )
+    chain = budget.auto_shapes(TreeConfig(top_k=1, depth=6, total_tokens=8, draft_vocab=64))
+    assert [budget.describe(s) for s in chain] == [
+        "none", "1,0,2,64", "1,1,3,64", "1,3,5,64", "1,6,8,64",
+    ]  # fmt: skip
+    # depth 0 stored: plain decoding and that one level
+    assert budget.auto_shapes(TreeConfig(top_k=3, depth=0, total_tokens=4)) == (
+        None,
+        TreeConfig(top_k=3, depth=0, total_tokens=4),
+    )
+
+
+def _stats(per_level_accept: list[float], rounds: int = 200, levels: int = 4):
+    """Counts of `rounds` rounds of a `levels`-level tree whose path continues past level i
+    with probability per_level_accept[i] (expected counts, one row)."""
+    hits = np.zeros(levels)
+    trials = np.zeros(levels)
+    reach = 1.0
+    for i, p in enumerate(per_level_accept[:levels]):
+        trials[i] = rounds * reach
+        reach *= p
+        hits[i] = rounds * reach
+    return jnp.asarray(hits[None], jnp.float32), jnp.asarray(trials[None], jnp.float32)
+
+
+def test_expected_tokens_follow_the_acceptance():
+    hits, trials = _stats([1.0, 1.0, 1.0, 1.0])
+    e = np.asarray(budget.expected_tokens(hits, trials, SHAPES))[0]
+    np.testing.assert_allclose(e, [1, 2, 3, 5], rtol=0.02)  # 1 + levels (depth + 1)
+    hits, trials = _stats([0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(budget.expected_tokens(hits, trials, SHAPES)[0], 1, atol=0.02)
+    # Only level 1 ever tried, at 50%: deeper levels borrow that estimate.
+    hits, trials = _stats([0.5, 0.0, 0.0, 0.0], levels=1)
+    hits = jnp.pad(hits, ((0, 0), (0, 3)))
+    trials = jnp.pad(trials, ((0, 0), (0, 3)))
+    e = np.asarray(budget.expected_tokens(hits, trials, SHAPES))[0]
+    np.testing.assert_allclose(e, [1, 1.5, 1.75, 1.9375], rtol=0.02)
+    # No statistics at all: the optimistic prior, so a fresh row drafts.
+    zero = jnp.zeros((1, 4))
+    assert budget.expected_tokens(zero, zero, SHAPES)[0, -1] == pytest.approx(
+        1 + sum(budget.PRIOR**i for i in range(1, 5))
+    )
+
+
+def _choose(b, hits, trials, *, streak=0, step=0, current=0, active=(True,)):
+    return int(
+        budget.choose(
+            b,
+            hits,
+            trials,
+            jnp.asarray(active),
+            jnp.int32(streak),
+            jnp.int32(step),
+            jnp.int32(current),
+        )  # fmt: skip
+    )
+
+
+def test_policy_drafts_deep_when_the_draft_hits_and_decodes_plainly_when_it_misses():
+    b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
+    good = _stats([0.9, 0.9, 0.9, 0.9])
+    bad = _stats([0.05, 0.05, 0.05, 0.05])
+    assert _choose(b, *good) == 3
+    assert _choose(b, *bad) == 0
+    # Costs decide, not this machine's constants: with free verification even a poor draft
+    # pays; with expensive trees a good one does not.
+    assert _choose(budget.make_budget(SHAPES, costs=[1.0, 1.0, 1.0, 1.0]), *bad) == 3
+    assert _choose(budget.make_budget(SHAPES, costs=[1.0, 3.0, 5.0, 9.0]), *good) == 0
+    # Finished rows do not count: a running row with a bad draft decides alone.
+    both = tuple(jnp.concatenate([g, x]) for g, x in zip(good, bad, strict=True))
+    assert _choose(b, *both, active=(False, True)) == 0
+    assert _choose(b, *both, active=(True, False)) == 3
+
+
+def test_policy_probes_after_a_plain_streak_and_keeps_its_shape_on_near_ties():
+    b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
+    bad = _stats([0.05, 0.05, 0.05, 0.05])
+    assert _choose(b, *bad, streak=budget.PROBE_EVERY - 1) == 0
+    # the probe: PROBE_ROUNDS rounds of the deepest tree refresh every level's statistics
+    streak, picks = jnp.int32(budget.PROBE_EVERY), []
+    for _ in range(budget.PROBE_ROUNDS + 1):
+        picks.append(_choose(b, *bad, streak=int(streak)))
+        drafted = b.shapes[picks[-1]] is not None
+        streak = budget.next_streak(streak, drafted=drafted, probe_every=budget.PROBE_EVERY)
+    assert picks == [3] * budget.PROBE_ROUNDS + [0]
+    # Two shapes within HYSTERESIS of each other: the current one stays.
+    even = budget.make_budget([None, TREE], costs=[1.0, 1.0])
+    p = _stats([0.02, 0.0, 0.0, 0.0])  # the tree promises ~2% more tokens per ms
+    assert _choose(even, *p, current=0) == 0
+    assert _choose(even, *p, current=1) == 1
+
+
+def test_schedule_forces_the_shape_then_the_policy_takes_over():
+    b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6], schedule=[2, -1, 1])
+    good = _stats([0.9, 0.9, 0.9, 0.9])
+    assert [_choose(b, *good, step=i) for i in range(5)] == [2, 3, 1, 3, 3]
+
+
+def test_update_stats_counts_tried_and_hit_levels():
+    hits, trials = budget.init_stats(3, 4)
+    accept = jnp.asarray([0, 2, 4])
+    hits, trials = budget.update_stats(hits, trials, accept, 4, jnp.asarray([True, True, False]))
+    np.testing.assert_array_equal(hits, [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(trials, [[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
+    hits, trials = budget.update_stats(hits, trials, jnp.asarray([1, 1, 1]), 2, jnp.ones(3, bool))
+    np.testing.assert_allclose(trials[1], [budget.DECAY + 1, budget.DECAY + 1, budget.DECAY, 0])
+
+
+@pytest.mark.parametrize("bad", [dict(costs=[1.0]), dict(costs=[1, 0, 1, 1]),
+                                 dict(schedule=[4]), dict(schedule=[-2])])  # fmt: skip
+def test_make_budget_refuses_bad_settings(bad):
+    with pytest.raises(ValueError):
+        budget.make_budget(SHAPES, **bad)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    return cfg, dcfg, base, draft
+
+
+def _schedules(n: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [
+        [0] * 20 + [3] * 20,  # plain past the pending buffer's capacity, then drafting resumes
+        [3, 0, 0, 1, 0, 2, 2, 0, 3] * 5,  # every kind of switch
+        rng.integers(0, len(SHAPES), n).tolist(),
+    ]
+
+
+def test_forced_switches_stay_greedy_vanilla(pair):
+    cfg, dcfg, base, draft = pair
+    want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=30).output_ids
+    accepted = 0
+    runs = [(schedule, "device") for schedule in _schedules()] + [(_schedules()[1], "host")]
+    for schedule, loop in runs:
+        b = budget.make_budget(SHAPES, schedule=schedule)
+        res = speculative.generate(
+            base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, max_new_tokens=30, loop=loop
+        )
+        assert res.output_ids == want, (schedule, loop)
+        for row, shapes, out in zip(res.accept_lengths, res.round_shapes, res.output_ids,
+                                    strict=True):  # fmt: skip
+            assert 1 + sum(a + 1 for a in row) == len(out)  # honest tau under switching
+            for a, s in zip(row, shapes, strict=True):
+                assert a <= budget.levels(SHAPES[s])  # a plain round accepts nothing
+        # the rounds ran the forced shapes (rounds count per row: row 0 ran every round)
+        assert res.round_shapes[0] == schedule[: len(res.round_shapes[0])]
+        accepted += sum(a for row in res.accept_lengths for a in row)
+    assert accepted > 30  # drafting rounds after plain ones accepted: the trunk caught up
+
+
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k,schedule", [(0.8, 0.9, 0, 1), (1.0, 1.0, 5, 0)]
+)  # fmt: skip
+def test_forced_switches_stay_seeded_vanilla(pair, temperature, top_p, top_k, schedule):
+    cfg, dcfg, base, draft = pair
+    knobs = dict(max_new_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k, seed=7)
+    want = vanilla.generate(base, cfg, PROMPTS, **knobs).output_ids
+    b = budget.make_budget(SHAPES, schedule=_schedules()[schedule])
+    res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, **knobs)
+    assert res.output_ids == want
+    assert sum(a for row in res.accept_lengths for a in row) > 0  # a draft token was accepted
+
+
+def test_policy_backs_off_with_a_useless_draft_and_drafts_with_a_good_one():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    costs = [1.0, 1.3, 1.5, 1.8]  # a deep tree pays for a draft that is always right
+    runs = {}
+    for name, make in (("aligned", aligned_pair), ("random", random_pair)):
+        base, draft = make(cfg, dcfg)
+        b = budget.make_budget(SHAPES, costs=costs)
+        res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, max_new_tokens=40)
+        assert res.output_ids == vanilla.generate(base, cfg, PROMPTS, max_new_tokens=40).output_ids
+        runs[name] = [s for row in res.round_shapes for s in row]
+    plain = {k: np.mean(np.asarray(v) == 0) for k, v in runs.items()}
+    # after the first rounds: 8 plain steps, then a 3-round probe of the deepest tree
+    assert plain["random"] > 0.6
+    assert plain["aligned"] < 0.1  # the deepest tree, nearly always
+    assert np.mean(np.asarray(runs["aligned"]) == 3) > 0.8
+
+
+def test_adaptive_generation_compiles_each_shape_once(pair):
+    cfg, dcfg, base, draft = pair
+    b = budget.make_budget(SHAPES, schedule=[0, 1, 2, 3, 0, 3])
+    run = dict(tree_cfg=b, max_new_tokens=20)
+    speculative.generate(base, cfg, draft, dcfg, PROMPTS, **run)
+    sizes = (speculative.prefill._cache_size(), speculative.run_segment._cache_size())
+    b2 = budget.make_budget(SHAPES, costs=[1, 2, 3, 4], schedule=[3, 2, 1, 0, 0, 1])
+    other = [[3, 4, 5], [6], list(range(40, 58)), [9]]  # the same length bucket
+    speculative.generate(base, cfg, draft, dcfg, other, tree_cfg=b2, max_new_tokens=20, seed=2)
+    assert (speculative.prefill._cache_size(), speculative.run_segment._cache_size()) == sizes
+
+
+def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path):
+    cfg, dcfg, base, draft = pair
+    b = budget.make_budget([None, TREE])
+    costs = speculative.measure_round_costs(
+        base, cfg, draft, dcfg, b, batch=2, greedy=True, prompt_len=16, max_new=32, repeats=1,
+        segment=4,
+    )  # fmt: skip
+    assert len(costs) == 2 and all(c > 0 for c in costs)
+    path = tmp_path / "costs.json"
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return costs
+
+    key = budget.cost_key("m", SHAPES, 2)
+    assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True)
+    assert budget.load_or_measure_costs(key, measure, path=path) == (costs, False)
+    assert len(calls) == 1
+    assert budget.cost_key("m", SHAPES, 4) != key and budget.cost_key("n", SHAPES, 2) != key
+    path.write_text("{not json")  # a damaged cache is measured again and rewritten
+    assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True)
+    assert json.loads(path.read_text())[key] == costs
