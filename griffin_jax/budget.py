@@ -105,10 +105,6 @@ class Budget:
     def max_levels(self) -> int:
         return max(levels(s) for s in self.shapes)
 
-    @property
-    def max_path_len(self) -> int:
-        return max(path_len(s) for s in self.shapes)
-
 
 def make_budget(
     shapes: Sequence[Shape],

@@ -211,10 +211,6 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
-def _as_budget(tree: TreeConfig | budget_lib.Budget) -> budget_lib.Budget:
-    return tree if isinstance(tree, budget_lib.Budget) else budget_lib.make_budget([tree])
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "greedy", "shapes", "mesh"))
 def prefill(
     base_params,
@@ -578,7 +574,7 @@ def make_knobs(
 
 def prepare_budget(tree: TreeConfig | budget_lib.Budget, *, vocab_size: int) -> budget_lib.Budget:
     """Checks every shape (`checks.tree_sizes`) and trims levels `total_tokens` discards."""
-    budget = _as_budget(tree)
+    budget = tree if isinstance(tree, budget_lib.Budget) else budget_lib.make_budget([tree])
     for shape in budget.shapes:
         if shape is not None:
             checks.tree_sizes(
