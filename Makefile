@@ -17,8 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m inference.demo
 
+# Two workers, each taking whole files (module fixtures run once): most of the suite's time is
+# XLA compiling, which runs on one core.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "not gpu" -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check griffin_jax training inference convert tests

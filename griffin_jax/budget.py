@@ -124,10 +124,14 @@ def make_budget(
     sched = np.asarray([-1] if schedule is None else list(schedule), np.int32)
     if sched.ndim != 1 or len(sched) == 0 or sched.min() < -1 or sched.max() >= len(shapes):
         raise ValueError(f"schedule: shape indices in [-1, {len(shapes)}) expected")
+    # Padded with -1 (the policy) to a power of two >= 64: a schedule's length is a traced
+    # array's shape, and a new length must not recompile the rounds.
+    padded = np.full(max(64, 1 << (len(sched) - 1).bit_length()), -1, np.int32)
+    padded[: len(sched)] = sched
     return Budget(
         shapes=shapes,
         costs=jnp.asarray(costs, jnp.float32),
-        schedule=jnp.asarray(sched),
+        schedule=jnp.asarray(padded),
         probe_every=probe_every,
     )
 

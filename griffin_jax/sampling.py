@@ -22,7 +22,8 @@ Conventions:
 - Sampling knobs (temperature, top-p, top-k) are traced values (scalars or one per row), never
   static: changing them never recompiles. `top_k = 0` and `top_p = 1.0` switch a filter off.
 - Temperature 0 (greedy) is a **static** choice of the caller (`greedy: bool`, STYLE R5.2):
-  greedy paths never call `warp`, which requires temperature > 0.
+  greedy paths never call `warp`, which requires temperature > 0. `greedy=None` mixes both per
+  row (a server batch): rows with temperature 0 take the argmax, the others draw.
 - Acceptance works on padded, static-shape paths: `candidates [B, P, A]` (root first), a validity
   mask `path_mask [B, P, A]` (row p is a real path iff `path_mask[:, p, 0]`), and the target
   (base) logits either per path `[B, P, A, V]` or per tree node `[B, M, V]` with the paths given
@@ -171,7 +172,7 @@ def next_token(
     positions: jax.Array,
     logits: jax.Array,
     *,
-    greedy: bool,
+    greedy: bool | None,
     temperature: jax.Array | float = 1.0,
     top_p: jax.Array | float = 1.0,
     top_k: jax.Array | int = 0,
@@ -181,14 +182,21 @@ def next_token(
     Args:
       keys: [B] row keys.  positions: [B, ...] sequence index of each token to draw.
       logits: [B, ..., V].  temperature / top_p / top_k: scalars or [B] (see `warp`).
+      greedy: True = argmax, False = draw, None = per row (argmax where temperature is 0).
     Returns:
       [B, ...] int32.
     """
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax
     extra = (1,) * (logits.ndim - 2)  # per-row knobs broadcast over the token axes
     knobs = [jnp.asarray(x) for x in (temperature, top_p, top_k)]
     knobs = [x.reshape(x.shape + extra) if x.ndim == 1 else x for x in knobs]
+    if greedy is None:
+        hot = knobs[0] > 0
+        knobs[0] = jnp.where(hot, knobs[0], 1.0)  # warp divides by it
+        drawn = keyed_sample(keys, positions, warp(logits, *knobs))
+        return jnp.where(jnp.broadcast_to(hot, argmax.shape), drawn, argmax)
     return keyed_sample(keys, positions, warp(logits, *knobs))
 
 

@@ -83,11 +83,11 @@ class SpecState:
 class Knobs:
     """Traced sampling settings (never static: a new value must not recompile)."""
 
-    temperature: jax.Array  # [] f32
-    top_p: jax.Array  # [] f32
-    top_k: jax.Array  # [] int32
-    max_new: jax.Array  # [] int32
-    eos_ids: jax.Array  # [E] int32, -1 padded (vanilla.eos_array)
+    temperature: jax.Array  # [] or [B] f32
+    top_p: jax.Array  # [] or [B] f32
+    top_k: jax.Array  # [] or [B] int32
+    max_new: jax.Array  # [] or [B] int32
+    eos_ids: jax.Array  # [E] or [B, E] int32, -1 padded (vanilla.eos_array)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +208,9 @@ def _build_tree(step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree
 
 
 def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    """tokens [B, ...] against stop ids [E] (every row) or [B, E] (per row)."""
+    if eos_ids.ndim == 2:
+        eos_ids = eos_ids.reshape(eos_ids.shape[:1] + (1,) * (tokens.ndim - 1) + eos_ids.shape[1:])
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
@@ -224,7 +227,7 @@ def prefill(
     *,
     cfg: ModelConfig,
     dcfg: DraftConfig,
-    greedy: bool,
+    greedy: bool | None,
     shapes: Shapes,
     mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
@@ -237,6 +240,8 @@ def prefill(
       lengths: [B] int32 true prompt lengths (>= 1).
       seeds: [B] uint32 sampling seeds (`sampling.row_keys`; unused when greedy).
       budget: the round shapes (sizes the statistics; `budget.Budget`).
+      greedy: True = argmax, False = sampling, None = per row by temperature
+        (`sampling.next_token`); knobs may be scalars or one per row.
       mesh: when given, the caches are created sharded and the state is pinned
         (`sharding.constrain`); the params arrive sharded.
     """
@@ -381,18 +386,22 @@ def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_inde
         temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
     )  # fmt: skip
     state = _emit(state, token[:, None], jnp.ones_like(length), knobs, shape_index)
-    rows = jnp.arange(token.shape[0])
-    at = (rows, state.pending_len)
     step = active.astype(jnp.int32)
-    return state.replace(
+    state = state.replace(
         cache=cache.replace(length=length + step),
         root=jnp.where(active, token, state.root),
-        pending_features=state.pending_features.at[at].set(hidden[:, 0]),
-        pending_tokens=state.pending_tokens.at[at].set(token),
-        pending_len=state.pending_len + step,
         plain_streak=budget_lib.next_streak(
             state.plain_streak, drafted=False, probe_every=static["probe_every"]
         ),
+    )
+    if not static["drafting"]:  # no shape drafts: the trunk never needs these positions
+        return state
+    rows = jnp.arange(token.shape[0])
+    at = (rows, state.pending_len)
+    return state.replace(
+        pending_features=state.pending_features.at[at].set(hidden[:, 0]),
+        pending_tokens=state.pending_tokens.at[at].set(token),
+        pending_len=state.pending_len + step,
     )
 
 
@@ -516,7 +525,7 @@ def run_segment(
     index: int,
     cfg: ModelConfig,
     dcfg: DraftConfig,
-    greedy: bool,
+    greedy: bool | None,
     shapes: Shapes,
     mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
@@ -530,7 +539,11 @@ def run_segment(
     tree segment needs the trunk's level-1 outputs; a plain one needs room).
     """
     shape = budget.shapes[index]
-    static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, probe_every=budget.probe_every)
+    drafting = any(s is not None for s in budget.shapes)
+    static = dict(
+        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, probe_every=budget.probe_every,
+        drafting=drafting,
+    )  # fmt: skip
     catch_up = functools.partial(
         _catch_up, base_params=base_params, draft_params=draft_params, draft_head=draft_head,
         cfg=cfg, dcfg=dcfg, shapes=shapes,
@@ -541,12 +554,13 @@ def run_segment(
     else:
         body_fn = functools.partial(_tree_round, tree_cfg=shape)
         needs = jnp.any(state.pending_len > 0)
-    state = jax.lax.cond(needs, catch_up, lambda s: s, state)
+    if drafting:
+        state = jax.lax.cond(needs, catch_up, lambda s: s, state)
 
     def cond(carry):
         s, n = carry
         go = jnp.any(~s.done) & (s.next_shape == index) & (n < limit)
-        if shape is None:
+        if shape is None and drafting:
             go &= jnp.all(s.pending_len < shapes.pending)
         return go
 

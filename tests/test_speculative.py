@@ -255,7 +255,6 @@ def test_sampling_same_seed_same_output():
 SEEDED_TREES = [
     TREE,
     TreeConfig(top_k=1, depth=4, total_tokens=6),
-    TreeConfig(top_k=2, depth=2, total_tokens=7),
     TreeConfig(top_k=3, depth=0, total_tokens=4),
 ]
 

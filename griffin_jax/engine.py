@@ -1,0 +1,514 @@
+"""Continuous batching of speculative decoding: request slots, admission between rounds.
+
+`Engine` keeps one speculative state (`speculative.SpecState`) of `max_batch` rows. Busy rows are
+packed at the front; a round runs the compiled program of the smallest batch bucket (1, 2, 4,
+..., max_batch) that holds them, so one lone request decodes at batch-1 cost. Between rounds:
+- a finished or cancelled request frees its row: the last busy row moves into it;
+- a waiting request is admitted into the first free row: a batch-1 prefill (base, first token,
+  draft trunk) is written into that row of every cache and buffer; no other row is touched.
+Settings are per row and traced (temperature, top-p, top-k, seed, max_new_tokens, stop ids): a
+greedy row and a sampled row share a round and nothing recompiles. Sampling is position-keyed
+(`sampling.py`), so a request's tokens do not depend on what else is in the batch.
+
+The compiled programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket,
+round shape, greedy or mixed), one row move. The engine knows no HTTP; `inference/serve.py` is
+the web layer. It is driven by `step()` (one admission pass and one segment of rounds), by a
+background thread (`start` / `stop`), or by `run_until_idle`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from griffin_jax import budget as budget_lib
+from griffin_jax import checks, speculative, vanilla
+from griffin_jax.config import ModelConfig, TreeConfig
+from griffin_jax.draft import DraftConfig
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds `max_queue` requests already."""
+
+
+class EngineDead(RuntimeError):
+    """The engine stopped or failed to start; nothing more is admitted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation: token ids in, up to `max_new_tokens` new ids out."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_ids: tuple[int, ...] | None = None  # None = the model's EOS ids
+
+
+@dataclasses.dataclass
+class Update:
+    """What a request's callback receives after a round that touched it."""
+
+    tokens: list[int]  # new ids since the last update (a stop id included)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
+    rounds: int = 0  # verification rounds so far
+    accepted: int = 0  # draft tokens accepted so far (emitted = 1 + rounds + accepted)
+    error: str | None = None
+
+
+Callback = Callable[[Update], None]
+
+
+@dataclasses.dataclass
+class _Slot:
+    rid: int
+    request: Request
+    callback: Callback
+    sent: int = 0  # tokens delivered
+    cancelled: bool = False
+
+
+@dataclasses.dataclass
+class Counters:
+    """Running totals (plain ints, read without the lock)."""
+
+    prefills: int = 0  # admissions
+    segments: int = 0  # round programs run
+    errors: int = 0  # failed steps
+
+
+def _buckets(max_batch: int) -> tuple[int, ...]:
+    sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    return (*sizes, max_batch)
+
+
+# ----------------------------------------------------------------------------- row programs
+
+
+def _map_rows(f, state: speculative.SpecState, *more: speculative.SpecState, scalars: int = 0):
+    """Applies f(x, *ys, axis=batch axis) to every batched leaf of the state(s); the batch-wide
+    scalars (the budget's streak, step and choice) are those of `(state, *more)[scalars]`."""
+    axis = 0 if state.cache.per_layer else 1
+    pick = (state, *more)[scalars]
+
+    def kv(s):
+        return (s.cache.k, s.cache.v)
+
+    def strip(s):
+        return s.replace(cache=s.cache.replace(k=None, v=None))
+
+    k, v = jax.tree.map(lambda x, *ys: f(x, *ys, axis=axis), kv(state), *map(kv, more))
+    rest = jax.tree.map(
+        lambda x, *ys: x if x.ndim == 0 else f(x, *ys, axis=0), strip(state), *map(strip, more)
+    )
+    rest = rest.replace(plain_streak=pick.plain_streak, step=pick.step, next_shape=pick.next_shape)
+    return rest.replace(cache=rest.cache.replace(k=k, v=v))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "dcfg", "greedy", "shapes"), donate_argnames=("state",)
+)
+def _admit(
+    state, base_params, draft_params, tokens, lengths, knobs, seeds, budget, draft_head, row,
+    *, cfg, dcfg, greedy, shapes,
+):  # fmt: skip
+    """A batch-1 prefill written into row `row` of the engine state."""
+    one = speculative.prefill(
+        base_params, draft_params, tokens, lengths, knobs, seeds, budget, draft_head,
+        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes,
+    )  # fmt: skip
+    return _map_rows(
+        lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis), state, one,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _move_row(state, src, dst):
+    """Row `src` copied into row `dst`; row `src` is then idle (done)."""
+
+    def move(x, axis):
+        return jax.lax.dynamic_update_slice_in_dim(
+            x, jax.lax.dynamic_slice_in_dim(x, src, 1, axis), dst, axis
+        )
+
+    state = _map_rows(move, state)
+    return state.replace(done=state.done.at[src].set(True))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("rows", "index", "cfg", "dcfg", "greedy", "shapes"),
+    donate_argnames=("state",),
+)
+def _segment(
+    state, base_params, draft_params, knobs, budget, draft_head, limit,
+    *, rows, index, cfg, dcfg, greedy, shapes,
+):  # fmt: skip
+    """Rounds of shape `index` over the first `rows` rows (`speculative.run_segment`)."""
+    sub = _map_rows(lambda x, axis: jax.lax.slice_in_dim(x, 0, rows, axis=axis), state)
+    sub = sub.replace(next_shape=jnp.int32(index))  # the host's pick may predate an admission
+    sub = speculative.run_segment(
+        sub, base_params, draft_params, knobs, budget, draft_head, limit,
+        index=index, cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes,
+    )  # fmt: skip
+    return _map_rows(
+        lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis),
+        state,
+        sub,
+        scalars=1,
+    )
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Continuous batching over one base + draft pair (see the module docstring).
+
+    Args:
+      tree: one tree, a `budget.Budget` (the adaptive budget, same costs at every batch size),
+        or a function batch -> Budget (costs measured per batch bucket). A budget of the plain
+        shape alone (`speculate=False`) decodes without drafting: the baseline.
+      max_batch: rows decoding together.
+      max_model_len: prompt + new tokens of one request, at most (default: the base's
+        max_position_embeddings).
+      max_queue: waiting requests beyond which `submit` raises `QueueFull`.
+      eos_ids: default stop ids (a request may give its own).
+      rounds_per_step: verification rounds per `step` (between admissions and deliveries).
+    """
+
+    def __init__(
+        self,
+        base_params,
+        cfg: ModelConfig,
+        draft_params,
+        dcfg: DraftConfig,
+        *,
+        tree: TreeConfig | budget_lib.Budget | Callable[[int], budget_lib.Budget],
+        max_batch: int = 8,
+        max_model_len: int | None = None,
+        max_queue: int = 256,
+        eos_ids: Sequence[int] | None = None,
+        draft_head: speculative.DraftHead | None = None,
+        speculate: bool = True,
+        rounds_per_step: int = 1,
+    ):
+        if max_batch < 1 or max_queue < 0 or rounds_per_step < 1:
+            raise ValueError(
+                f"max_batch ({max_batch}) and rounds_per_step ({rounds_per_step}) must be >= 1, "
+                f"max_queue ({max_queue}) >= 0"
+            )
+        self.cfg, self.dcfg = cfg, dcfg
+        self.base_params, self.draft_params = base_params, draft_params
+        self.draft_head = draft_head
+        self.max_batch, self.max_queue, self.rounds_per_step = max_batch, max_queue, rounds_per_step
+        limit = cfg.max_position_embeddings
+        self.max_model_len = limit if max_model_len is None else int(max_model_len)
+        if not 2 <= self.max_model_len <= limit:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} must be in [2, {limit}] (the base's "
+                "max_position_embeddings)"
+            )
+        self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+        vocab = cfg.vocab_size if draft_head is None else int(draft_head.token_ids.shape[0])
+        self.buckets = _buckets(max_batch)
+        if not speculate:
+            budgets = {b: budget_lib.make_budget([None]) for b in self.buckets}
+        elif callable(tree) and not isinstance(tree, budget_lib.Budget):
+            budgets = {b: tree(b) for b in self.buckets}
+        else:
+            budgets = dict.fromkeys(self.buckets, tree)
+        self.budgets = {
+            b: speculative.prepare_budget(t, vocab_size=vocab) for b, t in budgets.items()
+        }
+        shapes_all = self.budgets[max_batch].shapes
+        if any(self.budgets[b].shapes != shapes_all for b in self.buckets):
+            raise ValueError("every batch bucket's budget must have the same round shapes")
+        self.shapes = shapes_all
+        self.speculate = any(s is not None for s in shapes_all)
+        path_len = max(budget_lib.path_len(t) for t in shapes_all)
+        total = max(1 if t is None else t.total_tokens for t in shapes_all)
+        self._reserve = total + path_len  # cache slots a round may write past the length
+        planned = speculative.plan_shapes([1], self.max_model_len, shapes_all)
+        capacity = -(-(self.max_model_len + self._reserve) // 64) * 64
+        self._shapes = dataclasses.replace(
+            planned, batch=max_batch, prompt_bucket=0, capacity=capacity,
+            draft_capacity=planned.draft_capacity - planned.capacity + capacity,
+        )  # fmt: skip
+        self._e = len(self.eos_ids)  # stop-id slots per row (grown by a request that needs more)
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Slot] = collections.deque()
+        self._slots: list[_Slot] = []  # busy rows, packed: row i holds _slots[i]
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: str | None = None  # why the engine stopped serving, once it has
+        self.counters = Counters()
+        self._reset_state()
+
+    # ------------------------------------------------------------------ requests
+
+    def check(self, request: Request) -> Request:
+        """Validates a request (`ValueError` naming the field); returns it normalised."""
+        prompt = checks.token_ids([list(request.prompt)], vocab_size=self.cfg.vocab_size)[0]
+        checks.sampling(request.temperature, request.top_p, request.top_k)
+        max_new = checks.max_new_tokens(request.max_new_tokens)
+        checks.seeds(request.seed, 1)
+        if len(prompt) + max_new > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+        stop = self.eos_ids if request.stop_ids is None else tuple(request.stop_ids)
+        checks.token_ids([list(stop)] if stop else [[0]], vocab_size=self.cfg.vocab_size)
+        return dataclasses.replace(request, prompt=tuple(prompt), stop_ids=stop)
+
+    def submit(self, request: Request, callback: Callback) -> int:
+        """Queues a request (checked first); returns its id. `callback` is called from the
+        engine's thread with each `Update`, the last one with a finish_reason."""
+        request = self.check(request)
+        with self._lock:
+            if self.dead is not None or self._stopping:
+                raise EngineDead(self.dead or "the engine is stopping")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue)")
+            slot = _Slot(next(self._ids), request, callback)
+            self._queue.append(slot)
+            self._lock.notify_all()
+        return slot.rid
+
+    def cancel(self, rid: int) -> None:
+        """Ends a request (the client went away): its row is freed at the next step."""
+        with self._lock:
+            for slot in (*self._queue, *self._slots):
+                if slot.rid == rid:
+                    slot.cancelled = True
+            self._lock.notify_all()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        return len(self._slots)
+
+    def idle(self) -> bool:
+        return not self._queue and not self._slots
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> None:
+        """Frees ended rows, admits waiting requests, runs one segment of rounds, delivers."""
+        with self._lock:
+            self._free_cancelled()
+            admit = []
+            while self._queue and len(self._slots) + len(admit) < self.max_batch:
+                slot = self._queue.popleft()
+                if slot.cancelled:
+                    self._finish(slot, "cancelled")
+                else:
+                    admit.append(slot)
+        try:
+            for slot in admit:
+                self._admit_one(slot)
+            if any(not s.cancelled for s in self._slots) and not self._all_done():
+                self._run_rounds()
+            self._deliver()
+        except Exception as err:  # a failed round fails its requests, the engine goes on
+            self.counters.errors += 1
+            log.error("round failed: %s: %s", type(err).__name__, err)
+            failed = [*self._slots, *(s for s in admit if s not in self._slots)]
+            self._slots = []
+            for slot in failed:
+                self._finish(slot, "error", error=f"{type(err).__name__}: {err}")
+            self._reset_state()
+
+    def run_until_idle(self) -> None:
+        while not self.idle():
+            self.step()
+
+    def start(self) -> None:
+        """Runs `step` in a background thread until `stop`."""
+        self._thread = threading.Thread(target=self._loop, name="griffin-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops admitting; finishes (drain) or cancels what is queued and running; joins."""
+        with self._lock:
+            self._stopping = True
+            if not drain:
+                for slot in (*self._queue, *self._slots):
+                    slot.cancelled = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while self.idle() and not self._stopping:
+                        self._lock.wait()
+                    if self.idle() and self._stopping:
+                        return
+                self.step()
+        except BaseException as err:  # noqa: BLE001 - reported through `dead`
+            self.dead = f"{type(err).__name__}: {err}"
+            log.error("engine stopped: %s", self.dead)
+            raise
+
+    # ------------------------------------------------------------------ internals
+
+    def _reset_state(self) -> None:
+        """A fresh state of idle rows (at start, and after a failed round)."""
+        b = self.max_batch
+        self._host = dict(
+            temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32),
+            top_k=np.zeros(b, np.int32), max_new=np.ones(b, np.int32),
+            eos=np.full((b, self._e), -1, np.int32),
+        )  # fmt: skip
+        tokens = jnp.zeros((b, 16), jnp.int32)
+        lengths = jnp.ones((b,), jnp.int32)
+        knobs = self._knobs(b)
+        seeds = jnp.zeros((b,), jnp.uint32)
+        shapes = dataclasses.replace(self._shapes, prompt_bucket=16)
+        state = speculative.prefill(
+            self.base_params, self.draft_params, tokens, lengths, knobs, seeds,
+            self.budgets[b], self.draft_head, cfg=self.cfg, dcfg=self.dcfg, greedy=True,
+            shapes=shapes,
+        )  # fmt: skip
+        self._state = state.replace(done=jnp.ones((b,), bool))
+        self._next_shape = 0
+
+    def _knobs(self, rows: int) -> speculative.Knobs:
+        h = self._host
+        return speculative.Knobs(
+            temperature=jnp.asarray(h["temperature"][:rows]),
+            top_p=jnp.asarray(h["top_p"][:rows]),
+            top_k=jnp.asarray(h["top_k"][:rows]),
+            max_new=jnp.asarray(h["max_new"][:rows]),
+            eos_ids=jnp.asarray(h["eos"][:rows]),
+        )
+
+    def _set_row(self, row: int, request: Request) -> None:
+        h = self._host
+        stop = request.stop_ids
+        if len(stop) > h["eos"].shape[1]:  # more stop ids than any request before: widen
+            pad = np.full((self.max_batch, len(stop) - h["eos"].shape[1]), -1, np.int32)
+            h["eos"] = np.concatenate([h["eos"], pad], axis=1)
+        h["temperature"][row] = request.temperature
+        h["top_p"][row] = request.top_p
+        h["top_k"][row] = request.top_k
+        h["max_new"][row] = request.max_new_tokens
+        h["eos"][row] = -1
+        h["eos"][row, : len(stop)] = stop
+
+    def _greedy(self, rows: int) -> bool | None:
+        return True if not np.any(self._host["temperature"][:rows] > 0) else None
+
+    def _admit_one(self, slot: _Slot) -> None:
+        row = len(self._slots)
+        request = slot.request
+        self._set_row(row, request)
+        bucket = vanilla.prompt_bucket(len(request.prompt))
+        tokens, lengths = vanilla.pad_prompts([list(request.prompt)], [bucket])
+        h = self._host
+        knobs = speculative.Knobs(
+            temperature=jnp.asarray(h["temperature"][row : row + 1]),
+            top_p=jnp.asarray(h["top_p"][row : row + 1]),
+            top_k=jnp.asarray(h["top_k"][row : row + 1]),
+            max_new=jnp.asarray(h["max_new"][row : row + 1]),
+            eos_ids=jnp.asarray(h["eos"][row : row + 1]),
+        )
+        greedy = request.temperature == 0
+        shapes = dataclasses.replace(self._shapes, batch=1, prompt_bucket=bucket)
+        self._state = _admit(
+            self._state, self.base_params, self.draft_params, jnp.asarray(tokens),
+            jnp.asarray(lengths), knobs, jnp.asarray(vanilla.row_seeds(request.seed, 1)),
+            self.budgets[1], self.draft_head, jnp.int32(row), cfg=self.cfg, dcfg=self.dcfg,
+            greedy=greedy, shapes=shapes,
+        )  # fmt: skip
+        self._slots.append(slot)
+        self.counters.prefills += 1
+
+    def _all_done(self) -> bool:
+        return bool(np.all(np.asarray(self._state.done[: len(self._slots)])))
+
+    def _run_rounds(self) -> None:
+        rows = next(b for b in self.buckets if b >= len(self._slots))
+        shapes = dataclasses.replace(self._shapes, batch=rows)
+        budget = self.budgets[rows]
+        index = self._next_shape if self._next_shape < len(self.shapes) else 0
+        self._state = _segment(
+            self._state, self.base_params, self.draft_params, self._knobs(rows), budget,
+            self.draft_head, jnp.int32(self.rounds_per_step), rows=rows, index=index,
+            cfg=self.cfg, dcfg=self.dcfg, greedy=self._greedy(rows), shapes=shapes,
+        )  # fmt: skip
+        self.counters.segments += 1
+
+    def _deliver(self) -> None:
+        n = len(self._slots)
+        if n == 0:
+            return
+        s = self._state
+        out, num, done, rounds, nxt = jax.device_get(
+            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape)
+        )
+        self._next_shape = int(nxt)
+        ended = []
+        for row, slot in enumerate(self._slots):
+            new = out[row, slot.sent : num[row]].tolist()
+            slot.sent = int(num[row])
+            reason = None
+            if done[row]:
+                last = int(out[row, num[row] - 1])
+                reason = "stop" if last in slot.request.stop_ids else "length"
+                ended.append(row)
+            accepted = int(num[row]) - 1 - int(rounds[row])
+            if new or reason:
+                self._call(slot, Update(new, reason, int(rounds[row]), accepted))
+        with self._lock:
+            for row in sorted(ended, reverse=True):
+                self._free(row)
+
+    def _free_cancelled(self) -> None:
+        for row in sorted((i for i, s in enumerate(self._slots) if s.cancelled), reverse=True):
+            slot = self._slots[row]
+            self._free(row)
+            self._finish(slot, "cancelled")
+
+    def _free(self, row: int) -> None:
+        """Frees a row (under the lock): the last busy row moves into it."""
+        last = len(self._slots) - 1
+        self._state = _move_row(self._state, jnp.int32(last), jnp.int32(row))
+        for arr in self._host.values():
+            arr[row] = arr[last]
+        self._host["temperature"][last] = 0.0  # an idle row never asks for the sampling program
+        self._slots[row] = self._slots[last]
+        self._slots.pop()
+
+    def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+        self._call(slot, Update([], reason, error=error))
+
+    @staticmethod
+    def _call(slot: _Slot, update: Update) -> None:
+        try:
+            slot.callback(update)
+        except Exception as err:  # a broken callback ends its own request only
+            log.error("request %d callback failed: %s", slot.rid, err)
+            slot.cancelled = True

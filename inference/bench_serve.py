@@ -1,0 +1,244 @@
+"""`python -m inference.bench_serve`: the server under closed-loop load, speculative against
+`--no-speculation`, in one run with the same settings.
+
+For each mode the server (`inference.serve.create_app`, uvicorn on 127.0.0.1) is started in this
+process, warmed up (every batch bucket compiled by a burst of requests), then C concurrent
+clients (the official `openai` client, streaming) each send one request after another over the
+prompts for `--seconds` seconds, for every C in `--concurrency`. Reported per (mode, C):
+requests/s, output tokens/s, time to first token and inter-token latency (p50 / p99, seconds),
+mean accepted length (tokens per verification round, from the server's metrics). Also one
+request alone: the server's end-to-end time against `SpeculativeModel.generate` on the same
+prompt (what HTTP and the serving loop cost).
+
+Example:
+  python -m inference.bench_serve --prompts runs/prompts/heldout_code/question.jsonl \\
+      --concurrency 1 2 4 8 --seconds 60 --out docs/bench_serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from griffin_jax import cli
+from griffin_jax import engine as engine_lib
+from inference import serve
+from inference.api import SpeculativeModel, tree_spec
+from inference.benchmark import read_questions
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = cli.ArgumentParser(
+        prog="python -m inference.bench_serve", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--base")
+    p.add_argument("--draft")
+    p.add_argument("--prompts", type=pathlib.Path,
+                   default=pathlib.Path("runs/prompts/heldout_code/question.jsonl"),
+                   help="MT-bench-format question file (first turns)")  # fmt: skip
+    p.add_argument("--num-prompts", type=int, default=40)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--seconds", type=float, default=60.0, help="per (mode, concurrency)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--tree", default=None, help="as inference.serve --tree")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/serve.json"))
+    return p.parse_args(argv)
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _one_request(client, prompt: str, args) -> dict:
+    t0 = time.perf_counter()
+    first, stamps, tokens = None, [], 0
+    stream = client.completions.create(
+        model=serve.DEFAULT_NAME, prompt=prompt, max_tokens=args.max_tokens,
+        temperature=args.temperature, stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            first = first or now
+            stamps.append(now)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    itl = (end - first) / max(tokens - 1, 1) if first else None
+    return {"ttft": (first or end) - t0, "itl": itl, "tokens": tokens, "seconds": end - t0}
+
+
+def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    results: list[dict] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    def worker():
+        while time.perf_counter() < stop_at:
+            with lock:
+                prompt = prompts[next(counter) % len(prompts)]
+            r = _one_request(client, prompt, args)
+            with lock:
+                results.append(r)
+
+    rounds0 = _metric(url, "griffin_verification_rounds_total")
+    gen0 = _metric(url, "griffin_generation_tokens_total")
+    req0 = sum(_metric(url, f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    rounds = _metric(url, "griffin_verification_rounds_total") - rounds0
+    gen = _metric(url, "griffin_generation_tokens_total") - gen0
+    reqs = sum(_metric(url, f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
+    reqs -= req0
+    ttft = [r["ttft"] for r in results]
+    itl = [r["itl"] for r in results if r["itl"] is not None]
+    tokens = sum(r["tokens"] for r in results)
+
+    def pct(xs, q):
+        return float(np.percentile(xs, q)) if xs else None
+
+    return {
+        "concurrency": concurrency, "requests": len(results), "seconds": wall,
+        "requests_per_s": len(results) / wall, "output_tokens_per_s": tokens / wall,
+        "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+        "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
+        # tokens per verification round: prefill emits each request's first token
+        "mean_accepted_length": (gen - reqs) / rounds if rounds else None,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cli.input_file(args.prompts, "--prompts")
+    prompts = read_questions(args.prompts, args.num_prompts)
+    model = SpeculativeModel.from_pretrained(args.base, args.draft, **tree_spec(args.tree))
+    report: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "tree": str(model.tree_cfg),
+        "adaptive": model.adaptive,
+        "runs": {},
+    }
+    for mode, speculate in (("speculative", True), ("no_speculation", False)):
+        eng, server = start_server(model, args, speculate)
+        try:
+            warm(server.url, prompts, args)
+            runs = []
+            for c in args.concurrency:
+                r = _load(server.url, prompts, c, args.seconds, args)
+                runs.append(r)
+                print(f"{mode} C={c}: {r['output_tokens_per_s']:.1f} tok/s, "
+                      f"{r['requests_per_s']:.2f} req/s, tau {r['mean_accepted_length']}",
+                      file=sys.stderr)  # fmt: skip
+            report["runs"][mode] = runs
+            if speculate:
+                report["alone"] = alone(server.url, model, prompts[0], args)
+        finally:
+            server.close()
+            eng.stop(drain=False, timeout=60)
+    spec_runs, base_runs = report["runs"]["speculative"], report["runs"]["no_speculation"]
+    report["speedup"] = {
+        str(s["concurrency"]): s["output_tokens_per_s"] / b["output_tokens_per_s"]
+        for s, b in zip(spec_runs, base_runs, strict=True)
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps({"speedup": report["speedup"], "alone": report.get("alone")}))
+    return 0
+
+
+def start_server(model, args, speculate: bool):
+    tree = model.tree_cfg
+    if model.adaptive and speculate:
+        tree = lambda batch: model.budget(batch, greedy=args.temperature == 0)  # noqa: E731
+    eng = engine_lib.Engine(
+        model.base_params, model.cfg, model.draft_params, model.dcfg, tree=tree,
+        max_batch=args.max_batch, max_model_len=args.max_model_len,
+        draft_head=model.draft_head(), speculate=speculate,
+    )  # fmt: skip
+    eng.start()
+    return eng, serve.ThreadedServer(serve.create_app(eng, model.tokenizer))
+
+
+def warm(url: str, prompts: list[str], args) -> None:
+    """Compiles every batch bucket (bursts of 1, 2, 4, ... concurrent requests)."""
+    size = 1
+    while size <= args.max_batch:
+        _load(url, prompts, size, 0.0, args)
+        size *= 2
+
+
+def alone(url: str, model, prompt: str, args) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    ids = model.tokenizer(prompt)["input_ids"]
+    kw = dict(max_new_tokens=args.max_tokens, temperature=args.temperature)
+    model.generate([ids], **kw)  # warm-up
+    server_s, api_s = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        out = client.completions.create(
+            model=serve.DEFAULT_NAME, prompt=prompt, max_tokens=args.max_tokens,
+            temperature=args.temperature,
+        )  # fmt: skip
+        server_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        res = model.generate([ids], **kw)
+        api_s.append(time.perf_counter() - t0)
+    return {"server_seconds": statistics.median(server_s), "generate_seconds":
+            statistics.median(api_s), "server_tokens": out.usage.completion_tokens,
+            "generate_tokens": res.new_tokens}  # fmt: skip
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, runs in report["runs"].items():
+        cs = [r["concurrency"] for r in runs]
+        axes[0].plot(cs, [r["output_tokens_per_s"] for r in runs], marker="o", label=mode)
+        axes[1].plot(cs, [r["itl_p50"] for r in runs], marker="o", label=mode)
+    axes[0].set(xlabel="concurrent clients", ylabel="output tokens/s", xscale="log", xticks=cs)
+    axes[1].set(xlabel="concurrent clients", ylabel="inter-token latency p50 (s)",
+                xscale="log", xticks=cs)  # fmt: skip
+    for ax in axes:
+        ax.legend()
+        ax.set_xticklabels([str(c) for c in cs])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))

@@ -1,0 +1,195 @@
+"""Continuous batching (`griffin_jax/engine.py`): admission into free rows without touching the
+others, outputs equal to each request decoded alone, bounded compiles, freeing, bad requests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from spec_models import aligned_pair, base_config, draft_config
+
+from griffin_jax import engine as engine_lib
+from griffin_jax import vanilla
+from griffin_jax.config import TreeConfig
+
+TREE = TreeConfig(top_k=2, depth=3, total_tokens=8)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 34)), [40], [3, 4], [7] * 12]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    return cfg, dcfg, base, draft
+
+
+def _engine(pair, **kw):
+    cfg, dcfg, base, draft = pair
+    kw = dict(dict(tree=TREE, max_batch=4, max_model_len=96), **kw)
+    return engine_lib.Engine(base, cfg, draft, dcfg, **kw)
+
+
+class _Collect:
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.final: engine_lib.Update | None = None
+
+    def __call__(self, update: engine_lib.Update):
+        assert self.final is None, "an update after the last one"
+        self.tokens += update.tokens
+        if update.finish_reason is not None:
+            self.final = update
+
+
+def _alone(pair, request: engine_lib.Request) -> list[int]:
+    """The request decoded alone by plain decoding: to 32 tokens, cut to its max_new_tokens
+    (the same prefix whatever the limit; one compiled program for every limit)."""
+    cfg, _, base, _ = pair
+    assert request.max_new_tokens <= 32
+    out = vanilla.generate(
+        base, cfg, [list(request.prompt)], max_new_tokens=32,
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        seed=request.seed,
+    ).output_ids[0]  # fmt: skip
+    return out[: request.max_new_tokens]
+
+
+def _requests(seed_base: int = 0) -> list[engine_lib.Request]:
+    return [
+        engine_lib.Request(
+            tuple(p),
+            max_new_tokens=10 + 3 * i,
+            temperature=(0.0, 0.8, 1.0)[i % 3],
+            top_p=0.9 if i % 3 == 1 else 1.0,
+            top_k=5 if i % 3 == 2 else 0,
+            seed=seed_base + i,
+        )  # fmt: skip
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+def test_staggered_mixed_requests_equal_each_request_alone(pair):
+    eng = _engine(pair)
+    requests = _requests()
+    got = [_Collect() for _ in requests]
+    for request, sink in zip(requests, got, strict=True):  # one arrival per round
+        eng.submit(request, sink)
+        eng.step()
+    eng.run_until_idle()
+    assert eng.idle() and eng.busy == 0
+    accepted = 0
+    for request, sink in zip(requests, got, strict=True):
+        assert sink.tokens == _alone(pair, request), request
+        cfg = pair[0]
+        stopped = sink.tokens[-1] in cfg.eos_token_ids
+        assert sink.final.finish_reason == ("stop" if stopped else "length")
+        assert 1 + sink.final.rounds + sink.final.accepted == len(sink.tokens)
+        accepted += sink.final.accepted
+    assert accepted > 10  # multi-token commits happened
+
+
+def test_admission_writes_only_its_row(pair):
+    eng = _engine(pair)
+    first = _Collect()
+    eng.submit(engine_lib.Request((5, 6, 7), max_new_tokens=40), first)
+    eng.step()
+    eng.step()
+    snapshot = lambda s: jax.tree.map(np.asarray, s.replace(keys=jax.random.key_data(s.keys)))  # noqa: E731
+    before = snapshot(eng._state)
+    request = eng.check(engine_lib.Request((9, 8, 7, 6), max_new_tokens=5))
+    eng._admit_one(engine_lib._Slot(99, request, print))
+    after = snapshot(eng._state)
+    axis = 0 if eng._state.cache.per_layer else 1
+
+    def row(x, r, ax=0):
+        return np.take(x, r, axis=ax) if x.ndim else x
+
+    for name in ("cache", "draft_cache", "trunk_len", "root", "root_logprobs", "out_tokens",
+                 "num_out", "done", "hits", "trials", "pending_len", "rounds", "keys"):  # fmt: skip
+        b, a = getattr(before, name), getattr(after, name)
+        for lb, la in zip(jax.tree.leaves(b), jax.tree.leaves(a), strict=True):
+            ax = axis if name == "cache" and lb.ndim == 5 else 0
+            np.testing.assert_array_equal(row(lb, 0, ax), row(la, 0, ax), err_msg=name)
+    assert after.cache.length[1] == 4 and after.num_out[1] == 1 and not after.done[1]
+
+
+def test_programs_are_bounded_and_a_lone_request_runs_at_batch_one(pair):
+    eng = _engine(pair)
+    programs = (engine_lib._admit, engine_lib._segment, engine_lib._move_row)
+
+    def sizes():
+        return tuple(f._cache_size() for f in programs)
+
+    for request in _requests():
+        eng.submit(request, _Collect())
+    eng.run_until_idle()
+    warm = sizes()
+    rows = []
+    real = eng._run_rounds
+
+    def spy():
+        rows.append(next(b for b in eng.buckets if b >= eng.busy))
+        real()
+
+    eng._run_rounds = spy
+    for request in _requests(seed_base=50):  # other seeds and settings, same buckets
+        eng.submit(request, _Collect())
+    eng.run_until_idle()
+    assert sizes() == warm  # nothing compiled for the second wave
+    assert 4 in rows and rows[-1] == 1  # full batch, then the last request alone
+
+
+def test_no_speculation_decodes_plainly(pair):
+    eng = _engine(pair, speculate=False)
+    requests = _requests()[:3]
+    got = [_Collect() for _ in requests]
+    for request, sink in zip(requests, got, strict=True):
+        eng.submit(request, sink)
+    eng.run_until_idle()
+    assert eng.shapes == (None,)
+    for request, sink in zip(requests, got, strict=True):
+        assert sink.tokens == _alone(pair, request)
+        assert sink.final.accepted == 0 and sink.final.rounds == len(sink.tokens) - 1
+
+
+def test_cancel_frees_the_row_and_stop_ids_end_a_request(pair):
+    eng = _engine(pair)
+    long, other = _Collect(), _Collect()
+    rid = eng.submit(engine_lib.Request((5, 6, 7), max_new_tokens=80), long)
+    eng.submit(engine_lib.Request((8, 9), max_new_tokens=30), other)
+    eng.step()
+    assert eng.busy == 2
+    eng.cancel(rid)
+    eng.step()
+    assert long.final.finish_reason == "cancelled" and eng.busy == 1
+    eng.run_until_idle()
+    want = _alone(pair, engine_lib.Request((8, 9), max_new_tokens=30))
+    assert other.tokens == want  # the moved row decoded on as if alone
+    # a request's own stop id: the output ends at its first occurrence, reason "stop"
+    stop = want[5]
+    sink = _Collect()
+    eng.submit(engine_lib.Request((8, 9), max_new_tokens=30, stop_ids=(stop,)), sink)
+    eng.run_until_idle()
+    assert sink.tokens == want[: want.index(stop) + 1] and sink.final.finish_reason == "stop"
+
+
+def test_bad_requests_are_refused_and_a_full_queue_raises(pair):
+    eng = _engine(pair, max_queue=1)
+    bad = [
+        engine_lib.Request((), max_new_tokens=4),
+        engine_lib.Request((5, 10**6), max_new_tokens=4),
+        engine_lib.Request((5,), max_new_tokens=0),
+        engine_lib.Request((5,), max_new_tokens=96),  # prompt + new > max_model_len
+        engine_lib.Request((5,), max_new_tokens=4, temperature=-1.0),
+        engine_lib.Request((5,), max_new_tokens=4, stop_ids=(10**6,)),
+    ]
+    for request in bad:
+        with pytest.raises(ValueError):
+            eng.submit(request, _Collect())
+    assert eng.idle()
+    eng.submit(engine_lib.Request((5,), max_new_tokens=4), _Collect())
+    with pytest.raises(engine_lib.QueueFull):
+        eng.submit(engine_lib.Request((6,), max_new_tokens=4), _Collect())
+    with pytest.raises(ValueError):
+        _engine(pair, max_model_len=10**6)
