@@ -10,7 +10,9 @@ Settings are per row and traced (temperature, top-p, top-k, seed, max_new_tokens
 greedy row and a sampled row share a round and nothing recompiles. Sampling is position-keyed
 (`sampling.py`), so a request's tokens do not depend on what else is in the batch.
 
-The compiled programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket,
+Rounds attend over a window of the caches that holds every busy row (powers of two from 128
+slots up to the capacity), so short requests do not pay for `max_model_len`. The compiled
+programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket, window,
 round shape, greedy or mixed), one row move. The engine knows no HTTP; `inference/serve.py` is
 the web layer. It is driven by `step()` (one admission pass and one segment of rounds), by a
 background thread (`start` / `stop`), or by `run_until_idle`.
@@ -159,12 +161,19 @@ def _segment(
     *, rows, index, cfg, dcfg, greedy, shapes,
 ):  # fmt: skip
     """Rounds of shape `index` over the first `rows` rows (`speculative.run_segment`)."""
-    sub = _map_rows(lambda x, axis: jax.lax.slice_in_dim(x, 0, rows, axis=axis), state)
+    whole = rows == state.done.shape[0]
+    sub = (
+        state
+        if whole
+        else _map_rows(lambda x, axis: jax.lax.slice_in_dim(x, 0, rows, axis=axis), state)
+    )
     sub = sub.replace(next_shape=jnp.int32(index))  # the host's pick may predate an admission
     sub = speculative.run_segment(
         sub, base_params, draft_params, knobs, budget, draft_head, limit,
         index=index, cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes,
     )  # fmt: skip
+    if whole:
+        return sub
     return _map_rows(
         lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis),
         state,
@@ -188,7 +197,8 @@ class Engine:
         max_position_embeddings).
       max_queue: waiting requests beyond which `submit` raises `QueueFull`.
       eos_ids: default stop ids (a request may give its own).
-      rounds_per_step: verification rounds per `step` (between admissions and deliveries).
+      rounds_per_step: verification rounds per `step`, at most (between admissions,
+        deliveries and cancellations; a segment also ends early when every row is done).
     """
 
     def __init__(
@@ -205,7 +215,7 @@ class Engine:
         eos_ids: Sequence[int] | None = None,
         draft_head: speculative.DraftHead | None = None,
         speculate: bool = True,
-        rounds_per_step: int = 1,
+        rounds_per_step: int = 4,
     ):
         if max_batch < 1 or max_queue < 0 or rounds_per_step < 1:
             raise ValueError(
@@ -243,6 +253,7 @@ class Engine:
         path_len = max(budget_lib.path_len(t) for t in shapes_all)
         total = max(1 if t is None else t.total_tokens for t in shapes_all)
         self._reserve = total + path_len  # cache slots a round may write past the length
+        self._path_len = path_len  # tokens a round may commit
         planned = speculative.plan_shapes([1], self.max_model_len, shapes_all)
         capacity = -(-(self.max_model_len + self._reserve) // 64) * 64
         self._shapes = dataclasses.replace(
@@ -449,9 +460,18 @@ class Engine:
     def _all_done(self) -> bool:
         return bool(np.all(np.asarray(self._state.done[: len(self._slots)])))
 
+    def _window(self) -> int:
+        """Base-cache slots this segment's rounds may touch (a power of two >= 128, else the
+        whole capacity): every busy row's committed length, plus what `rounds_per_step` rounds
+        can add, plus what one round writes past it. Attention reads only these slots."""
+        longest = max(len(s.request.prompt) + s.sent for s in self._slots)
+        need = longest + self.rounds_per_step * self._path_len + self._reserve
+        window = max(128, 1 << (need - 1).bit_length())
+        return window if window < self._shapes.capacity else 0
+
     def _run_rounds(self) -> None:
         rows = next(b for b in self.buckets if b >= len(self._slots))
-        shapes = dataclasses.replace(self._shapes, batch=rows)
+        shapes = dataclasses.replace(self._shapes, batch=rows, window=self._window())
         budget = self.budgets[rows]
         index = self._next_shape if self._next_shape < len(self.shapes) else 0
         self._state = _segment(

@@ -72,12 +72,15 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
     Args:
       q: [B, T, N, H] queries (RoPE applied).
-      k, v: [B, S, K, H] keys / values (N % K == 0).
-      mask: [B, T, S] bool, True = may attend.
+      k, v: [B, S', K, H] keys / values (N % K == 0); only the first S are read.
+      mask: [B, T, S] bool, True = may attend (S <= S': a window over the first slots).
     Returns:
       [B, T, N, H] in q.dtype.
     """
     b, t, n, h = q.shape
+    span = mask.shape[-1]
+    if span < k.shape[1]:
+        k, v = k[:, :span], v[:, :span]
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))

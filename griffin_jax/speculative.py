@@ -100,6 +100,19 @@ class Shapes:
     draft_capacity: int
     out_size: int  # output buffer (>= max_new + A)
     pending: int = PENDING  # plain rounds the draft trunk may lag behind
+    # Rounds attend over the first `window` base-cache slots only (0 = all): the engine passes
+    # a window that holds every busy row's slots for the segment (`engine.py`).
+    window: int = 0
+
+    @property
+    def span(self) -> int:
+        """Base-cache slots a round's attention reads."""
+        return self.window or self.capacity
+
+    @property
+    def draft_span(self) -> int:
+        """Draft-cache slots a round's attention reads."""
+        return self.draft_capacity - self.capacity + self.span
 
 
 @dataclasses.dataclass
@@ -202,7 +215,7 @@ def _build_tree(step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree
     return tree_lib.build_tree(
         step, root_lp, root_feat, root, trunk_len, dcache,
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
-        capacity=shapes.draft_capacity, lexicographic_paths=False,
+        capacity=shapes.draft_span, lexicographic_paths=False,
         token_ids=None if head is None else head.token_ids,
     )  # fmt: skip
 
@@ -255,7 +268,7 @@ def prefill(
         cache = sharding.constrain(cache, mesh)
         logits, hidden, cache = base_forward(
             base_params, tokens, positions, cache,
-            write_idx=zero, mask=causal_mask(zero, t, shapes.capacity), cfg=cfg,
+            write_idx=zero, mask=causal_mask(zero, t, t), cfg=cfg,  # slots < T only
         )  # fmt: skip
         cache = cache.replace(length=lengths)
     keys = sampling.row_keys(seeds)
@@ -271,7 +284,7 @@ def prefill(
         dcache = sharding.constrain(init_draft_cache(dcfg, b, shapes.draft_capacity, dtype), mesh)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
-            positions, dcache, write_idx=zero, mask=causal_mask(zero, t, shapes.draft_capacity),
+            positions, dcache, write_idx=zero, mask=causal_mask(zero, t, t),
             dcfg=dcfg,
         )  # fmt: skip
         root_lp, root_feat = _root_inputs(
@@ -350,7 +363,7 @@ def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, d
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], state.pending_features,
             state.pending_tokens, trunk[:, None] + jnp.arange(q)[None, :], state.draft_cache,
-            write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity), dcfg=dcfg,
+            write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_span), dcfg=dcfg,
         )  # fmt: skip
         lp, feat = _root_inputs(
             (token_feature, next_feature), jnp.maximum(n - 1, 0), draft_head,
@@ -379,7 +392,7 @@ def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_inde
     with jax.named_scope("verify"):
         logits, hidden, cache = base_forward(
             base_params, state.root[:, None], length[:, None], cache, write_idx=length,
-            mask=causal_mask(length, 1, shapes.capacity), cfg=cfg,
+            mask=causal_mask(length, 1, shapes.span), cfg=cfg,
         )  # fmt: skip
     token = sampling.next_token(
         state.keys, length + 1, logits[:, 0], greedy=greedy,
@@ -423,7 +436,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
     with jax.named_scope("verify"):
         logits, hidden, cache = base_forward(
             base_params, tree.draft_tokens, positions, cache, write_idx=cache.length,
-            mask=tree_lib.verify_mask(tree, cache.length, shapes.capacity), cfg=cfg,
+            mask=tree_lib.verify_mask(tree, cache.length, shapes.span), cfg=cfg,
         )  # fmt: skip
     with jax.named_scope("accept"):
         # The base's next token after every node (argmax, or the position-keyed draw), then
@@ -457,7 +470,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], features, emitted,
             trunk[:, None] + slot[None, :], dcache, write_idx=trunk,
-            mask=causal_mask(trunk, a_len, shapes.draft_capacity), dcfg=dcfg,
+            mask=causal_mask(trunk, a_len, shapes.draft_span), dcfg=dcfg,
         )  # fmt: skip
         root_lp, root_feat = _root_inputs(
             (token_feature, next_feature), accept_len, draft_head, base_params=base_params,

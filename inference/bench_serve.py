@@ -96,12 +96,14 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
     counter = iter(range(10**9))
 
     def worker():
-        while time.perf_counter() < stop_at:
+        while True:  # at least one request each
             with lock:
                 prompt = prompts[next(counter) % len(prompts)]
             r = _one_request(client, prompt, args)
             with lock:
                 results.append(r)
+            if time.perf_counter() >= stop_at:
+                return
 
     rounds0 = _metric(url, "griffin_verification_rounds_total")
     gen0 = _metric(url, "griffin_generation_tokens_total")
