@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from spec_models import aligned_pair, base_config, draft_config
 
+from griffin_jax import budget as budget_lib
 from griffin_jax import engine as engine_lib
 from griffin_jax import vanilla
 from griffin_jax.config import TreeConfig
@@ -197,3 +198,22 @@ def test_bad_requests_are_refused_and_a_full_queue_raises(pair):
         eng.submit(engine_lib.Request((6,), max_new_tokens=4), _Collect())
     with pytest.raises(ValueError):
         _engine(pair, max_model_len=10**6)
+
+
+def test_a_budget_per_batch_bucket_switches_shapes_losslessly(pair):
+    seen = []
+
+    def budget_for(batch: int) -> budget_lib.Budget:  # what `--tree auto` builds per bucket
+        seen.append(batch)
+        return budget_lib.make_budget([None, TREE], schedule=[0, 1, 1, 0, 1, 0, 0, 1] * 4)
+
+    eng = _engine(pair, tree=budget_for, max_batch=2)
+    requests = [_requests()[0], _requests()[3]]  # greedy: one program set per bucket
+    got = [_Collect() for _ in requests]
+    for request, sink in zip(requests, got, strict=True):
+        eng.submit(request, sink)
+    eng.run_until_idle()
+    assert seen == [1, 2] and eng.shapes == (None, TREE)
+    for request, sink in zip(requests, got, strict=True):
+        assert sink.tokens == _alone(pair, request)
+    assert sum(s.final.accepted for s in got) > 0  # tree rounds ran between plain ones

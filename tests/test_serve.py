@@ -119,6 +119,10 @@ def test_completion_equals_plain_decoding_streamed_or_not(client, model):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1  # really streamed
+    echoed = client.completions.create(
+        model="griffin-jax", prompt=PROMPTS[0], max_tokens=40, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == PROMPTS[0] + want
 
 
 def test_chat_completion_streamed_and_not(client, model):
