@@ -446,13 +446,12 @@ class Engine:
             max_new=jnp.asarray(h["max_new"][row : row + 1]),
             eos_ids=jnp.asarray(h["eos"][row : row + 1]),
         )
-        greedy = request.temperature == 0
         shapes = dataclasses.replace(self._shapes, batch=1, prompt_bucket=bucket)
         self._state = _admit(
             self._state, self.base_params, self.draft_params, jnp.asarray(tokens),
             jnp.asarray(lengths), knobs, jnp.asarray(vanilla.row_seeds(request.seed, 1)),
             self.budgets[1], self.draft_head, jnp.int32(row), cfg=self.cfg, dcfg=self.dcfg,
-            greedy=greedy, shapes=shapes,
+            greedy=None, shapes=shapes,  # one program for greedy and sampled requests
         )  # fmt: skip
         self._slots.append(slot)
         self.counters.prefills += 1

@@ -236,6 +236,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
     axes[1].set(xlabel="concurrent clients", ylabel="inter-token latency p50 (s)",
                 xscale="log", xticks=cs)  # fmt: skip
     for ax in axes:
+        ax.minorticks_off()
         ax.legend()
         ax.set_xticklabels([str(c) for c in cs])
     fig.tight_layout()

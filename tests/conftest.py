@@ -33,6 +33,18 @@ def _cost_cache(tmp_path_factory):
     os.environ["GRIFFIN_COST_CACHE"] = str(tmp_path_factory.mktemp("costs") / "costs.json")
 
 
+@pytest.fixture(scope="module")
+def pair():
+    """(cfg, dcfg, base, draft): a tiny Llama and a GRIFFIN draft that agrees with it often
+    (`spec_models.aligned_pair`, noise 0.3), so rounds commit several tokens."""
+    from spec_models import aligned_pair, base_config, draft_config
+
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    return cfg, dcfg, base, draft
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # CPU unless the run selects the gpu marker (JAX reads this when its backend first starts).
     markexpr = config.getoption("markexpr", "") or ""

@@ -147,14 +147,6 @@ def test_make_budget_refuses_bad_settings(bad):
 # ----------------------------------------------------------------------------- the engine
 
 
-@pytest.fixture(scope="module")
-def pair():
-    cfg = base_config("llama")
-    dcfg = draft_config(cfg)
-    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
-    return cfg, dcfg, base, draft
-
-
 def _schedules(n: int = 40) -> list[list[int]]:
     rng = np.random.default_rng(0)
     return [

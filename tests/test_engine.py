@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from spec_models import aligned_pair, base_config, draft_config
 
 from griffin_jax import budget as budget_lib
 from griffin_jax import engine as engine_lib
@@ -15,14 +14,6 @@ from griffin_jax.config import TreeConfig
 
 TREE = TreeConfig(top_k=2, depth=3, total_tokens=8)
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 34)), [40], [3, 4], [7] * 12]
-
-
-@pytest.fixture(scope="module")
-def pair():
-    cfg = base_config("llama")
-    dcfg = draft_config(cfg)
-    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
-    return cfg, dcfg, base, draft
 
 
 def _engine(pair, **kw):

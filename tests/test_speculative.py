@@ -273,8 +273,11 @@ def test_seeded_sampling_equals_seeded_vanilla(temperature, top_p, top_k):
         )
         assert batch.output_ids == want, tree
         accepted += sum(a for row in batch.accept_lengths for a in row)
-    # Alone (batch 1), row b is the same request with seed 11 + b.
+    # Alone (batch 1), row b is the same request with seed 11 + b (the rows of one length
+    # bucket: one compiled program).
     for b, prompt in enumerate(PROMPTS):
+        if len(prompt) > 16:
+            continue
         alone = speculative.generate(
             base, cfg, draft, dcfg, [prompt], tree_cfg=SEEDED_TREES[1], seed=11 + b, **knobs
         )
