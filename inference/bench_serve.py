@@ -57,7 +57,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--tree", default=None, help="as inference.serve --tree")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/serve.json"))
+    p.add_argument(
+        "--admission-stall", type=int, default=None, metavar="N",
+        help="only measure what admitting an N-token prompt costs the rows already decoding "
+        "(engine steps, no HTTP; prints JSON)",
+    )  # fmt: skip
     return p.parse_args(argv)
+
+
+def admission_stall(model, args) -> dict:
+    """Step times (ms) of `max_batch - 1` decoding rows: typical, and the step that admits an
+    N-token prompt (one prefill forward, not chunked), after a warm-up of the same shapes."""
+    eng = engine_lib.Engine(
+        model.base_params, model.cfg, model.draft_params, model.dcfg, tree=model.tree_cfg,
+        max_batch=args.max_batch, max_model_len=args.max_model_len,
+        draft_head=model.draft_head(),
+    )  # fmt: skip
+    n = args.admission_stall
+    long_prompt = tuple(range(3, 3 + n))
+    short = [
+        engine_lib.Request((5 + i, 6, 7, 8), max_new_tokens=400) for i in range(args.max_batch - 1)
+    ]
+
+    def measure() -> tuple[list[float], float]:
+        for r in short:
+            eng.submit(r, lambda u: None)
+        eng.step()
+        typical = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            eng.step()
+            typical.append(1e3 * (time.perf_counter() - t0))
+        eng.submit(engine_lib.Request(long_prompt, max_new_tokens=4), lambda u: None)
+        t0 = time.perf_counter()
+        eng.step()
+        admitted = 1e3 * (time.perf_counter() - t0)
+        for slot in list(eng._slots):
+            eng.cancel(slot.rid)
+        eng.run_until_idle()
+        return typical, admitted
+
+    measure()  # compiles every program both steps use
+    typical, admitted = measure()
+    return {
+        "prompt_tokens": n, "decoding_rows": args.max_batch - 1,
+        "step_ms_median": statistics.median(typical), "admission_step_ms": admitted,
+    }  # fmt: skip
 
 
 def _metric(url: str, name: str) -> float:
@@ -141,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.input_file(args.prompts, "--prompts")
     prompts = read_questions(args.prompts, args.num_prompts)
     model = SpeculativeModel.from_pretrained(args.base, args.draft, **tree_spec(args.tree))
+    if args.admission_stall is not None:
+        cli.positive(args.admission_stall, "--admission-stall")
+        print(json.dumps(admission_stall(model, args)))
+        return 0
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "settings": {k: str(v) for k, v in vars(args).items()},

@@ -339,3 +339,20 @@ def test_the_command_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-batch", "0"], "--max-batch must be an integer >= 1"),
+        (["--speculative-num-steps", "0"], "--speculative-num-steps must be an integer >= 1"),
+        (["--chat-template", "/no/such/file"], "--chat-template /no/such/file: no such file"),
+        (["--port", "x"], "argument --port: invalid int value"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_before_loading(argv, message, capsys):
+    from griffin_jax import cli
+
+    assert cli.run(serve.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
