@@ -1,8 +1,8 @@
 """`python -m inference.bench_serve`: the server under closed-loop load, speculative against
 `--no-speculation`, in one run with the same settings.
 
-For each mode the server (`inference.serve.create_app`, uvicorn on 127.0.0.1) is started in this
-process, warmed up (every batch bucket compiled by a burst of requests), then C concurrent
+For each mode the server (`python -m inference.serve` on 127.0.0.1) is started as a process of its
+own, warmed up (every batch bucket compiled by a burst of requests), then C concurrent
 clients (the official `openai` client, streaming) each send one request after another over the
 prompts for `--seconds` seconds, for every C in `--concurrency`. Reported per (mode, C):
 requests/s, output tokens/s, time to first token and inter-token latency (p50 / p99, seconds),
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     for mode, speculate in (("speculative", True), ("no_speculation", False)):
-        eng, server = start_server(model, args, speculate)
+        server = ServerProcess(args, speculate)
         try:
             warm(server.url, prompts, args)
             runs = []
@@ -213,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
                 report["alone"] = alone(server.url, model, prompts[0], args)
         finally:
             server.close()
-            eng.stop(drain=False, timeout=60)
     spec_runs, base_runs = report["runs"]["speculative"], report["runs"]["no_speculation"]
     report["speedup"] = {
         str(s["concurrency"]): s["output_tokens_per_s"] / b["output_tokens_per_s"]
@@ -226,17 +225,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start_server(model, args, speculate: bool):
-    tree = model.tree_cfg
-    if model.adaptive and speculate:
-        tree = lambda batch: model.budget(batch, greedy=args.temperature == 0)  # noqa: E731
-    eng = engine_lib.Engine(
-        model.base_params, model.cfg, model.draft_params, model.dcfg, tree=tree,
-        max_batch=args.max_batch, max_model_len=args.max_model_len,
-        draft_head=model.draft_head(), speculate=speculate,
-    )  # fmt: skip
-    eng.start()
-    return eng, serve.ThreadedServer(serve.create_app(eng, model.tokenizer))
+class ServerProcess:
+    """`python -m inference.serve` in its own process (the clients' Python never shares the
+    engine's interpreter), on a free 127.0.0.1 port; stopped with SIGTERM."""
+
+    def __init__(self, args, speculate: bool) -> None:
+        import os
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [sys.executable, "-m", "inference.serve", "--port", str(port),
+                "--max-batch", str(args.max_batch), "--max-model-len", str(args.max_model_len),
+                "--log-level", "warning"]  # fmt: skip
+        for flag, value in (("--base", args.base), ("--draft", args.draft), ("--tree", args.tree)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if not speculate:
+            argv.append("--no-speculation")
+        env = dict(os.environ)
+        env.pop("GRIFFIN_API_KEY", None)
+        self.proc = subprocess.Popen(argv, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server did not start ({' '.join(argv)})")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
 
 
 def warm(url: str, prompts: list[str], args) -> None:
