@@ -84,15 +84,6 @@ class _Slot:
     cancelled: bool = False
 
 
-@dataclasses.dataclass
-class Counters:
-    """Running totals (plain ints, read without the lock)."""
-
-    prefills: int = 0  # admissions
-    segments: int = 0  # round programs run
-    errors: int = 0  # failed steps
-
-
 def _buckets(max_batch: int) -> tuple[int, ...]:
     sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
     return (*sizes, max_batch)
@@ -268,7 +259,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: str | None = None  # why the engine stopped serving, once it has
-        self.counters = Counters()
         self._reset_state()
 
     # ------------------------------------------------------------------ requests
@@ -341,7 +331,6 @@ class Engine:
                 self._run_rounds()
             self._deliver()
         except Exception as err:  # a failed round fails its requests, the engine goes on
-            self.counters.errors += 1
             log.error("round failed: %s: %s", type(err).__name__, err)
             failed = [*self._slots, *(s for s in admit if s not in self._slots)]
             self._slots = []
@@ -395,7 +384,7 @@ class Engine:
         )  # fmt: skip
         tokens = jnp.zeros((b, 16), jnp.int32)
         lengths = jnp.ones((b,), jnp.int32)
-        knobs = self._knobs(b)
+        knobs = self._knobs(slice(0, b))
         seeds = jnp.zeros((b,), jnp.uint32)
         shapes = dataclasses.replace(self._shapes, prompt_bucket=16)
         state = speculative.prefill(
@@ -406,14 +395,15 @@ class Engine:
         self._state = state.replace(done=jnp.ones((b,), bool))
         self._next_shape = 0
 
-    def _knobs(self, rows: int) -> speculative.Knobs:
+    def _knobs(self, rows: slice) -> speculative.Knobs:
+        """The settings of rows `rows` (host arrays -> device)."""
         h = self._host
         return speculative.Knobs(
-            temperature=jnp.asarray(h["temperature"][:rows]),
-            top_p=jnp.asarray(h["top_p"][:rows]),
-            top_k=jnp.asarray(h["top_k"][:rows]),
-            max_new=jnp.asarray(h["max_new"][:rows]),
-            eos_ids=jnp.asarray(h["eos"][:rows]),
+            temperature=jnp.asarray(h["temperature"][rows]),
+            top_p=jnp.asarray(h["top_p"][rows]),
+            top_k=jnp.asarray(h["top_k"][rows]),
+            max_new=jnp.asarray(h["max_new"][rows]),
+            eos_ids=jnp.asarray(h["eos"][rows]),
         )
 
     def _set_row(self, row: int, request: Request) -> None:
@@ -438,14 +428,7 @@ class Engine:
         self._set_row(row, request)
         bucket = vanilla.prompt_bucket(len(request.prompt))
         tokens, lengths = vanilla.pad_prompts([list(request.prompt)], [bucket])
-        h = self._host
-        knobs = speculative.Knobs(
-            temperature=jnp.asarray(h["temperature"][row : row + 1]),
-            top_p=jnp.asarray(h["top_p"][row : row + 1]),
-            top_k=jnp.asarray(h["top_k"][row : row + 1]),
-            max_new=jnp.asarray(h["max_new"][row : row + 1]),
-            eos_ids=jnp.asarray(h["eos"][row : row + 1]),
-        )
+        knobs = self._knobs(slice(row, row + 1))
         shapes = dataclasses.replace(self._shapes, batch=1, prompt_bucket=bucket)
         self._state = _admit(
             self._state, self.base_params, self.draft_params, jnp.asarray(tokens),
@@ -454,7 +437,6 @@ class Engine:
             greedy=None, shapes=shapes,  # one program for greedy and sampled requests
         )  # fmt: skip
         self._slots.append(slot)
-        self.counters.prefills += 1
 
     def _all_done(self) -> bool:
         return bool(np.all(np.asarray(self._state.done[: len(self._slots)])))
@@ -474,11 +456,10 @@ class Engine:
         budget = self.budgets[rows]
         index = self._next_shape if self._next_shape < len(self.shapes) else 0
         self._state = _segment(
-            self._state, self.base_params, self.draft_params, self._knobs(rows), budget,
+            self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)), budget,
             self.draft_head, jnp.int32(self.rounds_per_step), rows=rows, index=index,
             cfg=self.cfg, dcfg=self.dcfg, greedy=self._greedy(rows), shapes=shapes,
         )  # fmt: skip
-        self.counters.segments += 1
 
     def _deliver(self) -> None:
         n = len(self._slots)
