@@ -4,12 +4,18 @@ Numerics (STYLE R7), each matching transformers' Llama code:
 - RMSNorm in f32, cast back to the input dtype, then times the weight (`LlamaRMSNorm.forward`).
 - RoPE angles in f32 at HIGHEST precision, cos/sin cast to the activation dtype, split-half
   rotation (`LlamaRotaryEmbedding`, `apply_rotary_pos_emb`).
-- Attention softmax in f32 with a `finfo(f32).min` mask value (not -inf, so that a fully masked
-  pad row gives a uniform row instead of NaN), cast back to the query dtype
-  (`eager_attention_forward`).
+- Attention scores accumulated and soft-maxed in f32 with a `finfo(f32).min` mask value (not
+  -inf, so that a fully masked pad row gives a uniform row instead of NaN), probabilities cast
+  back to the query dtype (`eager_attention_forward` in f32; SDPA's f32 accumulation in bf16).
+  One-token decodes use the explicit einsums; forwards of several tokens go through
+  `jax.nn.dot_product_attention` (cuDNN's fused kernel on a GPU in bf16), equal within f32
+  round-off (`attention_implementation`).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -67,13 +73,51 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def attention_implementation(
+    q: jax.Array, *, backend: str | None = None
+) -> Literal["einsum", "xla", "cudnn"]:
+    """Which attention a forward of these queries uses (decided at trace time).
+
+    - "einsum": the explicit GQA einsums below (scores in the activation dtype, softmax in
+      f32, as transformers' eager attention). One-token decodes (T = 1) take it: a decode reads
+      the cache once, and nothing fused beats two small matmuls there.
+    - "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused kernel, for prefill, tree
+      verification and draft levels (T > 1) on a GPU in bf16/f16 with a head dim cuDNN takes
+      (a multiple of 8, <= 128). The boolean mask reaches cuDNN as an additive bias.
+    - "xla": `jax.nn.dot_product_attention`'s portable path for T > 1 elsewhere (CPU, TPU, f32):
+      the same maths as "einsum" with f32 logits; equal to it within f32 round-off (tested).
+
+    `GRIFFIN_ATTENTION=einsum|xla|cudnn` forces one (`bench_device` compares them). It is read
+    when a program is traced: set it before the first call (compiled programs keep their
+    choice; `jax.clear_caches()` drops them).
+    """
+    forced = os.environ.get("GRIFFIN_ATTENTION", "")
+    if forced:
+        if forced not in ("einsum", "xla", "cudnn"):
+            raise ValueError(f"GRIFFIN_ATTENTION={forced!r}: expected einsum, xla or cudnn")
+        return forced  # type: ignore[return-value]
+    if q.shape[1] == 1:
+        return "einsum"
+    backend = backend or jax.default_backend()
+    head_dim = q.shape[-1]
+    if (
+        backend == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    ):
+        return "cudnn"
+    return "xla"
+
+
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention over explicit keys.
 
     Args:
       q: [B, T, N, H] queries (RoPE applied).
       k, v: [B, S', K, H] keys / values (N % K == 0); only the first S are read.
-      mask: [B, T, S] bool, True = may attend (S <= S': a window over the first slots).
+      mask: [B, T, S] bool, True = may attend (S <= S': a window over the first slots). Every
+        query must see at least one slot (a fully masked row is undefined on cuDNN).
     Returns:
       [B, T, N, H] in q.dtype.
     """
@@ -82,8 +126,16 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     if span < k.shape[1]:
         k, v = k[:, :span], v[:, :span]
     kv = k.shape[2]
+    impl = attention_implementation(q)
+    if impl != "einsum":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], implementation=impl
+        ).astype(q.dtype)
     qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+    # Scores accumulate in f32 (as SDPA / flash kernels and `dot_product_attention` do): bf16
+    # scores of a long context would round by ~1e-2 before the softmax.
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(h))
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)

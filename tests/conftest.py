@@ -4,6 +4,8 @@ factories for tiny random transformers models saved with `save_pretrained` (no n
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -50,6 +52,21 @@ def pytest_configure(config: pytest.Config) -> None:
     markexpr = config.getoption("markexpr", "") or ""
     if "gpu" not in markexpr or "not gpu" in markexpr:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # One persistent XLA compilation cache for the whole run: the pytest-xdist workers and the
+    # subprocesses the tests start (CLIs, the server, the 8-device checks) compile many of the
+    # same programs; each is compiled once. A fresh folder per run (made by the first process,
+    # inherited by the others through the environment), removed at the end.
+    if "GRIFFIN_TEST_XLA_CACHE" not in os.environ:
+        os.environ["GRIFFIN_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="griffin-jax-xla-")
+        config._griffin_owns_cache = True  # type: ignore[attr-defined]
+    cache = os.environ["GRIFFIN_TEST_XLA_CACHE"]
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "_griffin_owns_cache", False):
+        shutil.rmtree(os.environ.pop("GRIFFIN_TEST_XLA_CACHE"), ignore_errors=True)
 
 
 def build_hf_model(family: str, *, seed: int = 0, **overrides):

@@ -49,7 +49,7 @@ def test_greedy_batch1_each_prompt(kind):
     cfg = base_config("llama", n_kv_heads=1)
     dcfg = draft_config(cfg, kind, n_kv_heads=2)
     base, draft = aligned_pair(cfg, dcfg, seed=3, noise=0.3)
-    for prompt in PROMPTS[:3]:
+    for prompt in PROMPTS[:2]:  # one length bucket: one compiled program
         res = speculative.generate(
             base, cfg, draft, dcfg, [prompt], tree_cfg=TREE, max_new_tokens=17
         )

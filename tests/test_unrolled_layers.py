@@ -15,7 +15,9 @@ from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask, commit_path, init_cache, tree_mask_to_cache
 from griffin_jax.model import forward, is_unstacked, stack_layers, unstack_layers
 
-ATOL = 1e-5
+# f32 round-off between two XLA programs of the same maths (fused differently): logits are
+# O(5), so 5e-5 is ~1e-5 relative.
+ATOL = 5e-5
 _forward = jax.jit(forward, static_argnames=("cfg",))
 
 
