@@ -14,6 +14,7 @@ from spec_models import aligned_pair, base_config, draft_config
 
 from convert.export_draft import export_draft
 from convert.export_hf import export_hf
+from griffin_jax import speculative
 from griffin_jax.cli import run as run_cli
 from inference import generate as cli
 from inference.api import DEFAULT_MODEL_DIR, ModelLoadError, SpeculativeModel
@@ -144,6 +145,12 @@ def test_tree_auto_runs_the_adaptive_budget(pair, capsys, tmp_path, monkeypatch)
     """--tree auto: greedy output equals vanilla, the JSON names each round's shape, and the
     measured round costs land in the cost cache (read back, not measured, the second time)."""
     monkeypatch.setenv("GRIFFIN_COST_CACHE", str(tmp_path / "costs.json"))
+    # The measurement itself is tested in test_budget; here a short one keeps the test quick.
+    measure = speculative.measure_round_costs
+    short = dict(repeats=1, segment=4, prompt_len=16, max_new=32)
+    monkeypatch.setattr(
+        speculative, "measure_round_costs", lambda *a, **kw: measure(*a, **{**kw, **short})
+    )
     base, draft = pair
     common = ["--base", str(base), "--prompt", "def f(x):", "--max-new-tokens", "12", "--json"]
     code, out, err = _run(capsys, [*common, "--draft", str(draft), "--tree", "auto"])

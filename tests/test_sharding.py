@@ -237,7 +237,8 @@ def test_memory_plan_real_configs(capsys):
 @pytest.fixture(scope="module")
 def device_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, __file__, str(out)],

@@ -201,8 +201,21 @@ def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k, s
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied embeddings
-def test_draft_head_drafts_only_its_tokens_and_stays_lossless(family):
+def test_draft_head_logits_are_the_base_logits_of_its_tokens(family):
     cfg = base_config(family, tie_embeddings=family == "qwen2")
+    base, _ = random_pair(cfg, draft_config(cfg))
+    ids = np.random.default_rng(1).permutation(cfg.vocab_size)[:40]
+    head = speculative.make_draft_head(base, cfg, ids)
+    hidden = jax.random.normal(jax.random.key(0), (3, cfg.d_model))
+    full = speculative._draft_logits(base, hidden, None, cfg=cfg)
+    np.testing.assert_allclose(
+        speculative._draft_logits(base, hidden, head, cfg=cfg), full[:, ids], rtol=1e-6
+    )
+    np.testing.assert_array_equal(np.asarray(head.token_ids), ids)
+
+
+def test_draft_head_drafts_only_its_tokens_and_stays_lossless():
+    cfg = base_config("llama")
     dcfg = draft_config(cfg)
     base, draft = random_pair(cfg, dcfg)
     subset = np.random.default_rng(0).permutation(cfg.vocab_size)[:40]
