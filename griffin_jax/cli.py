@@ -107,3 +107,50 @@ def run(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | No
             raise
         print(f"error: {one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return USAGE_STATUS
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """`--distributed` and its explicit cluster description (`sharding.init_distributed`)."""
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of N processes of one JAX program (jax.distributed.initialize)",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --distributed: process 0's address (default: the environment)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="with --distributed: N (default: the environment)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="with --distributed: this process, 0..N-1 (default: the environment)",
+    )
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Calls `sharding.init_distributed` when `--distributed` was given (checked flags first)."""
+    given = [
+        f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is not None
+    ]
+    if not args.distributed:
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} needs --distributed")
+        return
+    if args.num_processes is not None and args.num_processes < 1:
+        raise InputError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not (
+        0 <= args.process_id < (args.num_processes or args.process_id + 1)
+    ):
+        raise InputError(f"--process-id {args.process_id} is not in [0, --num-processes)")
+    from griffin_jax import sharding
+
+    sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)

@@ -26,18 +26,18 @@ replicated along `model`: each model shard holds all K heads and computes them r
 attention score, for a cache that is small exactly when K is small.
 
 Multi-host (one process per host; every host runs the same command):
-- call `init_distributed()` (the CLI's `--distributed`) before any other JAX call. It calls
-  `jax.distributed.initialize`, which auto-detects Cloud TPU pods, SLURM, Open MPI and
-  mpi4py; elsewhere set `JAX_COORDINATOR_ADDRESS=host0:1234`, `JAX_NUM_PROCESSES=N` and
-  `JAX_PROCESS_ID=i` (0 on the coordinator) on every host;
+- call `init_distributed()` (the CLI's `--distributed`, with `--coordinator HOST:PORT
+  --num-processes N --process-id I` or `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+  `JAX_PROCESS_ID`; 0 on the coordinator) before any other JAX call. Without them
+  `jax.distributed.initialize` auto-detects Cloud TPU pods, SLURM, Open MPI and mpi4py;
 - every host needs the code, the same Python environment, and the checkpoint at the same path
   (a shared filesystem or a copy): each host reads only the slices its own devices hold
   (`convert.load_hf.load_hf_params_sharded`, `restore_params`);
 - the mesh spans all hosts' devices (`jax.devices()` is global); put `model` last so a model
   shard group is one host's devices (fast links) and `data` across hosts;
 - every host gets the full output: the engine state other than the caches is replicated, so the
-  host reads it without a gather. This path is written for, but only tested with simulated
-  devices in one process.
+  host reads it without a gather. Tested with 2 processes x 2 CPU devices on loopback
+  (`tests/test_multihost.py`: greedy generation over `data=1,model=4` equals one process).
 """
 
 from __future__ import annotations
@@ -158,16 +158,28 @@ def abstract_mesh(spec: str | Mapping[str, int]) -> AbstractMesh:
     )
 
 
-def init_distributed(**kwargs: Any) -> None:
-    """Multi-host start-up (see the module docstring); call before any other JAX call.
+def init_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Makes this process one of N in one JAX program (the project's one multi-host start-up;
+    the CLIs' `--distributed`). Call before any other JAX call.
 
-    `JAX_COORDINATOR_ADDRESS` is read by JAX itself; `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`
-    fill `num_processes` / `process_id` when set. Without them JAX auto-detects the cluster.
+    Args fall back to `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`; with
+    none of them JAX auto-detects the cluster (Cloud TPU, SLURM, Open MPI). CPU collectives go
+    over gloo, so CPU-only processes (tests on loopback) can run sharded programs together.
     """
-    for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-        if env in os.environ and arg not in kwargs:
-            kwargs[arg] = int(os.environ[env])
-    jax.distributed.initialize(**kwargs)
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
 
 
 # ----------------------------------------------------------------------------- params

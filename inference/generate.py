@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from convert.load_hf import load_hf_config
@@ -86,9 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="run both, report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--mesh", help="shard over a device mesh, e.g. data=1,model=8 (default: none)")
-    p.add_argument(
-        "--distributed", action="store_true", help="multi-host: jax.distributed.initialize first"
-    )
+    cli.add_distributed_flags(p)
     return p.parse_args(argv)
 
 
@@ -197,8 +196,7 @@ def _ignore_round(out_tokens: np.ndarray, num_out: np.ndarray) -> None:
 
 def load(args: argparse.Namespace, prompts: list[str]) -> tuple[SpeculativeModel, list[list[int]]]:
     """Checks everything it can from the config, tree file and tokenizer, then loads weights."""
-    if args.distributed:
-        sharding.init_distributed()
+    cli.start_distributed(args)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     if args.base is None and not (DEFAULT_MODEL_DIR / "griffin" / "config.json").exists():
         if not (DEFAULT_MODEL_DIR / "base" / "config.json").exists():
@@ -246,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tree: {mode}{model.tree_cfg}", file=log)
     runner = model.vanilla_generate if args.vanilla else model.generate
     # Streaming reads tokens back every round (the host loop); --compare times the device loop.
-    stream = not args.json and not args.compare and len(prompts) == 1
+    lead = jax.process_index() == 0  # with --distributed, process 0 reports
+    stream = lead and not args.json and not args.compare and len(prompts) == 1
     streamer = Streamer(model.tokenizer) if stream else None
     result, compile_s = timed(lambda cb: runner(input_ids, on_round=cb, **knobs), streamer)
     if stream:
@@ -280,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["tokens_per_s"] = result.new_tokens / min(spec_s)
         summary["vanilla_tokens_per_s"] = base_result.new_tokens / min(base_s)
         summary["speedup"] = summary["tokens_per_s"] / max(summary["vanilla_tokens_per_s"], 1e-9)
+    if not lead:
+        print(f"[process {jax.process_index()}] {result.new_tokens} tokens", file=log)
+        return 0
     if args.json:
         print(json.dumps(summary))
     else:

@@ -6,9 +6,8 @@ step, see `Checkpointer`), metrics to JSONL
 plus a progress bar, loss-curve plots, and data parallelism over local devices with
 `jax.sharding` (the batch axis is split over a 1-D `data` mesh; params are replicated).
 
-Multi-host: call `init_distributed()` first on every host (it wraps
-`jax.distributed.initialize`, which reads the coordinator address, process count and id from the
-standard cluster environment variables or from its arguments); `jax.devices()` then spans all
+Multi-host: call `griffin_jax.sharding.init_distributed()` first on every host (the trainers'
+`--distributed`); `jax.devices()` then spans all
 hosts and `data_mesh()` covers them. Each host feeds its own slice of the global batch
 (`host_batch_slice`).
 """
@@ -361,11 +360,6 @@ def plot_metrics(
 
 # ---------------------------------------------------------------------------------------------
 # Data parallel
-
-
-def init_distributed(**kwargs: Any) -> None:
-    """Multi-host set-up: one process per host, the same command on each (see module doc)."""
-    jax.distributed.initialize(**kwargs)
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

@@ -536,7 +536,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--devices", type=int, default=None, help="default: all local devices")
     run.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop at this step")
     run.add_argument("--max-minutes", type=float, default=None)
-    run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    cli.add_distributed_flags(run)
     args = p.parse_args(argv)
     check_args(args)
     if args.lr is None:
@@ -685,8 +685,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """
     from convert.load_hf import load_hf
 
-    if args.distributed:
-        common.init_distributed()
+    cli.start_distributed(args)
     base_cfg = check_inputs(args)
     data = load_data(args, base_cfg)
     train_idx, eval_idx = split(len(data), args.eval_frac)

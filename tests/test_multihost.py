@@ -1,0 +1,107 @@
+"""Two processes as one JAX program (`--distributed`), on loopback with CPU collectives (gloo):
+2 processes x 2 simulated CPU devices give the same greedy ids over a 4-device mesh as one
+process with 4 devices, through the CLI (`python -m inference.generate`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from spec_models import aligned_pair, base_config, draft_config
+from test_generate_cli import TOKENIZER_FILES
+
+from convert.export_draft import export_draft
+from convert.export_hf import export_hf
+from griffin_jax.cli import run as run_cli
+from inference import generate
+from inference.api import DEFAULT_MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny base (8 heads, 2 KV heads: shardable over model=4) and its GRIFFIN draft."""
+    root = tmp_path_factory.mktemp("multihost")
+    cfg = base_config(
+        "llama", vocab_size=8192, n_heads=8, n_kv_heads=2, head_dim=8, eos_token_ids=(1,),
+        bos_token_id=0, max_position_embeddings=256,
+    )  # fmt: skip
+    dcfg = draft_config(cfg, n_heads=8, n_kv_heads=8, head_dim=8)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.2)
+    export_hf(base, cfg, root / "base")
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEFAULT_MODEL_DIR / "base" / name, root / "base" / name)
+    export_draft(draft, base["embed_tokens"]["embedding"], dcfg, root / "griffin", base_cfg=cfg)
+    (root / "griffin" / "tree.json").write_text('{"total_tokens": 10, "depth": 3, "top_k": 3}')
+    return root / "base", root / "griffin"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _generate(folders, devices: int, extra: list[str]) -> subprocess.Popen:
+    base, draft = folders
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-m", "inference.generate", "--base", str(base), "--draft",
+            str(draft), "--prompt", "def f(x):", "--max-new-tokens", "12", "--json",
+            "--mesh", "data=1,model=4", *extra]  # fmt: skip
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_two_processes_generate_what_one_process_generates(folders):
+    port = _free_port()
+    procs = [
+        _generate(
+            folders,
+            2,
+            [
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    single = _generate(folders, 4, [])
+    outs = [p.communicate(timeout=420) for p in [*procs, single]]
+    for p, (_, err) in zip([*procs, single], outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    # (gloo prints its connection lines on stdout; the JSON object is the last line)
+    lead, alone = (json.loads(outs[i][0].strip().splitlines()[-1]) for i in (0, 2))
+    assert not any(line.startswith("{") for line in outs[1][0].splitlines())  # process 0 reports
+    assert "[process 1] 12 tokens" in outs[1][1]
+    assert lead["output_ids"] == alone["output_ids"] and len(lead["output_ids"]) == 12
+    assert sum(lead["accept_lengths"]) > 0  # multi-token rounds crossed the processes
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--coordinator", "127.0.0.1:1"], "--coordinator needs --distributed"),
+        (["--distributed", "--num-processes", "0"], "--num-processes must be >= 1"),
+        (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id 2"),
+    ],
+)
+def test_distributed_flags_are_checked_before_any_work(folders, capsys, flags, message):
+    base, _ = folders
+    argv = ["--base", str(base), "--vanilla", "--prompt", "hi", *flags]
+    assert run_cli(generate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
