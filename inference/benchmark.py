@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call (right-padded)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
+    cli.add_distributed_flags(p)
     args = p.parse_args(argv)
     cli.positive(args.batch, "--batch")
+    cli.start_distributed(args)
 
     drafts = parse_drafts(args.draft) or {
         name: (str(DEFAULT_MODEL_DIR / name), None)
@@ -307,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['bench']} T={temperature:g}: vanilla "
                   f"{row['vanilla']['tokens_per_s']:.1f} tok/s; {summary} "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr)  # fmt: skip
+    if jax.process_index() != 0:  # with --distributed, process 0 writes the report
+        print(f"[process {jax.process_index()}] done", file=sys.stderr)
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.out.with_suffix(".png"))

@@ -105,3 +105,13 @@ def test_distributed_flags_are_checked_before_any_work(folders, capsys, flags, m
     assert run_cli(generate.main, argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("module", ["inference.benchmark", "training.train", "training.pretrain"])
+def test_every_multi_host_entry_point_takes_the_cluster_flags(module, capsys):
+    main = __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in ("--distributed", "--coordinator", "--num-processes"))

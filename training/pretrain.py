@@ -160,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="stop (checkpointed) after this much wall time; --resume continues",
     )
+    cli.add_distributed_flags(p)
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -294,6 +295,7 @@ def _read_config(path: pathlib.Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli.start_distributed(args)
     train_ids, heldout_ids, cfg = load_inputs(args)
     print(f"model: {cfg}", file=sys.stderr)
 
