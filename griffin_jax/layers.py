@@ -78,9 +78,9 @@ def attention_implementation(
 ) -> Literal["einsum", "xla", "cudnn"]:
     """Which attention a forward of these queries uses (decided at trace time).
 
-    - "einsum": the explicit GQA einsums below (scores in the activation dtype, softmax in
-      f32, as transformers' eager attention). One-token decodes (T = 1) take it: a decode reads
-      the cache once, and nothing fused beats two small matmuls there.
+    - "einsum": the explicit GQA einsums below (scores accumulated and soft-maxed in f32).
+      One-token decodes (T = 1) take it: a decode reads the cache once, and nothing fused
+      beats two small matmuls there.
     - "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused kernel, for prefill, tree
       verification and draft levels (T > 1) on a GPU in bf16/f16 with a head dim cuDNN takes
       (a multiple of 8, <= 128). The boolean mask reaches cuDNN as an additive bias.
