@@ -1,6 +1,8 @@
 """Two processes as one JAX program (`--distributed`), on loopback with CPU collectives (gloo):
 2 processes x 2 simulated CPU devices give the same greedy ids over a 4-device mesh as one
-process with 4 devices, through the CLI (`python -m inference.generate`)."""
+process with 4 devices, through the CLI (`python -m inference.generate`); 20 steps of draft
+training give the same losses and params as one process, and the 2-process run's checkpoint
+resumes in one process (`python -m training.train`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from spec_models import aligned_pair, base_config, draft_config
 from test_generate_cli import TOKENIZER_FILES
@@ -91,6 +94,41 @@ def test_two_processes_generate_what_one_process_generates(folders):
     assert sum(lead["accept_lengths"]) > 0  # multi-token rounds crossed the processes
 
 
+def test_two_processes_benchmark_what_one_process_does(folders, tmp_path):
+    """`inference.benchmark --distributed`: process 0 writes the report, with the tau and the
+    token counts of one process with 4 devices (greedy, so they must be equal)."""
+    bench = tmp_path / "prompts" / "question.jsonl"
+    bench.parent.mkdir()
+    bench.write_text(
+        "".join(json.dumps({"question_id": i, "turns": [t]}) + "\n"
+                for i, t in enumerate(["def f(x):", "import os"]))
+    )  # fmt: skip
+    base, draft = folders
+
+    def run(devices: int, out: str, extra: list[str]) -> subprocess.Popen:
+        flags = os.environ.get("XLA_FLAGS", "")
+        flags += f" --xla_force_host_platform_device_count={devices}"
+        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+        argv = [sys.executable, "-m", "inference.benchmark", "--base", str(base), "--draft",
+                f"griffin={draft}", "--bench", str(bench), "--max-new-tokens", "10",
+                "--temperature", "0", "--mesh", "data=1,model=4", "--out",
+                str(tmp_path / out / "report.json"), *extra]  # fmt: skip
+        return subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    port = _free_port()
+    procs = [run(2, f"two{i}", _cluster(i, port)) for i in range(2)]
+    procs.append(run(4, "one", []))
+    errs = _wait(procs)
+    assert "[process 1] done" in errs[1] and not (tmp_path / "two1").exists()
+    two, one = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("two0", "one"))
+    (row2,), (row1,) = two["results"], one["results"]
+    for key in ("tau", "new_tokens", "rounds"):
+        assert row2["drafts"]["griffin"][key] == row1["drafts"]["griffin"][key], key
+    assert row2["vanilla"]["new_tokens"] == row1["vanilla"]["new_tokens"] == 20
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -115,3 +153,97 @@ def test_every_multi_host_entry_point_takes_the_cluster_flags(module, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(f in out for f in ("--distributed", "--coordinator", "--num-processes"))
+
+
+# --- draft training: 2 processes x 2 devices == 1 process x 4 devices ----------------------------
+
+TRAIN_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory) -> Path:
+    from test_train import make_base_and_features
+
+    return make_base_and_features(tmp_path_factory.mktemp("multihost_train"))
+
+
+def _train(root: Path, out: str, devices: int, extra: list[str]) -> subprocess.Popen:
+    from test_train import _argv
+
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    argv = _argv(
+        root,
+        out,
+        "--steps",
+        str(TRAIN_STEPS),
+        "--ckpt-every",
+        "10",
+        "--eval-every",
+        "0",
+        "--export",
+        str(root / out / "export"),
+        "--export-dtype",
+        "f32",
+        *extra,
+    )
+    # (the shared flags' --ckpt-every 1000 comes first; argparse keeps the last one)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.train", *argv],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _cluster(i: int, port: int) -> list[str]:
+    return ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+            "--process-id", str(i)]  # fmt: skip
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[str]:
+    outs = [p.communicate(timeout=420) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [err for _, err in outs]
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _exported(run: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(run / "export" / "model.safetensors")
+
+
+def test_two_process_training_equals_one_process_and_resumes_in_one(train_root):
+    """(b) 20 data-parallel steps over 4 devices, as 2 processes x 2 devices and as 1 process x
+    4 devices: the same losses (rtol 1e-5) and final params (rtol 1e-4: the gradient all-reduce
+    crosses processes through gloo in another order). (c) The 2-process run's step-10
+    checkpoint, resumed by 1 process, reaches the same step-20 params."""
+    port = _free_port()
+    procs = [_train(train_root, "two", 2, _cluster(i, port)) for i in range(2)]
+    procs.append(_train(train_root, "one", 4, []))
+    errs = _wait(procs)
+    assert "[process 1]" in errs[1]
+    one, two = train_root / "one", train_root / "two"
+    assert len(_losses(two)) == TRAIN_STEPS  # process 0 alone writes the metrics
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-6)
+    want = _exported(one)
+    got = _exported(two)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # The comparison can fail: training moved the params away from their start.
+    assert _losses(one)[-1] < _losses(one)[0]
+
+    # (c) The step-10 checkpoint of the 2-process run, resumed by one process.
+    resumed = train_root / "resumed"
+    shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("export"))
+    shutil.rmtree(resumed / "checkpoints" / str(TRAIN_STEPS))
+    errs = _wait([_train(train_root, "resumed", 4, ["--resume"])])
+    assert "resumed at step 10" in errs[0]
+    got = _exported(resumed)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(_losses(resumed), _losses(one), rtol=1e-5, atol=1e-6)

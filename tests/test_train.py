@@ -58,10 +58,14 @@ def _sample_from_base(params, key: jax.Array) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> pathlib.Path:
-    """A tiny base in HF layout (`base/`) and f32 features of base-sampled data (`feats/`)."""
+    return make_base_and_features(tmp_path_factory.mktemp("train"))
+
+
+def make_base_and_features(root: pathlib.Path) -> pathlib.Path:
+    """A tiny base in HF layout (`root/base`) and f32 features of base-sampled data
+    (`root/feats`)."""
     from convert.export_hf import export_hf
 
-    root = tmp_path_factory.mktemp("train")
     params = base_model.init_params(CFG, jax.random.key(0))
     export_hf(params, CFG, root / "base")
     tokens = _sample_from_base(params, jax.random.key(1))

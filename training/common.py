@@ -266,8 +266,18 @@ def data_to_key(data: jax.Array) -> jax.Array:
 # Metrics and progress
 
 
+def is_lead() -> bool:
+    """Whether this process writes a run's files (metrics, exports): process 0 of a
+    `--distributed` run, or the only process. Checkpoints are written by every process."""
+    return jax.process_index() == 0
+
+
 class MetricsLog:
-    """Appends one JSON object per record to a JSONL file and shows a tqdm progress bar."""
+    """Appends one JSON object per record to a JSONL file and shows a tqdm progress bar.
+
+    In a `--distributed` run only process 0 writes the file; the others show their bar with
+    their process id.
+    """
 
     def __init__(
         self, path: str | os.PathLike, *, total: int, initial: int = 0, desc: str = "train"
@@ -275,16 +285,21 @@ class MetricsLog:
         from tqdm.auto import tqdm
 
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self._file = None
+        if is_lead():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        else:
+            desc = f"[process {jax.process_index()}] {desc}"
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self._t0 = time.time()
 
     def log(self, record: Mapping[str, Any], *, advance: int = 0, show: Iterable[str] = ()) -> None:
         rec = {k: _to_py(v) for k, v in record.items()}
         rec.setdefault("time", time.time() - self._t0)
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
         if advance:
             self.bar.update(advance)
         shown = {k: rec[k] for k in show if k in rec}
@@ -295,7 +310,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _to_py(v: Any) -> Any:
@@ -305,9 +321,10 @@ def _to_py(v: Any) -> Any:
 
 
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
-    """Drops records past `step` (logged by a killed run after the checkpoint it resumes from)."""
+    """Drops records past `step` (logged by a killed run after the checkpoint it resumes from).
+    Process 0 alone, as it alone writes them."""
     path = pathlib.Path(path)
-    if path.exists():
+    if is_lead() and path.exists():
         kept = []
         for line in path.read_text().splitlines():
             try:
@@ -370,6 +387,14 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def abstract_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shapes and dtypes of `state`, replicated over `mesh`: what `Checkpointer.restore` reads
+    into. The sharding is this run's, not the saved one, so a checkpoint written by N processes
+    restores in a run of any other size."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
 def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:

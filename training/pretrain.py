@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = common.Checkpointer(args.out / "checkpoints")
     start = 0
+    mesh = common.data_mesh()
     if args.resume or args.export_only:
         try:
-            state, meta = ckpt.restore(jax.tree.map(_abstract, state))
+            state, meta = ckpt.restore(common.abstract_state(state, mesh))
             start = int(meta["step"])
             if meta.get("seed", args.seed) != args.seed:
                 raise InputError(
@@ -338,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed at step {start}", file=sys.stderr)
     if args.export_only:
         ckpt.close()
-        export(state["params"], cfg, args.export, args.tokenizer)
+        if common.is_lead():
+            export(state["params"], cfg, args.export, args.tokenizer)
         return 0
-    (args.out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    if common.is_lead():
+        (args.out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
     common.trim_metrics(args.out / "metrics.jsonl", start)
 
-    mesh = common.data_mesh()
     state = jax.device_put(state, common.replicated(mesh))
     train_step = make_train_step(cfg, tx, remat=args.remat)
     windows = heldout_windows(heldout_ids, seq_len=args.seq_len, count=args.eval_windows)
@@ -379,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             break
     log.close()
     ckpt.close()
+    if not common.is_lead():  # with --distributed, process 0 writes the plot and the export
+        return 0
     common.plot_metrics(
         args.out / "metrics.jsonl",
         args.out / "loss.png",
@@ -388,10 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None and int(state["step"]) == args.steps:
         export(state["params"], cfg, args.export, args.tokenizer)
     return 0
-
-
-def _abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 if __name__ == "__main__":

@@ -382,10 +382,6 @@ def draft_config(args: argparse.Namespace, base_cfg: ModelConfig) -> DraftConfig
     )
 
 
-def _abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
 def init_draft(
     args: argparse.Namespace, base_cfg: ModelConfig, base_params, tx
 ) -> tuple[DraftConfig, Any]:
@@ -406,7 +402,7 @@ def init_draft(
     else:
         dcfg = _run_draft_config(init)
         params = draft_lib.init_draft_params(dcfg, jax.random.key(0), jnp.float32)
-        abstract = jax.tree.map(_abstract, _fresh_state(params, tx, seed=0))
+        abstract = common.abstract_state(_fresh_state(params, tx, seed=0), common.data_mesh())
         ckpt = common.Checkpointer(init / "checkpoints")
         try:
             state, _ = ckpt.restore(abstract)
@@ -735,9 +731,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = common.Checkpointer(out / "checkpoints")
     start = 0
     metrics_path = out / "metrics.jsonl"
+    mesh = common.data_mesh(args.devices)
     if args.resume:
         try:
-            state, meta = ckpt.restore(jax.tree.map(_abstract, state))
+            state, meta = ckpt.restore(common.abstract_state(state, mesh))
             if meta["seed"] != args.seed or meta["stage"] != args.stage:
                 raise InputError(
                     f"--resume: the checkpoint was trained with --seed {meta['seed']} --stage "
@@ -753,12 +750,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             ckpt.close()
             raise
         print(f"resumed at step {start}", file=sys.stderr)
-    (out / "draft_config.json").write_text(
-        json.dumps({"kind": dcfg.kind, **dcfg.to_hf()}, indent=2)
-    )
+    if common.is_lead():
+        (out / "draft_config.json").write_text(
+            json.dumps({"kind": dcfg.kind, **dcfg.to_hf()}, indent=2)
+        )
     common.trim_metrics(metrics_path, start)
 
-    mesh = common.data_mesh(args.devices)
     state = jax.device_put(state, common.replicated(mesh))
     frozen = jax.device_put(frozen, common.replicated(mesh))
     step_fn = functools.partial(train_step, tx=tx, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
@@ -813,7 +810,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     log.close()
     ckpt.close()
     finished = int(state["step"]) == args.steps
-    if finished and args.export is not None:
+    if finished and args.export is not None and common.is_lead():
         from convert.export_draft import export_draft
 
         export_draft(
