@@ -16,6 +16,11 @@ programs are bounded: prefill per prompt-length bucket, the rounds per (batch bu
 round shape, greedy or mixed), one row move. The engine knows no HTTP; `inference/serve.py` is
 the web layer. It is driven by `step()` (one admission pass and one segment of rounds), by a
 background thread (`start` / `stop`), or by `run_until_idle`.
+
+With a mesh (`data=1,model=N`: tensor parallel) the params are placed by the sharding rules
+and every program pins the state as sharded decoding does (`sharding.constrain`: KV buffers
+over the model axis, the rest replicated); rows are not split over devices, since a batch
+bucket may be a single row.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from griffin_jax import budget as budget_lib
-from griffin_jax import checks, speculative, vanilla
+from griffin_jax import checks, sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 
@@ -113,24 +120,27 @@ def _map_rows(f, state: speculative.SpecState, *more: speculative.SpecState, sca
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "dcfg", "greedy", "shapes"), donate_argnames=("state",)
+    jax.jit,
+    static_argnames=("cfg", "dcfg", "greedy", "shapes", "mesh"),
+    donate_argnames=("state",),
 )
 def _admit(
     state, base_params, draft_params, tokens, lengths, knobs, seeds, budget, draft_head, row,
-    *, cfg, dcfg, greedy, shapes,
+    *, cfg, dcfg, greedy, shapes, mesh,
 ):  # fmt: skip
     """A batch-1 prefill written into row `row` of the engine state."""
     one = speculative.prefill(
         base_params, draft_params, tokens, lengths, knobs, seeds, budget, draft_head,
-        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes,
+        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh,
     )  # fmt: skip
-    return _map_rows(
+    state = _map_rows(
         lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis), state, one,
     )  # fmt: skip
+    return sharding.constrain(state, mesh)
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def _move_row(state, src, dst):
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
+def _move_row(state, src, dst, *, mesh):
     """Row `src` copied into row `dst`; row `src` is then idle (done)."""
 
     def move(x, axis):
@@ -139,17 +149,17 @@ def _move_row(state, src, dst):
         )
 
     state = _map_rows(move, state)
-    return state.replace(done=state.done.at[src].set(True))
+    return sharding.constrain(state.replace(done=state.done.at[src].set(True)), mesh)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("rows", "index", "cfg", "dcfg", "greedy", "shapes"),
+    static_argnames=("rows", "index", "cfg", "dcfg", "greedy", "shapes", "mesh"),
     donate_argnames=("state",),
 )
 def _segment(
     state, base_params, draft_params, knobs, budget, draft_head, limit,
-    *, rows, index, cfg, dcfg, greedy, shapes,
+    *, rows, index, cfg, dcfg, greedy, shapes, mesh,
 ):  # fmt: skip
     """Rounds of shape `index` over the first `rows` rows (`speculative.run_segment`)."""
     whole = rows == state.done.shape[0]
@@ -161,16 +171,17 @@ def _segment(
     sub = sub.replace(next_shape=jnp.int32(index))  # the host's pick may predate an admission
     sub = speculative.run_segment(
         sub, base_params, draft_params, knobs, budget, draft_head, limit,
-        index=index, cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes,
+        index=index, cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh,
     )  # fmt: skip
     if whole:
         return sub
-    return _map_rows(
+    state = _map_rows(
         lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis),
         state,
         sub,
         scalars=1,
     )
+    return sharding.constrain(state, mesh)
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -190,6 +201,8 @@ class Engine:
       eos_ids: default stop ids (a request may give its own).
       rounds_per_step: verification rounds per `step`, at most (between admissions,
         deliveries and cancellations; a segment also ends early when every row is done).
+      mesh: tensor parallel over this mesh (its `data` axis must be 1); params not yet placed
+        by the sharding rules are placed here.
     """
 
     def __init__(
@@ -207,13 +220,24 @@ class Engine:
         draft_head: speculative.DraftHead | None = None,
         speculate: bool = True,
         rounds_per_step: int = 4,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         if max_batch < 1 or max_queue < 0 or rounds_per_step < 1:
             raise ValueError(
                 f"max_batch ({max_batch}) and rounds_per_step ({rounds_per_step}) must be >= 1, "
                 f"max_queue ({max_queue}) >= 0"
             )
-        self.cfg, self.dcfg = cfg, dcfg
+        if mesh is not None and dict(mesh.shape).get("data", 1) != 1:
+            raise ValueError(
+                f"the engine's mesh shards the model only (tensor parallel): data=1, got "
+                f"{dict(mesh.shape)}"
+            )
+        self.cfg, self.dcfg, self.mesh = cfg, dcfg, mesh
+        if mesh is not None:
+            base_params = sharding.shard_params(base_params, mesh, head_dim=cfg.head_dim)
+            draft_params = sharding.shard_params(draft_params, mesh, head_dim=dcfg.head_dim)
+            if draft_head is not None:
+                draft_head = jax.device_put(draft_head, NamedSharding(mesh, P()))
         self.base_params, self.draft_params = base_params, draft_params
         self.draft_head = draft_head
         self.max_batch, self.max_queue, self.rounds_per_step = max_batch, max_queue, rounds_per_step
@@ -390,7 +414,7 @@ class Engine:
         state = speculative.prefill(
             self.base_params, self.draft_params, tokens, lengths, knobs, seeds,
             self.budgets[b], self.draft_head, cfg=self.cfg, dcfg=self.dcfg, greedy=True,
-            shapes=shapes,
+            shapes=shapes, mesh=self.mesh,
         )  # fmt: skip
         self._state = state.replace(done=jnp.ones((b,), bool))
         self._next_shape = 0
@@ -435,6 +459,7 @@ class Engine:
             jnp.asarray(lengths), knobs, jnp.asarray(vanilla.row_seeds(request.seed, 1)),
             self.budgets[1], self.draft_head, jnp.int32(row), cfg=self.cfg, dcfg=self.dcfg,
             greedy=None, shapes=shapes,  # one program for greedy and sampled requests
+            mesh=self.mesh,
         )  # fmt: skip
         self._slots.append(slot)
 
@@ -459,6 +484,7 @@ class Engine:
             self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)), budget,
             self.draft_head, jnp.int32(self.rounds_per_step), rows=rows, index=index,
             cfg=self.cfg, dcfg=self.dcfg, greedy=self._greedy(rows), shapes=shapes,
+            mesh=self.mesh,
         )  # fmt: skip
 
     def _deliver(self) -> None:
@@ -495,7 +521,7 @@ class Engine:
     def _free(self, row: int) -> None:
         """Frees a row (under the lock): the last busy row moves into it."""
         last = len(self._slots) - 1
-        self._state = _move_row(self._state, jnp.int32(last), jnp.int32(row))
+        self._state = _move_row(self._state, jnp.int32(last), jnp.int32(row), mesh=self.mesh)
         for arr in self._host.values():
             arr[row] = arr[last]
         self._host["temperature"][last] = 0.0  # an idle row never asks for the sampling program

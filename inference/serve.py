@@ -588,6 +588,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat-template", type=pathlib.Path, help="a Jinja chat template file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-batch", type=int, default=8, help="requests decoding together")
+    p.add_argument("--mesh", help="tensor parallel over a device mesh, e.g. data=1,model=8 "
+                   "(default: one device; the data axis must be 1)")  # fmt: skip
     p.add_argument(
         "--max-model-len", type=int, default=None,
         help="prompt + new tokens of one request (default: min(2048, the base's limit))",
@@ -615,6 +617,19 @@ def build(args: argparse.Namespace):
                  "speculative_eagle_topk", "speculative_num_draft_tokens"):  # fmt: skip
         cli.positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cli.input_file(args.chat_template, "--chat-template")
+    mesh = None
+    if args.mesh:
+        from griffin_jax import sharding
+
+        try:
+            mesh = sharding.make_mesh(args.mesh)
+        except ValueError as err:
+            raise checks.InputError(f"--mesh: {err}") from None
+        if dict(mesh.shape).get("data", 1) != 1:
+            raise checks.InputError(
+                f"--mesh {args.mesh}: the server shards the model only (tensor parallel); "
+                "use data=1 and raise --max-batch for more requests"
+            )
     aliases = dict(
         depth=None if args.speculative_num_steps is None else args.speculative_num_steps - 1,
         top_k=args.speculative_eagle_topk,
@@ -623,7 +638,7 @@ def build(args: argparse.Namespace):
     )
     sizes = {k: v for k, v in aliases.items() if v is not None}
     model = SpeculativeModel.from_pretrained(
-        args.base, args.draft, dtype=args.dtype, with_draft=True,
+        args.base, args.draft, dtype=args.dtype, with_draft=True, mesh=mesh,
         **sizes, **tree_spec(args.tree, aliases),
     )  # fmt: skip
     if not model.has_draft:
@@ -637,11 +652,12 @@ def build(args: argparse.Namespace):
     eng = engine_lib.Engine(
         model.base_params, model.cfg, model.draft_params, model.dcfg, tree=tree,
         max_batch=args.max_batch, max_model_len=max_len, max_queue=args.max_queue,
-        draft_head=model.draft_head(), speculate=not args.no_speculation,
+        draft_head=model.draft_head(), speculate=not args.no_speculation, mesh=mesh,
     )  # fmt: skip
     shapes = ", ".join(budget_lib.describe(s) for s in eng.shapes)
-    log.info("engine: max_batch %d, max_model_len %d, round shapes %s", eng.max_batch,
-             eng.max_model_len, shapes)  # fmt: skip
+    where = "one device" if mesh is None else f"mesh {dict(mesh.shape)}"
+    log.info("engine: max_batch %d, max_model_len %d, round shapes %s, %s", eng.max_batch,
+             eng.max_model_len, shapes, where)  # fmt: skip
     return eng, model.tokenizer
 
 
