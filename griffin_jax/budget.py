@@ -17,8 +17,12 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   p_j (the chance the accepted path reaches level j once it reached j - 1), kept as
   exponentially decayed hit / trial counts. A level never tried borrows the estimate of the
   level above it; level 1 starts from an optimistic prior so a fresh row drafts first.
-- While plain decoding is chosen no statistics arrive, so after `probe_every` plain rounds in a
-  row the deepest tree runs for PROBE_ROUNDS rounds to refresh them (every level gets trials).
+- While plain decoding is chosen no statistics arrive, so after a streak of plain rounds the
+  deepest tree runs for PROBE_ROUNDS rounds to refresh them (every level gets trials). The
+  streak a probe waits for starts at `probe_every` and doubles after every probe that does not
+  bring drafting back (exponential backoff), up to the wait at which the probes cost at most
+  PROBE_SHARE of the plain rounds between them (from the measured costs); the policy choosing
+  to draft on its own resets it.
 
 Correctness does not depend on the choice: every shape commits exactly what the base would
 decode (greedy argmax or the position-keyed draw, `sampling.py`), so greedy output equals
@@ -48,6 +52,7 @@ PRIOR_WEIGHT = 1.0  # pseudo-trials behind each level's prior
 DECAY = 0.97  # per drafting round: statistics follow the text over ~30 drafting rounds
 PROBE_EVERY = 8  # plain rounds in a row before drafting rounds refresh the statistics
 PROBE_ROUNDS = 3  # drafting rounds of such a probe (one round's luck is too little to go on)
+PROBE_SHARE = 0.05  # probes that keep failing cost at most this share of the plain rounds' time
 HYSTERESIS = 0.05  # another shape must promise this much more tokens per ms to be switched to
 
 Shape = TreeConfig | None  # None: a plain decode step (no draft)
@@ -194,6 +199,7 @@ def choose(
     trials: jax.Array,
     active: jax.Array,
     plain_streak: jax.Array,
+    probe_wait: jax.Array,
     round_index: jax.Array,
     current: jax.Array,
 ) -> jax.Array:
@@ -210,7 +216,7 @@ def choose(
     best = jnp.where(rate[best] > (1 + HYSTERESIS) * rate[current], best, current)
     drafting = jnp.asarray([s is not None for s in budget.shapes])
     deepest = int(np.argmax([levels(s) for s in budget.shapes]))
-    probe = (~drafting[best]) & (plain_streak >= budget.probe_every) & jnp.any(drafting)
+    probe = (~drafting[best]) & (plain_streak >= probe_wait) & jnp.any(drafting)
     probe |= plain_streak < 0  # inside a probe (`next_streak`)
     pick = jnp.where(probe, deepest, best)
     forced = budget.schedule[jnp.minimum(round_index, budget.schedule.shape[0] - 1)]
@@ -218,15 +224,40 @@ def choose(
     return jnp.where(forced >= 0, forced, pick).astype(jnp.int32)
 
 
-def next_streak(plain_streak: jax.Array, *, drafted: bool, probe_every: int) -> jax.Array:
-    """The plain-round streak after a round: +1 after a plain round; after a drafting round 0,
-    or -(PROBE_ROUNDS - 1) when that round started a probe (negative: probe rounds left)."""
+def probe_cap(budget: Budget) -> jax.Array:
+    """The longest wait between probes (int32 scalar, >= `probe_every`): the plain rounds over
+    which PROBE_ROUNDS rounds of the deepest tree cost PROBE_SHARE of their time."""
+    if None not in budget.shapes:  # nothing to probe from
+        return jnp.int32(budget.probe_every)
+    deepest = int(np.argmax([levels(s) for s in budget.shapes]))
+    plain = budget.costs[budget.shapes.index(None)]
+    rounds = PROBE_ROUNDS * budget.costs[deepest] / (PROBE_SHARE * plain)
+    return jnp.maximum(jnp.ceil(rounds).astype(jnp.int32), budget.probe_every)
+
+
+def next_probe(
+    plain_streak: jax.Array, probe_wait: jax.Array, *, drafted: bool, budget: Budget
+) -> tuple[jax.Array, jax.Array]:
+    """(plain_streak, probe_wait) after a round.
+
+    The streak: +1 after a plain round; after a drafting round 0, or -(PROBE_ROUNDS - 1) when
+    that round started a probe (negative: probe rounds left). The wait: doubled (up to
+    `probe_cap`) when a probe starts, back to `probe_every` when the policy drafted on its own
+    (so a probe that brings drafting back resets it, and one that does not leaves it doubled).
+    """
     if not drafted:
-        return plain_streak + 1
-    started = plain_streak >= probe_every
-    return jnp.where(
+        return plain_streak + 1, probe_wait
+    started = plain_streak >= probe_wait
+    streak = jnp.where(
         started, -(PROBE_ROUNDS - 1), jnp.where(plain_streak < 0, plain_streak + 1, 0)
     ).astype(jnp.int32)
+    own = (plain_streak >= 0) & ~started
+    wait = jnp.where(
+        started,
+        jnp.minimum(2 * probe_wait, probe_cap(budget)),
+        jnp.where(own, budget.probe_every, probe_wait),
+    ).astype(jnp.int32)
+    return streak, wait
 
 
 # ----------------------------------------------------------------------------- costs

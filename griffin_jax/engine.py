@@ -115,7 +115,10 @@ def _map_rows(f, state: speculative.SpecState, *more: speculative.SpecState, sca
     rest = jax.tree.map(
         lambda x, *ys: x if x.ndim == 0 else f(x, *ys, axis=0), strip(state), *map(strip, more)
     )
-    rest = rest.replace(plain_streak=pick.plain_streak, step=pick.step, next_shape=pick.next_shape)
+    rest = rest.replace(
+        plain_streak=pick.plain_streak, probe_wait=pick.probe_wait, step=pick.step,
+        next_shape=pick.next_shape,
+    )  # fmt: skip
     return rest.replace(cache=rest.cache.replace(k=k, v=v))
 
 

@@ -75,6 +75,7 @@ class SpecState:
     hits: jax.Array  # [B, L] f32 decayed accepted-level counts (`budget.update_stats`)
     trials: jax.Array  # [B, L] f32 decayed tried-level counts
     plain_streak: jax.Array  # [] int32 plain rounds in a row (< 0: probe rounds left)
+    probe_wait: jax.Array  # [] int32 the plain streak the next probe waits for
     step: jax.Array  # [] int32 rounds run (indexes `Budget.schedule`)
     next_shape: jax.Array  # [] int32 the budget's choice for the next round
 
@@ -312,6 +313,7 @@ def prefill(
         hits=hits,
         trials=trials,
         plain_streak=jnp.int32(0),
+        probe_wait=jnp.int32(budget.probe_every),
         step=jnp.int32(0),
         next_shape=jnp.int32(0),
     )
@@ -403,9 +405,6 @@ def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_inde
     state = state.replace(
         cache=cache.replace(length=length + step),
         root=jnp.where(active, token, state.root),
-        plain_streak=budget_lib.next_streak(
-            state.plain_streak, drafted=False, probe_every=static["probe_every"]
-        ),
     )
     if not static["drafting"]:  # no shape drafts: the trunk never needs these positions
         return state
@@ -485,9 +484,6 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         root_feature=root_feat,
         hits=hits,
         trials=trials,
-        plain_streak=budget_lib.next_streak(
-            state.plain_streak, drafted=True, probe_every=static["probe_every"]
-        ),
     )
 
 
@@ -515,8 +511,8 @@ def draft_tree(
 
 def _with_choice(state: SpecState, budget: budget_lib.Budget) -> SpecState:
     index = budget_lib.choose(
-        budget, state.hits, state.trials, ~state.done, state.plain_streak, state.step,
-        state.next_shape,
+        budget, state.hits, state.trials, ~state.done, state.plain_streak, state.probe_wait,
+        state.step, state.next_shape,
     )  # fmt: skip
     return state.replace(next_shape=index)
 
@@ -554,8 +550,7 @@ def run_segment(
     shape = budget.shapes[index]
     drafting = any(s is not None for s in budget.shapes)
     static = dict(
-        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, probe_every=budget.probe_every,
-        drafting=drafting,
+        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, drafting=drafting,
     )  # fmt: skip
     catch_up = functools.partial(
         _catch_up, base_params=base_params, draft_params=draft_params, draft_head=draft_head,
@@ -579,7 +574,11 @@ def run_segment(
 
     def body(carry):
         s, n = carry
+        streak, wait = budget_lib.next_probe(
+            s.plain_streak, s.probe_wait, drafted=shape is not None, budget=budget
+        )
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
+        s = s.replace(plain_streak=streak, probe_wait=wait)
         return _with_choice(s, budget), n + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,7 +69,8 @@ def test_expected_tokens_follow_the_acceptance():
     )
 
 
-def _choose(b, hits, trials, *, streak=0, step=0, current=0, active=(True,)):
+def _choose(b, hits, trials, *, streak=0, wait=budget.PROBE_EVERY, step=0, current=0,
+            active=(True,)):  # fmt: skip
     return int(
         budget.choose(
             b,
@@ -75,10 +78,33 @@ def _choose(b, hits, trials, *, streak=0, step=0, current=0, active=(True,)):
             trials,
             jnp.asarray(active),
             jnp.int32(streak),
+            jnp.int32(wait),
             jnp.int32(step),
             jnp.int32(current),
         )  # fmt: skip
     )
+
+
+@functools.partial(jax.jit, static_argnames="rounds")
+def _picks(b, hits, trials, *, rounds: int) -> jax.Array:
+    drafting = jnp.asarray([s is not None for s in b.shapes])
+    active = jnp.ones(hits.shape[:1], bool)
+
+    def one(carry, _):
+        streak, wait, current = carry
+        pick = budget.choose(b, hits, trials, active, streak, wait, jnp.int32(1 << 20), current)
+        plain = budget.next_probe(streak, wait, drafted=False, budget=b)
+        drafted = budget.next_probe(streak, wait, drafted=True, budget=b)
+        streak, wait = jax.tree.map(lambda d, p: jnp.where(drafting[pick], d, p), drafted, plain)
+        return (streak, wait, pick), pick
+
+    init = (jnp.int32(0), jnp.int32(b.probe_every), jnp.int32(0))
+    return jax.lax.scan(one, init, None, length=rounds)[1]
+
+
+def _simulate(b, stats, rounds: int) -> list[int]:
+    """The policy's picks over `rounds` rounds with fixed statistics."""
+    return [int(p) for p in _picks(b, *stats, rounds=rounds)]
 
 
 def test_policy_drafts_deep_when_the_draft_hits_and_decodes_plainly_when_it_misses():
@@ -102,17 +128,50 @@ def test_policy_probes_after_a_plain_streak_and_keeps_its_shape_on_near_ties():
     bad = _stats([0.05, 0.05, 0.05, 0.05])
     assert _choose(b, *bad, streak=budget.PROBE_EVERY - 1) == 0
     # the probe: PROBE_ROUNDS rounds of the deepest tree refresh every level's statistics
-    streak, picks = jnp.int32(budget.PROBE_EVERY), []
+    streak, wait, picks = jnp.int32(budget.PROBE_EVERY), jnp.int32(budget.PROBE_EVERY), []
     for _ in range(budget.PROBE_ROUNDS + 1):
-        picks.append(_choose(b, *bad, streak=int(streak)))
+        picks.append(_choose(b, *bad, streak=int(streak), wait=int(wait)))
         drafted = b.shapes[picks[-1]] is not None
-        streak = budget.next_streak(streak, drafted=drafted, probe_every=budget.PROBE_EVERY)
+        streak, wait = budget.next_probe(streak, wait, drafted=drafted, budget=b)
     assert picks == [3] * budget.PROBE_ROUNDS + [0]
+    assert int(wait) == 2 * budget.PROBE_EVERY  # the probe failed: the next one waits longer
     # Two shapes within HYSTERESIS of each other: the current one stays.
     even = budget.make_budget([None, TREE], costs=[1.0, 1.0])
     p = _stats([0.02, 0.0, 0.0, 0.0])  # the tree promises ~2% more tokens per ms
     assert _choose(even, *p, current=0) == 0
     assert _choose(even, *p, current=1) == 1
+
+
+def test_failing_probes_back_off_to_a_bounded_share_of_the_time():
+    costs = [1.0, 1.4, 1.8, 3.5]
+    b = budget.make_budget(SHAPES, costs=costs)
+    cap = int(budget.probe_cap(b))
+    assert cap == int(np.ceil(budget.PROBE_ROUNDS * 3.5 / (budget.PROBE_SHARE * 1.0)))
+    picks = _simulate(b, _stats([0.05] * 4), 3000)
+    starts = [i for i in range(1, len(picks)) if picks[i] == 3 and picks[i - 1] == 0]
+    gaps = np.diff(starts) - budget.PROBE_ROUNDS  # plain rounds between probes
+    doubling = [budget.PROBE_EVERY * 2**i for i in range(1, 20) if budget.PROBE_EVERY * 2**i < cap]
+    assert list(gaps[: len(doubling)]) == doubling and set(gaps[len(doubling) :]) == {cap}
+    # In the long run the probes take at most PROBE_SHARE of the time of the plain rounds.
+    tail = picks[starts[len(doubling)] :]
+    time = {
+        k: sum(costs[p] for p in tail if (p == 0) == (k == "plain")) for k in ("plain", "probe")
+    }
+    assert time["probe"] <= budget.PROBE_SHARE * time["plain"] * 1.02
+    # Without a plain shape there is nothing to back off from.
+    assert int(budget.probe_cap(budget.make_budget(SHAPES[1:], costs=costs[1:]))) == (
+        budget.PROBE_EVERY
+    )
+
+
+def test_a_probe_that_brings_drafting_back_resets_the_wait():
+    b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
+    good = _stats([0.9] * 4)
+    streak, wait = jnp.int32(0), jnp.int32(64)  # after several failed probes
+    # the policy drafts on its own (the probe's statistics were good)
+    assert _choose(b, *good, streak=0, wait=64) == 3
+    streak, wait = budget.next_probe(streak, wait, drafted=True, budget=b)
+    assert int(wait) == budget.PROBE_EVERY and int(streak) == 0
 
 
 def test_schedule_forces_the_shape_then_the_policy_takes_over():
