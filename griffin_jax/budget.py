@@ -17,8 +17,12 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   p_j (the chance the accepted path reaches level j once it reached j - 1), kept as
   exponentially decayed hit / trial counts. A level never tried borrows the estimate of the
   level above it; level 1 starts from an optimistic prior so a fresh row drafts first.
-- While plain decoding is chosen no statistics arrive, so after a streak of plain rounds the
-  deepest tree runs for PROBE_ROUNDS rounds to refresh them (every level gets trials). The
+- While plain decoding is chosen no statistics arrive, so after a streak of plain rounds a probe
+  runs PROBE_ROUNDS drafting rounds to refresh them: the first after drafting stopped runs the
+  deepest tree (every level gets trials), the later ones the cheapest drafting shape (a poor
+  draft is rarely tried past level 1 whatever the depth, so a shallow probe learns nearly as
+  much for a fraction of the cost; when it finds the draft good again the policy drafts on its
+  own and the deeper levels get trials as it climbs). The
   streak a probe waits for starts at `probe_every` and doubles after every probe that does not
   bring drafting back (exponential backoff), up to the wait at which the probes cost at most
   PROBE_SHARE of the plain rounds between them (from the measured costs); the policy choosing
@@ -215,23 +219,33 @@ def choose(
     best = jnp.argmax(rate).astype(jnp.int32)
     best = jnp.where(rate[best] > (1 + HYSTERESIS) * rate[current], best, current)
     drafting = jnp.asarray([s is not None for s in budget.shapes])
-    deepest = int(np.argmax([levels(s) for s in budget.shapes]))
     probe = (~drafting[best]) & (plain_streak >= probe_wait) & jnp.any(drafting)
-    probe |= plain_streak < 0  # inside a probe (`next_streak`)
-    pick = jnp.where(probe, deepest, best)
+    probe |= plain_streak < 0  # inside a probe (`next_probe`)
+    # The first probe after drafting stopped runs the deepest tree (every level's statistics;
+    # the wait doubles when a probe starts, so inside that probe it is 2 x probe_every); the
+    # probes after it, backed off, run the cheapest drafting shape.
+    first = jnp.where(plain_streak < 0, probe_wait <= 2 * budget.probe_every,
+                      probe_wait <= budget.probe_every)  # fmt: skip
+    deepest = int(np.argmax([levels(s) for s in budget.shapes]))
+    pick = jnp.where(probe, jnp.where(first, deepest, probe_shape(budget)), best)
     forced = budget.schedule[jnp.minimum(round_index, budget.schedule.shape[0] - 1)]
     forced = jnp.where(round_index < budget.schedule.shape[0], forced, -1)
     return jnp.where(forced >= 0, forced, pick).astype(jnp.int32)
 
 
+def probe_shape(budget: Budget) -> jax.Array:
+    """The shape a probe runs: the drafting shape of the lowest measured cost (int32 scalar)."""
+    drafting = jnp.asarray([s is not None for s in budget.shapes])
+    return jnp.argmin(jnp.where(drafting, budget.costs, jnp.inf)).astype(jnp.int32)
+
+
 def probe_cap(budget: Budget) -> jax.Array:
     """The longest wait between probes (int32 scalar, >= `probe_every`): the plain rounds over
-    which PROBE_ROUNDS rounds of the deepest tree cost PROBE_SHARE of their time."""
+    which PROBE_ROUNDS rounds of the probe's shape cost PROBE_SHARE of their time."""
     if None not in budget.shapes:  # nothing to probe from
         return jnp.int32(budget.probe_every)
-    deepest = int(np.argmax([levels(s) for s in budget.shapes]))
     plain = budget.costs[budget.shapes.index(None)]
-    rounds = PROBE_ROUNDS * budget.costs[deepest] / (PROBE_SHARE * plain)
+    rounds = PROBE_ROUNDS * budget.costs[probe_shape(budget)] / (PROBE_SHARE * plain)
     return jnp.maximum(jnp.ceil(rounds).astype(jnp.int32), budget.probe_every)
 
 

@@ -49,7 +49,10 @@ from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
 
 Shape = budget_lib.Shape
-PENDING = 16  # plain rounds the draft trunk may lag behind before a catch-up forward
+# Plain rounds the draft trunk may lag behind before a catch-up forward. Large, so that a long
+# plain streak (the budget backing off) rarely stops for a catch-up: each one ends the device
+# loop (a host sync) for a trunk forward; 128 rounds cost 4% less per token than 16 here.
+PENDING = 128
 
 
 @flax.struct.dataclass
@@ -183,7 +186,7 @@ def plan_shapes(
     needed = bucket + out_size + total + path_len
     capacity = -(-needed // 64) * 64  # attention spans the whole capacity: keep it tight
     draft_capacity = capacity + max(path_len, PENDING) + tree_slots
-    return Shapes(len(prompt_lens), bucket, capacity, draft_capacity, out_size)
+    return Shapes(len(prompt_lens), bucket, capacity, draft_capacity, out_size, pending=PENDING)
 
 
 def _draft_step(
