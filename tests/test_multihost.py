@@ -2,7 +2,8 @@
 2 processes x 2 simulated CPU devices give the same greedy ids over a 4-device mesh as one
 process with 4 devices, through the CLI (`python -m inference.generate`); 20 steps of draft
 training give the same losses and params as one process, and the 2-process run's checkpoint
-resumes in one process (`python -m training.train`)."""
+resumes in one process (`python -m training.train`); base pretraining gives the same losses
+(`python -m training.pretrain`)."""
 
 from __future__ import annotations
 
@@ -92,41 +93,6 @@ def test_two_processes_generate_what_one_process_generates(folders):
     assert "[process 1] 12 tokens" in outs[1][1]
     assert lead["output_ids"] == alone["output_ids"] and len(lead["output_ids"]) == 12
     assert sum(lead["accept_lengths"]) > 0  # multi-token rounds crossed the processes
-
-
-def test_two_processes_benchmark_what_one_process_does(folders, tmp_path):
-    """`inference.benchmark --distributed`: process 0 writes the report, with the tau and the
-    token counts of one process with 4 devices (greedy, so they must be equal)."""
-    bench = tmp_path / "prompts" / "question.jsonl"
-    bench.parent.mkdir()
-    bench.write_text(
-        "".join(json.dumps({"question_id": i, "turns": [t]}) + "\n"
-                for i, t in enumerate(["def f(x):", "import os"]))
-    )  # fmt: skip
-    base, draft = folders
-
-    def run(devices: int, out: str, extra: list[str]) -> subprocess.Popen:
-        flags = os.environ.get("XLA_FLAGS", "")
-        flags += f" --xla_force_host_platform_device_count={devices}"
-        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-        argv = [sys.executable, "-m", "inference.benchmark", "--base", str(base), "--draft",
-                f"griffin={draft}", "--bench", str(bench), "--max-new-tokens", "10",
-                "--temperature", "0", "--mesh", "data=1,model=4", "--out",
-                str(tmp_path / out / "report.json"), *extra]  # fmt: skip
-        return subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    port = _free_port()
-    procs = [run(2, f"two{i}", _cluster(i, port)) for i in range(2)]
-    procs.append(run(4, "one", []))
-    errs = _wait(procs)
-    assert "[process 1] done" in errs[1] and not (tmp_path / "two1").exists()
-    two, one = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("two0", "one"))
-    (row2,), (row1,) = two["results"], one["results"]
-    for key in ("tau", "new_tokens", "rounds"):
-        assert row2["drafts"]["griffin"][key] == row1["drafts"]["griffin"][key], key
-    assert row2["vanilla"]["new_tokens"] == row1["vanilla"]["new_tokens"] == 20
 
 
 @pytest.mark.parametrize(
@@ -247,3 +213,37 @@ def test_two_process_training_equals_one_process_and_resumes_in_one(train_root):
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(_losses(resumed), _losses(one), rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_pretraining_equals_one_process(tmp_path):
+    """`training.pretrain --distributed`: 6 steps of a tiny base, 2 processes x 2 devices
+    against 1 process x 4 devices: the same losses (rtol 1e-5), process 0 alone exports."""
+    rng = np.random.default_rng(0)
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    np.save(tokens / "train_ids.npy", rng.integers(0, 8000, 20_000).astype(np.int32))
+    np.save(tokens / "heldout_ids.npy", rng.integers(0, 8000, 4_000).astype(np.int32))
+
+    def run(out: str, devices: int, extra: list[str]) -> subprocess.Popen:
+        flags = os.environ.get("XLA_FLAGS", "")
+        flags += f" --xla_force_host_platform_device_count={devices}"
+        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+        argv = [sys.executable, "-m", "training.pretrain", "--tokens", str(tokens),
+                "--tokenizer", str(DEFAULT_MODEL_DIR / "base"), "--out", str(tmp_path / out),
+                "--export", str(tmp_path / out / "export"), "--d-model", "32", "--n-layers", "1",
+                "--n-heads", "2", "--n-kv-heads", "1", "--d-ff", "64", "--max-position", "64",
+                "--seq-len", "32", "--batch", "8", "--steps", "6", "--warmup", "2",
+                "--eval-every", "3", "--eval-windows", "8", "--ckpt-every", "3",
+                *extra]  # fmt: skip
+        return subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    port = _free_port()
+    procs = [run("two", 2, _cluster(i, port)) for i in range(2)]
+    procs.append(run("one", 4, []))
+    _wait(procs)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) >= 6
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "two" / "export" / "model.safetensors").exists()
