@@ -190,6 +190,16 @@ def _segment(
 # ----------------------------------------------------------------------------- the engine
 
 
+def check_mesh(mesh: jax.sharding.Mesh | None) -> None:
+    """Refuses a mesh the engine cannot run on: it shards the model only (tensor parallel),
+    never the rows, since a batch bucket may be one row."""
+    if mesh is not None and dict(mesh.shape).get("data", 1) != 1:
+        raise checks.InputError(
+            f"mesh {dict(mesh.shape)}: the engine shards the model only (tensor parallel); "
+            "use data=1 and raise the batch size for more requests"
+        )
+
+
 class Engine:
     """Continuous batching over one base + draft pair (see the module docstring).
 
@@ -230,11 +240,7 @@ class Engine:
                 f"max_batch ({max_batch}) and rounds_per_step ({rounds_per_step}) must be >= 1, "
                 f"max_queue ({max_queue}) >= 0"
             )
-        if mesh is not None and dict(mesh.shape).get("data", 1) != 1:
-            raise ValueError(
-                f"the engine's mesh shards the model only (tensor parallel): data=1, got "
-                f"{dict(mesh.shape)}"
-            )
+        check_mesh(mesh)
         self.cfg, self.dcfg, self.mesh = cfg, dcfg, mesh
         if mesh is not None:
             base_params = sharding.shard_params(base_params, mesh, head_dim=cfg.head_dim)

@@ -623,13 +623,9 @@ def build(args: argparse.Namespace):
 
         try:
             mesh = sharding.make_mesh(args.mesh)
+            engine_lib.check_mesh(mesh)  # before the model is loaded
         except ValueError as err:
-            raise checks.InputError(f"--mesh: {err}") from None
-        if dict(mesh.shape).get("data", 1) != 1:
-            raise checks.InputError(
-                f"--mesh {args.mesh}: the server shards the model only (tensor parallel); "
-                "use data=1 and raise --max-batch for more requests"
-            )
+            raise checks.InputError(f"--mesh {args.mesh}: {err}") from None
     aliases = dict(
         depth=None if args.speculative_num_steps is None else args.speculative_num_steps - 1,
         top_k=args.speculative_eagle_topk,
