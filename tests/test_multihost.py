@@ -2,8 +2,7 @@
 2 processes x 2 simulated CPU devices give the same greedy ids over a 4-device mesh as one
 process with 4 devices, through the CLI (`python -m inference.generate`); 20 steps of draft
 training give the same losses and params as one process, and the 2-process run's checkpoint
-resumes in one process (`python -m training.train`); base pretraining gives the same losses
-(`python -m training.pretrain`)."""
+resumes in one process (`python -m training.train`)."""
 
 from __future__ import annotations
 
@@ -213,37 +212,3 @@ def test_two_process_training_equals_one_process_and_resumes_in_one(train_root):
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(_losses(resumed), _losses(one), rtol=1e-5, atol=1e-6)
-
-
-def test_two_process_pretraining_equals_one_process(tmp_path):
-    """`training.pretrain --distributed`: 6 steps of a tiny base, 2 processes x 2 devices
-    against 1 process x 4 devices: the same losses (rtol 1e-5), process 0 alone exports."""
-    rng = np.random.default_rng(0)
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    np.save(tokens / "train_ids.npy", rng.integers(0, 8000, 20_000).astype(np.int32))
-    np.save(tokens / "heldout_ids.npy", rng.integers(0, 8000, 4_000).astype(np.int32))
-
-    def run(out: str, devices: int, extra: list[str]) -> subprocess.Popen:
-        flags = os.environ.get("XLA_FLAGS", "")
-        flags += f" --xla_force_host_platform_device_count={devices}"
-        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-        argv = [sys.executable, "-m", "training.pretrain", "--tokens", str(tokens),
-                "--tokenizer", str(DEFAULT_MODEL_DIR / "base"), "--out", str(tmp_path / out),
-                "--export", str(tmp_path / out / "export"), "--d-model", "32", "--n-layers", "1",
-                "--n-heads", "2", "--n-kv-heads", "1", "--d-ff", "64", "--max-position", "64",
-                "--seq-len", "32", "--batch", "8", "--steps", "6", "--warmup", "2",
-                "--eval-every", "3", "--eval-windows", "8", "--ckpt-every", "3",
-                *extra]  # fmt: skip
-        return subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    port = _free_port()
-    procs = [run("two", 2, _cluster(i, port)) for i in range(2)]
-    procs.append(run("one", 4, []))
-    _wait(procs)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) >= 6
-    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "two" / "export" / "model.safetensors").exists()
