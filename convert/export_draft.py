@@ -1,12 +1,15 @@
-"""Exports a draft (GRIFFIN or EAGLE-2) to the published PyTorch layout (the reverse of load_draft).
+"""Exports a draft (GRIFFIN, EAGLE-2, EAGLE-3) to the published PyTorch layout (`load_draft`'s
+reverse).
 
 Writes `config.json` in the transformers 4 layout of the published drafts (`DraftConfig.to_hf`,
 the fields the reference reads, spec 2.6) and the weights under the published keys (spec 2.5,
 the same `hf_keys` draft rows as the import), including the frozen `embed_tokens.weight` copy
 that the reference's `load_state_dict(strict=True)` requires: it is the base embedding, which our
-draft shares. Formats: `model.safetensors` (always; streamed, any of f32 / bf16 / f16) and, with
-the `griffin-jax[torch]` extra, `pytorch_model.bin` (what the official loaders read first).
-Load -> export -> load gives back identical tensors.
+draft shares. EAGLE-3 adds its `d2t` (int64) and `t2d` (bool) buffers, as the official draft
+`Model` registers them (and its own embedding when it has one). Formats: `model.safetensors`
+(always; streamed, any of f32 / bf16 / f16) and, with the `griffin-jax[torch]` extra,
+`pytorch_model.bin` (what the official loaders read first). Load -> export -> load gives back
+identical tensors.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from convert.export_hf import write_safetensors
 from convert.hf_keys import (
     DRAFT_EMBED_KEY,
     DRAFT_TABLES,
+    EAGLE3_D2T_KEY,
+    EAGLE3_T2D_KEY,
     CheckpointError,
     HFTensor,
     check_tree,
@@ -29,7 +34,7 @@ from convert.hf_keys import (
 )
 from convert.load_hf import SAFETENSORS_DTYPES, TORCH_EXTRA_HINT, parse_dtype
 from griffin_jax.config import ModelConfig
-from griffin_jax.draft import DraftConfig, abstract_draft_params
+from griffin_jax.draft import DraftConfig, abstract_draft_params, param_dtype
 
 _TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -43,13 +48,25 @@ def draft_hf_tensors(params: Any, embedding: Any, dcfg: DraftConfig) -> list[HFT
       embedding: [V, D] the base embedding, written as `embed_tokens.weight`.
       dcfg: the draft config.
     """
-    leaf = params["layers_0"]["post_attention_layernorm"]["weight"]
-    check_tree(params, abstract_draft_params(dcfg, leaf.dtype), source="draft params")
+    check_tree(params, abstract_draft_params(dcfg, param_dtype(params)), source="draft params")
+    if dcfg.own_embedding:
+        embedding = params["embed_tokens"]["embedding"]
     want = (dcfg.vocab_size, dcfg.d_model)
     if tuple(embedding.shape) != want:
         raise CheckpointError(f"embedding has shape {tuple(embedding.shape)}, expected {want}")
     embed = HFTensor(key=DRAFT_EMBED_KEY, shape=want, leaf=embedding, index=(), transform=identity)
-    return [embed, *export_state(params, DRAFT_TABLES[dcfg.kind])]
+    module = {k: v for k, v in params.items() if k not in ("d2t", "embed_tokens")}
+    tensors = [embed, *export_state(module, DRAFT_TABLES[dcfg.kind])]
+    if dcfg.kind == "eagle3":
+        d2t = np.asarray(params["d2t"], np.int64)
+        t2d = np.zeros((dcfg.vocab_size,), bool)
+        t2d[np.arange(len(d2t)) + d2t] = True
+        for key, value in ((EAGLE3_D2T_KEY, d2t), (EAGLE3_T2D_KEY, t2d)):
+            tensors.append(
+                HFTensor(key=key, shape=value.shape, leaf=value, index=(), transform=identity,
+                         fixed_dtype=value.dtype)
+            )  # fmt: skip
+    return tensors
 
 
 def _to_torch(value: np.ndarray, torch: Any) -> Any:
@@ -93,7 +110,7 @@ def export_draft(
         except ImportError as e:
             raise ImportError(TORCH_EXTRA_HINT.replace("reading", "writing")) from e
     if dtype is None:
-        dtype = params["layers_0"]["post_attention_layernorm"]["weight"].dtype
+        dtype = param_dtype(params)
     dtype = parse_dtype(dtype)
     code = _CODES.get(dtype)
     if code not in _TORCH_DTYPE_NAMES:

@@ -48,9 +48,10 @@ def write_safetensors(
     for t in tensors:
         if t.key in header:
             raise ValueError(f"duplicate export key {t.key!r}")
-        size = int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize
+        own = dtype if t.fixed_dtype is None else np.dtype(t.fixed_dtype)
+        size = int(np.prod(t.shape, dtype=np.int64)) * own.itemsize
         header[t.key] = {
-            "dtype": code,
+            "dtype": code if t.fixed_dtype is None else _CODES[own],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
         }

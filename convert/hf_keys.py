@@ -220,25 +220,29 @@ DRAFT_WRAPPER_PREFIX = "module."  # accelerate's multi-GPU `save_state`
 _GRIFFIN_MARKER = "fc.fc.weight"
 _EAGLE2_MARKER = "fc.weight"
 _DRAFT_BIAS_KEYS = tuple(f"layers.0.self_attn.{p}_proj.bias" for p in "qkv")
-_DRAFT_LAYER = (
-    *(
-        Row(f"layers.0.self_attn.{p}.weight", f"layers_0/self_attn/{p}/kernel", linear_in_out)
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-    ),
-    *(
-        Row(f"layers.0.self_attn.{p}.bias", f"layers_0/self_attn/{p}/bias", identity)
-        for p in ("q_proj", "k_proj", "v_proj")
-    ),
-    *(
-        Row(f"layers.0.mlp.{p}.weight", f"layers_0/mlp/{p}/kernel", linear_in_out)
-        for p in ("gate_proj", "up_proj", "down_proj")
-    ),
-    Row(
-        "layers.0.post_attention_layernorm.weight",
-        "layers_0/post_attention_layernorm/weight",
-        identity,
-    ),
-)
+
+
+def _draft_layer_rows(hf: str, ours: str, norms: tuple[str, ...]) -> tuple[Row, ...]:
+    """The one decoder layer of a draft: attention (q/k/v biases used only when present), the
+    SwiGLU MLP and its norms, under the HF prefix `hf` and our path `ours`."""
+    return (
+        *(
+            Row(f"{hf}.self_attn.{p}.weight", f"{ours}/self_attn/{p}/kernel", linear_in_out)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ),
+        *(
+            Row(f"{hf}.self_attn.{p}.bias", f"{ours}/self_attn/{p}/bias", identity)
+            for p in ("q_proj", "k_proj", "v_proj")
+        ),
+        *(
+            Row(f"{hf}.mlp.{p}.weight", f"{ours}/mlp/{p}/kernel", linear_in_out)
+            for p in ("gate_proj", "up_proj", "down_proj")
+        ),
+        *(Row(f"{hf}.{n}.weight", f"{ours}/{n}/weight", identity) for n in norms),
+    )
+
+
+_DRAFT_LAYER = _draft_layer_rows("layers.0", "layers_0", ("post_attention_layernorm",))
 _DRAFT_SKIP = (r"layers\.0\.self_attn\.rotary_emb\.inv_freq",)
 GRIFFIN_DRAFT = KeyTable(
     "griffin draft",
@@ -262,22 +266,47 @@ EAGLE2_DRAFT = KeyTable(
     ),
     _DRAFT_SKIP,
 )
-DRAFT_TABLES: Mapping[str, KeyTable] = {"griffin": GRIFFIN_DRAFT, "eagle2": EAGLE2_DRAFT}
+# EAGLE-3 (SafeAILab/EAGLE `eagle/model/cnets.py`): `fc` without bias over 3 base layers, the
+# `midlayer`, its own final `norm` and `lm_head` over the draft vocabulary. Its `d2t` / `t2d`
+# buffers (int64 / bool) are not params rows: `load_draft` checks them and keeps `d2t`.
+_EAGLE3_MARKER = "midlayer.self_attn.q_proj.weight"
+_EAGLE3_BIAS_KEYS = tuple(f"midlayer.self_attn.{p}_proj.bias" for p in "qkv")
+EAGLE3_D2T_KEY, EAGLE3_T2D_KEY = "d2t", "t2d"
+EAGLE3_DRAFT = KeyTable(
+    "eagle3 draft",
+    (
+        Row("fc.weight", "fc/kernel", linear_in_out),
+        *_draft_layer_rows(
+            "midlayer", "midlayer", ("hidden_norm", "input_layernorm", "post_attention_layernorm")
+        ),
+        Row("norm.weight", "norm/weight", identity),
+        Row("lm_head.weight", "lm_head/kernel", linear_in_out),
+    ),
+    (r"midlayer\.self_attn\.rotary_emb\.inv_freq",),
+)
+DRAFT_TABLES: Mapping[str, KeyTable] = {
+    "griffin": GRIFFIN_DRAFT,
+    "eagle2": EAGLE2_DRAFT,
+    "eagle3": EAGLE3_DRAFT,
+}
 
 
 def draft_layout(keys: Iterable[str], *, source: str = "checkpoint") -> tuple[str, bool]:
     """(kind, qkv_bias) of a draft state dict, from its keys (wrapper prefix stripped).
 
-    GRIFFIN has `fc.fc.weight` (the fusion block), EAGLE-2 `fc.weight`; q/k/v biases are present
-    iff any `layers.0.self_attn.{q,k,v}_proj.bias` is (a partial set then fails as missing keys).
+    EAGLE-3 has `midlayer.self_attn.q_proj.weight`; otherwise GRIFFIN has `fc.fc.weight` (the
+    fusion block), EAGLE-2 `fc.weight`. q/k/v biases are present iff any of the layer's
+    `self_attn.{q,k,v}_proj.bias` is (a partial set then fails as missing keys).
     """
     keys = set(keys)
+    if _EAGLE3_MARKER in keys:
+        return "eagle3", any(k in keys for k in _EAGLE3_BIAS_KEYS)
     griffin, eagle2 = _GRIFFIN_MARKER in keys, _EAGLE2_MARKER in keys
     if griffin == eagle2:
         raise CheckpointError(
             f"{source}: cannot tell the draft kind: expected exactly one of {_GRIFFIN_MARKER!r} "
-            f"(GRIFFIN) and {_EAGLE2_MARKER!r} (EAGLE-2), found "
-            f"{'both' if griffin else 'neither'}"
+            f"(GRIFFIN), {_EAGLE2_MARKER!r} (EAGLE-2) and {_EAGLE3_MARKER!r} (EAGLE-3), found "
+            f"{'both of the first two' if griffin else 'none'}"
         )
     return ("griffin" if griffin else "eagle2"), any(k in keys for k in _DRAFT_BIAS_KEYS)
 
@@ -420,8 +449,10 @@ class HFTensor:
     leaf: Any
     index: tuple[int, ...]
     transform: Transform
+    fixed_dtype: Any = None  # written in this dtype whatever the export's (integer buffers)
 
     def value(self, dtype: Any = None) -> np.ndarray:
+        dtype = self.fixed_dtype if self.fixed_dtype is not None else dtype
         x = self.transform.to_hf(np.asarray(self.leaf[self.index]))
         return np.ascontiguousarray(x if dtype is None else x.astype(dtype))
 

@@ -1,4 +1,4 @@
-"""The draft models: GRIFFIN's token-alignable draft and the EAGLE-2 draft, behind one interface.
+"""The draft models: GRIFFIN's token-alignable draft, EAGLE-2 and EAGLE-3, behind one interface.
 
 Mirrors the reference's `model/cnets_griffin_1.py` (inference and stage-1 training: causal and
 tree attention with a KV cache) and `model/cnets_griffin_2.py` (stages >= 2: the multi-stream
@@ -11,6 +11,15 @@ the first D are `token_feature` (the base lm_head gives the token logits), the l
 `next_feature` (the predicted next base feature). EAGLE-2: `fc` is a single Linear 2D->D with
 bias over [embedding, feature], then the same layer with an MLP of width D; its one output is
 returned twice so the engine and the trainer never branch on the kind.
+
+EAGLE-3 (SafeAILab/EAGLE `eagle/model/cnets.py`): its trunk features are the base's hidden states
+entering layers 2, L//2 and L-3, concatenated (3T wide, `feature_layers`) and projected by `fc`
+(3T -> D, no bias); tree levels feed the draft's own previous output (D wide) without `fc`. One
+decoder layer (`midlayer`) normalises the token embedding (`input_layernorm`) and the feature
+(`hidden_norm`), concatenates them [emb, feat] (2D) into q/k/v, adds the attention output to the
+feature, then a post-attention norm and a SwiGLU MLP with its residual. The output is the next
+feature; through the draft's own `norm` it is the token feature, for its own `lm_head` over a draft
+vocabulary of V' tokens (`d2t`: draft index i is target id i + d2t[i]; `speculative.DraftHead`).
 
 The token embedding is not part of the draft params: it is the base's [V, D] table, passed in
 (spec 2.4 allows sharing it; the reference stores a frozen copy, which the exporter writes).
@@ -42,7 +51,8 @@ from griffin_jax.layers import (
     rope_cos_sin,
 )
 
-DraftKind = Literal["griffin", "eagle2"]
+DraftKind = Literal["griffin", "eagle2", "eagle3"]
+DRAFT_KINDS = ("griffin", "eagle2", "eagle3")
 MaskMode = Literal["exact", "leaky_reference"]
 
 # Draft config fields that never change the draft's numbers. Beyond the base model's harmless
@@ -78,6 +88,8 @@ _DRAFT_READ_KEYS = frozenset(
         "mlp_bias",
     }
 )
+# EAGLE-3 only: the draft vocabulary and the base's hidden size when it differs from the draft's.
+_EAGLE3_READ_KEYS = frozenset({"draft_vocab_size", "target_hidden_size"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,19 +107,54 @@ class DraftConfig:
     rms_eps: float = 1e-6
     qkv_bias: bool = False  # Qwen2 drafts; the importer follows the checkpoint's keys
     max_position_embeddings: int = 2048
+    # EAGLE-3 only (0 = not set): the draft lm_head's vocabulary V' (0 = vocab_size), and the
+    # base's hidden size T when it differs from the draft's D (fc is then [3T, D] and the draft
+    # keeps its own [V, D] embedding).
+    draft_vocab_size: int = 0
+    target_hidden_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("griffin", "eagle2"):
-            raise ValueError(f"draft kind {self.kind!r} is not 'griffin' or 'eagle2'")
+        if self.kind not in DRAFT_KINDS:
+            raise ValueError(f"draft kind {self.kind!r} is not one of {', '.join(DRAFT_KINDS)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
             )
+        if self.kind != "eagle3" and (self.draft_vocab_size or self.target_hidden_size):
+            raise ValueError(
+                "draft_vocab_size and target_hidden_size are EAGLE-3 settings "
+                f"(this draft is {self.kind})"
+            )
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size="
+                f"{self.vocab_size}]"
+            )
 
     @property
     def out_dim(self) -> int:
-        """Width of the decoder layer's output: 2D for GRIFFIN (two heads), D for EAGLE-2."""
+        """Width of the decoder layer's output: 2D for GRIFFIN (two heads), else D."""
         return 2 * self.d_model if self.kind == "griffin" else self.d_model
+
+    @property
+    def draft_vocab(self) -> int:
+        """V': the tokens an EAGLE-3 draft's own lm_head scores (the base vocabulary otherwise)."""
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def target_dim(self) -> int:
+        """T: the base's hidden size (the draft's own for GRIFFIN and EAGLE-2)."""
+        return self.target_hidden_size or self.d_model
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the base features the trunk reads: 3T for EAGLE-3, else D."""
+        return 3 * self.target_dim if self.kind == "eagle3" else self.d_model
+
+    @property
+    def own_embedding(self) -> bool:
+        """An EAGLE-3 draft narrower than its base embeds tokens with its own [V, D] table."""
+        return self.kind == "eagle3" and self.target_dim != self.d_model
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], *, kind: DraftKind) -> DraftConfig:
@@ -115,12 +162,13 @@ class DraftConfig:
 
         Args:
           hf: the parsed config. The kind is not in it (the checkpoint keys tell it).
-          kind: "griffin" or "eagle2".
+          kind: "griffin", "eagle2" or "eagle3".
         Raises:
           UnsupportedConfigError: a field that would change the numbers is not implemented.
         """
+        read = _DRAFT_READ_KEYS | (_EAGLE3_READ_KEYS if kind == "eagle3" else frozenset())
         for key in hf:
-            if key not in _DRAFT_IGNORED_KEYS and key not in _DRAFT_READ_KEYS:
+            if key not in _DRAFT_IGNORED_KEYS and key not in read:
                 raise UnsupportedConfigError(
                     f"draft config field {key!r}={hf[key]!r} is not supported"
                 )
@@ -152,6 +200,7 @@ class DraftConfig:
             rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qkv_bias=bool(qkv_bias),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            **_eagle3_sizes(hf, kind=kind, vocab_size=int(hf["vocab_size"]), d_model=d_model),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -172,7 +221,9 @@ class DraftConfig:
                 "original_max_position_embeddings": self.rope.original_max_position,
             }
         out: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
+            "architectures": [
+                "LlamaForCausalLMEagle3" if self.kind == "eagle3" else "LlamaForCausalLM"
+            ],
             "model_type": "llama",
             "hidden_act": "silu",
             "hidden_size": self.d_model,
@@ -192,7 +243,45 @@ class DraftConfig:
             out["head_dim"] = self.head_dim
         if self.qkv_bias:
             out["qkv_bias"] = True
+        if self.kind == "eagle3":
+            out["draft_vocab_size"] = self.draft_vocab
+            if self.target_hidden_size:
+                out["target_hidden_size"] = self.target_hidden_size
         return out
+
+
+def _eagle3_sizes(hf: Mapping[str, Any], *, kind: str, vocab_size: int, d_model: int) -> dict:
+    """DraftConfig's EAGLE-3 fields from a config dict (none for the other kinds)."""
+    if kind != "eagle3":
+        return {}
+    draft_vocab = int(hf.get("draft_vocab_size") or vocab_size)
+    if not 1 <= draft_vocab <= vocab_size:
+        raise UnsupportedConfigError(
+            f"draft_vocab_size={draft_vocab} must be in [1, vocab_size={vocab_size}]"
+        )
+    target = int(hf.get("target_hidden_size") or d_model)
+    return dict(
+        draft_vocab_size=0 if draft_vocab == vocab_size else draft_vocab,
+        target_hidden_size=0 if target == d_model else target,
+    )
+
+
+def feature_layers(dcfg: DraftConfig, n_layers: int) -> tuple[int, ...]:
+    """The base layers whose input hidden states the draft reads, in order (() = the final
+    normed hidden state, GRIFFIN and EAGLE-2). EAGLE-3: layers 2, L//2 and L-3.
+
+    Raises:
+      ValueError: an EAGLE-3 draft on a base without three distinct such layers (L < 7).
+    """
+    if dcfg.kind != "eagle3":
+        return ()
+    layers = tuple(sorted({2, n_layers // 2, n_layers - 3}))
+    if len(layers) != 3 or layers[0] < 0:
+        raise ValueError(
+            f"an EAGLE-3 draft reads the base's layers 2, L//2 and L-3: a base of {n_layers} "
+            "layers has no three distinct ones (it needs at least 7)"
+        )
+    return layers
 
 
 @flax.struct.dataclass
@@ -263,16 +352,9 @@ class _DraftLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache_k, cache_v, write_idx, mask):
         c = self.dcfg
-        attn = Attention(
-            n_heads=c.n_heads,
-            n_kv_heads=c.n_kv_heads,
-            head_dim=c.head_dim,
-            rope=c.rope,
-            qkv_bias=c.qkv_bias,
-            dtype=self.dtype,
-            name="self_attn",
+        a, cache_k, cache_v = Attention.of(c, self.dtype)(
+            x, positions, cache_k, cache_v, write_idx, mask
         )
-        a, cache_k, cache_v = attn(x, positions, cache_k, cache_v, write_idx, mask)
         a = x + a  # no input norm: the attention input and the residual are both x
         h = RMSNorm(c.rms_eps, self.dtype, name="post_attention_layernorm")(a)
         m = SwiGLU(c.d_ff, c.out_dim, self.dtype, name="mlp")(h)
@@ -284,19 +366,53 @@ def _repeat_residual(a: jax.Array, c: DraftConfig) -> jax.Array:
     return jnp.concatenate([a] * (c.out_dim // c.d_model), axis=-1)  # [..., out_dim]
 
 
+class _Eagle3Layer(nn.Module):
+    """EAGLE-3's `midlayer`: attention over [N(emb), N(feat)] (2D), residual from the feature."""
+
+    dcfg: DraftConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb, feat, positions, cache_k, cache_v, write_idx, mask):
+        c = self.dcfg
+        x = jnp.concatenate(
+            [
+                RMSNorm(c.rms_eps, self.dtype, name="input_layernorm")(emb),
+                RMSNorm(c.rms_eps, self.dtype, name="hidden_norm")(feat),
+            ],
+            axis=-1,
+        )  # [..., 2D], order [emb, feat]
+        attn = Attention.of(c, self.dtype, out_dim=c.d_model)
+        a, cache_k, cache_v = attn(x, positions, cache_k, cache_v, write_idx, mask)
+        a = feat + a
+        h = RMSNorm(c.rms_eps, self.dtype, name="post_attention_layernorm")(a)
+        return a + SwiGLU(c.d_ff, c.d_model, self.dtype, name="mlp")(h), cache_k, cache_v
+
+
 class DraftModel(nn.Module):
-    """Fusion + one layer. `__call__` is the cached inference forward; `fuse` the fusion alone."""
+    """Fusion + one layer. `__call__` is the cached inference forward, returning
+    (token_feature, next_feature, k, v); `fuse` is the fusion alone (GRIFFIN, EAGLE-2)."""
 
     dcfg: DraftConfig
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
         c = self.dcfg
+
+        def dense(features: int, bias: bool) -> nn.Dense:
+            return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype)
+
         if c.kind == "griffin":
             self.fc = _Fusion(c.d_ff, c.rms_eps, self.dtype)
+            self.layers_0 = _DraftLayer(c, self.dtype)
+        elif c.kind == "eagle2":
+            self.fc = dense(c.d_model, True)
+            self.layers_0 = _DraftLayer(c, self.dtype)
         else:
-            self.fc = nn.Dense(c.d_model, use_bias=True, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers_0 = _DraftLayer(c, self.dtype)
+            self.fc = dense(c.d_model, False)  # [3T, D]
+            self.midlayer = _Eagle3Layer(c, self.dtype)
+            self.norm = RMSNorm(c.rms_eps, self.dtype)
+            self.lm_head = dense(c.draft_vocab, False)  # [D, V']
 
     def fuse(self, emb: jax.Array, feat: jax.Array) -> jax.Array:
         """[..., D] embeddings and features -> the layer's input [..., D]."""
@@ -305,7 +421,28 @@ class DraftModel(nn.Module):
         return self.fc(jnp.concatenate([emb, feat], axis=-1))  # EAGLE-2: [emb, feat]
 
     def __call__(self, emb, feat, positions, cache_k, cache_v, write_idx, mask):
-        return self.layers_0(self.fuse(emb, feat), positions, cache_k, cache_v, write_idx, mask)
+        c = self.dcfg
+        if c.kind != "eagle3":
+            out, k, v = self.layers_0(
+                self.fuse(emb, feat), positions, cache_k, cache_v, write_idx, mask
+            )
+            return (*_split(out, c), k, v)
+        if feat.shape[-1] == c.feature_dim:  # base features: project 3T -> D
+            feat = self.fc(feat)
+        elif feat.shape[-1] != c.d_model:
+            raise ValueError(
+                f"EAGLE-3 draft features must be {c.feature_dim} (base) or {c.d_model} (draft) "
+                f"wide, got {feat.shape[-1]}"
+            )
+        out, k, v = self.midlayer(emb, feat, positions, cache_k, cache_v, write_idx, mask)
+        return self.norm(out), out, k, v
+
+    def init_all(self, emb, feat, positions, cache_k, cache_v, write_idx, mask):
+        """`__call__`, also touching EAGLE-3's lm_head (not used by the forward) for `init`."""
+        out = self(emb, feat, positions, cache_k, cache_v, write_idx, mask)
+        if self.dcfg.kind == "eagle3":
+            self.lm_head(out[0])
+        return out
 
 
 def _split(out: jax.Array, dcfg: DraftConfig) -> tuple[jax.Array, jax.Array]:
@@ -315,8 +452,11 @@ def _split(out: jax.Array, dcfg: DraftConfig) -> tuple[jax.Array, jax.Array]:
     return out, out
 
 
-def _param_dtype(params) -> jnp.dtype:
-    return params["layers_0"]["post_attention_layernorm"]["weight"].dtype
+def param_dtype(params) -> jnp.dtype:
+    """The draft params' float dtype (the d2t buffer of an EAGLE-3 draft is int32)."""
+    return (
+        params["fc"]["fc"]["kernel"].dtype if "fc" in params["fc"] else params["fc"]["kernel"].dtype
+    )
 
 
 def draft_forward(
@@ -336,8 +476,10 @@ def draft_forward(
 
     Args:
       params: the draft params (HF-like nested dict, no embedding).
-      embedding: [V, D] the base token embedding (shared, frozen).
-      features: [B, T, D] base features, or a previous `next_feature`.
+      embedding: [V, D] the base token embedding (shared, frozen; an EAGLE-3 draft narrower than
+        its base has its own, `params["embed_tokens"]`).
+      features: [B, T, Df] base features (Df = `dcfg.feature_dim`: the layers of
+        `feature_layers`, concatenated, for EAGLE-3), or a previous `next_feature` [B, T, D].
       tokens: [B, T] int32, the token paired with each feature (x_{i+1} for f_i).
       positions: [B, T] int32 RoPE positions.
       cache: DraftCache; the new K/V are written at slots write_idx[b] .. write_idx[b]+T-1.
@@ -348,10 +490,12 @@ def draft_forward(
       token_feature [B, T, D] (apply the base lm_head for logits), next_feature [B, T, D] (the
       next draft input), and the cache with the new entries written.
     """
-    dtype = dtype or _param_dtype(params)
+    dtype = dtype or param_dtype(params)
+    if dcfg.own_embedding:
+        embedding = params["embed_tokens"]["embedding"]
     emb = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
-    out, k, v = DraftModel(dcfg, dtype).apply(
-        {"params": params},
+    token_feature, next_feature, k, v = DraftModel(dcfg, dtype).apply(
+        {"params": _module_params(params)},
         emb,
         features.astype(dtype),
         positions,
@@ -360,8 +504,12 @@ def draft_forward(
         write_idx,
         mask,
     )
-    token_feature, next_feature = _split(out, dcfg)
     return token_feature, next_feature, DraftCache(k=k, v=v)
+
+
+def _module_params(params):
+    """The params the Flax module owns (EAGLE-3's d2t buffer and own embedding are not)."""
+    return {k: v for k, v in params.items() if k not in ("d2t", "embed_tokens")}
 
 
 def stream_masks(num_streams: int, seq_len: int) -> np.ndarray:
@@ -463,7 +611,11 @@ def draft_forward_train(
       token_feature [B, L, D], next_feature [B, L, D] for the last stream's queries.
     """
     c = dcfg
-    dtype = dtype or _param_dtype(params)
+    if c.kind == "eagle3":
+        raise NotImplementedError(
+            "EAGLE-3 drafts train with their own forward (training-time test)"
+        )
+    dtype = dtype or param_dtype(params)
     b, seq_len = tokens.shape
     emb = jax.lax.stop_gradient(jnp.take(embedding, tokens, axis=0)).astype(dtype)  # [B, L, D]
     all_feats = features[None] if streams is None else jnp.concatenate([features[None], streams])
@@ -498,6 +650,90 @@ def draft_forward_train(
     return _split(_repeat_residual(a, c) + m, c)
 
 
+def ttt_masks(num_streams: int, seq_len: int) -> np.ndarray:
+    """The [F, L, L] boolean masks of EAGLE-3's training-time test, step F - 1.
+
+    Query row r (the draft's step F - 1 from position r) attends stream 0 (step 0's keys: the
+    trunk) causally, c <= r, and stream t >= 1 (its own step-t key) only at c = r: a tree node
+    sees the trunk up to its root and its own ancestors.
+    """
+    rows = np.arange(seq_len)[:, None]
+    cols = np.arange(seq_len)[None, :]
+    return np.stack([cols <= rows] + [cols == rows] * (num_streams - 1))
+
+
+def eagle3_forward_train(
+    params,
+    embedding: jax.Array,
+    features: jax.Array,
+    tokens: jax.Array,
+    *,
+    lengths: jax.Array,
+    steps: int,
+    dcfg: DraftConfig,
+    dtype=None,
+) -> jax.Array:
+    """EAGLE-3's training-time test (`eagle/traineagle3/cnets.py`): `steps` draft steps, each on
+    the previous step's outputs, cache-free.
+
+    Step s at row r pairs the draft's step-(s-1) output there (step 0: fc of the base features)
+    with token x_{r+1+s}, at RoPE position r + s; its attention is `ttt_masks(s + 1)` over the
+    keys of steps 0..s (exact softmax, padded keys excluded). So step s at row r is the draft's
+    s-th free-running step from position r, as a chain of the tree drafts it.
+
+    Args:
+      params: EAGLE-3 draft params.  embedding: [V, D] the base embedding (frozen).
+      features: [B, L, 3T] the base features f_r (`feature_layers`, concatenated).
+      tokens: [B, L] int32 x_{r+1} (0 past the end).  lengths: [B] int32 true lengths.
+      steps: the number of steps (the official training uses 7).
+    Returns:
+      [steps, B, L, D] token features (the draft's `norm` applied: `lm_head` gives logits).
+    """
+    c = dcfg
+    if c.kind != "eagle3":
+        raise ValueError(f"the training-time test trains EAGLE-3 drafts, not {c.kind}")
+    dtype = dtype or param_dtype(params)
+    if c.own_embedding:
+        embedding = params["embed_tokens"]["embedding"]
+    b, seq_len = tokens.shape
+    mid = params["midlayer"]
+    p_attn = mid["self_attn"]
+    key_valid = jnp.arange(seq_len)[None, :] < lengths[:, None]  # [B, L]
+    h = _dense(params["fc"], features.astype(dtype))  # [B, L, D]
+    ks, vs, outs = [], [], []
+    for s in range(steps):
+        tok = jnp.pad(tokens[:, s:], ((0, 0), (0, s)))  # x_{r+1+s}, 0 past the end
+        emb = jax.lax.stop_gradient(jnp.take(embedding, tok, axis=0)).astype(dtype)
+        x = jnp.concatenate(
+            [
+                rms_norm(emb, mid["input_layernorm"]["weight"].astype(dtype), eps=c.rms_eps),
+                rms_norm(h, mid["hidden_norm"]["weight"].astype(dtype), eps=c.rms_eps),
+            ],
+            axis=-1,
+        )  # [B, L, 2D]
+        positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32) + s, (b, seq_len))
+        cos, sin = rope_cos_sin(positions, head_dim=c.head_dim, rope=c.rope, dtype=dtype)
+        kv_shape = (b, seq_len, c.n_kv_heads, c.head_dim)
+        q = _dense(p_attn["q_proj"], x).reshape(b, seq_len, c.n_heads, c.head_dim)
+        q = apply_rope(q, cos, sin)
+        ks.append(apply_rope(_dense(p_attn["k_proj"], x).reshape(kv_shape), cos, sin))
+        vs.append(_dense(p_attn["v_proj"], x).reshape(kv_shape))
+        attn = multi_stream_attention(
+            q, jnp.stack(ks), jnp.stack(vs), jnp.asarray(ttt_masks(s + 1, seq_len)), key_valid
+        )
+        a = h + _dense(p_attn["o_proj"], attn.reshape(b, seq_len, c.n_heads * c.head_dim))
+        post = rms_norm(a, mid["post_attention_layernorm"]["weight"].astype(dtype), eps=c.rms_eps)
+        h = a + SwiGLU(c.d_ff, c.d_model, dtype).apply({"params": mid["mlp"]}, post)
+        outs.append(rms_norm(h, params["norm"]["weight"].astype(dtype), eps=c.rms_eps))
+    return jnp.stack(outs)
+
+
+def split_buffers(params) -> tuple[dict, dict]:
+    """(trainable float params, buffers): EAGLE-3's int `d2t` is not differentiated."""
+    buffers = {k: v for k, v in params.items() if k == "d2t"}
+    return {k: v for k, v in params.items() if k != "d2t"}, buffers
+
+
 def init_draft_params(dcfg: DraftConfig, key: jax.Array, dtype=jnp.float32):
     """Random draft params (Flax default initialisers) in the HF-like layout."""
     return _init(dcfg, dtype)(key)
@@ -507,11 +743,22 @@ def init_draft_params(dcfg: DraftConfig, key: jax.Array, dtype=jnp.float32):
 def _init(dcfg: DraftConfig, dtype):
     def f(key):
         emb = jnp.zeros((1, 1, dcfg.d_model), dtype)
+        feat = jnp.zeros((1, 1, dcfg.feature_dim), dtype)
         positions = jnp.zeros((1, 1), jnp.int32)
         kv = jnp.zeros((1, 1, dcfg.n_kv_heads, dcfg.head_dim), dtype)
-        return DraftModel(dcfg, dtype).init(
-            key, emb, emb, positions, kv, kv, jnp.zeros((1,), jnp.int32), jnp.ones((1, 1, 1), bool)
-        )["params"]
+        params = DraftModel(dcfg, dtype).init(
+            key, emb, feat, positions, kv, kv, jnp.zeros((1,), jnp.int32),
+            jnp.ones((1, 1, 1), bool), method=DraftModel.init_all,
+        )["params"]  # fmt: skip
+        if dcfg.kind == "eagle3":
+            # The draft vocabulary: draft index i is target id i + d2t[i] (here the first V').
+            params = {**params, "d2t": jnp.zeros((dcfg.draft_vocab,), jnp.int32)}
+            if dcfg.own_embedding:
+                table = jax.random.normal(
+                    jax.random.fold_in(key, 1), (dcfg.vocab_size, dcfg.d_model)
+                )
+                params["embed_tokens"] = {"embedding": table.astype(dtype)}
+        return params
 
     return jax.jit(f)
 

@@ -258,7 +258,7 @@ class Engine:
                 "max_position_embeddings)"
             )
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-        vocab = cfg.vocab_size if draft_head is None else int(draft_head.token_ids.shape[0])
+        vocab = speculative.draft_vocab_size(cfg, dcfg, draft_head)
         self.buckets = _buckets(max_batch)
         if not speculate:
             budgets = {b: budget_lib.make_budget([None]) for b in self.buckets}

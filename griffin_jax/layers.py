@@ -189,6 +189,22 @@ class Attention(nn.Module):
     rope: RopeConfig
     qkv_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    out_dim: int = 0  # o_proj width (0 = the input's: EAGLE-3's layer reads 2D, writes D)
+
+    @classmethod
+    def of(cls, cfg, dtype: jnp.dtype, *, out_dim: int = 0) -> Attention:
+        """`self_attn` of a base or draft config (n_heads, n_kv_heads, head_dim, rope,
+        qkv_bias), built inside the parent's compact method."""
+        return cls(
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            rope=cfg.rope,
+            qkv_bias=cfg.qkv_bias,
+            dtype=dtype,
+            out_dim=out_dim,
+            name="self_attn",
+        )
 
     @nn.compact
     def __call__(
@@ -227,4 +243,5 @@ class Attention(nn.Module):
         cache_k = write_rows(cache_k, k, write_idx)
         cache_v = write_rows(cache_v, v, write_idx)
         out = gqa_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
-        return proj(d, False, "o_proj")(out.reshape(b, t, n * h)), cache_k, cache_v
+        o_proj = proj(self.out_dim or d, False, "o_proj")
+        return o_proj(out.reshape(b, t, n * h)), cache_k, cache_v

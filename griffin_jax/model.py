@@ -87,37 +87,37 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    emit_input: bool = False  # also return the layer's input (scanned out: EAGLE-3 features)
 
     @nn.compact
     def __call__(self, x, cache_kv, positions, write_idx, mask):
         cfg = self.cfg
+        x_in = x
         cache_k, cache_v = cache_kv
         h = RMSNorm(cfg.rms_eps, self.dtype, name="input_layernorm")(x)
-        attn = Attention(
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-            rope=cfg.rope,
-            qkv_bias=cfg.qkv_bias,
-            dtype=self.dtype,
-            name="self_attn",
+        a, cache_k, cache_v = Attention.of(cfg, self.dtype)(
+            h, positions, cache_k, cache_v, write_idx, mask
         )
-        a, cache_k, cache_v = attn(h, positions, cache_k, cache_v, write_idx, mask)
         x = x + a
         h = RMSNorm(cfg.rms_eps, self.dtype, name="post_attention_layernorm")(x)
         if cfg.n_experts:
             m = SparseMoE(cfg, self.dtype, name="block_sparse_moe")(h)
         else:
             m = SwiGLU(cfg.d_ff, cfg.d_model, self.dtype, name="mlp")(h)
+        if self.emit_input:
+            return x + m, ((cache_k, cache_v), x_in)
         return x + m, (cache_k, cache_v)
 
 
 class Transformer(nn.Module):
-    """The base LM. `__call__` returns (logits f32 [B,T,V], hidden [B,T,D], k, v)."""
+    """The base LM. `__call__` returns (logits f32 [B,T,V], features, k, v): the features are
+    the final normed hidden [B,T,D], or with `feature_layers` the inputs of those layers
+    concatenated [B,T,nD] (what an EAGLE-3 draft reads)."""
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    feature_layers: tuple[int, ...] = ()
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -131,16 +131,21 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
-        )(cfg, self.dtype)
+        )(cfg, self.dtype, bool(self.feature_layers))
         self.norm = RMSNorm(cfg.rms_eps, self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, self.dtype)
 
     def __call__(self, tokens, positions, cache_k, cache_v, write_idx, mask):
         x = self.embed_tokens(tokens)
-        x, (cache_k, cache_v) = self.layers(x, (cache_k, cache_v), positions, write_idx, mask)
+        x, out = self.layers(x, (cache_k, cache_v), positions, write_idx, mask)
         hidden = self.norm(x)
-        return self.head(hidden), hidden, cache_k, cache_v
+        if not self.feature_layers:
+            cache_k, cache_v = out
+            return self.head(hidden), hidden, cache_k, cache_v
+        (cache_k, cache_v), inputs = out  # inputs: [L, B, T, D]
+        features = jnp.concatenate([inputs[i] for i in self.feature_layers], axis=-1)
+        return self.head(hidden), features, cache_k, cache_v
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """Token logits (f32) from final normed hidden states."""
@@ -183,17 +188,22 @@ def stack_layers(params):
     return {**params, "layers": layers}
 
 
-def _forward_unrolled(params, tokens, positions, cache, write_idx, mask, cfg, dtype):
+def _forward_unrolled(
+    params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers=()
+):
     """`Transformer.__call__` with the layers unrolled over per-layer params and caches."""
     x = embed(params, tokens).astype(dtype)
     layer = DecoderLayer(cfg, dtype)
-    ks, vs = [], []
-    for lp, ck, cv in zip(params["layers"], cache.k, cache.v, strict=True):
+    ks, vs, inputs = [], [], []
+    for i, (lp, ck, cv) in enumerate(zip(params["layers"], cache.k, cache.v, strict=True)):
+        if i in feature_layers:
+            inputs.append(x)
         x, (k, v) = layer.apply({"params": lp}, x, (ck, cv), positions, write_idx, mask)
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["norm"]["weight"].astype(dtype), eps=cfg.rms_eps)
-    return lm_head(params, hidden, cfg=cfg), hidden, tuple(ks), tuple(vs)
+    features = jnp.concatenate(inputs, axis=-1) if feature_layers else hidden
+    return lm_head(params, hidden, cfg=cfg), features, tuple(ks), tuple(vs)
 
 
 def lm_head(params, hidden: jax.Array, *, cfg: ModelConfig) -> jax.Array:
@@ -217,6 +227,7 @@ def forward(
     mask: jax.Array,
     cfg: ModelConfig,
     dtype=None,
+    feature_layers: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Runs the base model on T new tokens against the cache.
 
@@ -228,9 +239,12 @@ def forward(
         stacked cache, unstacked params (`unstack_layers`) a per-layer one.
       write_idx: [B] int32.
       mask: [B, T, S] bool, True = may attend (S = cache capacity).
+      feature_layers: the layers whose inputs make the draft's features (`draft.feature_layers`;
+        () = the final normed hidden state, GRIFFIN and EAGLE-2).
     Returns:
-      logits [B, T, V] f32, hidden [B, T, D] (final normed state: the draft's input feature),
-      the cache with the new entries written.
+      logits [B, T, V] f32, the draft's input features (hidden [B, T, D], the final normed
+      state; or the inputs of `feature_layers` concatenated, [B, T, 3D] for EAGLE-3), and the
+      cache with the new entries written.
     """
     dtype = dtype or params["embed_tokens"]["embedding"].dtype
     if is_unstacked(params) != cache.per_layer:
@@ -239,9 +253,11 @@ def forward(
             "init_cache(..., per_layer=True), stacked params a stacked cache"
         )
     if is_unstacked(params):
-        out = _forward_unrolled(params, tokens, positions, cache, write_idx, mask, cfg, dtype)
+        out = _forward_unrolled(
+            params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers
+        )
     else:
-        out = Transformer(cfg, dtype).apply(
+        out = Transformer(cfg, dtype, feature_layers=feature_layers).apply(
             {"params": params}, tokens, positions, cache.k, cache.v, write_idx, mask
         )
     logits, hidden, k, v = out

@@ -74,6 +74,7 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"fc/(fc/)?kernel$", ("ff", None)),  # draft fc [2D, D]: row-parallel over the input
     (r"(norm|layernorm)/weight$", ()),
     (r"fc/(fc/)?bias$", ()),
+    (r"^d2t$", ()),  # EAGLE-3's draft-to-target id offsets [V'] (int32)
 )
 
 # Logical name -> mesh axes to try, in order (the first one present, unused by an earlier dim of

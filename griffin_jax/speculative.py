@@ -43,7 +43,13 @@ from griffin_jax import budget as budget_lib
 from griffin_jax import checks, sampling, sharding, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
-from griffin_jax.draft import DraftCache, DraftConfig, draft_forward, init_draft_cache
+from griffin_jax.draft import (
+    DraftCache,
+    DraftConfig,
+    draft_forward,
+    feature_layers,
+    init_draft_cache,
+)
 from griffin_jax.kv_cache import KVCache, causal_mask, commit_path, init_cache
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
@@ -149,6 +155,28 @@ class DraftHead:
 
     token_ids: jax.Array  # [V'] int32, the columns' token ids
     kernel: jax.Array  # [D, V'] the base lm_head's columns for them
+
+
+def resolve_head(draft_params, draft_head: DraftHead | None, dcfg: DraftConfig):
+    """The head a round drafts through: EAGLE-3's own lm_head over its draft vocabulary (target
+    id of draft index i: i + d2t[i]), else `draft_head` (None: the base lm_head)."""
+    if dcfg.kind != "eagle3":
+        return draft_head
+    if draft_head is not None:
+        raise ValueError(
+            "an EAGLE-3 draft drafts from its own vocabulary (its lm_head and d2t): "
+            "draft_head must be None"
+        )
+    kernel = draft_params["lm_head"]["kernel"]
+    ids = jnp.arange(kernel.shape[1], dtype=jnp.int32) + draft_params["d2t"].astype(jnp.int32)
+    return DraftHead(token_ids=ids, kernel=kernel)
+
+
+def draft_vocab_size(cfg: ModelConfig, dcfg: DraftConfig | None, head: DraftHead | None) -> int:
+    """V': the width of the draft's level-1 log-probs (the tree's top-k must fit in it)."""
+    if dcfg is not None and dcfg.kind == "eagle3":
+        return dcfg.draft_vocab
+    return cfg.vocab_size if head is None else int(head.token_ids.shape[0])
 
 
 def make_draft_head(base_params, cfg: ModelConfig, token_ids: Sequence[int]) -> DraftHead:
@@ -264,6 +292,7 @@ def prefill(
     """
     b, t = tokens.shape
     dtype = base_params["embed_tokens"]["embedding"].dtype
+    draft_head = resolve_head(draft_params, draft_head, dcfg)
     rows = jnp.arange(b)
     zero = jnp.zeros((b,), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -273,6 +302,7 @@ def prefill(
         logits, hidden, cache = base_forward(
             base_params, tokens, positions, cache,
             write_idx=zero, mask=causal_mask(zero, t, t), cfg=cfg,  # slots < T only
+            feature_layers=feature_layers(dcfg, cfg.n_layers),
         )  # fmt: skip
         cache = cache.replace(length=lengths)
     keys = sampling.row_keys(seeds)
@@ -394,10 +424,11 @@ def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_inde
     active = ~state.done
     cache = state.cache
     length = cache.length
+    layers = feature_layers(static["dcfg"], cfg.n_layers) if static["drafting"] else ()
     with jax.named_scope("verify"):
         logits, hidden, cache = base_forward(
             base_params, state.root[:, None], length[:, None], cache, write_idx=length,
-            mask=causal_mask(length, 1, shapes.span), cfg=cfg,
+            mask=causal_mask(length, 1, shapes.span), cfg=cfg, feature_layers=layers,
         )  # fmt: skip
     token = sampling.next_token(
         state.keys, length + 1, logits[:, 0], greedy=greedy,
@@ -439,6 +470,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         logits, hidden, cache = base_forward(
             base_params, tree.draft_tokens, positions, cache, write_idx=cache.length,
             mask=tree_lib.verify_mask(tree, cache.length, shapes.span), cfg=cfg,
+            feature_layers=feature_layers(dcfg, cfg.n_layers),
         )  # fmt: skip
     with jax.named_scope("accept"):
         # The base's next token after every node (argmax, or the position-keyed draw), then
@@ -504,6 +536,7 @@ def draft_tree(
 ) -> tree_lib.Tree:
     """The tree a round of `tree_cfg` would verify next from `state` (the state is unchanged;
     its trunk must have caught up: no pending plain rounds). For inspection and profiling."""
+    draft_head = resolve_head(draft_params, draft_head, dcfg)
     step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
     tree, _ = _build_tree(
         step, state.root_logprobs, state.root_feature, state.root, state.trunk_len,
@@ -552,6 +585,7 @@ def run_segment(
     """
     shape = budget.shapes[index]
     drafting = any(s is not None for s in budget.shapes)
+    draft_head = resolve_head(draft_params, draft_head, dcfg)
     static = dict(
         cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, drafting=drafting,
     )  # fmt: skip
@@ -657,8 +691,7 @@ def generate(
         max_positions=cfg.max_position_embeddings if max_len is None else max_len,
         max_new=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
     )  # fmt: skip
-    vocab = cfg.vocab_size if draft_head is None else draft_head.token_ids.shape[0]
-    budget = prepare_budget(tree_cfg, vocab_size=vocab)
+    budget = prepare_budget(tree_cfg, vocab_size=draft_vocab_size(cfg, dcfg, draft_head))
     sampling_knobs = vanilla.SamplingKnobs(temperature, top_p, top_k)
     shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, budget.shapes)
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
@@ -734,7 +767,7 @@ def measure_round_costs(
     Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
     Sampling rounds are timed at temperature 1.
     """
-    budget = prepare_budget(budget, vocab_size=cfg.vocab_size)
+    budget = prepare_budget(budget, vocab_size=draft_vocab_size(cfg, dcfg, draft_head))
     shapes = plan_shapes([prompt_len] * batch, max_new, budget.shapes)
     ids = (np.arange(batch * prompt_len).reshape(batch, prompt_len) * 7919) % cfg.vocab_size
     tokens, lengths = vanilla.pad_prompts(ids.tolist(), [shapes.prompt_bucket])

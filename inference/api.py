@@ -169,7 +169,7 @@ class SpeculativeModel:
         draft_vocab: int | None = None,
         tree: str | None = None,
     ) -> SpeculativeModel:
-        """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 layout).
+        """Loads a base (HF layout) and a draft (published GRIFFIN / EAGLE-2 / EAGLE-3 layout).
 
         Args:
           base_model_path: folder or hub id; None = the project's default model.
@@ -227,7 +227,7 @@ class SpeculativeModel:
                 top_k=top_k, depth=depth, total_tokens=total_tokens, draft_vocab=draft_vocab
             )
             model.tree_cfg = resolved = resolve_tree(
-                stored, vocab_size=cfg.vocab_size, tree=tree, **sizes
+                stored, vocab_size=model.dcfg.draft_vocab, tree=tree, **sizes
             )
             model.adaptive = resolve_auto(
                 stored, tree, sizes_given=any(v is not None for v in sizes.values())
@@ -242,8 +242,16 @@ class SpeculativeModel:
     def draft_head(self) -> speculative.DraftHead | None:
         """The lm_head restricted to `tree_cfg.draft_vocab` tokens (None: the whole vocabulary).
 
-        Built once per size from `vocab_ranking` (see `speculative.DraftHead`)."""
+        Built once per size from `vocab_ranking` (see `speculative.DraftHead`). An EAGLE-3 draft
+        always drafts from its own vocabulary (`speculative.resolve_head`): None."""
         size = self.tree_cfg.draft_vocab
+        if self.dcfg is not None and self.dcfg.kind == "eagle3":
+            if size:
+                raise ValueError(
+                    f"draft_vocab={size}: an EAGLE-3 draft drafts from its own vocabulary of "
+                    f"{self.dcfg.draft_vocab} tokens (its lm_head); leave draft_vocab at 0"
+                )
+            return None
         if not size or size >= self.cfg.vocab_size:
             return None
         if self.vocab_ranking is None:

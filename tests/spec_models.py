@@ -7,6 +7,13 @@ argmax(W_head . norm(e)) = argmax(W_head . e) (RMSNorm with unit weight only res
 positive number). The draft's fc picks the embedding half of [e, f] and its other outputs are
 zeroed, so its token feature is e as well. `noise` > 0 perturbs the draft so that it agrees
 only often.
+
+EAGLE-3 (`eagle3_aligned`): its token embedding reaches the output only through attention, so
+the draft's attention is made to attend to each query's own position (q = k = 5 N(emb): a token
+scores its own key far above any other token's) and to carry N(emb) to the output (v picks the
+embedding half, o_proj scales it up); `fc` is zero, so a trunk output is c N(e) and predicts
+what the base predicts after e. Tree levels add the parent's output through the residual, so
+only the first drafted level is reliably right (acceptance ~1 per round, not full depth).
 """
 
 from __future__ import annotations
@@ -18,6 +25,32 @@ import numpy as np
 from griffin_jax import draft as draft_lib
 from griffin_jax import model as base_lib
 from griffin_jax.config import ModelConfig
+
+
+def eagle3_aligned(cfg: ModelConfig, dcfg: draft_lib.DraftConfig, base, seed: int = 0):
+    """An EAGLE-3 draft whose first drafted level matches the zeroed base (see the docstring)."""
+    d = dcfg.d_model
+    assert dcfg.kind == "eagle3" and dcfg.draft_vocab == cfg.vocab_size and d == cfg.d_model
+    assert dcfg.n_heads * dcfg.head_dim == d and dcfg.n_kv_heads == dcfg.n_heads
+    draft = draft_lib.init_draft_params(dcfg, jax.random.key(seed + 1))
+    pick = np.zeros((2 * d, d), np.float32)
+    pick[:d] = np.eye(d)  # [N(emb), N(feat)] -> N(emb)
+    attn = {
+        "q_proj": {"kernel": jnp.asarray(5.0 * pick)},
+        "k_proj": {"kernel": jnp.asarray(5.0 * pick)},
+        "v_proj": {"kernel": jnp.asarray(pick)},
+        "o_proj": {"kernel": jnp.asarray(10.0 * np.eye(d, dtype=np.float32))},
+    }
+    mid = dict(draft["midlayer"], self_attn=attn)
+    mid["mlp"] = dict(mid["mlp"], down_proj=_zeros_like_tree(mid["mlp"]["down_proj"]))
+    head = base["embed_tokens"]["embedding"].T if cfg.tie_embeddings else base["lm_head"]["kernel"]
+    return dict(
+        draft,
+        fc=_zeros_like_tree(draft["fc"]),
+        midlayer=mid,
+        norm={"weight": jnp.full((d,), 20.0)},  # a confident draft: sharper logits, same argmax
+        lm_head={"kernel": head},
+    )
 
 
 def base_config(family: str = "llama", **overrides) -> ModelConfig:
@@ -72,6 +105,8 @@ def aligned_pair(
         layers["mlp"] = mlp
     base = dict(base, layers=layers)
     base["norm"] = {"weight": jnp.ones_like(base["norm"]["weight"])}
+    if dcfg.kind == "eagle3":
+        return base, eagle3_aligned(cfg, dcfg, base, seed)
 
     draft = draft_lib.init_draft_params(dcfg, jax.random.key(seed + 1))
     d = cfg.d_model

@@ -1,8 +1,10 @@
 """The drafts (griffin_jax/draft.py) against the PyTorch reference written from the spec.
 
 T1/T3 parity (f32, HIGHEST matmuls, 1e-5): full-sequence, incremental with a cache, and
-tree-masked forwards of both drafts, with GQA and with q/k/v biases. T0: the multi-stream
-training masks against hand-written arrays, and what each query attends to in both modes.
+tree-masked forwards of the three drafts, with GQA and with q/k/v biases (EAGLE-3: 3D-wide base
+features for the trunk, its own D-wide outputs for the tree levels, a reduced draft
+vocabulary). T0: the multi-stream training masks against hand-written arrays, and what each
+query attends to in both modes.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import torch
 from torch_ref_draft import RefConfig, make_ref_draft
 
 from convert.load_draft import draft_params_from_state
-from griffin_jax import draft
+from griffin_jax import draft, speculative
 from griffin_jax.config import RopeConfig
 from griffin_jax.draft import DraftConfig, init_draft_cache, multi_stream_attention, stream_masks
 from griffin_jax.kv_cache import causal_mask
+from griffin_jax.model import head_logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Jitted once per config: much faster on CPU than op-by-op dispatch.
@@ -33,13 +36,31 @@ VARIANTS = [
     ("griffin", 2, True, 500_000.0),
     ("eagle2", 4, False, 10_000.0),
     ("eagle2", 1, True, 1_000_000.0),
+    ("eagle3", 4, False, 10_000.0),
+    ("eagle3", 2, True, 500_000.0),
 ]
+EAGLE3_VOCAB = 48  # V' of the EAGLE-3 variants (of 128)
+
+
+def _eagle3_buffers(ref, seed: int) -> None:
+    """A random draft vocabulary: sorted target ids, d2t = target - index, t2d marking them."""
+    rng = np.random.default_rng(seed)
+    targets = np.sort(rng.choice(ref.cfg.vocab_size, ref.cfg.draft_vocab_size, replace=False))
+    with torch.no_grad():
+        ref.d2t.copy_(torch.from_numpy(targets - np.arange(len(targets))))
+        ref.t2d.zero_()
+        ref.t2d[torch.from_numpy(targets)] = True
 
 
 def _build(kind: str, kv: int, bias: bool, theta: float, seed: int = 0):
     """(torch reference draft, DraftConfig, our params, base embedding as jax)."""
-    ref_cfg = RefConfig(num_key_value_heads=kv, qkv_bias=bias, rope_theta=theta)
+    vocab = EAGLE3_VOCAB if kind == "eagle3" else 0
+    ref_cfg = RefConfig(
+        num_key_value_heads=kv, qkv_bias=bias, rope_theta=theta, draft_vocab_size=vocab
+    )
     ref = make_ref_draft(kind, ref_cfg, seed=seed)
+    if kind == "eagle3":
+        _eagle3_buffers(ref, seed)
     dcfg = DraftConfig(
         kind=kind,
         vocab_size=ref_cfg.vocab_size,
@@ -51,6 +72,7 @@ def _build(kind: str, kv: int, bias: bool, theta: float, seed: int = 0):
         rope=RopeConfig(theta=theta),
         rms_eps=ref_cfg.rms_norm_eps,
         qkv_bias=bias,
+        draft_vocab_size=vocab,
     )
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     params = draft_params_from_state(state, dcfg)
@@ -76,7 +98,7 @@ def _check(ours, theirs) -> None:
 def test_full_sequence_forward_matches_torch(kind, kv, bias, theta):
     ref, dcfg, params, embedding = _build(kind, kv, bias, theta)
     b, t, offset, capacity = 2, 12, 5, 16
-    feats, ids = _inputs(b, t, dcfg.d_model, dcfg.vocab_size, seed=1)
+    feats, ids = _inputs(b, t, dcfg.feature_dim, dcfg.vocab_size, seed=1)
     pos = np.broadcast_to(np.arange(offset, offset + t), (b, t))
     with torch.no_grad():
         want = ref(torch.from_numpy(feats), torch.from_numpy(ids), torch.from_numpy(pos.copy()))
@@ -104,7 +126,7 @@ def test_full_sequence_forward_matches_torch(kind, kv, bias, theta):
 def test_incremental_forward_with_cache_matches_torch(kind, kv, bias, theta):
     ref, dcfg, params, embedding = _build(kind, kv, bias, theta)
     b, t0, t1, capacity = 2, 7, 3, 16
-    feats, ids = _inputs(b, t0 + t1, dcfg.d_model, dcfg.vocab_size, seed=2)
+    feats, ids = _inputs(b, t0 + t1, dcfg.feature_dim, dcfg.vocab_size, seed=2)
     with torch.no_grad():
         _, _, past = ref(torch.from_numpy(feats[:, :t0]), torch.from_numpy(ids[:, :t0]))
         want = ref(torch.from_numpy(feats[:, t0:]), torch.from_numpy(ids[:, t0:]), past_kv=past)
@@ -144,14 +166,18 @@ def test_tree_masked_forward_matches_torch(kind, kv, bias, theta):
     """A trunk, then two tree levels of K=3 nodes (as topK_genrate drafts them)."""
     ref, dcfg, params, embedding = _build(kind, kv, bias, theta)
     b, prefix, k_nodes, capacity = 2, 6, 3, 16
-    feats, ids = _inputs(b, prefix + 2 * k_nodes, dcfg.d_model, dcfg.vocab_size, seed=3)
+    trunk_feats, ids = _inputs(b, prefix, dcfg.feature_dim, dcfg.vocab_size, seed=3)
+    # Tree levels read the draft's own outputs: D wide (EAGLE-3's trunk reads 3D base features).
+    level_feats, level_ids = _inputs(b, 2 * k_nodes, dcfg.d_model, dcfg.vocab_size, seed=4)
+    feats = np.concatenate([np.zeros((b, prefix, dcfg.d_model), np.float32), level_feats], 1)
+    ids = np.concatenate([ids, level_ids], axis=1)
     level1 = np.eye(k_nodes, dtype=bool)
     parents = [0, 0, 2]  # the level-2 nodes' parents among the level-1 nodes
     level2 = np.concatenate([level1[parents], np.eye(k_nodes, dtype=bool)], axis=1)  # [3, 6]
     levels = [(prefix, level1), (prefix + k_nodes, level2)]
 
     with torch.no_grad():
-        _, _, past = ref(torch.from_numpy(feats[:, :prefix]), torch.from_numpy(ids[:, :prefix]))
+        _, _, past = ref(torch.from_numpy(trunk_feats), torch.from_numpy(ids[:, :prefix]))
         want = []
         for depth, (start, tm) in enumerate(levels):
             sl = slice(start, start + k_nodes)
@@ -172,7 +198,7 @@ def test_tree_masked_forward_matches_torch(kind, kv, bias, theta):
     _, _, cache = draft_forward(
         params,
         embedding,
-        jnp.asarray(feats[:, :prefix]),
+        jnp.asarray(trunk_feats),
         jnp.asarray(ids[:, :prefix], jnp.int32),
         trunk_pos,
         cache,
@@ -194,6 +220,31 @@ def test_tree_masked_forward_matches_torch(kind, kv, bias, theta):
             dcfg=dcfg,
         )
         _check((tok, nxt), want[depth])
+
+
+def test_eagle3_drafts_the_reference_target_ids():
+    """Top-k through our EAGLE-3 head (own lm_head over V' = 48, ids i + d2t[i]) equal the
+    reference's `lm_head` top-k mapped by its d2t buffer."""
+    ref, dcfg, params, embedding = _build("eagle3", 2, False, 10_000.0, seed=5)
+    b, t, capacity, k = 2, 9, 16, 6
+    feats, ids = _inputs(b, t, dcfg.feature_dim, dcfg.vocab_size, seed=6)
+    write_idx = jnp.zeros((b,), jnp.int32)
+    tok, _, _ = draft_forward(
+        params, embedding, jnp.asarray(feats), jnp.asarray(ids, jnp.int32),
+        jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+        init_draft_cache(dcfg, b, capacity), write_idx=write_idx,
+        mask=causal_mask(write_idx, t, capacity), dcfg=dcfg,
+    )  # fmt: skip
+    head = speculative.resolve_head(params, None, dcfg)
+    logits = np.asarray(head_logits(tok, head.kernel))
+    ours = np.asarray(head.token_ids)[np.argsort(-logits, axis=-1)[..., :k]]
+    with torch.no_grad():
+        ref_tok = ref(torch.from_numpy(feats), torch.from_numpy(ids))[0]
+        want = ref.draft_tokens(ref_tok, k).numpy()
+    np.testing.assert_array_equal(ours, want)
+    assert not np.array_equal(ours, np.argsort(-logits, axis=-1)[..., :k])  # d2t mapped them
+    with pytest.raises(ValueError, match="own vocabulary"):
+        speculative.resolve_head(params, head, dcfg)
 
 
 # ----------------------------------------------------------------------------------------------

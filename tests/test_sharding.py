@@ -174,10 +174,12 @@ def test_every_param_of_every_family_and_draft_has_a_rule():
     for family in ("llama", "qwen2", "mixtral"):
         cfg = base_config(family)
         sharding.plan_params(abstract_params(cfg), mesh, head_dim=cfg.head_dim)
-        for kind in ("griffin", "eagle2"):
+        for kind in ("griffin", "eagle2", "eagle3"):
             dcfg = draft_config(cfg, kind)
             plan = sharding.plan_params(abstract_draft_params(dcfg), mesh, head_dim=dcfg.head_dim)
-            assert plan["layers_0/mlp/down_proj/kernel"][0] == P("model", None)
+            layer = "midlayer" if kind == "eagle3" else "layers_0"
+            assert plan[f"{layer}/mlp/down_proj/kernel"][0] == P("model", None)
+        assert plan["d2t"][0] == P(None) and plan["lm_head/kernel"][0] == P(None, "model")
     with pytest.raises(KeyError, match="no sharding rule"):
         sharding.spec_for("layers/new_thing/kernel", (2, 3), mesh, head_dim=1)
 
@@ -310,7 +312,8 @@ def test_from_pretrained_with_a_4_of_8_mesh_loads_sharded_and_decodes_like_one_d
 
 
 def test_tensor_parallel_engine_serves_what_one_device_decodes(device_results):
-    """The serving engine over `data=1,model=4`: staggered greedy and seeded sampled requests
+    """The serving engine over `data=1,model=4` with an EAGLE-3 draft: staggered greedy and
+    seeded sampled requests
     give the ids of plain decoding of each request alone on one device, multi-token rounds
     happen, the KV cache spans 4 devices; a data axis > 1 is refused."""
     r = device_results["engine"]
@@ -519,17 +522,18 @@ def _api_checks(tmp: Path) -> dict:
 
 
 def _engine_checks() -> dict:
-    """Continuous batching over `model=4`: staggered greedy and seeded sampled requests
-    (aligned pair: multi-token rounds) against plain decoding of each request alone on one
-    device (the engine's invariant), and the state's KV sharding."""
+    """Continuous batching over `model=4` with an EAGLE-3 draft (the server's checks below run
+    a GRIFFIN one): staggered greedy and seeded sampled requests (aligned pair: multi-token
+    rounds) against plain decoding of each request alone on one device (the engine's
+    invariant), and the state's KV sharding."""
     from spec_models import aligned_pair, base_config, draft_config
 
     from griffin_jax import engine as engine_lib
     from griffin_jax import vanilla
 
-    cfg = base_config("llama", n_heads=8, n_kv_heads=4, head_dim=8)
-    dcfg = draft_config(cfg, n_heads=8, n_kv_heads=8, head_dim=8)
-    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    cfg = base_config("llama", n_heads=8, n_kv_heads=4, head_dim=8, n_layers=8)
+    dcfg = draft_config(cfg, "eagle3", n_heads=8, n_kv_heads=8, head_dim=8)
+    base, draft = aligned_pair(cfg, dcfg)
     requests = [
         engine_lib.Request(tuple(p), max_new_tokens=12, temperature=(0.0, 0.9)[i % 2],
                            top_p=0.9, seed=i, stop_ids=())

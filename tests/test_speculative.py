@@ -23,18 +23,24 @@ def _vanilla(base, cfg, prompts, n, **kw):
 
 @pytest.mark.parametrize(
     "family,kind",
-    [("llama", "griffin"), ("llama", "eagle2"), ("qwen2", "griffin"), ("mixtral", "griffin")],
-)
+    [
+        ("llama", "griffin"), ("llama", "eagle2"), ("qwen2", "griffin"), ("mixtral", "griffin"),
+        ("llama", "eagle3"), ("mixtral", "eagle3"),
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("aligned", [False, True])
 def test_greedy_equals_vanilla_batch(family, kind, aligned):
-    cfg = base_config(family)
+    # EAGLE-3 reads the inputs of layers 2, L//2 and L-3: a base of at least 7 layers.
+    cfg = base_config(family, n_layers=8 if kind == "eagle3" else 2)
     dcfg = draft_config(cfg, kind)
     make = aligned_pair if aligned else random_pair
     base, draft = make(cfg, dcfg)
     res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=24)
     assert res.output_ids == _vanilla(base, cfg, PROMPTS, 24)
     accepted = [a for row in res.accept_lengths for a in row]
-    if aligned:  # full-depth paths: every round accepts depth + 1 draft tokens until the end
+    if aligned and kind == "eagle3":  # the first drafted level is right (`eagle3_aligned`)
+        assert res.tau > 1.9
+    elif aligned:  # full-depth paths: every round accepts depth + 1 draft tokens until the end
         assert max(accepted) == TREE.depth + 1
         assert res.tau > 3.0
     for row, out in zip(res.accept_lengths, res.output_ids, strict=True):
@@ -157,18 +163,29 @@ def _exact_two_token_probs(base, cfg, prompt, *, temperature, top_p, top_k):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "temperature,top_p,top_k,subset",
-    [(1.0, 1.0, 0, None), (0.7, 0.9, 0, None), (1.3, 1.0, 5, None), (1.0, 1.0, 0, [6, 2, 7, 0])],
-)
+    [
+        (1.0, 1.0, 0, None), (0.7, 0.9, 0, None), (1.3, 1.0, 5, None), (1.0, 1.0, 0, [6, 2, 7, 0]),
+        (0.8, 1.0, 0, "eagle3"),
+    ],
+)  # fmt: skip
 def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k, subset):
     """Chi-square on the first two new tokens (prefill root + the first round's first) over many
     rows (each its own seed: row b samples with seed + b).
 
     `subset`: the draft proposes only from these ids (a DraftHead); the output distribution
-    must not change."""
-    cfg = base_config("llama", vocab_size=8, d_model=32, head_dim=8, d_ff=48, eos_token_ids=())
-    dcfg = draft_config(cfg, d_ff=40, head_dim=8)
+    must not change. "eagle3": an EAGLE-3 draft with its own 5-token vocabulary (d2t)."""
+    kind = "eagle3" if subset == "eagle3" else "griffin"
+    cfg = base_config(
+        "llama", vocab_size=8, d_model=32, head_dim=8, d_ff=48, eos_token_ids=(),
+        n_layers=7 if kind == "eagle3" else 2,
+    )  # fmt: skip
+    extra = dict(draft_vocab_size=5) if kind == "eagle3" else {}
+    dcfg = draft_config(cfg, kind, d_ff=40, head_dim=8, **extra)
     base, draft = random_pair(cfg, dcfg, seed=2)
     base = jax.tree.map(lambda x: x / 3.0, base)  # soften: many tokens keep mass
+    if kind == "eagle3":
+        draft["d2t"] = jnp.asarray([0, 1, 1, 2, 3], jnp.int32)  # targets 0, 2, 3, 5, 7
+        subset = None
     prompt = [1, 2, 3, 4]
     n = 4000
     tree = TreeConfig(top_k=3, depth=2, total_tokens=8)
@@ -198,6 +215,11 @@ def test_sampling_preserves_the_warped_distribution(temperature, top_p, top_k, s
     assert chi2 < limit, (chi2, limit, dof)
     # the draft was actually used: some first rounds emitted an accepted draft token as token 2
     assert sum(row[0] for row in res.accept_lengths) > 0
+    if kind == "eagle3":  # ...and only tokens of its vocabulary were ever accepted
+        accepted = {
+            out[1] for out, row in zip(res.output_ids, res.accept_lengths, strict=True) if row[0]
+        }
+        assert accepted <= {0, 2, 3, 5, 7}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied embeddings

@@ -246,6 +246,30 @@ CASES = {
         "stage_zero": ({"--stage": 0}, "--stage must be >= 1"),
         "eagle2_stage_2": ({"--draft-kind": "eagle2", "--stage": 2}, "EAGLE-2"),
         "draft_kind_unknown": ({"--draft-kind": "medusa"}, "invalid choice: 'medusa'"),
+        "eagle3_offline": ({"--draft-kind": "eagle3"}, "EAGLE-3 drafts train --online"),
+        "eagle3_stage_2": ({**ONLINE, "--draft-kind": "eagle3", "--stage": 2}, "--ttt-steps"),
+        "eagle3_one_layer_base": (
+            {**ONLINE, "--draft-kind": "eagle3"},
+            "a base of 1 layers has no three distinct ones",
+        ),
+        "draft_vocab_for_griffin": (
+            {"--draft-vocab-size": 64},
+            "only apply to --draft-kind eagle3",
+        ),
+        "draft_vocab_without_ranking": (
+            {**ONLINE, "--draft-kind": "eagle3", "--draft-vocab-size": 64},
+            "needs --vocab-ranking",
+        ),
+        "vocab_ranking_missing": (
+            {
+                **ONLINE,
+                "--draft-kind": "eagle3",
+                "--draft-vocab-size": 64,
+                "--vocab-ranking": "{root}/nope.safetensors",
+            },
+            "no such file",
+        ),  # fmt: skip
+        "ttt_steps_zero": ({"--ttt-steps": 0}, "--ttt-steps must be >= 1"),
         "draft_heads_not_dividing": ({"--draft-heads": 3}, "--draft-heads"),
         "draft_kv_heads_not_dividing": ({"--draft-kv-heads": 3}, "--draft-kv-heads"),
         "draft_d_ff_zero": ({"--draft-d-ff": 0}, "--draft-d-ff must be >= 1"),

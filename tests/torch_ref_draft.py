@@ -1,10 +1,15 @@
-"""Compact PyTorch reference of the GRIFFIN and EAGLE-2 drafts, written from the spec.
+"""Compact PyTorch reference of the GRIFFIN, EAGLE-2 and EAGLE-3 drafts, written from the spec.
 
 GRIFFIN follows GRIFFIN_SPEC sections 2.1-2.3 (the `Efc` fusion block, one decoder layer without
 input norm and a 2H-wide MLP over the duplicated residual, split into two heads) and section 3
 (the multi-stream training attention, literally: per-stream 0/1 masks built by loops, and both the
 multiplicative "leaky" masking and exact masking). EAGLE-2: `fc` Linear over [emb, feat] with
-bias, one Llama layer without input norm, no final norm. Attention is HF style (q/k/v/o Linears,
+bias, one Llama layer without input norm, no final norm. EAGLE-3 (SafeAILab/EAGLE
+`eagle/model/cnets.py`: `Model` with `LlamaDecoderLayeremb`): `fc` Linear 3T -> H without bias
+over the base features (skipped when the input is already H wide: tree levels), a `midlayer`
+whose q/k/v read [input_layernorm(emb), hidden_norm(feat)] (2H) with the residual from the
+feature, then post-attention norm + SwiGLU; `norm` + `lm_head` (H -> V') give the token logits;
+the `d2t` / `t2d` buffers map the draft vocabulary. Attention is HF style (q/k/v/o Linears,
 rotate-half RoPE, repeated KV heads, an additive fp32 mask with `finfo(f32).min`, a
 `past_key_value` tuple and an optional tree mask over the bottom-right block).
 
@@ -33,6 +38,8 @@ class RefConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0
     qkv_bias: bool = False
+    draft_vocab_size: int = 0  # EAGLE-3 (0 = vocab_size)
+    target_hidden_size: int = 0  # EAGLE-3 (0 = hidden_size)
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +72,7 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: RefConfig):
+    def __init__(self, cfg: RefConfig, in_dim: int | None = None):
         super().__init__()
         h, nh, nkv, d = (
             cfg.hidden_size,
@@ -74,9 +81,10 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         self.nh, self.nkv, self.d = nh, nkv, d
-        self.q_proj = nn.Linear(h, nh * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, nkv * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, nkv * d, bias=cfg.qkv_bias)
+        in_dim = in_dim or h
+        self.q_proj = nn.Linear(in_dim, nh * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(in_dim, nkv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(in_dim, nkv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(nh * d, h, bias=False)
 
     def heads(self, x, proj, n, cos=None, sin=None):
@@ -173,6 +181,22 @@ def ref_stream_masks(num_streams: int, seq_len: int) -> torch.Tensor:
     return m
 
 
+def _attention_inputs(cfg: RefConfig, b: int, t: int, past: int, position_ids, tree_mask):
+    """(cos, sin, additive mask [B, 1, T, past + T]) of an inference forward."""
+    if position_ids is None:
+        position_ids = torch.arange(past, past + t)[None].expand(b, t)
+    minval = torch.finfo(torch.float32).min
+    rows = torch.arange(t)[:, None] + past
+    cols = torch.arange(past + t)[None, :]
+    bias = torch.where(cols <= rows, 0.0, minval)[None, None].repeat(b, 1, 1, 1)
+    if tree_mask is not None:
+        m = tree_mask.shape[-1]
+        block = bias[:, :, -t:, -m:]
+        bias[:, :, -t:, -m:] = torch.where(tree_mask == 0, minval, block)
+    cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
+    return cos, sin, bias
+
+
 class _Draft(nn.Module):
     def __init__(self, cfg: RefConfig, out_dim: int):
         super().__init__()
@@ -195,20 +219,9 @@ class _Draft(nn.Module):
         """
         b, t, _ = hidden.shape
         past = 0 if past_kv is None else past_kv[0].shape[2]
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t)[None].expand(b, t)
+        cos, sin, bias = _attention_inputs(self.cfg, b, t, past, position_ids, tree_mask)
         e = self.embed_tokens(ids).to(hidden.dtype)
-        x = self.fuse(e, hidden)
-        minval = torch.finfo(torch.float32).min
-        rows = torch.arange(t)[:, None] + past
-        cols = torch.arange(past + t)[None, :]
-        bias = torch.where(cols <= rows, 0.0, minval)[None, None].repeat(b, 1, 1, 1)
-        if tree_mask is not None:
-            m = tree_mask.shape[-1]
-            block = bias[:, :, -t:, -m:]
-            bias[:, :, -t:, -m:] = torch.where(tree_mask == 0, minval, block)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
-        out, kv = self.layers[0](x, cos, sin, bias, past_kv)
+        out, kv = self.layers[0](self.fuse(e, hidden), cos, sin, bias, past_kv)
         return (*self.split(out), kv)
 
     def forward_train(self, hidden, ids, q_hidden_states=None, attention_mask=None, leaky=True):
@@ -273,13 +286,107 @@ class Eagle2Draft(_Draft):
         return out, out
 
 
-def make_ref_draft(kind: str, cfg: RefConfig, *, seed: int = 0, std: float = 0.2) -> _Draft:
+class Eagle3Layer(nn.Module):
+    """EAGLE-3's `midlayer` (`LlamaDecoderLayeremb`)."""
+
+    def __init__(self, cfg: RefConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg, in_dim=2 * cfg.hidden_size)
+        self.mlp = MLP(cfg, cfg.hidden_size)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, emb, hidden, cos, sin, attn_bias, past_kv=None):
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
+        attn, kv = self.self_attn(x, cos, sin, attn_bias, past_kv)
+        h = hidden + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class Eagle3Draft(nn.Module):
+    """EAGLE-3's draft `Model`: state dict `embed_tokens`, `fc`, `midlayer.*`, `norm`,
+    `lm_head`, `d2t`, `t2d`."""
+
+    def __init__(self, cfg: RefConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        draft_vocab = cfg.draft_vocab_size or cfg.vocab_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.lm_head = nn.Linear(h, draft_vocab, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.fc = nn.Linear(3 * (cfg.target_hidden_size or h), h, bias=False)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+
+    def forward(self, hidden, ids, position_ids=None, past_kv=None, tree_mask=None):
+        """As `_Draft.forward`; hidden is [B, T, 3T] base features or [B, T, H] draft outputs.
+        Returns (token_feature = norm(out), next_feature = out, (k, v))."""
+        b, t, _ = hidden.shape
+        past = 0 if past_kv is None else past_kv[0].shape[2]
+        cos, sin, bias = _attention_inputs(self.cfg, b, t, past, position_ids, tree_mask)
+        e = self.embed_tokens(ids).to(hidden.dtype)
+        if hidden.shape[-1] != e.shape[-1]:
+            hidden = self.fc(hidden)
+        out, kv = self.midlayer(e, hidden, cos, sin, bias, past_kv)
+        return self.norm(out), out, kv
+
+    def forward_ttt(self, hidden, ids, steps: int, attention_mask=None):
+        """The training-time test of `eagle/traineagle3/cnets.py`, literally: per step, the ids
+        shift left by one (zero fill), RoPE positions advance by one, keys/values go into a
+        growing list; scores are step 0's keys under the causal (+ padding) mask, then each later
+        step's key at the query's own row (an elementwise product), softmaxed together.
+
+        hidden [B, L, 3T]; ids [B, L] (x_{r+1}); attention_mask [B, L] (1 = valid) or None.
+        Returns the normed outputs of every step, [steps, B, L, H].
+        """
+        b, seq_len, _ = hidden.shape
+        attn = self.midlayer.self_attn
+        minval = torch.finfo(torch.float32).min
+        rows = torch.arange(seq_len)[:, None]
+        cols = torch.arange(seq_len)[None, :]
+        bias = torch.where(cols <= rows, 0.0, minval)[None, None].repeat(b, 1, 1, 1)
+        if attention_mask is not None:
+            bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, minval)
+        h = self.fc(hidden)
+        cache_k, cache_v, outs = [], [], []
+        for s in range(steps):
+            emb = self.embed_tokens(ids).to(h.dtype)
+            x = torch.cat((self.midlayer.input_layernorm(emb), self.midlayer.hidden_norm(h)), -1)
+            pos = torch.arange(seq_len)[None].expand(b, seq_len) + s
+            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+            q = attn.heads(x, attn.q_proj, attn.nh, cos, sin)  # [B, nh, L, d]
+            cache_k.append(attn.repeat(attn.heads(x, attn.k_proj, attn.nkv, cos, sin)))
+            cache_v.append(attn.repeat(attn.heads(x, attn.v_proj, attn.nkv)))
+            scores = [q @ cache_k[0].transpose(2, 3) / math.sqrt(attn.d) + bias]
+            for i in range(1, len(cache_k)):
+                scores.append(((q * cache_k[i]).sum(-1) / math.sqrt(attn.d))[..., None])
+            w = F.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
+            out = w[..., :seq_len] @ cache_v[0]
+            for i in range(1, len(cache_k)):
+                out = out + w[..., seq_len + i - 1 : seq_len + i] * cache_v[i]
+            out = attn.o_proj(out.transpose(1, 2).reshape(b, seq_len, attn.nh * attn.d))
+            a = h + out
+            h = a + self.midlayer.mlp(self.midlayer.post_attention_layernorm(a))
+            outs.append(self.norm(h))
+            ids = torch.cat((ids[:, 1:], torch.zeros_like(ids[:, :1])), dim=1)
+        return torch.stack(outs)
+
+    def draft_tokens(self, token_feature, k: int):
+        """The top-k target token ids of the draft's logits (topK_genrate: i + d2t[i])."""
+        top = torch.topk(self.lm_head(token_feature), k, dim=-1).indices
+        return top + self.d2t[top]
+
+
+def make_ref_draft(kind: str, cfg: RefConfig, *, seed: int = 0, std: float = 0.2) -> nn.Module:
     """A random reference draft with weights large enough that outputs are not near-trivial."""
     torch.manual_seed(seed)
-    model = GriffinDraft(cfg) if kind == "griffin" else Eagle2Draft(cfg)
+    model = {"griffin": GriffinDraft, "eagle2": Eagle2Draft, "eagle3": Eagle3Draft}[kind](cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
+            if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name == "embed_tokens.weight":
                 p.normal_(0.0, 1.0)

@@ -37,6 +37,32 @@ def rank_tokens(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.argsort(-counts, kind="stable").astype(np.int32)
 
 
+def read_ranking(path: pathlib.Path) -> np.ndarray:
+    """The `token_ids` ranking of a `draft_vocab.safetensors` file (InputError naming it)."""
+    from convert.load_hf import iter_safetensors
+
+    try:
+        tensors = dict(iter_safetensors(path))
+    except ValueError as err:
+        raise InputError(f"{path}: not a readable safetensors file ({err})") from err
+    ids = tensors.get("token_ids")
+    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise InputError(f"{path}: expected one 1-D integer tensor `token_ids`")
+    return np.asarray(ids, np.int32)
+
+
+def draft_to_target(ranking: np.ndarray, size: int) -> np.ndarray:
+    """EAGLE-3's `d2t` for a draft vocabulary of the `size` most frequent ids of `ranking`:
+    those ids in increasing order, draft index i -> target id i + d2t[i] (as the official
+    training builds it from token counts)."""
+    if not 1 <= size <= len(ranking):
+        raise InputError(f"a draft vocabulary of {size} ids from a ranking of {len(ranking)}")
+    used = np.sort(np.asarray(ranking[:size], np.int64))
+    if len(np.unique(used)) != size or used[0] < 0:
+        raise InputError("the token ranking repeats an id or holds a negative one")
+    return (used - np.arange(size)).astype(np.int32)
+
+
 def coverage(ids: np.ndarray, ranking: np.ndarray, sizes) -> dict[int, float]:
     """Fraction of the tokens in `ids` that fall in the first n ranked ids, for each n."""
     counts = np.bincount(np.asarray(ids, np.int64).ravel(), minlength=len(ranking))

@@ -261,22 +261,26 @@ def bucket_length(n: int, *, min_bucket: int = 32, max_len: int | None = None) -
     return b if max_len is None else max(min(b, max_len), int(n))
 
 
-def base_features(params, tokens: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-    """The base's final normed hidden states for right-padded tokens (no cache: T slots).
+def base_outputs(
+    params, tokens: jax.Array, *, cfg: ModelConfig, feature_layers: tuple[int, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
+    """The base's logits and draft features for right-padded tokens (no cache: T slots).
 
-    Causal, so the padding never changes the features of real positions. The logits are not
-    used and XLA drops them. No gradient flows into the base.
+    Causal, so the padding never changes the outputs of real positions. No gradient flows into
+    the base.
 
     Args:
       params: base params.  tokens: [B, T] int32.
+      feature_layers: `draft.feature_layers` (() = the final normed hidden state).
     Returns:
-      hidden [B, T, D] in the params' dtype.
+      logits [B, T, V] f32, features [B, T, D] (or [B, T, 3D] for EAGLE-3's three layers) in
+      the params' dtype.
     """
     b, t = tokens.shape
     dtype = params["embed_tokens"]["embedding"].dtype
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     zero = jnp.zeros((b,), jnp.int32)
-    _, hidden, _ = base_model.forward(
+    logits, feats, _ = base_model.forward(
         params,
         tokens,
         positions,
@@ -284,8 +288,15 @@ def base_features(params, tokens: jax.Array, *, cfg: ModelConfig) -> jax.Array:
         write_idx=zero,
         mask=causal_mask(zero, t, t),
         cfg=cfg,
+        feature_layers=feature_layers,
     )
-    return jax.lax.stop_gradient(hidden)
+    return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(feats)
+
+
+def base_features(params, tokens: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    """The base's final normed hidden states [B, T, D] (`base_outputs`; XLA drops the unused
+    logits)."""
+    return base_outputs(params, tokens, cfg=cfg)[1]
 
 
 _jit_base_features = jax.jit(base_features, static_argnames=("cfg",))

@@ -4,7 +4,9 @@ Mirrors the reference's `CustomDataset` / `AddUniformNoise` (spec 4.2, 4.3), the
 `train/main_griffin_1.py` (stage 1: SmoothL1 on the next feature + 0.1 x soft cross-entropy,
 spec 4.4-4.5) and the unrolled loop of `train/main_griffin_2.py` (stages j >= 2: j passes over
 multi-stream attention, the top-10 term, the `topk_train` alignment masks, spec 4.6), plus
-`getkacc` (the free-running acceptance estimate) as array arithmetic.
+`getkacc` (the free-running acceptance estimate) as array arithmetic. EAGLE-3's objective
+(`eagle/traineagle3`: soft cross-entropy of every training-time-test step against the base's
+distribution over the draft vocabulary, weighted 0.8^s) is `ttt_loss`.
 
 Everything here is a pure jnp function of padded [B, L, ...] arrays with per-row true lengths
 (right padding). Two deliberate departures from the reference, both spec 8.2 / 8.6:
@@ -315,3 +317,55 @@ def chain_acceptance(correct: jax.Array, start_ok: jax.Array) -> tuple[jax.Array
         misses = misses + jnp.sum(reach * (1.0 - cor))
         reach = shift_right(reach * cor) * ok
     return jnp.stack(hits), jnp.stack(totals)
+
+
+TTT_DECAY = 0.8  # EAGLE-3: step s of the training-time test weighs 0.8^s
+
+
+def ttt_loss(
+    token_features: jax.Array,
+    kernel: jax.Array,
+    token_ids: jax.Array,
+    target_logits: jax.Array,
+    loss_mask: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """EAGLE-3's objective over the steps of `draft.eagle3_forward_train`.
+
+    Step s at row r predicts x_{r+2+s}: its target is the base's distribution there
+    (`target_logits` shifted left by s), restricted to the draft vocabulary and renormalised;
+    positions count when the data's loss mask (shifted alike) holds and the base's argmax is in
+    the draft vocabulary (as `eagle/traineagle3`). Each step's soft cross-entropy is normalised
+    by its mask (`_masked_mean`; the official code averages over every position, padding
+    included), and the total is sum_s 0.8^s loss_s.
+
+    Args:
+      token_features: [S, B, L, D] the draft's normed outputs.  kernel: [D, V'] its lm_head.
+      token_ids: [V'] int32 target id of each draft index (i + d2t[i]).
+      target_logits: [B, L, V] the base's logits predicting x_{r+2} (its logits at r + 1).
+      loss_mask: [B, L] the data mask of draft position r (0 past the end).
+    Returns:
+      (total, metrics per step s = 1..S: `ploss{s}`, `top1_{s}` (draft argmax = base argmax,
+      over the step's mask), `mask{s}`).
+    """
+    vocab = target_logits.shape[-1]
+    in_vocab = jnp.zeros((vocab,), bool).at[token_ids].set(True)
+    total = jnp.zeros((), jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+    target, data_mask = target_logits, loss_mask
+    for s in range(token_features.shape[0]):
+        if s:
+            target, data_mask = shift_left(target), shift_left(data_mask)
+        base_token = jnp.argmax(target, axis=-1)  # [B, L]
+        mask = data_mask * in_vocab[base_token]
+        target_p = jax.nn.softmax(jnp.take(target, token_ids, axis=-1).astype(jnp.float32), -1)
+        logits = jnp.einsum(
+            "BLD,DV->BLV", token_features[s], kernel.astype(token_features.dtype),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        loss = ploss(logits, jax.lax.stop_gradient(target_p), mask)
+        total = total + TTT_DECAY**s * loss
+        hit = jnp.take(token_ids, jnp.argmax(logits, axis=-1)) == base_token
+        metrics[f"ploss{s + 1}"] = loss
+        metrics[f"top1_{s + 1}"] = _masked_mean(hit.astype(jnp.float32), mask)
+        metrics[f"mask{s + 1}"] = mask
+    return total, metrics

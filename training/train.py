@@ -1,10 +1,14 @@
-"""Trains a GRIFFIN (stages 1..j) or EAGLE-2 draft against a frozen base model.
+"""Trains a GRIFFIN (stages 1..j), EAGLE-2 or EAGLE-3 draft against a frozen base model.
 
 Mirrors the reference's `train/main_griffin_1.py` (stage 1: one pass, 1.0 SmoothL1 + 0.1 soft CE)
 and `train/main_griffin_2.py --forward_num_total j` (stage j >= 2: warm start from stage j-1, j
 unrolled passes over the multi-stream attention, + 0.5 top-10 CE per pass, token-alignment masks
 with `topk_train`, per-pass gradients summed), spec sections 3 and 4. EAGLE-2 drafts are trained
-by the same loop with the stage-1 loss only (as EAGLE-2 does), for fair comparisons.
+by the same loop with the stage-1 loss only (as EAGLE-2 does), for fair comparisons. EAGLE-3
+drafts (`eagle/traineagle3`) train online on three base layers with the training-time test:
+`--ttt-steps` (7) steps on their own outputs, each a soft cross-entropy against the base's
+distribution over the draft vocabulary (`--draft-vocab-size` most frequent ids of a
+`--vocab-ranking` from `python -m training.draft_vocab`), weighted 0.8^s.
 
 Usage::
 
@@ -15,6 +19,10 @@ Usage::
         --init runs/griffin_s1 --steps 20000 --out runs/griffin_s2 --export runs/griffin_draft
     # no feature cache: the base runs inside the train step
     python -m training.train --base BASE --online --corpus data.jsonl --draft-kind eagle2 ...
+    # EAGLE-3 over the 2048 most frequent tokens
+    python -m training.draft_vocab --tokens CORPUS --vocab-size 8192 --out runs/eagle3_vocab
+    python -m training.train --base BASE --online --corpus data.jsonl --draft-kind eagle3 \
+        --draft-vocab-size 2048 --vocab-ranking runs/eagle3_vocab/draft_vocab.safetensors ...
     # curves
     python -m training.train plot --metrics runs/griffin_s2/metrics.jsonl --out curves.png
 
@@ -54,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from griffin_jax import cli
+from griffin_jax import cli, speculative
 from griffin_jax import draft as draft_lib
 from griffin_jax import model as base_model
 from griffin_jax.checks import InputError
@@ -79,6 +87,7 @@ class StepConfig:
     online: bool = False
     dtype: str = "float32"  # draft compute dtype (params stay f32)
     eval_depth: int = 5
+    ttt_steps: int = 7  # EAGLE-3: steps of the training-time test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +236,8 @@ def loss_fn(
       params: draft params (trained).  frozen: base params (at least embed_tokens and lm_head;
         all of them online).  batch: see `make_batch`.  key: the noise key of this step.
     """
+    if dcfg.kind == "eagle3":
+        return _eagle3_loss(params, frozen, batch, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
     inputs = _inputs(frozen, batch, base_cfg=base_cfg, online=sc.online)
     if sc.noise_std:
         noise = losses.feature_noise(key, inputs.features.shape, inputs.lengths, std=sc.noise_std)
@@ -260,6 +271,32 @@ def loss_fn(
     )
 
 
+def _eagle3_run(params, frozen, batch, *, base_cfg, dcfg, sc: StepConfig, steps: int):
+    """(training-time-test token features [S, B, L, D], the base's logits [B, L, V] (at r:
+    predicting x_{r+1}), draft inputs): EAGLE-3 trains online on three base layers."""
+    logits, feats = features.base_outputs(
+        frozen, batch["ids"], cfg=base_cfg,
+        feature_layers=draft_lib.feature_layers(dcfg, base_cfg.n_layers),
+    )  # fmt: skip
+    inputs = losses.draft_inputs(feats, batch["ids"], batch["mask"], batch["lengths"])
+    token_features = draft_lib.eagle3_forward_train(
+        params, frozen["embed_tokens"]["embedding"], inputs.features, inputs.tokens,
+        lengths=inputs.lengths, steps=steps, dcfg=dcfg, dtype=DTYPES[sc.dtype],
+    )  # fmt: skip
+    return token_features, logits, inputs
+
+
+def _eagle3_loss(params, frozen, batch, *, base_cfg, dcfg, sc: StepConfig):
+    """EAGLE-3's objective (`losses.ttt_loss`) over `sc.ttt_steps` steps."""
+    token_features, logits, inputs = _eagle3_run(
+        params, frozen, batch, base_cfg=base_cfg, dcfg=dcfg, sc=sc, steps=sc.ttt_steps
+    )
+    head = speculative.resolve_head(params, None, dcfg)
+    return losses.ttt_loss(  # draft position r predicts x_{r+2}: the base's logits at r + 1
+        token_features, head.kernel, head.token_ids, losses.shift_left(logits), inputs.loss_mask
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def make_optimizer(opt: common.OptimConfig) -> optax.GradientTransformation:
     """`common.make_optimizer`, one object per config, so the jitted steps (which take it as a
@@ -277,12 +314,15 @@ def train_step(state, frozen, batch, *, tx, base_cfg, dcfg, sc: StepConfig):
     the step is a pure function of the state and the batch.
     """
     key = jax.random.fold_in(common.data_to_key(state["rng"]), state["step"])
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, batch, key, base_cfg=base_cfg, dcfg=dcfg, sc=sc
-    )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    trainable, buffers = draft_lib.split_buffers(state["params"])  # EAGLE-3's d2t is fixed
+
+    def objective(p):
+        return loss_fn({**p, **buffers}, frozen, batch, key, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new = {
-        "params": optax.apply_updates(state["params"], updates),
+        "params": {**optax.apply_updates(trainable, updates), **buffers},
         "opt_state": opt_state,
         "step": state["step"] + 1,
         "rng": state["rng"],
@@ -299,6 +339,8 @@ def eval_sums(params, frozen, batch, *, base_cfg, dcfg, sc: StepConfig) -> dict[
     No noise, exact masks (inference numerics). Pass k+1 of the unrolled forward at position r
     is the draft's k-th free-running step from position r - k (see `losses.chain_acceptance`).
     """
+    if dcfg.kind == "eagle3":
+        return _eagle3_eval_sums(params, frozen, batch, base_cfg=base_cfg, dcfg=dcfg, sc=sc)
     inputs = _inputs(frozen, batch, base_cfg=base_cfg, online=sc.online)
     head = functools.partial(base_model.lm_head, frozen, cfg=base_cfg)
     embedding = frozen["embed_tokens"]["embedding"]
@@ -331,6 +373,41 @@ def eval_sums(params, frozen, batch, *, base_cfg, dcfg, sc: StepConfig) -> dict[
             new = losses.next_stream(next_feature, inputs.features, streams)[None]
             streams = new if streams is None else jnp.concatenate([streams, new])
     start_ok = (m0 > 0) & (jnp.argmax(head(inputs.features), axis=-1) == inputs.tokens)
+    out["acc_hits"], out["acc_totals"] = losses.chain_acceptance(jnp.stack(correct), start_ok)
+    return out
+
+
+def _eagle3_eval_sums(params, frozen, batch, *, base_cfg, dcfg, sc: StepConfig):
+    """`eval_sums` for EAGLE-3: step k of the training-time test at row r is the draft's k-th
+    free-running step from r (shifted right by k to `chain_acceptance`'s convention); top-n
+    and the soft cross-entropy are step 0's over the data mask (a base token outside the draft
+    vocabulary is a miss); no feature regression (vloss 0)."""
+    token_features, logits_base, inputs = _eagle3_run(
+        params, frozen, batch, base_cfg=base_cfg, dcfg=dcfg, sc=sc, steps=sc.eval_depth
+    )
+    head = speculative.resolve_head(params, None, dcfg)
+    m0 = inputs.loss_mask
+    out: dict[str, jax.Array] = {"mask": jnp.sum(m0), "vloss": jnp.zeros((), jnp.float32)}
+    target, correct = losses.shift_left(logits_base), []
+    for k in range(sc.eval_depth):
+        if k:
+            target = losses.shift_left(target)
+        logits = base_model.head_logits(token_features[k], head.kernel)
+        base_token = jnp.argmax(target, axis=-1)
+        if k == 0:
+            _, top = jax.lax.top_k(logits, min(3, logits.shape[-1]))
+            top_ids = jnp.take(head.token_ids, top)  # [B, L, 3] target ids
+            for n in (1, 2, 3):
+                hit = jnp.any(top_ids[..., :n] == base_token[..., None], axis=-1)
+                out[f"top{n}"] = jnp.sum(m0 * hit)
+            target_p = jax.nn.softmax(jnp.take(target, head.token_ids, axis=-1), axis=-1)
+            out["ploss"] = losses.ploss(logits, target_p, m0) * jnp.sum(m0)
+        hit = jnp.take(head.token_ids, jnp.argmax(logits, axis=-1)) == base_token
+        for _ in range(k):
+            hit = losses.shift_right(hit)
+        correct.append(hit)
+    # The base's own next token at r (its logits there, unshifted) must be the data's x_{r+1}.
+    start_ok = (m0 > 0) & (jnp.argmax(logits_base, axis=-1) == inputs.tokens)
     out["acc_hits"], out["acc_totals"] = losses.chain_acceptance(jnp.stack(correct), start_ok)
     return out
 
@@ -379,7 +456,20 @@ def draft_config(args: argparse.Namespace, base_cfg: ModelConfig) -> DraftConfig
         rms_eps=base_cfg.rms_eps,
         qkv_bias=args.draft_qkv_bias,
         max_position_embeddings=base_cfg.max_position_embeddings,
+        draft_vocab_size=_draft_vocab_size(args, base_cfg),
     )
+
+
+def _draft_vocab_size(args: argparse.Namespace, base_cfg: ModelConfig) -> int:
+    """EAGLE-3's `draft_vocab_size` field (0: the whole vocabulary)."""
+    n = getattr(args, "draft_vocab_size", None)
+    if n is None or n == base_cfg.vocab_size:
+        return 0
+    if n > base_cfg.vocab_size:
+        raise InputError(
+            f"--draft-vocab-size {n} exceeds the base vocabulary ({base_cfg.vocab_size})"
+        )
+    return n
 
 
 def init_draft(
@@ -392,13 +482,22 @@ def init_draft(
     if init is None:
         dcfg = draft_config(args, base_cfg)
         key = jax.random.fold_in(jax.random.key(args.seed), 1)
-        return dcfg, draft_lib.init_draft_params(dcfg, key, jnp.float32)
+        params = draft_lib.init_draft_params(dcfg, key, jnp.float32)
+        if dcfg.kind == "eagle3" and dcfg.draft_vocab_size:
+            from training.draft_vocab import draft_to_target, read_ranking
+
+            ranking = read_ranking(args.vocab_ranking)
+            params["d2t"] = jnp.asarray(draft_to_target(ranking, dcfg.draft_vocab_size))
+        return dcfg, params
     if (init / "config.json").exists():
         from convert.load_draft import load_draft
 
         embedding = np.asarray(base_params["embed_tokens"]["embedding"], np.float32)
         dcfg, params = load_draft(init, base_cfg, dtype="float32", base_embedding=embedding)
-        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        params = jax.tree.map(  # f32 training copies (EAGLE-3's d2t stays int32)
+            lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            params,
+        )
     else:
         dcfg = _run_draft_config(init)
         params = draft_lib.init_draft_params(dcfg, jax.random.key(0), jnp.float32)
@@ -429,7 +528,7 @@ def _run_draft_config(run: pathlib.Path) -> DraftConfig:
 def _fresh_state(params, tx, *, seed: int) -> dict[str, Any]:
     return {
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": tx.init(draft_lib.split_buffers(params)[0]),
         "step": jnp.zeros((), jnp.int32),
         "rng": common.key_to_data(jax.random.fold_in(jax.random.key(seed), 2)),
     }
@@ -464,7 +563,10 @@ def load_data(args: argparse.Namespace, base_cfg: ModelConfig) -> SequenceData:
 
 _DTYPE_NAMES = ("f32", "bf16", "f16", "float32", "bfloat16", "float16")
 _ONLINE_ONLY = ("corpus", "tokenizer", "chat_template", "system", "limit")
-_DRAFT_SHAPE = ("draft_d_ff", "draft_heads", "draft_kv_heads", "draft_qkv_bias")
+_DRAFT_SHAPE = (
+    "draft_d_ff", "draft_heads", "draft_kv_heads", "draft_qkv_bias", "draft_vocab_size",
+    "vocab_ranking",
+)  # fmt: skip
 
 
 def _flag(name: str) -> str:
@@ -491,13 +593,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--min-bucket", type=int, default=64)
     data.add_argument("--eval-frac", type=float, default=0.05)
     draft = p.add_argument_group("draft")
-    draft.add_argument("--draft-kind", choices=("griffin", "eagle2"), default="griffin")
+    draft.add_argument("--draft-kind", choices=draft_lib.DRAFT_KINDS, default="griffin")
     draft.add_argument("--stage", type=int, default=1, help="unrolled passes (GRIFFIN stage j)")
     draft.add_argument("--init", type=pathlib.Path, default=None, help="warm start (stage j-1)")
     draft.add_argument("--draft-d-ff", type=int, default=None)
     draft.add_argument("--draft-heads", type=int, default=None)
     draft.add_argument("--draft-kv-heads", type=int, default=None)
     draft.add_argument("--draft-qkv-bias", action="store_true")
+    draft.add_argument(
+        "--draft-vocab-size", type=int, default=None,
+        help="EAGLE-3: its lm_head's vocabulary, the most frequent ids of --vocab-ranking "
+        "(default: the whole vocabulary)",
+    )  # fmt: skip
+    draft.add_argument(
+        "--vocab-ranking", type=pathlib.Path, default=None,
+        help="EAGLE-3: draft_vocab.safetensors from python -m training.draft_vocab",
+    )  # fmt: skip
+    draft.add_argument("--ttt-steps", type=int, default=7, help="EAGLE-3: training-time test")
     loss = p.add_argument_group("loss")
     loss.add_argument("--mask-mode", choices=("exact", "leaky_reference"), default="exact")
     loss.add_argument("--topk-train", type=int, default=losses.TOPK_TRAIN)
@@ -559,6 +671,8 @@ def check_args(args: argparse.Namespace) -> None:
         ("eval_every", 0),
         ("eval_batches", 1),
         ("eval_depth", 1),
+        ("draft_vocab_size", 1),
+        ("ttt_steps", 1),
         ("ckpt_every", 1),
         ("log_every", 1),
         ("devices", 1),
@@ -577,6 +691,24 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"{_flag(name)} {value!r} is not one of {', '.join(_DTYPE_NAMES)}")
     if args.draft_kind == "eagle2" and args.stage != 1:
         raise InputError("EAGLE-2 drafts are trained with the stage-1 loss only (--stage 1)")
+    if args.draft_kind == "eagle3":
+        if args.stage != 1:
+            raise InputError("EAGLE-3 drafts unroll --ttt-steps steps, not stages (--stage 1)")
+        if not args.online:
+            raise InputError(
+                "EAGLE-3 drafts train --online: feature folders hold the final hidden state, "
+                "not the three layers EAGLE-3 reads"
+            )
+    else:
+        given = [
+            _flag(n) for n in ("draft_vocab_size", "vocab_ranking") if getattr(args, n) is not None
+        ]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to --draft-kind eagle3")
+    if args.draft_vocab_size is not None and args.vocab_ranking is None:
+        raise InputError(
+            "--draft-vocab-size needs --vocab-ranking (python -m training.draft_vocab)"
+        )
     if args.warmup > args.steps:
         raise InputError(
             f"--warmup {args.warmup} exceeds --steps {args.steps}: the learning rate would never "
@@ -627,6 +759,15 @@ def check_inputs(args: argparse.Namespace) -> ModelConfig:
         made_by = "written by python -m training.features"
         args_lib.folder(args.features, "--features", needs=(features.MANIFEST,), hint=made_by)
     planned = None if args.init is not None else draft_config(args, base_cfg)
+    if args.vocab_ranking is not None:
+        cli.input_file(args.vocab_ranking, "--vocab-ranking")
+        from training.draft_vocab import read_ranking
+
+        if len(read_ranking(args.vocab_ranking)) != base_cfg.vocab_size:
+            raise InputError(
+                f"--vocab-ranking {args.vocab_ranking} ranks a vocabulary other than the base's "
+                f"({base_cfg.vocab_size} ids)"
+            )
     if args.init is not None:
         args_lib.folder(args.init, "--init")
         if not (args.init / "config.json").is_file():
@@ -662,6 +803,11 @@ def check_inputs(args: argparse.Namespace) -> ModelConfig:
                 f"--resume: {saved} differs from the draft these flags build; pass the draft "
                 "flags (--draft-kind, --draft-*, --init) of that run"
             )
+    if planned is not None and planned.kind == "eagle3":
+        try:
+            draft_lib.feature_layers(planned, base_cfg.n_layers)
+        except ValueError as err:
+            raise InputError(f"--base {args.base}: {err}") from None
     if args.export is not None:
         args_lib.out_folder(args.export, "--export")
     available = jax.device_count()
@@ -724,6 +870,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         online=args.online,
         dtype=args.dtype,
         eval_depth=args.eval_depth,
+        ttt_steps=args.ttt_steps,
     )
     state = _fresh_state(params, tx, seed=args.seed)
     out: pathlib.Path = args.out
