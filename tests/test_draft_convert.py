@@ -222,7 +222,7 @@ def _add(key, shape):
             r"unexpected key 'layers\.0\.input_layernorm\.weight'",
         ),
         (_add("fc.weight", (64, 128)), r"found both"),
-        (_drop("fc.fc.weight"), r"found neither"),
+        (_drop("fc.fc.weight"), r"found none"),
         (_drop("layers.0.self_attn.k_proj.weight"), r"'layers\.0\.self_attn\.k_proj\.weight'"),
     ],
 )

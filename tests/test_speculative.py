@@ -25,7 +25,7 @@ def _vanilla(base, cfg, prompts, n, **kw):
     "family,kind",
     [
         ("llama", "griffin"), ("llama", "eagle2"), ("qwen2", "griffin"), ("mixtral", "griffin"),
-        ("llama", "eagle3"), ("mixtral", "eagle3"),
+        ("llama", "eagle3"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("aligned", [False, True])
