@@ -1,11 +1,11 @@
 """EAGLE-3 drafts: the base's feature layers against transformers, strict import of folders in
 the published layout (SafeAILab/EAGLE `eagle/model/cnets.py`'s `Model` state dict, made here by
 the PyTorch reference in tests/torch_ref_draft.py), export loadable with `strict=True` into that
-reference, and the adaptive budget with an EAGLE-3 draft.
+reference, the API on exported folders, and training.
 
 Parity of the draft forward and of its draft-vocabulary token ids is in tests/test_draft.py;
 greedy and sampling exactness of speculative decoding in tests/test_speculative.py; continuous
-batching in tests/test_engine.py.
+batching over a tensor-parallel mesh in tests/test_sharding.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from convert.export_draft import export_draft
 from convert.export_hf import export_hf
 from convert.load_draft import CheckpointError, draft_params_from_state, load_draft
 from convert.load_hf import load_hf
-from griffin_jax import budget as budget_lib
 from griffin_jax import draft, speculative, vanilla
-from griffin_jax.config import ModelConfig, TreeConfig, UnsupportedConfigError
+from griffin_jax.config import ModelConfig, UnsupportedConfigError
 from griffin_jax.kv_cache import causal_mask, init_cache
 from griffin_jax.model import forward, is_unstacked, unstack_layers
 from inference.api import SpeculativeModel
@@ -314,17 +313,15 @@ def test_export_loads_strictly_into_the_reference_and_round_trips(tmp_path, fmt)
 # The engine with an EAGLE-3 draft.
 
 
-def test_adaptive_budget_with_eagle3_is_lossless(eagle3_pair):
-    cfg, dcfg, base, draft_params = eagle3_pair
-    tree = TreeConfig(top_k=3, depth=3, total_tokens=10)
-    shapes = budget_lib.auto_shapes(tree)  # plain rounds and three tree depths, forced in turn
-    budget = budget_lib.make_budget(shapes, schedule=[i % len(shapes) for i in range(40)])
-    prompts = [[5, 6, 7, 8, 9], list(range(20, 38))]
-    res = speculative.generate(
-        base, cfg, draft_params, dcfg, prompts, tree_cfg=budget, max_new_tokens=24
-    )
-    assert res.output_ids == vanilla.generate(base, cfg, prompts, max_new_tokens=24).output_ids
-    assert {s for row in res.round_shapes for s in row} == set(range(len(shapes)))
+@pytest.fixture(scope="module")
+def eagle3_pair():
+    """An 8-layer Llama and an EAGLE-3 draft whose first drafted level agrees with it."""
+    from spec_models import aligned_pair
+
+    cfg = base_config("llama", n_layers=8)
+    dcfg = draft_config(cfg, "eagle3")
+    base, draft_params = aligned_pair(cfg, dcfg)
+    return cfg, dcfg, base, draft_params
 
 
 def test_api_loads_and_runs_an_exported_eagle3_folder(tmp_path, eagle3_pair):

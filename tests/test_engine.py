@@ -61,9 +61,7 @@ def _requests(seed_base: int = 0) -> list[engine_lib.Request]:
     ]
 
 
-@pytest.mark.parametrize("pair_fixture", ["pair", "eagle3_pair"])
-def test_staggered_mixed_requests_equal_each_request_alone(pair_fixture, request):
-    pair = request.getfixturevalue(pair_fixture)  # a GRIFFIN draft; an EAGLE-3 draft
+def test_staggered_mixed_requests_equal_each_request_alone(pair):
     eng = _engine(pair)
     requests = _requests()
     got = [_Collect() for _ in requests]
