@@ -34,7 +34,7 @@ from convert.hf_keys import (
 )
 from convert.load_hf import SAFETENSORS_DTYPES, TORCH_EXTRA_HINT, parse_dtype
 from griffin_jax.config import ModelConfig
-from griffin_jax.draft import DraftConfig, abstract_draft_params, param_dtype
+from griffin_jax.draft import DraftConfig, abstract_draft_params, module_params, param_dtype
 
 _TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -55,8 +55,7 @@ def draft_hf_tensors(params: Any, embedding: Any, dcfg: DraftConfig) -> list[HFT
     if tuple(embedding.shape) != want:
         raise CheckpointError(f"embedding has shape {tuple(embedding.shape)}, expected {want}")
     embed = HFTensor(key=DRAFT_EMBED_KEY, shape=want, leaf=embedding, index=(), transform=identity)
-    module = {k: v for k, v in params.items() if k not in ("d2t", "embed_tokens")}
-    tensors = [embed, *export_state(module, DRAFT_TABLES[dcfg.kind])]
+    tensors = [embed, *export_state(module_params(params), DRAFT_TABLES[dcfg.kind])]
     if dcfg.kind == "eagle3":
         d2t = np.asarray(params["d2t"], np.int64)
         t2d = np.zeros((dcfg.vocab_size,), bool)

@@ -127,8 +127,8 @@ class DraftConfig:
             )
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(
-                f"draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size="
-                f"{self.vocab_size}]"
+                f"draft_vocab_size={self.draft_vocab_size} must be in [0 (the whole vocabulary), "
+                f"vocab_size={self.vocab_size}]"
             )
 
     @property
@@ -495,7 +495,7 @@ def draft_forward(
         embedding = params["embed_tokens"]["embedding"]
     emb = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
     token_feature, next_feature, k, v = DraftModel(dcfg, dtype).apply(
-        {"params": _module_params(params)},
+        {"params": module_params(params)},
         emb,
         features.astype(dtype),
         positions,
@@ -507,7 +507,7 @@ def draft_forward(
     return token_feature, next_feature, DraftCache(k=k, v=v)
 
 
-def _module_params(params):
+def module_params(params):
     """The params the Flax module owns (EAGLE-3's d2t buffer and own embedding are not)."""
     return {k: v for k, v in params.items() if k not in ("d2t", "embed_tokens")}
 
