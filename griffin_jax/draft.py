@@ -650,16 +650,43 @@ def draft_forward_train(
     return _split(_repeat_residual(a, c) + m, c)
 
 
-def ttt_masks(num_streams: int, seq_len: int) -> np.ndarray:
-    """The [F, L, L] boolean masks of EAGLE-3's training-time test, step F - 1.
+def ttt_attention(
+    q: jax.Array,
+    k0: jax.Array,
+    v0: jax.Array,
+    k_own: jax.Array,
+    v_own: jax.Array,
+    key_valid: jax.Array,
+) -> jax.Array:
+    """Attention of EAGLE-3's training-time-test step F - 1 (F = 1 + len(k_own)).
 
-    Query row r (the draft's step F - 1 from position r) attends stream 0 (step 0's keys: the
-    trunk) causally, c <= r, and stream t >= 1 (its own step-t key) only at c = r: a tree node
-    sees the trunk up to its root and its own ancestors.
+    Query row r attends step 0's keys (the trunk) causally, c <= r, and, for each later step t,
+    that step's own key at c = r only: a tree node sees the trunk up to its root and its own
+    ancestors. One exact softmax over the causal scores and the F - 1 diagonal ones, padded keys
+    at `MASK_VALUE`. The diagonal scores are row-wise dot products, so a step costs one causal
+    attention whatever F is (the official loop's `torch.sum(q * k_t)` terms).
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied).
+      k0, v0: [B, T, K, H] step 0's keys (RoPE applied) and values.
+      k_own, v_own: [F-1, B, T, K, H] later steps' keys and values (F - 1 may be 0).
+      key_valid: [B, T] bool, False at padded positions.
+    Returns:
+      [B, T, N, H] in q.dtype.
     """
-    rows = np.arange(seq_len)[:, None]
-    cols = np.arange(seq_len)[None, :]
-    return np.stack([cols <= rows] + [cols == rows] * (num_streams - 1))
+    b, t, n, h = q.shape
+    kv = k0.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+    scale = jnp.sqrt(jnp.float32(h))
+    trunk = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k0).astype(jnp.float32) / scale
+    causal = jnp.tril(jnp.ones((t, t), bool))[None] & key_valid[:, None, :]  # [B, T, S]
+    trunk = jnp.where(causal[:, None, None], trunk, MASK_VALUE)
+    own = jnp.einsum("BTKGH,FBTKH->BKGTF", qg, k_own).astype(jnp.float32) / scale
+    own = jnp.where(key_valid[:, None, None, :, None], own, MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([trunk, own], axis=-1), axis=-1).astype(q.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :t], v0)
+    out = out + jnp.einsum("BKGTF,FBTKH->BTKGH", probs[..., t:], v_own)
+    return out.reshape(b, t, n, h)
 
 
 def eagle3_forward_train(
@@ -677,8 +704,8 @@ def eagle3_forward_train(
     the previous step's outputs, cache-free.
 
     Step s at row r pairs the draft's step-(s-1) output there (step 0: fc of the base features)
-    with token x_{r+1+s}, at RoPE position r + s; its attention is `ttt_masks(s + 1)` over the
-    keys of steps 0..s (exact softmax, padded keys excluded). So step s at row r is the draft's
+    with token x_{r+1+s}, at RoPE position r + s; it attends the keys of steps 0..s as
+    `ttt_attention` says (exact softmax, padded keys excluded). So step s at row r is the draft's
     s-th free-running step from position r, as a chain of the tree drafts it.
 
     Args:
@@ -718,9 +745,9 @@ def eagle3_forward_train(
         q = apply_rope(q, cos, sin)
         ks.append(apply_rope(_dense(p_attn["k_proj"], x).reshape(kv_shape), cos, sin))
         vs.append(_dense(p_attn["v_proj"], x).reshape(kv_shape))
-        attn = multi_stream_attention(
-            q, jnp.stack(ks), jnp.stack(vs), jnp.asarray(ttt_masks(s + 1, seq_len)), key_valid
-        )
+        none = jnp.zeros((0, *ks[0].shape), ks[0].dtype)  # step 0 has no later steps
+        k_own, v_own = (jnp.stack(ks[1:]), jnp.stack(vs[1:])) if s else (none, none)
+        attn = ttt_attention(q, ks[0], vs[0], k_own, v_own, key_valid)
         a = h + _dense(p_attn["o_proj"], attn.reshape(b, seq_len, c.n_heads * c.head_dim))
         post = rms_norm(a, mid["post_attention_layernorm"]["weight"].astype(dtype), eps=c.rms_eps)
         h = a + SwiGLU(c.d_ff, c.d_model, dtype).apply({"params": mid["mlp"]}, post)

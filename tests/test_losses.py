@@ -72,6 +72,41 @@ def test_ploss_and_topk_loss_match_numpy():
     np.testing.assert_allclose(losses.topk_loss(*args, k=10), want_k, rtol=1e-5)
 
 
+def test_ttt_loss_matches_a_loop_over_steps_in_numpy():
+    """EAGLE-3's objective written position by position: step s at row r targets the base's
+    distribution at r + s over the draft vocabulary, counted where the data mask at r + s holds
+    and the base's argmax there is a draft token; steps weigh 0.8^s."""
+    rng = np.random.default_rng(4)
+    b, seq_len, d, vocab, steps = 2, 6, 5, 12, 3
+    ids = np.array([7, 0, 3, 9, 4])  # target id of each draft index
+    feats = rng.normal(size=(steps, b, seq_len, d))
+    kernel = rng.normal(size=(d, len(ids)))
+    target = rng.normal(size=(b, seq_len, vocab)) * 3
+    target[0, 1, 11] = 50.0  # base argmax outside the draft vocabulary: never counted
+    mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], np.float64)
+    want, want_top1 = 0.0, []
+    for s in range(steps):
+        num = den = hits = 0.0
+        for row in range(b):
+            for r in range(seq_len - s):
+                tgt = target[row, r + s]
+                m = mask[row, r + s] * (np.argmax(tgt) in ids)
+                p = np.exp(_log_softmax(tgt[ids]))
+                logits = feats[s, row, r] @ kernel
+                num += -m * (p * _log_softmax(logits)).sum()
+                den += m
+                hits += m * (ids[np.argmax(logits)] == np.argmax(tgt))
+        want += 0.8**s * num / (den + 1e-5)
+        want_top1.append(hits / (den + 1e-5))
+    total, metrics = losses.ttt_loss(
+        jnp.asarray(feats, jnp.float32), jnp.asarray(kernel, jnp.float32),
+        jnp.asarray(ids, jnp.int32), jnp.asarray(target, jnp.float32), jnp.asarray(mask),
+    )  # fmt: skip
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    for s in range(steps):
+        np.testing.assert_allclose(metrics[f"top1_{s + 1}"], want_top1[s], rtol=1e-5, atol=1e-6)
+
+
 def test_topk_accuracy_against_the_base_argmax_under_the_mask():
     logits = jnp.array([[[0.0, 3, 2, 1], [3, 2, 1, 0], [0, 1, 2, 3]]])
     target = jnp.array([[2, 2, 1]])  # rank 2, rank 3, rank 3

@@ -351,18 +351,21 @@ def ttt_loss(
     in_vocab = jnp.zeros((vocab,), bool).at[token_ids].set(True)
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
-    target, data_mask = target_logits, loss_mask
+    # Computed once and shifted per step (a shifted-in zero row is masked out).
+    base_token = jnp.argmax(target_logits, axis=-1)  # [B, L]
+    restricted = jnp.take(target_logits, token_ids, axis=-1).astype(jnp.float32)
+    target_p = jax.lax.stop_gradient(jax.nn.softmax(restricted, axis=-1))  # [B, L, V']
+    data_mask = loss_mask
     for s in range(token_features.shape[0]):
         if s:
-            target, data_mask = shift_left(target), shift_left(data_mask)
-        base_token = jnp.argmax(target, axis=-1)  # [B, L]
+            base_token, data_mask = shift_left(base_token), shift_left(data_mask)
+            target_p = shift_left(target_p)
         mask = data_mask * in_vocab[base_token]
-        target_p = jax.nn.softmax(jnp.take(target, token_ids, axis=-1).astype(jnp.float32), -1)
         logits = jnp.einsum(
             "BLD,DV->BLV", token_features[s], kernel.astype(token_features.dtype),
             preferred_element_type=jnp.float32,
         )  # fmt: skip
-        loss = ploss(logits, jax.lax.stop_gradient(target_p), mask)
+        loss = ploss(logits, target_p, mask)
         total = total + TTT_DECAY**s * loss
         hit = jnp.take(token_ids, jnp.argmax(logits, axis=-1)) == base_token
         metrics[f"ploss{s + 1}"] = loss
