@@ -5,6 +5,7 @@ streaming, stop strings, concurrency, bad input, disconnects, faults, the API ke
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -17,9 +18,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 
+from convert.export_draft import export_draft
+from griffin_jax import draft as draft_lib
 from griffin_jax import engine as engine_lib
 from inference import serve
 from inference.api import SpeculativeModel
@@ -310,12 +316,28 @@ def test_api_key(engine, model, monkeypatch):
         srv.close()
 
 
-def test_the_command_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):
+def _eagle3_folder(model, folder: Path) -> Path:
+    """A random EAGLE-3 draft for the default base in the published layout, with a small tree:
+    it accepts little, so the server's output is the base's own (the plumbing is under test)."""
+    dcfg = dataclasses.replace(model.dcfg, kind="eagle3", draft_vocab_size=1024)
+    params = draft_lib.init_draft_params(dcfg, jax.random.key(3))
+    top = np.sort(model.vocab_ranking[:1024])  # the 1024 most frequent ids, as training maps them
+    params["d2t"] = jnp.asarray(top - np.arange(1024), jnp.int32)
+    export_draft(params, model.base_params["embed_tokens"]["embedding"], dcfg, folder,
+                 base_cfg=model.cfg)  # fmt: skip
+    (folder / "tree.json").write_text(json.dumps({"top_k": 2, "depth": 2, "total_tokens": 6}))
+    return folder
+
+
+def test_the_command_serves_an_eagle3_draft_and_exits_cleanly_on_sigterm(model, tmp_path: Path):
+    """`python -m inference.serve` as a user starts it, here with an EAGLE-3 draft folder (own
+    draft vocabulary, three base layers): greedy text equals plain decoding; SIGTERM exits 0."""
+    draft = _eagle3_folder(model, tmp_path / "eagle3")
     port = _free_port()
     env = dict(os.environ, GRIFFIN_API_KEY="k")
     proc = subprocess.Popen(
         [sys.executable, "-m", "inference.serve", "--port", str(port), "--max-batch", "2",
-         "--max-model-len", "128", "--log-level", "warning"],
+         "--max-model-len", "128", "--log-level", "warning", "--draft", str(draft)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -331,9 +353,9 @@ def test_the_command_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):
             assert time.time() < deadline
             time.sleep(0.5)
         c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-        out = c.completions.create(model="griffin-jax", prompt="def add(a, b):", max_tokens=12,
+        out = c.completions.create(model="griffin-jax", prompt=PROMPTS[0], max_tokens=40,
                                    temperature=0)  # fmt: skip
-        assert out.choices[0].text
+        assert out.choices[0].text == _alone(model, PROMPTS[0], 40)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
