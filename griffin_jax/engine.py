@@ -91,6 +91,15 @@ class _Slot:
     cancelled: bool = False
 
 
+@dataclasses.dataclass
+class _Chunked:
+    """A long prompt being prefilled a chunk per step (`Engine(prefill_chunk=...)`)."""
+
+    slot: _Slot
+    prefix: speculative.Prefix | None = None  # caches of the chunks written so far
+    written: int = 0  # prompt tokens in them
+
+
 def _buckets(max_batch: int) -> tuple[int, ...]:
     sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
     return (*sizes, max_batch)
@@ -129,17 +138,30 @@ def _map_rows(f, state: speculative.SpecState, *more: speculative.SpecState, sca
 )
 def _admit(
     state, base_params, draft_params, tokens, lengths, knobs, seeds, budget, draft_head, row,
-    *, cfg, dcfg, greedy, shapes, mesh,
+    prefix, *, cfg, dcfg, greedy, shapes, mesh,
 ):  # fmt: skip
-    """A batch-1 prefill written into row `row` of the engine state."""
+    """A batch-1 prefill (of the prompt, or of its last part after `prefix`) written into row
+    `row` of the engine state."""
     one = speculative.prefill(
         base_params, draft_params, tokens, lengths, knobs, seeds, budget, draft_head,
-        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh,
+        cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh, prefix=prefix,
     )  # fmt: skip
     state = _map_rows(
         lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis), state, one,
     )  # fmt: skip
     return sharding.constrain(state, mesh)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "dcfg", "shapes", "mesh"), donate_argnames=("prefix",)
+)
+def _prefill_chunk(prefix, base_params, draft_params, tokens, next_tokens, *, cfg, dcfg, shapes,
+                   mesh):  # fmt: skip
+    """One chunk of a long prompt into a batch-1 prefix (`speculative.prefill_chunk`)."""
+    return speculative.prefill_chunk(
+        base_params, draft_params, prefix, tokens, next_tokens, cfg=cfg, dcfg=dcfg,
+        shapes=shapes, mesh=mesh,
+    )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
@@ -216,6 +238,10 @@ class Engine:
         deliveries and cancellations; a segment also ends early when every row is done).
       mesh: tensor parallel over this mesh (its `data` axis must be 1); params not yet placed
         by the sharding rules are placed here.
+      prefill_chunk: a prompt longer than this many tokens is prefilled this many tokens per
+        step, between the other rows' rounds, so its admission delays them by one chunk's
+        forward per step instead of the whole prompt's (0: every prompt in one forward). One
+        long prompt is prefilled at a time; requests queued behind it wait their turn.
     """
 
     def __init__(
@@ -234,12 +260,17 @@ class Engine:
         speculate: bool = True,
         rounds_per_step: int = 4,
         mesh: jax.sharding.Mesh | None = None,
+        prefill_chunk: int = 0,
     ):
         if max_batch < 1 or max_queue < 0 or rounds_per_step < 1:
             raise ValueError(
                 f"max_batch ({max_batch}) and rounds_per_step ({rounds_per_step}) must be >= 1, "
                 f"max_queue ({max_queue}) >= 0"
             )
+        if prefill_chunk != 0 and prefill_chunk < 16:
+            raise ValueError(f"prefill_chunk {prefill_chunk} must be 0 (off) or >= 16 tokens")
+        self.prefill_chunk = int(prefill_chunk)
+        self._chunked: _Chunked | None = None
         check_mesh(mesh)
         self.cfg, self.dcfg, self.mesh = cfg, dcfg, mesh
         if mesh is not None:
@@ -328,7 +359,8 @@ class Engine:
     def cancel(self, rid: int) -> None:
         """Ends a request (the client went away): its row is freed at the next step."""
         with self._lock:
-            for slot in (*self._queue, *self._slots):
+            chunked = () if self._chunked is None else (self._chunked.slot,)
+            for slot in (*self._queue, *self._slots, *chunked):
                 if slot.rid == rid:
                     slot.cancelled = True
             self._lock.notify_all()
@@ -342,7 +374,11 @@ class Engine:
         return len(self._slots)
 
     def idle(self) -> bool:
-        return not self._queue and not self._slots
+        return not self._queue and not self._slots and self._chunked is None
+
+    def _rows_taken(self) -> int:
+        """Busy rows plus the one a long prompt being prefilled will take."""
+        return len(self._slots) + (self._chunked is not None)
 
     # ------------------------------------------------------------------ the loop
 
@@ -350,14 +386,25 @@ class Engine:
         """Frees ended rows, admits waiting requests, runs one segment of rounds, delivers."""
         with self._lock:
             self._free_cancelled()
+            if self._chunked is not None and self._chunked.slot.cancelled:
+                self._finish(self._chunked.slot, "cancelled")
+                self._chunked = None
             admit = []
-            while self._queue and len(self._slots) + len(admit) < self.max_batch:
-                slot = self._queue.popleft()
+            while self._queue and self._rows_taken() + len(admit) < self.max_batch:
+                slot = self._queue[0]
+                long = 0 < self.prefill_chunk < len(slot.request.prompt)
+                if long and self._chunked is not None and not slot.cancelled:
+                    break  # one long prompt at a time, in arrival order
+                self._queue.popleft()
                 if slot.cancelled:
                     self._finish(slot, "cancelled")
+                elif long:
+                    self._chunked = _Chunked(slot)
                 else:
                     admit.append(slot)
         try:
+            if self._chunked is not None:
+                self._prefill_next_chunk()
             for slot in admit:
                 self._admit_one(slot)
             if any(not s.cancelled for s in self._slots) and not self._all_done():
@@ -366,7 +413,9 @@ class Engine:
         except Exception as err:  # a failed round fails its requests, the engine goes on
             log.error("round failed: %s: %s", type(err).__name__, err)
             failed = [*self._slots, *(s for s in admit if s not in self._slots)]
-            self._slots = []
+            if self._chunked is not None and self._chunked.slot not in failed:
+                failed.append(self._chunked.slot)
+            self._slots, self._chunked = [], None
             for slot in failed:
                 self._finish(slot, "error", error=f"{type(err).__name__}: {err}")
             self._reset_state()
@@ -385,7 +434,8 @@ class Engine:
         with self._lock:
             self._stopping = True
             if not drain:
-                for slot in (*self._queue, *self._slots):
+                chunked = () if self._chunked is None else (self._chunked.slot,)
+                for slot in (*self._queue, *self._slots, *chunked):
                     slot.cancelled = True
             self._lock.notify_all()
         if self._thread is not None:
@@ -455,20 +505,43 @@ class Engine:
     def _greedy(self, rows: int) -> bool | None:
         return True if not np.any(self._host["temperature"][:rows] > 0) else None
 
-    def _admit_one(self, slot: _Slot) -> None:
+    def _prefill_next_chunk(self) -> None:
+        """One chunk of the long prompt being prefilled; its last part admits it into a row."""
+        ch = self._chunked
+        prompt, c = ch.slot.request.prompt, self.prefill_chunk
+        if len(prompt) - ch.written > c:
+            tokens = jnp.asarray([prompt[ch.written : ch.written + c]], jnp.int32)
+            ch.prefix = _prefill_chunk(
+                ch.prefix, self.base_params, self.draft_params, tokens,
+                jnp.asarray([prompt[ch.written + c]], jnp.int32), cfg=self.cfg, dcfg=self.dcfg,
+                shapes=dataclasses.replace(self._shapes, batch=1, prompt_bucket=c),
+                mesh=self.mesh,
+            )  # fmt: skip
+            ch.written += c
+            return
+        self._chunked = None
+        self._admit_one(ch.slot, prefix=ch.prefix, start=ch.written)
+
+    def _admit_one(
+        self, slot: _Slot, prefix: speculative.Prefix | None = None, start: int = 0
+    ) -> None:
+        """Admits a request into the next free row: a batch-1 prefill of its prompt (or of the
+        prompt's part from `start` on, after the chunks in `prefix`)."""
         row = len(self._slots)
         request = slot.request
         self._set_row(row, request)
-        bucket = vanilla.prompt_bucket(len(request.prompt))
-        tokens, lengths = vanilla.pad_prompts([list(request.prompt)], [bucket])
+        rest = request.prompt[start:]
+        # Padded to a power of two, but never past the cache (a capacity that is not one).
+        bucket = min(vanilla.prompt_bucket(len(rest)), self._shapes.capacity - start)
+        tokens, lengths = vanilla.pad_prompts([list(rest)], [bucket])
         knobs = self._knobs(slice(row, row + 1))
         shapes = dataclasses.replace(self._shapes, batch=1, prompt_bucket=bucket)
         self._state = _admit(
             self._state, self.base_params, self.draft_params, jnp.asarray(tokens),
             jnp.asarray(lengths), knobs, jnp.asarray(vanilla.row_seeds(request.seed, 1)),
-            self.budgets[1], self.draft_head, jnp.int32(row), cfg=self.cfg, dcfg=self.dcfg,
-            greedy=None, shapes=shapes,  # one program for greedy and sampled requests
-            mesh=self.mesh,
+            self.budgets[1], self.draft_head, jnp.int32(row), prefix, cfg=self.cfg,
+            dcfg=self.dcfg, greedy=None,  # one program for greedy and sampled requests
+            shapes=shapes, mesh=self.mesh,
         )  # fmt: skip
         self._slots.append(slot)
 

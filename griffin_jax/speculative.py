@@ -100,6 +100,16 @@ class Knobs:
     eos_ids: jax.Array  # [E] or [B, E] int32, -1 padded (vanilla.eos_array)
 
 
+@flax.struct.dataclass
+class Prefix:
+    """A prompt's first tokens already in both caches (chunked prefill, `prefill_chunk`):
+    `prefill` of the rest continues from here."""
+
+    cache: KVCache  # base K/V of positions < start
+    draft_cache: DraftCache  # draft trunk of positions < start (f_p paired with x_{p+1})
+    start: jax.Array  # [B] int32 prompt tokens written
+
+
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """Static sizes of one compiled engine."""
@@ -259,6 +269,61 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
+def _empty_prefix(base_params, batch: int, *, cfg, dcfg, shapes: Shapes, mesh) -> Prefix:
+    dtype = base_params["embed_tokens"]["embedding"].dtype
+    cache = init_cache(cfg, batch, shapes.capacity, dtype, per_layer=is_unstacked(base_params))
+    dcache = init_draft_cache(dcfg, batch, shapes.draft_capacity, dtype)
+    return Prefix(
+        cache=sharding.constrain(cache, mesh),
+        draft_cache=sharding.constrain(dcache, mesh),
+        start=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def prefill_chunk(
+    base_params,
+    draft_params,
+    prefix: Prefix | None,
+    tokens: jax.Array,
+    next_tokens: jax.Array,
+    *,
+    cfg: ModelConfig,
+    dcfg: DraftConfig,
+    shapes: Shapes,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Prefix:
+    """Chunked prefill: C more prompt tokens into the base cache and the draft trunk.
+
+    Nothing is sampled; `prefill(..., prefix=...)` of the prompt's last part follows. The trunk
+    pairs f_p with x_{p+1}, so the chunk's last position pairs with `next_tokens`, the prompt's
+    token after the chunk. Attention reads every cache slot (the program does not depend on
+    how far the prompt has got).
+
+    Args:
+      prefix: what earlier chunks wrote (None: the prompt's first chunk).
+      tokens: [B, C] int32 prompt tokens at positions start .. start + C - 1 (no padding).
+      next_tokens: [B] int32 the prompt token at position start + C.
+    """
+    b, c = tokens.shape
+    if prefix is None:
+        prefix = _empty_prefix(base_params, b, cfg=cfg, dcfg=dcfg, shapes=shapes, mesh=mesh)
+    start = prefix.start
+    positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
+    _, hidden, cache = base_forward(
+        base_params, tokens, positions, prefix.cache, write_idx=start,
+        mask=causal_mask(start, c, shapes.capacity), cfg=cfg,
+        feature_layers=feature_layers(dcfg, cfg.n_layers),
+    )  # fmt: skip
+    pair_tokens = jnp.concatenate([tokens[:, 1:], next_tokens[:, None]], axis=1)
+    _, _, dcache = draft_forward(
+        draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens, positions,
+        prefix.draft_cache, write_idx=start, mask=causal_mask(start, c, shapes.draft_capacity),
+        dcfg=dcfg,
+    )  # fmt: skip
+    prefix = Prefix(cache=cache, draft_cache=dcache, start=start + c)
+    return sharding.constrain(prefix, mesh)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "greedy", "shapes", "mesh"))
 def prefill(
     base_params,
@@ -275,50 +340,55 @@ def prefill(
     greedy: bool | None,
     shapes: Shapes,
     mesh: jax.sharding.Mesh | None = None,
+    prefix: Prefix | None = None,
 ) -> SpecState:
     """Base prefill, the first (root) token and the draft trunk over the prompt.
 
     The first round drafts its tree from the trunk's level-1 outputs kept in the state.
 
     Args:
-      tokens: [B, T] int32 right-padded prompts (T = the length bucket).
-      lengths: [B] int32 true prompt lengths (>= 1).
+      tokens: [B, T] int32 right-padded prompts (T = the length bucket); with `prefix`, the
+        prompts' remaining tokens.
+      lengths: [B] int32 true lengths of `tokens` (>= 1).
       seeds: [B] uint32 sampling seeds (`sampling.row_keys`; unused when greedy).
       budget: the round shapes (sizes the statistics; `budget.Budget`).
       greedy: True = argmax, False = sampling, None = per row by temperature
         (`sampling.next_token`); knobs may be scalars or one per row.
       mesh: when given, the caches are created sharded and the state is pinned
         (`sharding.constrain`); the params arrive sharded.
+      prefix: the caches of the prompts' first tokens (`prefill_chunk`), or None.
     """
     b, t = tokens.shape
-    dtype = base_params["embed_tokens"]["embedding"].dtype
     draft_head = resolve_head(draft_params, draft_head, dcfg)
     rows = jnp.arange(b)
-    zero = jnp.zeros((b,), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if prefix is None:  # attention reads the slots < T only
+        prefix = _empty_prefix(base_params, b, cfg=cfg, dcfg=dcfg, shapes=shapes, mesh=mesh)
+        spans = (t, t)
+    else:
+        spans = (shapes.capacity, shapes.draft_capacity)
+    start = prefix.start
+    total = start + lengths  # prompt lengths
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     with jax.named_scope("prefill/base"):
-        cache = init_cache(cfg, b, shapes.capacity, dtype, per_layer=is_unstacked(base_params))
-        cache = sharding.constrain(cache, mesh)
         logits, hidden, cache = base_forward(
-            base_params, tokens, positions, cache,
-            write_idx=zero, mask=causal_mask(zero, t, t), cfg=cfg,  # slots < T only
+            base_params, tokens, positions, prefix.cache,
+            write_idx=start, mask=causal_mask(start, t, spans[0]), cfg=cfg,
             feature_layers=feature_layers(dcfg, cfg.n_layers),
         )  # fmt: skip
-        cache = cache.replace(length=lengths)
+        cache = cache.replace(length=total)
     keys = sampling.row_keys(seeds)
     last = lengths - 1
     root = sampling.next_token(
-        keys, lengths, logits[rows, last], greedy=greedy,
+        keys, total, logits[rows, last], greedy=greedy,
         temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
     )  # fmt: skip
     with jax.named_scope("prefill/draft_trunk"):
         # Draft position p pairs feature f_p with token x_{p+1}; the last pairs with the root.
         pair_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         pair_tokens = pair_tokens.at[rows, last].set(root)
-        dcache = sharding.constrain(init_draft_cache(dcfg, b, shapes.draft_capacity, dtype), mesh)
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
-            positions, dcache, write_idx=zero, mask=causal_mask(zero, t, t),
+            positions, prefix.draft_cache, write_idx=start, mask=causal_mask(start, t, spans[1]),
             dcfg=dcfg,
         )  # fmt: skip
         root_lp, root_feat = _root_inputs(
@@ -329,19 +399,19 @@ def prefill(
     state = SpecState(
         cache=cache,
         draft_cache=dcache,
-        trunk_len=lengths,
+        trunk_len=total,
         root=root,
         root_logprobs=root_lp,
         root_feature=root_feat,
         pending_features=jnp.zeros((b, shapes.pending, hidden.shape[-1]), hidden.dtype),
         pending_tokens=jnp.zeros((b, shapes.pending), jnp.int32),
-        pending_len=zero,
+        pending_len=jnp.zeros((b,), jnp.int32),
         out_tokens=out_tokens,
         num_out=jnp.ones((b,), jnp.int32),
         done=_is_eos(root, knobs.eos_ids) | (knobs.max_new <= 1),
         accept_log=jnp.full((b, shapes.out_size), -1, jnp.int32),
         shape_log=jnp.full((b, shapes.out_size), -1, jnp.int32),
-        rounds=zero,
+        rounds=jnp.zeros((b,), jnp.int32),
         keys=keys,
         hits=hits,
         trials=trials,

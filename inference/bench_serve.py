@@ -62,16 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only measure what admitting an N-token prompt costs the rows already decoding "
         "(engine steps, no HTTP; prints JSON)",
     )  # fmt: skip
+    p.add_argument("--chunked-prefill-size", type=int, default=256,
+                   help="as inference.serve (0 = off)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def admission_stall(model, args) -> dict:
-    """Step times (ms) of `max_batch - 1` decoding rows: typical, and the step that admits an
-    N-token prompt (one prefill forward, not chunked), after a warm-up of the same shapes."""
+    """Step times (ms) of `max_batch - 1` decoding rows: typical, and the steps that admit an
+    N-token prompt (one, or one per chunk with `--chunked-prefill-size`), after a warm-up of the
+    same shapes."""
     eng = engine_lib.Engine(
         model.base_params, model.cfg, model.draft_params, model.dcfg, tree=model.tree_cfg,
         max_batch=args.max_batch, max_model_len=args.max_model_len,
-        draft_head=model.draft_head(),
+        draft_head=model.draft_head(), prefill_chunk=args.chunked_prefill_size,
     )  # fmt: skip
     n = args.admission_stall
     long_prompt = tuple(range(3, 3 + n))
@@ -79,7 +82,7 @@ def admission_stall(model, args) -> dict:
         engine_lib.Request((5 + i, 6, 7, 8), max_new_tokens=400) for i in range(args.max_batch - 1)
     ]
 
-    def measure() -> tuple[list[float], float]:
+    def measure() -> tuple[list[float], list[float]]:
         for r in short:
             eng.submit(r, lambda u: None)
         eng.step()
@@ -89,19 +92,23 @@ def admission_stall(model, args) -> dict:
             eng.step()
             typical.append(1e3 * (time.perf_counter() - t0))
         eng.submit(engine_lib.Request(long_prompt, max_new_tokens=4), lambda u: None)
-        t0 = time.perf_counter()
-        eng.step()
-        admitted = 1e3 * (time.perf_counter() - t0)
+        admitting = []
+        while eng.busy < args.max_batch:  # until the long prompt holds a row
+            t0 = time.perf_counter()
+            eng.step()
+            admitting.append(1e3 * (time.perf_counter() - t0))
         for slot in list(eng._slots):
             eng.cancel(slot.rid)
         eng.run_until_idle()
-        return typical, admitted
+        return typical, admitting
 
     measure()  # compiles every program both steps use
-    typical, admitted = measure()
+    typical, admitting = measure()
     return {
         "prompt_tokens": n, "decoding_rows": args.max_batch - 1,
-        "step_ms_median": statistics.median(typical), "admission_step_ms": admitted,
+        "chunked_prefill_size": args.chunked_prefill_size,
+        "step_ms_median": statistics.median(typical), "admission_steps_ms": admitting,
+        "admission_step_ms_max": max(admitting),
     }  # fmt: skip
 
 

@@ -17,8 +17,10 @@ Options this server does not implement (logprobs, penalties, n > 1, best_of, log
 ...) are refused with a 400 that names them. Not supported at all: prefix caching, LoRA, serving
 more than one model.
 
-Admission runs between rounds: a new request's prefill (one forward over its prompt) delays the
-running rows' next round by that forward's time.
+Admission runs between rounds: a new request's prefill delays the running rows' next round by
+that forward's time. A prompt longer than `--chunked-prefill-size` tokens (default 256) is
+prefilled that many tokens per engine step, between the other rows' rounds, so the delay each
+step is one chunk's forward, not the whole prompt's (0 turns chunking off).
 """
 
 from __future__ import annotations
@@ -583,7 +585,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--base", help="base model folder (HF layout); default: the project's")
-    p.add_argument("--draft", help="draft folder (GRIFFIN / EAGLE-2); default: the project's")
+    p.add_argument("--draft", help="draft folder (GRIFFIN / EAGLE-2 / EAGLE-3); default: the "
+                   "project's")  # fmt: skip
     p.add_argument("--served-model-name", default=DEFAULT_NAME)
     p.add_argument("--chat-template", type=pathlib.Path, help="a Jinja chat template file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -595,6 +598,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="prompt + new tokens of one request (default: min(2048, the base's limit))",
     )  # fmt: skip
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests, then 429")
+    p.add_argument(
+        "--chunked-prefill-size", type=int, default=256,
+        help="prefill longer prompts this many tokens per step, between the other rows' rounds "
+        "(0 = the whole prompt in one forward; else >= 16)",
+    )  # fmt: skip
     p.add_argument("--api-key", default=None, help="require it as a Bearer token on /v1 "
                    "(default: $GRIFFIN_API_KEY; none = open)")  # fmt: skip
     p.add_argument("--no-speculation", action="store_true", help="plain decode steps")
@@ -617,6 +625,10 @@ def build(args: argparse.Namespace):
                  "speculative_eagle_topk", "speculative_num_draft_tokens"):  # fmt: skip
         cli.positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cli.input_file(args.chat_template, "--chat-template")
+    if args.chunked_prefill_size != 0 and args.chunked_prefill_size < 16:
+        raise checks.InputError(
+            f"--chunked-prefill-size must be 0 (off) or >= 16, got {args.chunked_prefill_size}"
+        )
     mesh = None
     if args.mesh:
         from griffin_jax import sharding
@@ -649,6 +661,7 @@ def build(args: argparse.Namespace):
         model.base_params, model.cfg, model.draft_params, model.dcfg, tree=tree,
         max_batch=args.max_batch, max_model_len=max_len, max_queue=args.max_queue,
         draft_head=model.draft_head(), speculate=not args.no_speculation, mesh=mesh,
+        prefill_chunk=args.chunked_prefill_size,
     )  # fmt: skip
     shapes = ", ".join(budget_lib.describe(s) for s in eng.shapes)
     where = "one device" if mesh is None else f"mesh {dict(mesh.shape)}"

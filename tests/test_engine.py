@@ -81,6 +81,69 @@ def test_staggered_mixed_requests_equal_each_request_alone(pair):
     assert accepted > 10  # multi-token commits happened
 
 
+def test_long_prompts_are_prefilled_in_chunks_between_the_other_rows_rounds(pair):
+    """`prefill_chunk=16`: two long prompts (admitted one after the other, a chunk per step)
+    among short ones, greedy and sampled: each equals the request alone; a row already decoding
+    keeps decoding while a long prompt is prefilled; a long prompt cancelled mid-way ends
+    "cancelled" and leaves no row taken."""
+    long_a = engine_lib.Request(tuple(range(50, 90)), max_new_tokens=20)  # 16 + 16 + 8
+    # The chunks build the state one forward over the prompt builds (the draft trunk too, which
+    # outputs alone would not show: the base verifies every token).
+    states = []
+    for chunk in (16, 0):
+        eng = _engine(pair, prefill_chunk=chunk)
+        slot = engine_lib._Slot(0, eng.check(long_a), print)
+        if chunk:
+            eng._chunked = engine_lib._Chunked(slot)
+            while eng._chunked is not None:
+                eng._prefill_next_chunk()
+        else:
+            eng._admit_one(slot)
+        states.append(eng._state)
+    chunked, whole = states
+    n = len(long_a.prompt)
+    for name in ("root", "trunk_len", "num_out", "done"):
+        np.testing.assert_array_equal(getattr(chunked, name)[0], getattr(whole, name)[0])
+    for name in ("root_logprobs", "root_feature"):
+        np.testing.assert_allclose(getattr(chunked, name)[0], getattr(whole, name)[0], atol=1e-4)
+    pairs = zip(
+        jax.tree.leaves(chunked.draft_cache), jax.tree.leaves(whole.draft_cache), strict=True
+    )
+    for a, b in pairs:
+        np.testing.assert_allclose(a[0, :n], b[0, :n], atol=1e-4)
+    assert int(chunked.cache.length[0]) == n
+
+    eng = _engine(pair, prefill_chunk=16, rounds_per_step=1)
+    long_b = engine_lib.Request(tuple(range(60, 97)), max_new_tokens=12, temperature=0.9, seed=3)
+    first = engine_lib.Request(tuple(PROMPTS[0]), max_new_tokens=32)
+    requests = [first, _requests()[1], long_a, long_b, _requests()[3]]
+    got = [_Collect() for _ in requests]
+    eng.submit(requests[0], got[0])
+    eng.step()
+    for request, sink in zip(requests[1:], got[1:], strict=True):
+        eng.submit(request, sink)
+    emitted = [len(got[0].tokens)]
+    for _ in range(2):  # the short request is admitted, long_a's two chunks are written
+        eng.step()
+        emitted.append(len(got[0].tokens))
+        assert eng.busy == 2 and eng._chunked.slot.request.prompt == long_a.prompt
+    eng.step()  # its last 8 tokens: admitted; long_b waits for the next step
+    emitted.append(len(got[0].tokens))
+    assert eng.busy == 3 and eng._chunked is None
+    assert emitted[0] < emitted[1] < emitted[2] < emitted[3]  # the first row went on decoding
+    eng.run_until_idle()
+    for request, sink in zip(requests, got, strict=True):
+        assert sink.tokens == _alone(pair, request), request
+    cancelled = _Collect()
+    rid = eng.submit(long_a, cancelled)
+    eng.step()
+    eng.cancel(rid)
+    eng.step()
+    assert cancelled.final.finish_reason == "cancelled" and eng.idle() and eng.busy == 0
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        _engine(pair, prefill_chunk=8)
+
+
 def test_admission_writes_only_its_row(pair):
     eng = _engine(pair)
     first = _Collect()

@@ -370,6 +370,7 @@ def test_the_command_serves_an_eagle3_draft_and_exits_cleanly_on_sigterm(model, 
         (["--speculative-num-steps", "0"], "--speculative-num-steps must be an integer >= 1"),
         (["--chat-template", "/no/such/file"], "--chat-template /no/such/file: no such file"),
         (["--port", "x"], "argument --port: invalid int value"),
+        (["--chunked-prefill-size", "8"], "--chunked-prefill-size must be 0 (off) or >= 16"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_loading(argv, message, capsys):
