@@ -144,6 +144,16 @@ def test_long_prompts_are_prefilled_in_chunks_between_the_other_rows_rounds(pair
         _engine(pair, prefill_chunk=8)
 
 
+def test_a_prompt_whose_padded_length_exceeds_the_cache_is_admitted(pair):
+    """max_model_len 140 gives a 192-slot cache; a 130-token prompt pads to 192, not 256."""
+    eng = _engine(pair, max_model_len=140, max_batch=1)
+    request = engine_lib.Request(tuple((i * 7) % 100 + 3 for i in range(130)), max_new_tokens=8)
+    sink = _Collect()
+    eng.submit(request, sink)
+    eng.run_until_idle()
+    assert sink.final.error is None and sink.tokens == _alone(pair, request)
+
+
 def test_admission_writes_only_its_row(pair):
     eng = _engine(pair)
     first = _Collect()
