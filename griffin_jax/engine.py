@@ -519,8 +519,8 @@ class Engine:
             )  # fmt: skip
             ch.written += c
             return
-        self._chunked = None
         self._admit_one(ch.slot, prefix=ch.prefix, start=ch.written)
+        self._chunked = None  # after: a failed admission fails this request too
 
     def _admit_one(
         self, slot: _Slot, prefix: speculative.Prefix | None = None, start: int = 0
