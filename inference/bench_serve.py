@@ -91,9 +91,10 @@ def admission_stall(model, args) -> dict:
             t0 = time.perf_counter()
             eng.step()
             typical.append(1e3 * (time.perf_counter() - t0))
-        eng.submit(engine_lib.Request(long_prompt, max_new_tokens=4), lambda u: None)
+        first: list[engine_lib.Update] = []  # the long request's updates
+        eng.submit(engine_lib.Request(long_prompt, max_new_tokens=4), first.append)
         admitting = []
-        while eng.busy < args.max_batch:  # until the long prompt holds a row
+        while not first:  # until the long prompt holds a row (its first token arrives)
             t0 = time.perf_counter()
             eng.step()
             admitting.append(1e3 * (time.perf_counter() - t0))
