@@ -212,6 +212,12 @@ def _segment(
 # ----------------------------------------------------------------------------- the engine
 
 
+def check_prefill_chunk(size: int, name: str = "prefill_chunk") -> None:
+    """Refuses a chunk size the engine cannot use: 0 (off) or at least 16 tokens."""
+    if size != 0 and size < 16:
+        raise checks.InputError(f"{name} must be 0 (off) or >= 16, got {size}")
+
+
 def check_mesh(mesh: jax.sharding.Mesh | None) -> None:
     """Refuses a mesh the engine cannot run on: it shards the model only (tensor parallel),
     never the rows, since a batch bucket may be one row."""
@@ -267,8 +273,7 @@ class Engine:
                 f"max_batch ({max_batch}) and rounds_per_step ({rounds_per_step}) must be >= 1, "
                 f"max_queue ({max_queue}) >= 0"
             )
-        if prefill_chunk != 0 and prefill_chunk < 16:
-            raise ValueError(f"prefill_chunk {prefill_chunk} must be 0 (off) or >= 16 tokens")
+        check_prefill_chunk(prefill_chunk)
         self.prefill_chunk = int(prefill_chunk)
         self._chunked: _Chunked | None = None
         check_mesh(mesh)
@@ -359,8 +364,7 @@ class Engine:
     def cancel(self, rid: int) -> None:
         """Ends a request (the client went away): its row is freed at the next step."""
         with self._lock:
-            chunked = () if self._chunked is None else (self._chunked.slot,)
-            for slot in (*self._queue, *self._slots, *chunked):
+            for slot in self._open_slots():
                 if slot.rid == rid:
                     slot.cancelled = True
             self._lock.notify_all()
@@ -375,6 +379,11 @@ class Engine:
 
     def idle(self) -> bool:
         return not self._queue and not self._slots and self._chunked is None
+
+    def _open_slots(self) -> list[_Slot]:
+        """Every request not yet ended: queued, being prefilled in chunks, decoding."""
+        chunked = [] if self._chunked is None else [self._chunked.slot]
+        return [*self._queue, *chunked, *self._slots]
 
     def _rows_taken(self) -> int:
         """Busy rows plus the one a long prompt being prefilled will take."""
@@ -434,8 +443,7 @@ class Engine:
         with self._lock:
             self._stopping = True
             if not drain:
-                chunked = () if self._chunked is None else (self._chunked.slot,)
-                for slot in (*self._queue, *self._slots, *chunked):
+                for slot in self._open_slots():
                     slot.cancelled = True
             self._lock.notify_all()
         if self._thread is not None:

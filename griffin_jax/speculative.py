@@ -270,6 +270,7 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
 
 
 def _empty_prefix(base_params, batch: int, *, cfg, dcfg, shapes: Shapes, mesh) -> Prefix:
+    """Empty base and draft caches of the full capacities: a prompt's first tokens go here."""
     dtype = base_params["embed_tokens"]["embedding"].dtype
     cache = init_cache(cfg, batch, shapes.capacity, dtype, per_layer=is_unstacked(base_params))
     dcache = init_draft_cache(dcfg, batch, shapes.draft_capacity, dtype)

@@ -625,10 +625,7 @@ def build(args: argparse.Namespace):
                  "speculative_eagle_topk", "speculative_num_draft_tokens"):  # fmt: skip
         cli.positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cli.input_file(args.chat_template, "--chat-template")
-    if args.chunked_prefill_size != 0 and args.chunked_prefill_size < 16:
-        raise checks.InputError(
-            f"--chunked-prefill-size must be 0 (off) or >= 16, got {args.chunked_prefill_size}"
-        )
+    engine_lib.check_prefill_chunk(args.chunked_prefill_size, "--chunked-prefill-size")
     mesh = None
     if args.mesh:
         from griffin_jax import sharding
