@@ -13,9 +13,12 @@ greedy row and a sampled row share a round and nothing recompiles. Sampling is p
 Rounds attend over a window of the caches that holds every busy row (powers of two from 128
 slots up to the capacity), so short requests do not pay for `max_model_len`. The compiled
 programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket, window,
-round shape, greedy or mixed), one row move. The engine knows no HTTP; `inference/serve.py` is
-the web layer. It is driven by `step()` (one admission pass and one segment of rounds), by a
-background thread (`start` / `stop`), or by `run_until_idle`.
+round shape, greedy or mixed), one row move. With several round shapes (the adaptive budget) a
+shape first asked for is compiled in a background thread while the rounds run a compiled one
+(`_RoundPrograms`), so the policy reaching for a new shape never stalls the rows. The engine
+knows no HTTP; `inference/serve.py` is the web layer. It is driven by `step()` (one admission
+pass and one segment of rounds), by a background thread (`start` / `stop`), or by
+`run_until_idle`.
 
 With a mesh (`data=1,model=N`: tensor parallel) the params are placed by the sharding rules
 and every program pins the state as sharded decoding does (`sharding.constrain`: KV buffers
@@ -209,6 +212,92 @@ def _segment(
     return sharding.constrain(state, mesh)
 
 
+def _abstract(tree):
+    """What lowering needs of the arrays in `tree`: shape, dtype and, where the array is
+    committed to devices, its sharding (an uncommitted array's sharding would make another
+    program than the one a call with it compiles). The arrays themselves may be donated before
+    a background compile reads them."""
+
+    def spec(x):
+        if not isinstance(x, jax.Array):
+            return x
+        sharding = x.sharding if x.committed else None
+        weak = getattr(x, "weak_type", False)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=weak)
+
+    return jax.tree.map(spec, tree)
+
+
+class _RoundPrograms:
+    """Which round programs (`_segment`) this engine has compiled: one per (batch bucket,
+    attention window, greedy or mixed, stop-id width, round shape), at first use.
+
+    With one round shape a round waits for its program, as any first use does. With several
+    (`--tree auto`, five shapes) only a (bucket, window, mode)'s first program is compiled in
+    the round's way: a shape the policy asks for later is compiled in a background thread
+    (`jit(...).lower(...).compile()`, which fills the jit cache the rounds call) while the
+    rounds run the compiled shape nearest to it in drafted levels, and is used from the first
+    round after it is ready. Every shape commits what the base would decode, so the substitute
+    changes the speed of those rounds, never their tokens; what it saves is a compile stall
+    (seconds on a CPU) each time the policy first reaches for another shape. Background
+    compiles run one at a time.
+    """
+
+    def __init__(self, shapes: tuple[budget_lib.Shape, ...]):
+        self.shapes = shapes
+        self.background = len(shapes) > 1
+        self._ready: set[tuple] = set()
+        self._pending: set[tuple] = set()
+        self._failed: set[tuple] = set()
+        self._lock = threading.Lock()
+        self._one_at_a_time = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def pick(self, want: int, args: tuple, static: dict) -> int:
+        """The shape index to run now for the policy's `want` (it, or a compiled substitute
+        while `want` compiles in the background)."""
+        rest = (static["rows"], static["shapes"].window, static["greedy"], args[3].eos_ids.shape)
+        key = (*rest, want)
+        with self._lock:
+            ready = [i for i in range(len(self.shapes)) if (*rest, i) in self._ready]
+            if want in ready:
+                return want
+            retry = key in self._failed  # then compiled in the round: its error fails the round
+            self._failed.discard(key)
+            if self.background and ready and not retry:
+                if key not in self._pending:
+                    self._pending.add(key)
+                    threading.Thread(
+                        target=self._compile_later, args=(key, _abstract(args), static, want),
+                        name="griffin-compile", daemon=True,
+                    ).start()  # fmt: skip
+                lv = budget_lib.levels(self.shapes[want])
+                return min(ready, key=lambda i: abs(budget_lib.levels(self.shapes[i]) - lv))
+            self._ready.add(key)  # compiled by the call the round makes now
+        return want
+
+    def _compile_later(self, key: tuple, args: tuple, static: dict, index: int) -> None:
+        try:
+            with self._one_at_a_time:
+                program = _segment.lower(*args, index=index, **static).compile()
+        except Exception as err:  # noqa: BLE001 - the round that next wants it compiles it
+            log.error("background compile of round shape %s failed: %s: %s",
+                      budget_lib.describe(self.shapes[index]), type(err).__name__, err)  # fmt: skip
+            program = None
+        with self._lock:
+            self._pending.discard(key)
+            (self._failed if program is None else self._ready).add(key)
+            self._idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until no background compile is queued or running; False on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -328,6 +417,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: str | None = None  # why the engine stopped serving, once it has
+        self._programs = _RoundPrograms(shapes_all)
         self._reset_state()
 
     # ------------------------------------------------------------------ requests
@@ -376,6 +466,15 @@ class Engine:
     @property
     def busy(self) -> int:
         return len(self._slots)
+
+    @property
+    def round_programs(self) -> int:
+        """Round programs compiled for this engine so far (see `_RoundPrograms`)."""
+        return len(self._programs)
+
+    def wait_for_compiles(self, timeout: float | None = None) -> bool:
+        """Blocks until no round program is compiling in the background; False on timeout."""
+        return self._programs.wait(timeout)
 
     def idle(self) -> bool:
         return not self._queue and not self._slots and self._chunked is None
@@ -568,14 +667,17 @@ class Engine:
     def _run_rounds(self) -> None:
         rows = next(b for b in self.buckets if b >= len(self._slots))
         shapes = dataclasses.replace(self._shapes, batch=rows, window=self._window())
-        budget = self.budgets[rows]
-        index = self._next_shape if self._next_shape < len(self.shapes) else 0
-        self._state = _segment(
-            self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)), budget,
-            self.draft_head, jnp.int32(self.rounds_per_step), rows=rows, index=index,
-            cfg=self.cfg, dcfg=self.dcfg, greedy=self._greedy(rows), shapes=shapes,
+        want = self._next_shape if self._next_shape < len(self.shapes) else 0
+        args = (
+            self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)),
+            self.budgets[rows], self.draft_head, jnp.int32(self.rounds_per_step),
+        )  # fmt: skip
+        static = dict(
+            rows=rows, cfg=self.cfg, dcfg=self.dcfg, greedy=self._greedy(rows), shapes=shapes,
             mesh=self.mesh,
         )  # fmt: skip
+        index = self._programs.pick(want, args, static)
+        self._state = _segment(*args, index=index, **static)
 
     def _deliver(self) -> None:
         n = len(self._slots)

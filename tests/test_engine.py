@@ -184,7 +184,7 @@ def test_programs_are_bounded_and_a_lone_request_runs_at_batch_one(pair):
     programs = (engine_lib._admit, engine_lib._segment, engine_lib._move_row)
 
     def sizes():
-        return tuple(f._cache_size() for f in programs)
+        return (*(f._cache_size() for f in programs), eng.round_programs)
 
     for request in _requests():
         eng.submit(request, _Collect())
@@ -265,6 +265,11 @@ def test_bad_requests_are_refused_and_a_full_queue_raises(pair):
 
 
 def test_a_budget_per_batch_bucket_switches_shapes_losslessly(pair):
+    """`--tree auto`'s engine: shapes switch round by round (a forced schedule, then the
+    policy) without changing a token; a shape first asked for compiles in the background while
+    a compiled one runs, and once compiled nothing compiles again."""
+    from compile_log import compiles
+
     seen = []
 
     def budget_for(batch: int) -> budget_lib.Budget:  # what `--tree auto` builds per bucket
@@ -273,11 +278,21 @@ def test_a_budget_per_batch_bucket_switches_shapes_losslessly(pair):
 
     eng = _engine(pair, tree=budget_for, max_batch=2)
     requests = [_requests()[0], _requests()[3]]  # greedy: one program set per bucket
-    got = [_Collect() for _ in requests]
-    for request, sink in zip(requests, got, strict=True):
-        eng.submit(request, sink)
-    eng.run_until_idle()
+
+    def wave():
+        got = [_Collect() for _ in requests]
+        for request, sink in zip(requests, got, strict=True):
+            eng.submit(request, sink)
+        eng.run_until_idle()
+        for request, sink in zip(requests, got, strict=True):
+            assert sink.tokens == _alone(pair, request)
+        return got
+
+    wave()  # the tree compiles in the background: plain rounds stand in meanwhile
     assert seen == [1, 2] and eng.shapes == (None, TREE)
-    for request, sink in zip(requests, got, strict=True):
-        assert sink.tokens == _alone(pair, request)
-    assert sum(s.final.accepted for s in got) > 0  # tree rounds ran between plain ones
+    assert eng.wait_for_compiles(timeout=600)
+    programs = eng.round_programs
+    with compiles() as compiled:
+        got = wave()  # past the schedule: the policy's choice (equal costs: the tree)
+    assert "_segment" not in compiled and eng.round_programs == programs
+    assert sum(s.final.accepted for s in got) > 0  # tree rounds ran

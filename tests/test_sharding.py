@@ -8,12 +8,9 @@ one part of it. Running this file as a script performs those checks (`_device_ch
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -358,33 +355,8 @@ def _bytes_report(tree, mesh, head_dim) -> dict:
 ENGINE_JITS = ("prefill", "run_segment")
 
 
-class _CompileLog(logging.Handler):
-    """Collects the names of the functions XLA compiles (with `jax_log_compiles` on)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        m = re.match(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage())
-        if m:
-            self.names.append(m.group(1))
-
-
-@contextlib.contextmanager
-def _compiles():
-    handler = _CompileLog()
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    jax.config.update("jax_log_compiles", True)
-    try:
-        yield handler.names
-    finally:
-        jax.config.update("jax_log_compiles", False)
-        logger.removeHandler(handler)
-
-
 def _parity(case: str) -> dict:
+    from compile_log import compiles
     from spec_models import aligned_pair, base_config, draft_config, random_pair
 
     from griffin_jax import speculative, vanilla
@@ -401,7 +373,7 @@ def _parity(case: str) -> dict:
     unsharded = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **kw)
     if cfg.family == "mixtral":
         base = unstack_layers(base)
-    with _compiles() as compiled:
+    with compiles() as compiled:
         out = speculative.generate(base, cfg, draft, dcfg, PROMPTS, mesh=mesh, **kw)
     report = {
         "unsharded": unsharded.output_ids,
@@ -422,7 +394,7 @@ def _parity(case: str) -> dict:
     base = sharding.shard_params(base, mesh, head_dim=cfg.head_dim)
     draft = sharding.shard_params(draft, mesh, head_dim=dcfg.head_dim)
     static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=shapes, mesh=mesh)
-    with _compiles() as compiled:  # as generate
+    with compiles() as compiled:  # as generate
         state = speculative.prefill(
             base, draft, tokens, lengths, knobs, seeds, budget, None, **static
         )
