@@ -618,10 +618,11 @@ class Engine:
         prompt, c = ch.slot.request.prompt, self.prefill_chunk
         if len(prompt) - ch.written > c:
             tokens = jnp.asarray([prompt[ch.written : ch.written + c]], jnp.int32)
+            window = self._fit_window(ch.written + c, 1)  # the slots this chunk reads
             ch.prefix = _prefill_chunk(
                 ch.prefix, self.base_params, self.draft_params, tokens,
                 jnp.asarray([prompt[ch.written + c]], jnp.int32), cfg=self.cfg, dcfg=self.dcfg,
-                shapes=dataclasses.replace(self._shapes, batch=1, prompt_bucket=c),
+                shapes=dataclasses.replace(self._shapes, batch=1, prompt_bucket=c, window=window),
                 mesh=self.mesh,
             )  # fmt: skip
             ch.written += c
@@ -660,8 +661,12 @@ class Engine:
         whole capacity): every busy row's committed length, plus what `rounds_per_step` rounds
         can add, plus what one round writes past it. Attention reads only these slots."""
         longest = max(len(s.request.prompt) + s.sent for s in self._slots)
-        need = longest + self.rounds_per_step * self._path_len + self._reserve
-        window = max(128, 1 << (need - 1).bit_length())
+        return self._fit_window(longest + self.rounds_per_step * self._path_len + self._reserve)
+
+    def _fit_window(self, need: int, least: int = 128) -> int:
+        """The power of two >= need (and >= least) of base-cache slots attention reads; 0 (the
+        whole cache) when that is not smaller than the capacity."""
+        window = max(least, 1 << (need - 1).bit_length())
         return window if window < self._shapes.capacity else 0
 
     def _run_rounds(self) -> None:

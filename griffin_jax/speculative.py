@@ -297,8 +297,9 @@ def prefill_chunk(
 
     Nothing is sampled; `prefill(..., prefix=...)` of the prompt's last part follows. The trunk
     pairs f_p with x_{p+1}, so the chunk's last position pairs with `next_tokens`, the prompt's
-    token after the chunk. Attention reads every cache slot (the program does not depend on
-    how far the prompt has got).
+    token after the chunk. Attention reads the first `shapes.span` cache slots: a window that
+    holds the chunk (the engine passes powers of two, so the chunk programs are few and a
+    chunk early in a long prompt does not pay for the whole cache).
 
     Args:
       prefix: what earlier chunks wrote (None: the prompt's first chunk).
@@ -312,13 +313,13 @@ def prefill_chunk(
     positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
     _, hidden, cache = base_forward(
         base_params, tokens, positions, prefix.cache, write_idx=start,
-        mask=causal_mask(start, c, shapes.capacity), cfg=cfg,
+        mask=causal_mask(start, c, shapes.span), cfg=cfg,
         feature_layers=feature_layers(dcfg, cfg.n_layers),
     )  # fmt: skip
     pair_tokens = jnp.concatenate([tokens[:, 1:], next_tokens[:, None]], axis=1)
     _, _, dcache = draft_forward(
         draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens, positions,
-        prefix.draft_cache, write_idx=start, mask=causal_mask(start, c, shapes.draft_capacity),
+        prefix.draft_cache, write_idx=start, mask=causal_mask(start, c, shapes.draft_span),
         dcfg=dcfg,
     )  # fmt: skip
     prefix = Prefix(cache=cache, draft_cache=dcache, start=start + c)

@@ -88,10 +88,15 @@ def test_long_prompts_are_prefilled_in_chunks_between_the_other_rows_rounds(pair
     "cancelled" and leaves no row taken."""
     long_a = engine_lib.Request(tuple(range(50, 90)), max_new_tokens=20)  # 16 + 16 + 8
     # The chunks build the state one forward over the prompt builds (the draft trunk too, which
-    # outputs alone would not show: the base verifies every token).
+    # outputs alone would not show: the base verifies every token). A random pair: the aligned
+    # base's attention adds nothing (its o_proj is zero), so it would not show a chunk reading
+    # the wrong slots.
+    from spec_models import random_pair
+
+    cfg, dcfg = pair[:2]
     states = []
     for chunk in (16, 0):
-        eng = _engine(pair, prefill_chunk=chunk)
+        eng = _engine((cfg, dcfg, *random_pair(cfg, dcfg)), prefill_chunk=chunk)
         slot = engine_lib._Slot(0, eng.check(long_a), print)
         if chunk:
             eng._chunked = engine_lib._Chunked(slot)
@@ -111,6 +116,13 @@ def test_long_prompts_are_prefilled_in_chunks_between_the_other_rows_rounds(pair
     )
     for a, b in pairs:
         np.testing.assert_allclose(a[0, :n], b[0, :n], atol=1e-4)
+    axis = 0 if chunked.cache.per_layer else 1  # the base K/V of the prompt: the chunks' too
+    for a, b in zip(
+        (chunked.cache.k, chunked.cache.v), (whole.cache.k, whole.cache.v), strict=True
+    ):
+        for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            la, lb = np.take(np.asarray(la), 0, axis), np.take(np.asarray(lb), 0, axis)
+            np.testing.assert_allclose(la[..., :n, :, :], lb[..., :n, :, :], rtol=1e-4, atol=1e-4)
     assert int(chunked.cache.length[0]) == n
 
     eng = _engine(pair, prefill_chunk=16, rounds_per_step=1)
