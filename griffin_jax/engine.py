@@ -279,6 +279,18 @@ class _RoundPrograms:
             self._ready.add(key)  # compiled by the call the round makes now
         return want
 
+    def compile_now(self, args: tuple, static: dict, index: int) -> bool:
+        """Compiles one program ahead of its first round (`Engine.warm_up`); False if it was
+        compiled already."""
+        rest = (static["rows"], static["shapes"].window, static["greedy"], args[3].eos_ids.shape)
+        with self._lock:
+            if (*rest, index) in self._ready:
+                return False
+        _segment.lower(*_abstract(args), index=index, **static).compile()
+        with self._lock:
+            self._ready.add((*rest, index))
+        return True
+
     def _compile_later(self, key: tuple, args: tuple, static: dict, index: int) -> None:
         try:
             with self._one_at_a_time:
@@ -475,6 +487,46 @@ class Engine:
     def wait_for_compiles(self, timeout: float | None = None) -> bool:
         """Blocks until no round program is compiling in the background; False on timeout."""
         return self._programs.wait(timeout)
+
+    def warm_up(self, *, sampled: bool = True) -> int:
+        """Compiles, before any request, the programs requests would otherwise compile at
+        first use (each a stall of the running rows: seconds on a CPU): the rounds of every
+        batch bucket x attention window x round shape, greedy and (with `sampled`) mixed; the
+        admission prefill of every prompt bucket; the row move. Not the chunked-prefill
+        programs, nor programs for more stop ids than the engine's default. Call it before
+        `start`. Returns the number of programs compiled."""
+        n = 0
+        windows = [w for w in (128 << i for i in range(32)) if w < self._shapes.capacity] + [0]
+        for rows in self.buckets:
+            args = (
+                self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)),
+                self.budgets[rows], self.draft_head, jnp.int32(self.rounds_per_step),
+            )  # fmt: skip
+            for window, greedy in itertools.product(windows, (True, None) if sampled else (True,)):
+                static = dict(
+                    rows=rows, cfg=self.cfg, dcfg=self.dcfg, greedy=greedy, mesh=self.mesh,
+                    shapes=dataclasses.replace(self._shapes, batch=rows, window=window),
+                )  # fmt: skip
+                for index in range(len(self.shapes)):
+                    n += self._programs.compile_now(args, static, index)
+        longest = min(self.prefill_chunk or self.max_model_len, self.max_model_len - 1)
+        buckets = {min(vanilla.prompt_bucket(t), self._shapes.capacity)
+                   for t in range(1, longest + 1)}  # fmt: skip
+        for bucket in sorted(buckets):
+            tokens = jnp.zeros((1, bucket), jnp.int32)
+            args = (
+                self._state, self.base_params, self.draft_params, tokens,
+                jnp.ones((1,), jnp.int32), self._knobs(slice(0, 1)), jnp.zeros((1,), jnp.uint32),
+                self.budgets[1], self.draft_head, jnp.int32(0), None,
+            )  # fmt: skip
+            _admit.lower(
+                *_abstract(args), cfg=self.cfg, dcfg=self.dcfg, greedy=None, mesh=self.mesh,
+                shapes=dataclasses.replace(self._shapes, batch=1, prompt_bucket=bucket),
+            ).compile()  # fmt: skip
+            n += 1
+        row = jnp.int32(0)
+        _move_row.lower(*_abstract((self._state, row, row)), mesh=self.mesh).compile()
+        return n + 1
 
     def idle(self) -> bool:
         return not self._queue and not self._slots and self._chunked is None

@@ -2,7 +2,8 @@
 `--no-speculation`, in one run with the same settings.
 
 For each mode the server (`python -m inference.serve` on 127.0.0.1) is started as a process of its
-own, warmed up (every batch bucket compiled by a burst of requests), then C concurrent
+own, warmed up (`--warm-up greedy`, or `all` when sampling: every round and admission program
+compiled before it serves; then a burst of requests per batch bucket), then C concurrent
 clients (the official `openai` client, streaming) each send one request after another over the
 prompts for `--seconds` seconds, for every C in `--concurrency`. Reported per (mode, C):
 requests/s, output tokens/s, time to first token and inter-token latency (p50 / p99, seconds),
@@ -247,7 +248,8 @@ class ServerProcess:
             port = s.getsockname()[1]
         argv = [sys.executable, "-m", "inference.serve", "--port", str(port),
                 "--max-batch", str(args.max_batch), "--max-model-len", str(args.max_model_len),
-                "--log-level", "warning"]  # fmt: skip
+                "--log-level", "warning",
+                "--warm-up", "greedy" if args.temperature == 0 else "all"]  # fmt: skip
         for flag, value in (("--base", args.base), ("--draft", args.draft), ("--tree", args.tree)):
             if value is not None:
                 argv += [flag, str(value)]
@@ -257,7 +259,7 @@ class ServerProcess:
         env.pop("GRIFFIN_API_KEY", None)
         self.proc = subprocess.Popen(argv, env=env)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 900
+        deadline = time.time() + 3600  # the warm-up compiles every program (minutes on a CPU)
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:

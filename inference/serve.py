@@ -613,6 +613,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tree tokens including the root (total_tokens)")  # fmt: skip
     p.add_argument("--draft-vocab", type=int, default=None)
     p.add_argument("--tree", default=None, help="auto | TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB]")
+    p.add_argument(
+        "--warm-up", choices=("first", "greedy", "all"), default="first",
+        help="what to compile before serving: the batch-1 programs of a short greedy request "
+        "(first), or every round and admission program of greedy requests (greedy) or of "
+        "greedy and sampled ones (all), so that no request stalls the others for a compile "
+        "(minutes on a CPU)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -667,9 +674,13 @@ def build(args: argparse.Namespace):
     return eng, model.tokenizer
 
 
-def warm_up(engine: engine_lib.Engine) -> float:
-    """Compiles the batch-1 programs with one short greedy request; returns seconds."""
+def warm_up(engine: engine_lib.Engine, mode: str = "first") -> float:
+    """Compiles before serving (`--warm-up`): the batch-1 programs with one short greedy
+    request, or with "greedy" / "all" every program `Engine.warm_up` knows; returns seconds."""
     t0 = time.perf_counter()
+    if mode != "first":
+        n = engine.warm_up(sampled=mode == "all")
+        log.info("warm-up: %d programs compiled", n)
     done = []
     engine.submit(engine_lib.Request(prompt=(1, 2, 3), max_new_tokens=4), done.append)
     engine.run_until_idle()
@@ -680,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine, tokenizer = build(args)
-    log.info("warm-up compile: %.1f s", warm_up(engine))
+    log.info("warm-up compile: %.1f s", warm_up(engine, args.warm_up))
     template = args.chat_template.read_text() if args.chat_template else None
     api_key = args.api_key or os.environ.get("GRIFFIN_API_KEY") or None
     app = create_app(engine, tokenizer, name=args.served_model_name, api_key=api_key,

@@ -221,6 +221,29 @@ def test_programs_are_bounded_and_a_lone_request_runs_at_batch_one(pair):
     assert rows and set(rows) == {1}  # a lone request runs the batch-1 program
 
 
+def test_warm_up_compiles_every_program_requests_use(pair):
+    """After `warm_up`, mixed greedy and sampled requests of short and long prompts, in every
+    batch bucket and both attention windows, compile nothing."""
+    from compile_log import compiles
+
+    eng = _engine(pair, max_model_len=200)
+    assert eng._shapes.capacity > 128  # windows 128 and the whole cache
+    assert eng.warm_up() > 0
+    requests = [
+        *_requests(),
+        engine_lib.Request(tuple(i % 120 + 3 for i in range(150)), max_new_tokens=20),
+    ]
+    got = [_Collect() for _ in requests]
+    with compiles() as compiled:
+        for request, sink in zip(requests, got, strict=True):
+            eng.submit(request, sink)
+            eng.step()
+        eng.run_until_idle()
+    assert not {"_segment", "_admit", "_move_row"} & set(compiled), compiled
+    for request, sink in zip(requests, got, strict=True):
+        assert sink.tokens == _alone(pair, request)
+
+
 def test_no_speculation_decodes_plainly(pair):
     eng = _engine(pair, speculate=False)
     requests = _requests()[:3]
