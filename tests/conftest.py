@@ -72,6 +72,17 @@ def pair():
     return cfg, dcfg, base, draft
 
 
+@pytest.fixture(scope="module")
+def eagle3_pair():
+    """An 8-layer Llama and an EAGLE-3 draft whose first drafted level agrees with it."""
+    from spec_models import aligned_pair, base_config, draft_config
+
+    cfg = base_config("llama", n_layers=8)
+    dcfg = draft_config(cfg, "eagle3")
+    base, draft_params = aligned_pair(cfg, dcfg)
+    return cfg, dcfg, base, draft_params
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # CPU unless the run selects the gpu marker (JAX reads this when its backend first starts).
     markexpr = config.getoption("markexpr", "") or ""

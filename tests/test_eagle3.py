@@ -313,17 +313,6 @@ def test_export_loads_strictly_into_the_reference_and_round_trips(tmp_path, fmt)
 # The engine with an EAGLE-3 draft.
 
 
-@pytest.fixture(scope="module")
-def eagle3_pair():
-    """An 8-layer Llama and an EAGLE-3 draft whose first drafted level agrees with it."""
-    from spec_models import aligned_pair
-
-    cfg = base_config("llama", n_layers=8)
-    dcfg = draft_config(cfg, "eagle3")
-    base, draft_params = aligned_pair(cfg, dcfg)
-    return cfg, dcfg, base, draft_params
-
-
 def test_api_loads_and_runs_an_exported_eagle3_folder(tmp_path, eagle3_pair):
     """export_hf + export_draft -> `SpeculativeModel.from_pretrained` -> greedy == vanilla; the
     draft vocabulary setting of GRIFFIN drafts is refused for an EAGLE-3 draft."""

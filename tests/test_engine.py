@@ -312,11 +312,14 @@ def test_bad_requests_are_refused_and_a_full_queue_raises(pair):
         _engine(pair, max_model_len=10**6)
 
 
-def test_a_budget_per_batch_bucket_switches_shapes_losslessly(pair):
+@pytest.mark.parametrize("kind", ["griffin", "eagle3"])
+def test_a_budget_per_batch_bucket_switches_shapes_losslessly(kind, request):
     """`--tree auto`'s engine: shapes switch round by round (a forced schedule, then the
     policy) without changing a token; a shape first asked for compiles in the background while
-    a compiled one runs, and once compiled nothing compiles again."""
+    a compiled one runs, and once compiled nothing compiles again. GRIFFIN and EAGLE-3."""
     from compile_log import compiles
+
+    pair = request.getfixturevalue("pair" if kind == "griffin" else "eagle3_pair")
 
     seen = []
 
