@@ -49,6 +49,8 @@ from griffin_jax.draft import DraftConfig
 
 log = logging.getLogger(__name__)
 
+MIN_WINDOW = 128  # the smallest attention window of the rounds (base-cache slots)
+
 
 class QueueFull(RuntimeError):
     """The waiting queue holds `max_queue` requests already."""
@@ -256,10 +258,15 @@ class _RoundPrograms:
     def __len__(self) -> int:
         return len(self._ready)
 
+    @staticmethod
+    def _rest(args: tuple, static: dict) -> tuple:
+        """A program's key but for its round shape."""
+        return (static["rows"], static["shapes"].window, static["greedy"], args[3].eos_ids.shape)
+
     def pick(self, want: int, args: tuple, static: dict) -> int:
         """The shape index to run now for the policy's `want` (it, or a compiled substitute
         while `want` compiles in the background)."""
-        rest = (static["rows"], static["shapes"].window, static["greedy"], args[3].eos_ids.shape)
+        rest = self._rest(args, static)
         key = (*rest, want)
         with self._lock:
             ready = [i for i in range(len(self.shapes)) if (*rest, i) in self._ready]
@@ -282,7 +289,7 @@ class _RoundPrograms:
     def compile_now(self, args: tuple, static: dict, index: int) -> bool:
         """Compiles one program ahead of its first round (`Engine.warm_up`); False if it was
         compiled already."""
-        rest = (static["rows"], static["shapes"].window, static["greedy"], args[3].eos_ids.shape)
+        rest = self._rest(args, static)
         with self._lock:
             if (*rest, index) in self._ready:
                 return False
@@ -496,19 +503,12 @@ class Engine:
         programs, nor programs for more stop ids than the engine's default. Call it before
         `start`. Returns the number of programs compiled."""
         n = 0
-        windows = [w for w in (128 << i for i in range(32)) if w < self._shapes.capacity] + [0]
-        for rows in self.buckets:
-            args = (
-                self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)),
-                self.budgets[rows], self.draft_head, jnp.int32(self.rounds_per_step),
-            )  # fmt: skip
-            for window, greedy in itertools.product(windows, (True, None) if sampled else (True,)):
-                static = dict(
-                    rows=rows, cfg=self.cfg, dcfg=self.dcfg, greedy=greedy, mesh=self.mesh,
-                    shapes=dataclasses.replace(self._shapes, batch=rows, window=window),
-                )  # fmt: skip
-                for index in range(len(self.shapes)):
-                    n += self._programs.compile_now(args, static, index)
+        windows = [w for w in (MIN_WINDOW << i for i in range(32)) if w < self._shapes.capacity]
+        modes = (True, None) if sampled else (True,)
+        for rows, window, greedy in itertools.product(self.buckets, [*windows, 0], modes):
+            args, static = self._round_call(rows, window, greedy)
+            for index in range(len(self.shapes)):
+                n += self._programs.compile_now(args, static, index)
         longest = min(self.prefill_chunk or self.max_model_len, self.max_model_len - 1)
         buckets = {min(vanilla.prompt_bucket(t), self._shapes.capacity)
                    for t in range(1, longest + 1)}  # fmt: skip
@@ -715,24 +715,28 @@ class Engine:
         longest = max(len(s.request.prompt) + s.sent for s in self._slots)
         return self._fit_window(longest + self.rounds_per_step * self._path_len + self._reserve)
 
-    def _fit_window(self, need: int, least: int = 128) -> int:
+    def _fit_window(self, need: int, least: int = MIN_WINDOW) -> int:
         """The power of two >= need (and >= least) of base-cache slots attention reads; 0 (the
         whole cache) when that is not smaller than the capacity."""
         window = max(least, 1 << (need - 1).bit_length())
         return window if window < self._shapes.capacity else 0
 
-    def _run_rounds(self) -> None:
-        rows = next(b for b in self.buckets if b >= len(self._slots))
-        shapes = dataclasses.replace(self._shapes, batch=rows, window=self._window())
-        want = self._next_shape if self._next_shape < len(self.shapes) else 0
+    def _round_call(self, rows: int, window: int, greedy: bool | None) -> tuple[tuple, dict]:
+        """The arguments and static arguments of `_segment` over the first `rows` rows."""
         args = (
             self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)),
             self.budgets[rows], self.draft_head, jnp.int32(self.rounds_per_step),
         )  # fmt: skip
         static = dict(
-            rows=rows, cfg=self.cfg, dcfg=self.dcfg, greedy=self._greedy(rows), shapes=shapes,
-            mesh=self.mesh,
+            rows=rows, cfg=self.cfg, dcfg=self.dcfg, greedy=greedy, mesh=self.mesh,
+            shapes=dataclasses.replace(self._shapes, batch=rows, window=window),
         )  # fmt: skip
+        return args, static
+
+    def _run_rounds(self) -> None:
+        rows = next(b for b in self.buckets if b >= len(self._slots))
+        want = self._next_shape if self._next_shape < len(self.shapes) else 0
+        args, static = self._round_call(rows, self._window(), self._greedy(rows))
         index = self._programs.pick(want, args, static)
         self._state = _segment(*args, index=index, **static)
 
