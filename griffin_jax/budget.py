@@ -15,8 +15,10 @@ that maximises the expected committed tokens per millisecond over the batch's ru
 - E_row[tokens | s] = 1 + sum_{i <= L_s} prod_{j <= i} p_j: the bonus plus the expected
   accepted draft tokens of a tree with L_s drafted levels, from the row's per-level acceptance
   p_j (the chance the accepted path reaches level j once it reached j - 1), kept as
-  exponentially decayed hit / trial counts. A level never tried borrows the estimate of the
-  level above it; level 1 starts from an optimistic prior so a fresh row drafts first.
+  exponentially decayed hit / trial counts (`reach_stats`: for a sampled row the chances the
+  base's distribution gave the walk, not the draws' 0/1 luck). A level never tried borrows the
+  estimate of the level above it; a fresh row starts from what earlier requests of its kind
+  (greedy or sampled) showed (`History`), else from an optimistic prior so that it drafts.
 - While plain decoding is chosen no statistics arrive, so after a streak of plain rounds a probe
   runs PROBE_ROUNDS drafting rounds to refresh them: the first after drafting stopped runs the
   deepest tree (every level gets trials), the later ones the cheapest drafting shape (a poor
@@ -56,8 +58,10 @@ PRIOR_WEIGHT = 1.0  # pseudo-trials behind each level's prior
 DECAY = 0.97  # per drafting round: statistics follow the text over ~30 drafting rounds
 PROBE_EVERY = 8  # plain rounds in a row before drafting rounds refresh the statistics
 PROBE_ROUNDS = 3  # drafting rounds of such a probe (one round's luck is too little to go on)
-PROBE_SHARE = 0.05  # probes that keep failing cost at most this share of the plain rounds' time
+PROBE_SHARE = 0.02  # probes that keep failing cost at most this share of the plain rounds' time
 HYSTERESIS = 0.05  # another shape must promise this much more tokens per ms to be switched to
+HISTORY_WEIGHT = 8.0  # pseudo-trials behind a fresh row's prior learnt from earlier requests
+HISTORY_MEMORY = 16.0  # a finished row with this many trials at a level moves history halfway
 
 Shape = TreeConfig | None  # None: a plain decode step (no draft)
 
@@ -103,11 +107,16 @@ class Budget:
       fixed tree. costs: [S] f32 ms per round of each shape at the batch size run.
     schedule: [R] int32 forced shape index per round (-1 = the policy's choice); for tests and
       for measuring one shape inside the adaptive program.
+    prior, prior_weight, start_wait: what earlier requests taught (`History.apply`).
     """
 
     shapes: tuple[Shape, ...] = flax.struct.field(pytree_node=False)
     costs: jax.Array
     schedule: jax.Array
+    prior: jax.Array  # [2, L] f32 level acceptance a fresh row starts from (greedy, sampled)
+    prior_weight: jax.Array  # [2] f32 pseudo-trials behind it (0 = no history: PRIOR)
+    start_wait: jax.Array  # [] int32 the probe wait a fresh batch starts with
+    start_streak: jax.Array  # [] int32 and the plain streak (probes span short requests)
     probe_every: int = flax.struct.field(pytree_node=False, default=PROBE_EVERY)
 
     @property
@@ -137,10 +146,15 @@ def make_budget(
     # array's shape, and a new length must not recompile the rounds.
     padded = np.full(max(64, 1 << (len(sched) - 1).bit_length()), -1, np.int32)
     padded[: len(sched)] = sched
+    n_levels = max(max(levels(s) for s in shapes), 1)
     return Budget(
         shapes=shapes,
         costs=jnp.asarray(costs, jnp.float32),
         schedule=jnp.asarray(padded),
+        prior=jnp.full((2, n_levels), PRIOR, jnp.float32),
+        prior_weight=jnp.zeros((2,), jnp.float32),
+        start_wait=jnp.int32(probe_every),
+        start_streak=jnp.int32(0),
         probe_every=probe_every,
     )
 
@@ -148,27 +162,56 @@ def make_budget(
 # ----------------------------------------------------------------------------- statistics
 
 
-def init_stats(batch: int, max_levels: int) -> tuple[jax.Array, jax.Array]:
-    """(hits, trials): [B, L] f32 decayed counts per drafted level."""
-    z = jnp.zeros((batch, max(max_levels, 1)), jnp.float32)
-    return z, z
+def init_stats(
+    budget: Budget, batch: int, temperature: jax.Array | float, *, greedy: bool | None
+):  # fmt: skip
+    """(hits, trials): [B, L] f32 decayed counts per drafted level, for fresh rows: the
+    budget's prior as pseudo-counts (none without history), the greedy or the sampled one by
+    the static `greedy`, or per row by its temperature (scalar or [B]) when it is None (a
+    greedy program's temperature is a placeholder)."""
+    if greedy is None:
+        sampled = jnp.broadcast_to(jnp.asarray(temperature) > 0, (batch,)).astype(jnp.int32)
+    else:
+        sampled = jnp.full((batch,), int(not greedy), jnp.int32)
+    weight = budget.prior_weight[sampled][:, None]  # [B, 1]
+    trials = jnp.broadcast_to(weight, (batch, budget.prior.shape[1]))
+    return budget.prior[sampled] * weight, trials
+
+
+def reach_stats(
+    chance: jax.Array, tree_mask: jax.Array, depths: jax.Array, drafted: int, n_levels: int
+) -> tuple[jax.Array, jax.Array]:
+    """(hit, tried): [B, n_levels] what a drafting round of `drafted` levels says of each level:
+    tried_i = the chance the walk down the tree reached level i - 1, hit_i = that it reached i.
+
+    A node is reached with the product of `sampling.parent_draw_chance` over its path, and
+    siblings exclude each other (one draw per node), so level i is reached with the sum over
+    its nodes. For greedy rows these are the 0/1 outcomes of the round (as counting accepted
+    levels); for sampled rows their expectation over the draws, the same ratio estimate
+    hit / tried of "the chance to go on from level i - 1 to i" without the draws' luck in it.
+
+    Args:
+      chance: [B, M] (`sampling.parent_draw_chance`).  tree_mask: [B, M, M] bool, ancestor or
+        self (`tree.Tree`).  depths: [B, M] int32 (root 0).
+    """
+    m = chance.shape[1]
+    on_path = tree_mask & (jnp.arange(m) >= 1)[None, None, :]  # the root's chance means nothing
+    reach = jnp.prod(jnp.where(on_path, chance[:, None, :], 1.0), axis=-1)  # [B, M]
+    level = jax.nn.one_hot(depths, n_levels + 1, dtype=jnp.float32)  # [B, M, L + 1]
+    at_level = jnp.einsum("bm,bml->bl", reach, level).at[:, 0].set(1.0)  # [B, L + 1]
+    upto = (jnp.arange(1, n_levels + 1) <= drafted).astype(jnp.float32)[None, :]
+    return at_level[:, 1:] * upto, at_level[:, :-1] * upto
 
 
 def update_stats(
     hits: jax.Array,
     trials: jax.Array,
-    accept_len: jax.Array,
-    drafted_levels: int,
+    hit: jax.Array,
+    tried: jax.Array,
     active: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Counts after a drafting round with `drafted_levels` levels that accepted `accept_len`.
-
-    Level i (1-based) was tried iff accept_len >= i - 1 and i <= drafted_levels, and hit iff
-    accept_len >= i. Rows not running keep their counts.
-    """
-    lvl = jnp.arange(1, hits.shape[1] + 1)[None, :]
-    tried = (lvl <= jnp.minimum(accept_len + 1, drafted_levels)[:, None]).astype(jnp.float32)
-    hit = (lvl <= accept_len[:, None]).astype(jnp.float32) * tried
+    """Counts after a drafting round that tried levels `tried` [B, L] with outcomes `hit`
+    [B, L] (`reach_stats`). Rows not running keep their counts."""
     keep = ~active[:, None]
     return (
         jnp.where(keep, hits, DECAY * hits + hit),
@@ -218,6 +261,24 @@ def choose(
     rate = gain / budget.costs
     best = jnp.argmax(rate).astype(jnp.int32)
     best = jnp.where(rate[best] > (1 + HYSTERESIS) * rate[current], best, current)
+    return _probe_or_forced(budget, best, plain_streak, probe_wait, round_index)
+
+
+def keep_plain(
+    budget: Budget, plain_streak: jax.Array, probe_wait: jax.Array, round_index: jax.Array,
+    current: jax.Array,
+) -> jax.Array:  # fmt: skip
+    """`choose` after a plain round that followed a plain round: no statistics changed since
+    the last choice kept `current`, so only a due probe or the schedule can change it. Spares
+    plain rounds the policy's arithmetic (tens of small ops). A row that finished meanwhile is
+    weighed at the next full choice (the next segment, or a probe)."""
+    if len(budget.shapes) == 1:
+        return jnp.int32(0)
+    return _probe_or_forced(budget, current, plain_streak, probe_wait, round_index)
+
+
+def _probe_or_forced(budget, best, plain_streak, probe_wait, round_index) -> jax.Array:
+    """The policy's `best` unless a probe is due (or running), or the schedule forces one."""
     drafting = jnp.asarray([s is not None for s in budget.shapes])
     probe = (~drafting[best]) & (plain_streak >= probe_wait) & jnp.any(drafting)
     probe |= plain_streak < 0  # inside a probe (`next_probe`)
@@ -272,6 +333,72 @@ def next_probe(
         jnp.where(own, budget.probe_every, probe_wait),
     ).astype(jnp.int32)
     return streak, wait
+
+
+# ----------------------------------------------------------------------------- history
+
+
+class History:
+    """What earlier requests taught the policy, kept on the host per class of row (greedy,
+    sampled): each level's acceptance, and the probe wait and plain streak a batch ended with.
+
+    A fresh row otherwise starts from PRIOR, which a short request never outlives: a 96-token
+    greedy request on code is ~20 rounds, and a few early misses send it to plain decoding
+    where a row with a longer memory would go on drafting; a sampled request whose draft
+    rarely matches pays drafting rounds and probes before the policy backs off. With history
+    a fresh row's counts start as HISTORY_WEIGHT pseudo-trials at the last requests' rates,
+    and a batch starts with the probe wait and the plain streak the previous one of its class
+    ended with: the probes' schedule runs across requests, so requests shorter than the wait
+    still get probed now and then (else a kind of request that once backed off would never
+    draft again). Output never depends on it (every shape commits the base's tokens).
+    """
+
+    def __init__(self, n_levels: int):
+        self.level = np.full((2, max(n_levels, 1)), np.nan)
+        self.wait: list[tuple[int, int] | None] = [None, None]
+
+    def observe(
+        self, hits, trials, sampled, *, probe_wait: int | None = None, plain_streak: int = 0
+    ) -> None:
+        """Learns from finished rows' counts ([B, L]; `sampled` [B] bool: their class) and,
+        for a batch of one class, the probe wait and plain streak it ended with."""
+        hits, trials = np.asarray(hits, np.float64), np.asarray(trials, np.float64)
+        sampled = np.broadcast_to(np.asarray(sampled, bool), hits.shape[:1])
+        n = min(hits.shape[1], self.level.shape[1])
+        for row in range(hits.shape[0]):
+            c = int(sampled[row])
+            t = trials[row, :n]
+            seen = t >= 1.0
+            rate = np.where(seen, hits[row, :n] / np.maximum(t, 1e-9), np.nan)
+            alpha = t / (t + HISTORY_MEMORY)
+            old = self.level[c, :n]
+            mixed = np.where(np.isnan(old), rate, (1 - alpha) * old + alpha * rate)
+            self.level[c, :n] = np.where(seen, mixed, old)
+        if probe_wait is not None and sampled.size and (sampled == sampled[0]).all():
+            self.wait[int(sampled[0])] = (int(probe_wait), max(int(plain_streak), 0))
+
+    def apply(self, budget: Budget, *, sampled: bool) -> Budget:
+        """The budget with this history as its prior (a level not yet seen borrows the one
+        above, as `level_acceptance` does) and start wait."""
+        prior = np.array(budget.prior, np.float64)
+        weight = np.array(budget.prior_weight, np.float64)
+        n = min(prior.shape[1], self.level.shape[1])
+        for c in range(2):
+            if np.isnan(self.level[c, 0]):
+                continue
+            last = PRIOR
+            for i in range(prior.shape[1]):
+                if i < n and not np.isnan(self.level[c, i]):
+                    last = self.level[c, i]
+                prior[c, i] = last
+            weight[c] = HISTORY_WEIGHT
+        wait, streak = self.wait[int(sampled)] or (budget.probe_every, 0)
+        return budget.replace(
+            prior=jnp.asarray(prior, jnp.float32),
+            prior_weight=jnp.asarray(weight, jnp.float32),
+            start_wait=jnp.int32(wait),
+            start_streak=jnp.int32(streak),
+        )
 
 
 # ----------------------------------------------------------------------------- costs

@@ -437,6 +437,10 @@ class Engine:
         self._stopping = False
         self.dead: str | None = None  # why the engine stopped serving, once it has
         self._programs = _RoundPrograms(shapes_all)
+        # What finished requests taught the adaptive budget: a fresh row's prior.
+        adaptive = len(shapes_all) > 1
+        self.history = budget_lib.History(max(map(budget_lib.levels, shapes_all))) if adaptive \
+            else None  # fmt: skip
         self._reset_state()
 
     # ------------------------------------------------------------------ requests
@@ -696,10 +700,13 @@ class Engine:
         tokens, lengths = vanilla.pad_prompts([list(rest)], [bucket])
         knobs = self._knobs(slice(row, row + 1))
         shapes = dataclasses.replace(self._shapes, batch=1, prompt_bucket=bucket)
+        budget = self.budgets[1]
+        if self.history is not None:
+            budget = self.history.apply(budget, sampled=request.temperature > 0)
         self._state = _admit(
             self._state, self.base_params, self.draft_params, jnp.asarray(tokens),
             jnp.asarray(lengths), knobs, jnp.asarray(vanilla.row_seeds(request.seed, 1)),
-            self.budgets[1], self.draft_head, jnp.int32(row), prefix, cfg=self.cfg,
+            budget, self.draft_head, jnp.int32(row), prefix, cfg=self.cfg,
             dcfg=self.dcfg, greedy=None,  # one program for greedy and sampled requests
             shapes=shapes, mesh=self.mesh,
         )  # fmt: skip
@@ -762,6 +769,10 @@ class Engine:
             if new or reason:
                 self._call(slot, Update(new, reason, int(rounds[row]), accepted))
         with self._lock:
+            if ended and self.history is not None:
+                hits, trials = jax.device_get((s.hits[:n], s.trials[:n]))
+                sampled = [self._slots[row].request.temperature > 0 for row in ended]
+                self.history.observe(hits[ended], trials[ended], sampled)
             for row in sorted(ended, reverse=True):
                 self._free(row)
 

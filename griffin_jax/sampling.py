@@ -186,18 +186,69 @@ def next_token(
     Returns:
       [B, ...] int32.
     """
+    return draws(
+        keys, positions, logits, greedy=greedy, temperature=temperature, top_p=top_p,
+        top_k=top_k,
+    )[0]  # fmt: skip
+
+
+def draws(
+    keys: jax.Array,
+    positions: jax.Array,
+    logits: jax.Array,
+    *,
+    greedy: bool | None,
+    temperature: jax.Array | float = 1.0,
+    top_p: jax.Array | float = 1.0,
+    top_k: jax.Array | int = 0,
+) -> tuple[jax.Array, jax.Array | None]:
+    """`next_token`, and the warped log-probs it drew from ([B, ..., V]; None when greedy is
+    True; a greedy row of a mixed batch holds its temperature-1 log-probs, which no draw
+    read)."""
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return argmax
+        return argmax, None
     extra = (1,) * (logits.ndim - 2)  # per-row knobs broadcast over the token axes
     knobs = [jnp.asarray(x) for x in (temperature, top_p, top_k)]
     knobs = [x.reshape(x.shape + extra) if x.ndim == 1 else x for x in knobs]
     if greedy is None:
         hot = knobs[0] > 0
         knobs[0] = jnp.where(hot, knobs[0], 1.0)  # warp divides by it
-        drawn = keyed_sample(keys, positions, warp(logits, *knobs))
-        return jnp.where(jnp.broadcast_to(hot, argmax.shape), drawn, argmax)
-    return keyed_sample(keys, positions, warp(logits, *knobs))
+        logprobs = warp(logits, *knobs)
+        drawn = keyed_sample(keys, positions, logprobs)
+        return jnp.where(jnp.broadcast_to(hot, argmax.shape), drawn, argmax), logprobs
+    logprobs = warp(logits, *knobs)
+    return keyed_sample(keys, positions, logprobs), logprobs
+
+
+def parent_draw_chance(
+    draft_tokens: jax.Array,
+    parents: jax.Array,
+    node_targets: jax.Array,
+    logprobs: jax.Array | None,
+    temperature: jax.Array | float,
+) -> jax.Array:
+    """[B, M] f32: the chance that the base's token after node parents[n] is draft_tokens[n],
+    i.e. that the walk goes on from the parent to node n once it reached the parent.
+
+    Greedy rows (temperature 0, or `logprobs` None): 1 where the parent's target (argmax) is
+    the node's token, else 0, what the round saw. Sampled rows: the warped probability itself,
+    the expectation of that 0/1 outcome over the draw (no draw's luck in it). Entry 0 (the
+    root) means nothing.
+
+    Args:
+      draft_tokens, parents: [B, M] int32 (`tree.Tree`).  node_targets: [B, M] int32 the base's
+        token after each node.  logprobs: [B, M, V] warped log-probs at each node (`draws`).
+      temperature: scalar or [B].
+    """
+    at_parent = jnp.take_along_axis(node_targets, parents, axis=1)
+    seen = (at_parent == draft_tokens).astype(jnp.float32)
+    if logprobs is None:
+        return seen
+    chance = jnp.exp(jax.vmap(lambda lp, p, t: lp[p, t])(logprobs, parents, draft_tokens))
+    hot = jnp.asarray(temperature) > 0
+    hot = hot[:, None] if hot.ndim == 1 else hot
+    return jnp.where(hot, chance, seen)
 
 
 # ----------------------------------------------------------------------------- acceptance

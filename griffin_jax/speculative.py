@@ -141,6 +141,12 @@ class SpecResult:
     accept_lengths: list[list[int]]  # accepted draft tokens per round, per row
     rounds: list[int]
     round_shapes: list[list[int]] = dataclasses.field(default_factory=list)  # budget index
+    # The policy's counts at the end ([B, L], `budget.update_stats`), its probe wait and plain
+    # streak: what `budget.History` learns from.
+    level_hits: np.ndarray | None = None
+    level_trials: np.ndarray | None = None
+    probe_wait: int | None = None
+    plain_streak: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -396,7 +402,7 @@ def prefill(
         root_lp, root_feat = _root_inputs(
             (token_feature, next_feature), last, draft_head, base_params=base_params, cfg=cfg
         )
-    hits, trials = budget_lib.init_stats(b, budget.max_levels)
+    hits, trials = budget_lib.init_stats(budget, b, knobs.temperature, greedy=greedy)
     out_tokens = jnp.zeros((b, shapes.out_size), jnp.int32).at[:, 0].set(root)
     state = SpecState(
         cache=cache,
@@ -417,8 +423,8 @@ def prefill(
         keys=keys,
         hits=hits,
         trials=trials,
-        plain_streak=jnp.int32(0),
-        probe_wait=jnp.int32(budget.probe_every),
+        plain_streak=budget.start_streak,
+        probe_wait=budget.start_wait,
         step=jnp.int32(0),
         next_shape=jnp.int32(0),
     )
@@ -547,7 +553,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
     with jax.named_scope("accept"):
         # The base's next token after every node (argmax, or the position-keyed draw), then
         # the walk down the tree along the children that match (sampling.py).
-        node_targets = sampling.next_token(
+        node_targets, logprobs = sampling.draws(
             state.keys, positions + 1, logits, greedy=greedy,
             temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
         )  # fmt: skip
@@ -556,6 +562,16 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         )
     accept_len = acc.accept_len
     best_nodes = tree.retrieve_idx[rows, acc.best_path]  # [B, A]
+    with jax.named_scope("stats"):
+        chance = sampling.parent_draw_chance(
+            tree.draft_tokens, tree.parents, node_targets, logprobs, knobs.temperature
+        )
+        level_hit, level_tried = budget_lib.reach_stats(
+            chance, tree.tree_mask, tree.depths, tree_cfg.depth + 1, state.hits.shape[1]
+        )
+        hits, trials = budget_lib.update_stats(
+            state.hits, state.trials, level_hit, level_tried, active
+        )
     path_tokens = tree.path_tokens()[rows, acc.best_path]  # [B, A] root first
     slot = jnp.arange(a_len)
     # Emitted this round: the accepted draft tokens, then the bonus; past it, filler.
@@ -563,9 +579,6 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
     emitted = jnp.where(slot[None, :] < accept_len[:, None], shifted, acc.bonus_token[:, None])
     n_new = accept_len + 1
     with jax.named_scope("stop"):
-        hits, trials = budget_lib.update_stats(
-            state.hits, state.trials, accept_len, tree_cfg.depth + 1, active
-        )
         state = _emit(state, emitted, n_new, knobs, shape_index)
     with jax.named_scope("commit"):
         n_commit = jnp.where(active, n_new, 0)
@@ -688,7 +701,18 @@ def run_segment(
         )
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
         s = s.replace(plain_streak=streak, probe_wait=wait)
-        return _with_choice(s, budget), n + 1
+        if shape is not None:
+            return _with_choice(s, budget), n + 1
+        # A plain round changes no statistics: the segment's first round weighs the rows (one
+        # may have been admitted or finished), the later ones only watch for a probe.
+        nxt = jax.lax.cond(
+            n == 0,
+            lambda: _with_choice(s, budget).next_shape,
+            lambda: budget_lib.keep_plain(
+                budget, s.plain_streak, s.probe_wait, s.step, s.next_shape
+            ),
+        )  # fmt: skip
+        return s.replace(next_shape=nxt), n + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return sharding.constrain(state, mesh)
@@ -812,6 +836,10 @@ def generate(
         accept_lengths=[log[i, : rounds[i]].tolist() for i in range(len(prompts))],
         rounds=rounds.tolist(),
         round_shapes=[shape_log[i, : rounds[i]].tolist() for i in range(len(prompts))],
+        level_hits=np.asarray(state.hits),
+        level_trials=np.asarray(state.trials),
+        probe_wait=int(state.probe_wait),
+        plain_streak=int(state.plain_streak),
     )
 
 

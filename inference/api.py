@@ -151,6 +151,7 @@ class SpeculativeModel:
         # tree_cfg)` by measured cost per batch size (`round_costs`).
         self.adaptive = False
         self._costs: dict[tuple[int, bool], list[float]] = {}
+        self._history: dict[tuple[budget_lib.Shape, ...], budget_lib.History] = {}
 
     @classmethod
     def from_pretrained(
@@ -309,7 +310,16 @@ class SpeculativeModel:
         """What `speculative.generate` gets as `tree_cfg` for a batch of this size."""
         if not self.adaptive:
             return self.tree_cfg
-        return budget_lib.make_budget(self.shapes, self.round_costs(batch, greedy=greedy))
+        budget = budget_lib.make_budget(self.shapes, self.round_costs(batch, greedy=greedy))
+        return self.history().apply(budget, sampled=not greedy)
+
+    def history(self) -> budget_lib.History:
+        """What the adaptive budget learnt from this model's earlier generations (its prior
+        for fresh rows, `budget.History`), per set of round shapes."""
+        shapes = self.shapes
+        if shapes not in self._history:
+            self._history[shapes] = budget_lib.History(max(map(budget_lib.levels, shapes)))
+        return self._history[shapes]
 
     def generate(
         self,
@@ -337,6 +347,11 @@ class SpeculativeModel:
             on_round=on_round, mesh=self.mesh,
             draft_head=self.draft_head(),
         )  # fmt: skip
+        if self.adaptive:
+            self.history().observe(
+                res.level_hits, res.level_trials, temperature > 0, probe_wait=res.probe_wait,
+                plain_streak=res.plain_streak,
+            )  # fmt: skip
         names = [budget_lib.describe(s) for s in self.shapes]
         return GenerationOutput(
             res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from spec_models import aligned_pair, base_config, draft_config, random_pair
 
-from griffin_jax import budget, speculative, vanilla
+from griffin_jax import budget, sampling, speculative, vanilla
 from griffin_jax.config import TreeConfig
 
 TREE = TreeConfig(top_k=2, depth=3, total_tokens=8)
@@ -158,14 +159,14 @@ def test_failing_probes_back_off_to_a_bounded_share_of_the_time():
     b = budget.make_budget(SHAPES, costs=costs)
     cap = int(budget.probe_cap(b))
     assert cap == int(np.ceil(budget.PROBE_ROUNDS * 3.5 / (budget.PROBE_SHARE * 1.0)))
-    picks = _simulate(b, _stats([0.05] * 4), 3000)
+    picks = _simulate(b, _stats([0.05] * 4), 4000)
     starts = [i for i in range(1, len(picks)) if picks[i] in (1, 3) and picks[i - 1] == 0]
     assert picks[starts[0]] == 3 and {picks[i] for i in starts[1:]} == {1}
     gaps = np.diff(starts) - budget.PROBE_ROUNDS  # plain rounds between probes
     doubling = [budget.PROBE_EVERY * 2**i for i in range(1, 20) if budget.PROBE_EVERY * 2**i < cap]
     assert list(gaps[: len(doubling)]) == doubling and set(gaps[len(doubling) :]) == {cap}
     # In the long run the probes take at most PROBE_SHARE of the time of the plain rounds.
-    tail = picks[starts[len(doubling)] :]
+    tail = picks[starts[len(doubling)] : starts[-1]]  # whole probe + gap periods
     time = {
         k: sum(costs[p] for p in tail if (p == 0) == (k == "plain")) for k in ("plain", "probe")
     }
@@ -186,20 +187,133 @@ def test_a_probe_that_brings_drafting_back_resets_the_wait():
     assert int(wait) == budget.PROBE_EVERY and int(streak) == 0
 
 
+def test_generation_starts_from_its_own_kind_of_history(pair):
+    """A greedy generation's rows start from the greedy history, a sampled one's from the
+    sampled history: the first round follows it."""
+    cfg, dcfg, base, draft = pair
+    hist = budget.History(4)
+    hist.observe([[0.0] * 4], [[30.0] * 4], [False])  # greedy: the draft never matched
+    hist.observe([[30.0] * 4], [[30.0] * 4], [True])  # sampled: it always did
+    b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
+    for temperature, first in ((0.0, 0), (1.0, 3)):
+        res = speculative.generate(
+            base, cfg, draft, dcfg, PROMPTS[:1], tree_cfg=hist.apply(b, sampled=temperature > 0),
+            max_new_tokens=4, temperature=temperature,
+        )  # fmt: skip
+        assert res.round_shapes[0][0] == first, temperature
+
+
+def test_keep_plain_is_the_policy_when_no_statistics_changed():
+    """What plain rounds after a segment's first use instead of `choose`: the same pick
+    whenever the last choice was plain (a due probe, the schedule), for any streak and wait."""
+    bad = _stats([0.05, 0.05, 0.05, 0.05])
+    for schedule in (None, [-1] * 10 + [2, 0, 3]):
+        b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6], schedule=schedule)
+        for streak, wait, step in itertools.product(range(0, 40, 3), (8, 16, 100), range(9, 14)):
+            want = _choose(b, *bad, streak=streak, wait=wait, step=step, current=0)
+            got = budget.keep_plain(b, jnp.int32(streak), jnp.int32(wait), jnp.int32(step),
+                                    jnp.int32(0))  # fmt: skip
+            assert int(got) == want, (schedule, streak, wait, step)
+
+
 def test_schedule_forces_the_shape_then_the_policy_takes_over():
     b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6], schedule=[2, -1, 1])
     good = _stats([0.9, 0.9, 0.9, 0.9])
     assert [_choose(b, *good, step=i) for i in range(5)] == [2, 3, 1, 3, 3]
 
 
-def test_update_stats_counts_tried_and_hit_levels():
-    hits, trials = budget.init_stats(3, 4)
-    accept = jnp.asarray([0, 2, 4])
-    hits, trials = budget.update_stats(hits, trials, accept, 4, jnp.asarray([True, True, False]))
-    np.testing.assert_array_equal(hits, [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(trials, [[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
-    hits, trials = budget.update_stats(hits, trials, jnp.asarray([1, 1, 1]), 2, jnp.ones(3, bool))
-    np.testing.assert_allclose(trials[1], [budget.DECAY + 1, budget.DECAY + 1, budget.DECAY, 0])
+def test_update_stats_decays_and_adds_each_tried_level():
+    b = budget.make_budget(SHAPES)
+    hits, trials = budget.init_stats(b, 3, 0.0, greedy=None)
+    assert hits.shape == trials.shape == (3, 4) and not np.any(trials)  # no history: PRIOR
+    hit = jnp.asarray([[0.0, 0, 0, 0], [1, 1, 0.25, 0], [1, 1, 1, 1]])
+    tried = jnp.asarray([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    active = jnp.asarray([True, True, False])
+    hits, trials = budget.update_stats(hits, trials, hit, tried, active)
+    np.testing.assert_array_equal(hits, [[0, 0, 0, 0], [1, 1, 0.25, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(trials, [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    hits, trials = budget.update_stats(hits, trials, hit, tried, jnp.ones(3, bool))
+    np.testing.assert_allclose(trials[0], [budget.DECAY + 1, budget.DECAY + 1, 0, 0])
+    np.testing.assert_allclose(hits[1, 2], 0.25 * budget.DECAY + 0.25)
+
+
+def _tree(parents: list[int]):
+    """One row's tree arrays from its parent list (node 0 the root): (parents, mask, depths)."""
+    m = len(parents)
+    mask = np.eye(m, dtype=bool)
+    for n in range(1, m):
+        mask[n] |= mask[parents[n]]
+    depths = mask.sum(-1) - 1
+    return (jnp.asarray([parents], jnp.int32), jnp.asarray(mask[None]),
+            jnp.asarray(depths[None], jnp.int32))  # fmt: skip
+
+
+def test_reach_stats_count_levels_as_the_walk_went():
+    # a chain root -> 11 -> 12 -> 13 -> 14; the base's token after each node: 11, 99, 13, 14, 7
+    parents, mask, depths = _tree([0, 0, 1, 2, 3])
+    tokens = jnp.asarray([[0, 11, 12, 13, 14]], jnp.int32)
+    targets = jnp.asarray([[11, 99, 13, 14, 7]], jnp.int32)
+    chance = sampling.parent_draw_chance(tokens, parents, targets, None, 0.0)
+    np.testing.assert_array_equal(chance[0, 1:], [1, 0, 1, 1])
+    hit, tried = budget.reach_stats(chance, mask, depths, 4, 6)
+    # one token accepted: levels 1 and 2 tried, level 1 hit (what counting accept_len gives)
+    np.testing.assert_array_equal(hit, [[1, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(tried, [[1, 1, 0, 0, 0, 0]])
+    hit, tried = budget.reach_stats(jnp.ones((1, 5)), mask, depths, 4, 6)
+    np.testing.assert_array_equal(tried, [[1, 1, 1, 1, 0, 0]])  # no level past the drafted
+
+
+def test_reach_stats_sum_siblings_and_sampled_rows_count_the_chance():
+    # root 0 with children 5 and 6 (nodes 1, 2); node 1 has child 7 (node 3).
+    parents, mask, depths = _tree([0, 0, 0, 1])
+    tokens = jnp.asarray([[0, 5, 6, 7]], jnp.int32)
+    targets = jnp.asarray([[6, 2, 1, 1]], jnp.int32)  # greedy: root -> 6 (node 2), then stop
+    probs = np.full((1, 4, 10), 1e-9)
+    probs[0, 0, [5, 6]] = [0.3, 0.5]
+    probs[0, 1, 7] = 0.4
+    logprobs = jnp.log(jnp.asarray(probs, jnp.float32))
+    greedy = sampling.parent_draw_chance(tokens, parents, targets, None, 0.0)
+    sampled = sampling.parent_draw_chance(tokens, parents, targets, logprobs, 1.0)
+    np.testing.assert_allclose(sampled[0, 1:], [0.3, 0.5, 0.4], rtol=1e-5)
+    hit, tried = budget.reach_stats(greedy, mask, depths, 2, 2)
+    np.testing.assert_array_equal(hit, [[1, 0]])
+    np.testing.assert_array_equal(tried, [[1, 1]])
+    # sampled: level 1 is reached with 0.3 + 0.5, level 2 only through node 1: 0.3 x 0.4
+    hit, tried = budget.reach_stats(sampled, mask, depths, 2, 2)
+    np.testing.assert_allclose(hit, [[0.8, 0.12]], rtol=1e-5)
+    np.testing.assert_allclose(tried, [[1.0, 0.8]], rtol=1e-5)
+    mixed = sampling.parent_draw_chance(
+        jnp.tile(tokens, (2, 1)), jnp.tile(parents, (2, 1)), jnp.tile(targets, (2, 1)),
+        jnp.tile(logprobs, (2, 1, 1)), jnp.asarray([0.0, 0.7]),
+    )  # fmt: skip
+    np.testing.assert_allclose(mixed, np.concatenate([greedy, sampled]), rtol=1e-5)
+
+
+def test_history_starts_fresh_rows_at_earlier_rates():
+    b = budget.make_budget(SHAPES)
+    hist = budget.History(b.max_levels)
+    same = hist.apply(b, sampled=False)
+    np.testing.assert_array_equal(same.prior_weight, [0, 0])  # nothing learnt: PRIOR
+    assert int(same.start_wait) == budget.PROBE_EVERY
+    # A greedy row that hit 90% at level 1 and 50% at 2 (level 3 never tried), a sampled one
+    # at 20% over level 1 only.
+    hits = np.asarray([[18.0, 9.0, 0, 0], [4.0, 0, 0, 0]])
+    trials = np.asarray([[20.0, 18.0, 0, 0], [20.0, 0, 0, 0]])
+    hist.observe(hits, trials, [False, True])
+    hist.observe(hits[1:], trials[1:], [True], probe_wait=64, plain_streak=40)
+    b2 = hist.apply(b, sampled=True)
+    np.testing.assert_allclose(b2.prior, [[0.9, 0.5, 0.5, 0.5], [0.2] * 4], rtol=1e-6)
+    np.testing.assert_array_equal(b2.prior_weight, [budget.HISTORY_WEIGHT] * 2)
+    assert (int(b2.start_wait), int(b2.start_streak)) == (64, 40)  # probes span requests
+    assert int(hist.apply(b, sampled=False).start_wait) == 8
+    h0, t0 = budget.init_stats(b2, 2, jnp.asarray([0.0, 1.0]), greedy=None)
+    np.testing.assert_allclose(h0 / t0, [[0.9, 0.5, 0.5, 0.5], [0.2] * 4], rtol=1e-6)
+    # a greedy program's temperature is a placeholder (1.0): the static flag decides
+    h0, t0 = budget.init_stats(b2, 2, 1.0, greedy=True)
+    np.testing.assert_allclose(h0 / t0, [[0.9, 0.5, 0.5, 0.5]] * 2, rtol=1e-6)
+    # A newer row moves the estimate by its share of the evidence.
+    hist.observe([[0.0, 0, 0, 0]], [[16.0, 0, 0, 0]], [False])
+    assert hist.level[0, 0] == pytest.approx(0.45)
 
 
 def test_a_schedule_length_does_not_recompile():
@@ -291,9 +405,13 @@ def test_adaptive_generation_compiles_each_shape_once(pair):
     cfg, dcfg, base, draft = pair
     b = budget.make_budget(SHAPES, schedule=[0, 1, 2, 3, 0, 3])
     run = dict(tree_cfg=b, max_new_tokens=20)
-    speculative.generate(base, cfg, draft, dcfg, PROMPTS, **run)
+    res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **run)
     sizes = (speculative.prefill._cache_size(), speculative.run_segment._cache_size())
     b2 = budget.make_budget(SHAPES, costs=[1, 2, 3, 4], schedule=[3, 2, 1, 0, 0, 1])
+    hist = budget.History(b2.max_levels)  # a prior from history is traced too
+    hist.observe(res.level_hits, res.level_trials, False, probe_wait=res.probe_wait)
+    b2 = hist.apply(b2, sampled=False)
+    assert float(b2.prior_weight[0]) > 0
     other = [[3, 4, 5], [6], list(range(40, 58)), [9]]  # the same length bucket
     speculative.generate(base, cfg, draft, dcfg, other, tree_cfg=b2, max_new_tokens=20, seed=2)
     assert (speculative.prefill._cache_size(), speculative.run_segment._cache_size()) == sizes

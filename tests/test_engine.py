@@ -341,9 +341,11 @@ def test_a_budget_per_batch_bucket_switches_shapes_losslessly(kind, request):
 
     wave()  # the tree compiles in the background: plain rounds stand in meanwhile
     assert seen == [1, 2] and eng.shapes == (None, TREE)
+    assert eng.history.level[0, 0] >= 0  # the finished rows taught the next rows' prior
     assert eng.wait_for_compiles(timeout=600)
     programs = eng.round_programs
     with compiles() as compiled:
         got = wave()  # past the schedule: the policy's choice (equal costs: the tree)
-    assert "_segment" not in compiled and eng.round_programs == programs
+    assert "_segment" not in compiled and "_admit" not in compiled
+    assert eng.round_programs == programs
     assert sum(s.final.accepted for s in got) > 0  # tree rounds ran

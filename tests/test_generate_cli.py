@@ -165,6 +165,10 @@ def test_tree_auto_runs_the_adaptive_budget(pair, capsys, tmp_path, monkeypatch)
     model = SpeculativeModel.from_pretrained(base, draft, tree="auto", load_tokenizer=False)
     model.round_costs(1, greedy=True)  # from the cache file: no new measurement
     assert model._costs[(1, True)] == costs
+    first = model.generate([[5, 6, 7, 8]], max_new_tokens=12).output_ids
+    assert model.history().level[0, 0] >= 0  # learnt from that generation (NaN before)
+    # the prior it gives the next generation changes no token
+    assert model.generate([[5, 6, 7, 8]], max_new_tokens=12).output_ids == first
     # tree.json may ask for it; explicit sizes name one fixed tree instead.
     auto_dir = tmp_path / "auto_draft"
     shutil.copytree(draft, auto_dir)
