@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import pathlib
 import threading
 from collections.abc import Callable, Sequence
 
@@ -320,6 +321,35 @@ class _RoundPrograms:
 # ----------------------------------------------------------------------------- the engine
 
 
+# XLA's CPU backend maps ~600 memory regions per compiled round program of the default pair
+# (measured: 602-643 over 36 programs); Linux caps a process at vm.max_map_count (65,530 by
+# default), past which compiling fails with "Cannot allocate memory" and the process dies.
+MAPS_PER_PROGRAM = 650
+MAPS_BASE = 8000  # the process before any program (interpreter, libraries, params)
+
+
+def compile_room(programs: int, limit: int | None = None) -> str | None:
+    """Why `programs` compiled programs may not fit in this process (None when they do, or
+    off the CPU backend or off Linux, where the limit is not known). `limit` defaults to
+    /proc/sys/vm/max_map_count."""
+    if jax.default_backend() != "cpu":
+        return None
+    if limit is None:
+        try:
+            limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+        except (OSError, ValueError):
+            return None
+    need = MAPS_BASE + programs * MAPS_PER_PROGRAM
+    if need <= limit:
+        return None
+    return (
+        f"{programs} compiled programs need ~{need:,} memory maps on the CPU backend, over "
+        f"vm.max_map_count = {limit:,}: raise it (`sysctl -w vm.max_map_count={2 * need}`), "
+        "or compile fewer programs (a fixed tree instead of auto, a smaller --max-batch or "
+        "--max-model-len)"
+    )
+
+
 def check_prefill_chunk(size: int, name: str = "prefill_chunk") -> None:
     """Refuses a chunk size the engine cannot use: 0 (off) or at least 16 tokens."""
     if size != 0 and size < 16:
@@ -499,6 +529,22 @@ class Engine:
         """Blocks until no round program is compiling in the background; False on timeout."""
         return self._programs.wait(timeout)
 
+    def _warm_up_plan(self, sampled: bool) -> tuple[list[tuple], list[int]]:
+        """(rows, window, greedy) of every round program set, and every prompt bucket."""
+        windows = [w for w in (MIN_WINDOW << i for i in range(32)) if w < self._shapes.capacity]
+        modes = (True, None) if sampled else (True,)
+        rounds = list(itertools.product(self.buckets, [*windows, 0], modes))
+        longest = min(self.prefill_chunk or self.max_model_len, self.max_model_len - 1)
+        buckets = {min(vanilla.prompt_bucket(t), self._shapes.capacity)
+                   for t in range(1, longest + 1)}  # fmt: skip
+        return rounds, sorted(buckets)
+
+    def program_count(self, *, sampled: bool = True) -> int:
+        """The programs `warm_up(sampled=...)` compiles: all that serving may ever compile
+        (but for chunked prefill and extra stop ids)."""
+        rounds, buckets = self._warm_up_plan(sampled)
+        return len(rounds) * len(self.shapes) + len(buckets) + 1
+
     def warm_up(self, *, sampled: bool = True) -> int:
         """Compiles, before any request, the programs requests would otherwise compile at
         first use (each a stall of the running rows: seconds on a CPU): the rounds of every
@@ -507,16 +553,12 @@ class Engine:
         programs, nor programs for more stop ids than the engine's default. Call it before
         `start`. Returns the number of programs compiled."""
         n = 0
-        windows = [w for w in (MIN_WINDOW << i for i in range(32)) if w < self._shapes.capacity]
-        modes = (True, None) if sampled else (True,)
-        for rows, window, greedy in itertools.product(self.buckets, [*windows, 0], modes):
+        rounds, buckets = self._warm_up_plan(sampled)
+        for rows, window, greedy in rounds:
             args, static = self._round_call(rows, window, greedy)
             for index in range(len(self.shapes)):
                 n += self._programs.compile_now(args, static, index)
-        longest = min(self.prefill_chunk or self.max_model_len, self.max_model_len - 1)
-        buckets = {min(vanilla.prompt_bucket(t), self._shapes.capacity)
-                   for t in range(1, longest + 1)}  # fmt: skip
-        for bucket in sorted(buckets):
+        for bucket in buckets:
             tokens = jnp.zeros((1, bucket), jnp.int32)
             args = (
                 self._state, self.base_params, self.draft_params, tokens,

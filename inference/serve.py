@@ -671,6 +671,9 @@ def build(args: argparse.Namespace):
     where = "one device" if mesh is None else f"mesh {dict(mesh.shape)}"
     log.info("engine: max_batch %d, max_model_len %d, round shapes %s, %s", eng.max_batch,
              eng.max_model_len, shapes, where)  # fmt: skip
+    problem = engine_lib.compile_room(eng.program_count())
+    if problem:  # programs compile at first use: a long-running server may reach them all
+        log.warning("serving may compile every program: %s", problem)
     return eng, model.tokenizer
 
 
@@ -679,6 +682,9 @@ def warm_up(engine: engine_lib.Engine, mode: str = "first") -> float:
     request, or with "greedy" / "all" every program `Engine.warm_up` knows; returns seconds."""
     t0 = time.perf_counter()
     if mode != "first":
+        problem = engine_lib.compile_room(engine.program_count(sampled=mode == "all"))
+        if problem:
+            raise ValueError(f"--warm-up {mode}: {problem}")
         n = engine.warm_up(sampled=mode == "all")
         log.info("warm-up: %d programs compiled", n)
     done = []

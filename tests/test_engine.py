@@ -241,7 +241,7 @@ def test_warm_up_compiles_every_program_requests_use(pair):
 
     eng = _engine(pair, max_model_len=200)
     assert eng._shapes.capacity > 128  # windows 128 and the whole cache
-    assert eng.warm_up() > 0
+    assert eng.warm_up() == eng.program_count() > 0
     requests = [
         *_requests(),
         engine_lib.Request(tuple(i % 120 + 3 for i in range(150)), max_new_tokens=20),
@@ -349,3 +349,9 @@ def test_a_budget_per_batch_bucket_switches_shapes_losslessly(kind, request):
     assert "_segment" not in compiled and "_admit" not in compiled
     assert eng.round_programs == programs
     assert sum(s.final.accepted for s in got) > 0  # tree rounds ran
+
+
+def test_compile_room_names_the_map_limit():
+    assert engine_lib.compile_room(10, limit=65530) is None
+    problem = engine_lib.compile_room(200, limit=65530)
+    assert "vm.max_map_count = 65,530" in problem and "200 compiled programs" in problem
