@@ -107,7 +107,8 @@ class Budget:
       fixed tree. costs: [S] f32 ms per round of each shape at the batch size run.
     schedule: [R] int32 forced shape index per round (-1 = the policy's choice); for tests and
       for measuring one shape inside the adaptive program.
-    prior, prior_weight, start_wait: what earlier requests taught (`History.apply`).
+    prior, prior_weight, start_wait, start_streak: what earlier requests taught
+      (`History.apply`).
     """
 
     shapes: tuple[Shape, ...] = flax.struct.field(pytree_node=False)
