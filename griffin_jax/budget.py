@@ -86,12 +86,14 @@ def describe(shape: Shape) -> str:
 def auto_shapes(tree: TreeConfig) -> tuple[Shape, ...]:
     """The shapes `--tree auto` chooses among: plain decoding and shallower trees up to `tree`.
 
-    Depths 0, 1, 3 and the full depth of the (trimmed) stored tree, each keeping the stored
-    top_k, draft vocabulary and at most its total_tokens (a chain stays a chain).
+    Depths 0, 3 and the full depth of the (trimmed) stored tree, each keeping the stored
+    top_k, draft vocabulary and at most its total_tokens (a chain stays a chain). Depth 0 is
+    the cheapest probe; a depth-1 tree beat both neighbours only in a narrow band of
+    acceptance (by a few percent at best, on the CPU's costs) and cost a fifth more programs.
     """
     tree = tree.trimmed()
     shapes: list[Shape] = [None]
-    for d in sorted({0, 1, 3, tree.depth}):
+    for d in sorted({0, 3, tree.depth}):
         if d > tree.depth:
             continue
         m = min(tree.total_tokens, 1 + tree.top_k * (d + 1))
@@ -109,6 +111,9 @@ class Budget:
       for measuring one shape inside the adaptive program.
     prior, prior_weight, start_wait, start_streak: what earlier requests taught
       (`History.apply`).
+    finish: the rows end together (`speculative.generate`'s fixed batch): the policy weighs a
+      shape by when the slowest row would finish under it, not by the batch's token rate (a
+      server refills a finished row, so the rate is what counts there).
     """
 
     shapes: tuple[Shape, ...] = flax.struct.field(pytree_node=False)
@@ -119,6 +124,7 @@ class Budget:
     start_wait: jax.Array  # [] int32 the probe wait a fresh batch starts with
     start_streak: jax.Array  # [] int32 and the plain streak (probes span short requests)
     probe_every: int = flax.struct.field(pytree_node=False, default=PROBE_EVERY)
+    finish: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def max_levels(self) -> int:
@@ -250,15 +256,26 @@ def choose(
     probe_wait: jax.Array,
     round_index: jax.Array,
     current: jax.Array,
+    remaining: jax.Array | None = None,
 ) -> jax.Array:
     """The shape index of the next round (int32 scalar; see the module docstring).
 
-    The current shape is kept unless another's rate beats it by HYSTERESIS: a change of shape
-    costs a host round trip (and, when drafting resumes, a trunk catch-up).
+    The rate of a shape: the running rows' expected tokens per ms; with `budget.finish`, the
+    slowest row's share of its `remaining` tokens ([B]) per ms (min over running rows of
+    expected / remaining / cost): a fixed batch lasts as long as its slowest row, and tokens
+    the others draft meanwhile do not shorten it. The current shape is kept unless another's
+    rate beats it by HYSTERESIS: a change of shape costs a host round trip (and, when
+    drafting resumes, a trunk catch-up).
     """
     if len(budget.shapes) == 1:
         return jnp.int32(0)
-    gain = jnp.sum(jnp.where(active[:, None], expected_tokens(hits, trials, budget.shapes), 0), 0)
+    gain = expected_tokens(hits, trials, budget.shapes)  # [B, S]
+    if budget.finish:
+        share = gain / jnp.maximum(remaining, 1)[:, None].astype(gain.dtype)
+        gain = jnp.min(jnp.where(active[:, None], share, jnp.inf), 0)
+        gain = jnp.where(jnp.isfinite(gain), gain, 1.0)  # no running row: any choice
+    else:
+        gain = jnp.sum(jnp.where(active[:, None], gain, 0), 0)
     rate = gain / budget.costs
     best = jnp.argmax(rate).astype(jnp.int32)
     best = jnp.where(rate[best] > (1 + HYSTERESIS) * rate[current], best, current)
@@ -303,11 +320,13 @@ def probe_shape(budget: Budget) -> jax.Array:
 
 def probe_cap(budget: Budget) -> jax.Array:
     """The longest wait between probes (int32 scalar, >= `probe_every`): the plain rounds over
-    which PROBE_ROUNDS rounds of the probe's shape cost PROBE_SHARE of their time."""
+    which a probe costs PROBE_SHARE of their time. A probe is PROBE_ROUNDS rounds of its shape
+    and, counted as one more such round, what its own segment adds: the trunk's catch-up over
+    the plain streak and the two host syncs of leaving and resuming plain decoding."""
     if None not in budget.shapes:  # nothing to probe from
         return jnp.int32(budget.probe_every)
     plain = budget.costs[budget.shapes.index(None)]
-    rounds = PROBE_ROUNDS * budget.costs[probe_shape(budget)] / (PROBE_SHARE * plain)
+    rounds = (PROBE_ROUNDS + 1) * budget.costs[probe_shape(budget)] / (PROBE_SHARE * plain)
     return jnp.maximum(jnp.ceil(rounds).astype(jnp.int32), budget.probe_every)
 
 

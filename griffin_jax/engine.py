@@ -236,7 +236,7 @@ class _RoundPrograms:
     attention window, greedy or mixed, stop-id width, round shape), at first use.
 
     With one round shape a round waits for its program, as any first use does. With several
-    (`--tree auto`, five shapes) only a (bucket, window, mode)'s first program is compiled in
+    (`--tree auto`, four shapes) only a (bucket, window, mode)'s first program is compiled in
     the round's way: a shape the policy asks for later is compiled in a background thread
     (`jit(...).lower(...).compile()`, which fills the jit cache the rounds call) while the
     rounds run the compiled shape nearest to it in drafted levels, and is used from the first

@@ -156,7 +156,7 @@ def run_methods(
             row["acceptance_at_depth"] = [
                 float((lens >= d).mean()) for d in range(1, lens.max() + 2)
             ]
-        if len(set(a["shapes"])) > 1:  # the adaptive budget: how often each shape ran
+        if a["shapes"]:  # how often each round shape ran (one, for a fixed tree)
             names, counts = np.unique(a["shapes"], return_counts=True)
             row["round_shapes"] = {str(n): int(c) for n, c in zip(names, counts, strict=True)}
         out[name] = row

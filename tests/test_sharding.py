@@ -388,6 +388,7 @@ def _parity(case: str) -> dict:
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=NEW_TOKENS, eos_ids=[-1])
     seeds = jnp.asarray(vanilla.row_seeds(0, len(PROMPTS)))
     budget = speculative.prepare_budget(TREE, vocab_size=cfg.vocab_size)
+    budget = budget.replace(finish=len(PROMPTS) > 1)  # as generate has it
     tokens, lengths, (knobs, seeds, budget) = sharding.place_inputs(
         jnp.asarray(tokens), jnp.asarray(lengths), (knobs, seeds, budget), mesh
     )

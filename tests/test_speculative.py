@@ -94,6 +94,25 @@ def test_never_more_than_max_new_tokens(max_new):
     assert spec.output_ids == _vanilla(base, cfg, PROMPTS, max_new, eos_ids=[-5])
 
 
+@pytest.mark.parametrize("max_new", [33, 48])
+def test_tight_cache_capacity_holds_every_write(max_new):
+    # A full 16-token bucket: every round writes the whole tree (10 slots) from the row's
+    # length, the last one from up to prompt + max_new - 2. 33 new tokens plan the tightest
+    # capacity (64 = 16 + 33 + 10 + 5 slots); a plan without room for the tree would keep 64
+    # slots up to 48 new tokens and clamp the last rounds' writes over committed entries (a
+    # random pair: the base's attention reads them).
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = random_pair(cfg, dcfg)
+    prompts = [list(range(20, 36)), [5, 6, 7]]
+    shapes = speculative.plan_shapes([len(p) for p in prompts], max_new, TREE)
+    assert shapes.capacity == (64 if max_new == 33 else 128)
+    spec = speculative.generate(
+        base, cfg, draft, dcfg, prompts, tree_cfg=TREE, max_new_tokens=max_new, eos_ids=[-5]
+    )
+    assert spec.output_ids == _vanilla(base, cfg, prompts, max_new, eos_ids=[-5])
+
+
 def test_host_loop_and_device_loop_agree_and_stream():
     cfg = base_config("llama")
     dcfg = draft_config(cfg)
