@@ -377,6 +377,11 @@ class History:
         self.level = np.full((2, max(n_levels, 1)), np.nan)
         self.wait: list[tuple[int, int] | None] = [None, None]
 
+    @classmethod
+    def for_shapes(cls, shapes: Sequence[Shape]) -> History:
+        """An empty history for a budget of these round shapes (their deepest levels)."""
+        return cls(max(levels(s) for s in shapes))
+
     def observe(
         self, hits, trials, sampled, *, probe_wait: int | None = None, plain_streak: int = 0
     ) -> None:

@@ -469,8 +469,7 @@ class Engine:
         self._programs = _RoundPrograms(shapes_all)
         # What finished requests taught the adaptive budget: a fresh row's prior.
         adaptive = len(shapes_all) > 1
-        self.history = budget_lib.History(max(map(budget_lib.levels, shapes_all))) if adaptive \
-            else None  # fmt: skip
+        self.history = budget_lib.History.for_shapes(shapes_all) if adaptive else None
         self._reset_state()
 
     # ------------------------------------------------------------------ requests

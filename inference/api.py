@@ -318,7 +318,7 @@ class SpeculativeModel:
         for fresh rows, `budget.History`), per set of round shapes."""
         shapes = self.shapes
         if shapes not in self._history:
-            self._history[shapes] = budget_lib.History(max(map(budget_lib.levels, shapes)))
+            self._history[shapes] = budget_lib.History.for_shapes(shapes)
         return self._history[shapes]
 
     def generate(
