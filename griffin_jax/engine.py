@@ -10,9 +10,9 @@ Settings are per row and traced (temperature, top-p, top-k, seed, max_new_tokens
 greedy row and a sampled row share a round and nothing recompiles. Sampling is position-keyed
 (`sampling.py`), so a request's tokens do not depend on what else is in the batch.
 
-Rounds attend over a window of the caches that holds every busy row (powers of two from 128
-slots up to the capacity), so short requests do not pay for `max_model_len`. The compiled
-programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket, window,
+Attention reads only the occupied slots of the caches (`layers.gqa_attention` picks one of a
+few windows inside each program), so short requests do not pay for `max_model_len`. The
+compiled programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket,
 round shape, greedy or mixed), one row move. With several round shapes (the adaptive budget) a
 shape first asked for is compiled in a background thread while the rounds run a compiled one
 (`_RoundPrograms`), so the policy reaching for a new shape never stalls the rows. The engine
@@ -49,8 +49,6 @@ from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 
 log = logging.getLogger(__name__)
-
-MIN_WINDOW = 128  # the smallest attention window of the rounds (base-cache slots)
 
 
 class QueueFull(RuntimeError):
@@ -233,10 +231,10 @@ def _abstract(tree):
 
 class _RoundPrograms:
     """Which round programs (`_segment`) this engine has compiled: one per (batch bucket,
-    attention window, greedy or mixed, stop-id width, round shape), at first use.
+    greedy or mixed, stop-id width, round shape), at first use.
 
     With one round shape a round waits for its program, as any first use does. With several
-    (`--tree auto`, four shapes) only a (bucket, window, mode)'s first program is compiled in
+    (`--tree auto`, four shapes) only a (bucket, mode)'s first program is compiled in
     the round's way: a shape the policy asks for later is compiled in a background thread
     (`jit(...).lower(...).compile()`, which fills the jit cache the rounds call) while the
     rounds run the compiled shape nearest to it in drafted levels, and is used from the first
@@ -262,7 +260,7 @@ class _RoundPrograms:
     @staticmethod
     def _rest(args: tuple, static: dict) -> tuple:
         """A program's key but for its round shape."""
-        return (static["rows"], static["shapes"].window, static["greedy"], args[3].eos_ids.shape)
+        return (static["rows"], static["greedy"], args[3].eos_ids.shape)
 
     def pick(self, want: int, args: tuple, static: dict) -> int:
         """The shape index to run now for the policy's `want` (it, or a compiled substitute
@@ -321,10 +319,12 @@ class _RoundPrograms:
 # ----------------------------------------------------------------------------- the engine
 
 
-# XLA's CPU backend maps ~600 memory regions per compiled round program of the default pair
-# (measured: 602-643 over 36 programs); Linux caps a process at vm.max_map_count (65,530 by
-# default), past which compiling fails with "Cannot allocate memory" and the process dies.
-MAPS_PER_PROGRAM = 650
+# XLA's CPU backend maps ~1,100-1,200 memory regions per compiled round program of the default
+# pair (measured over the 4 round programs of --max-batch 8: 1,116 per program at a 200-token
+# --max-model-len, 1,157 at 1,024, 1,192 at 2,048, the attention windows included); Linux caps
+# a process at vm.max_map_count (65,530 by default), past which compiling fails with "Cannot
+# allocate memory" and the process dies.
+MAPS_PER_PROGRAM = 1200
 MAPS_BASE = 8000  # the process before any program (interpreter, libraries, params)
 
 
@@ -450,10 +450,9 @@ class Engine:
         self.speculate = any(s is not None for s in shapes_all)
         path_len = max(budget_lib.path_len(t) for t in shapes_all)
         total = max(1 if t is None else t.total_tokens for t in shapes_all)
-        self._reserve = total + path_len  # cache slots a round may write past the length
-        self._path_len = path_len  # tokens a round may commit
+        reserve = total + path_len  # cache slots a round may write past the length
         planned = speculative.plan_shapes([1], self.max_model_len, shapes_all)
-        capacity = -(-(self.max_model_len + self._reserve) // 64) * 64
+        capacity = -(-(self.max_model_len + reserve) // 64) * 64
         self._shapes = dataclasses.replace(
             planned, batch=max_batch, prompt_bucket=0, capacity=capacity,
             draft_capacity=planned.draft_capacity - planned.capacity + capacity,
@@ -529,10 +528,9 @@ class Engine:
         return self._programs.wait(timeout)
 
     def _warm_up_plan(self, sampled: bool) -> tuple[list[tuple], list[int]]:
-        """(rows, window, greedy) of every round program set, and every prompt bucket."""
-        windows = [w for w in (MIN_WINDOW << i for i in range(32)) if w < self._shapes.capacity]
+        """(rows, greedy) of every round program set, and every prompt bucket."""
         modes = (True, None) if sampled else (True,)
-        rounds = list(itertools.product(self.buckets, [*windows, 0], modes))
+        rounds = list(itertools.product(self.buckets, modes))
         longest = min(self.prefill_chunk or self.max_model_len, self.max_model_len - 1)
         buckets = {min(vanilla.prompt_bucket(t), self._shapes.capacity)
                    for t in range(1, longest + 1)}  # fmt: skip
@@ -547,14 +545,14 @@ class Engine:
     def warm_up(self, *, sampled: bool = True) -> int:
         """Compiles, before any request, the programs requests would otherwise compile at
         first use (each a stall of the running rows: seconds on a CPU): the rounds of every
-        batch bucket x attention window x round shape, greedy and (with `sampled`) mixed; the
+        batch bucket x round shape, greedy and (with `sampled`) mixed; the
         admission prefill of every prompt bucket; the row move. Not the chunked-prefill
         programs, nor programs for more stop ids than the engine's default. Call it before
         `start`. Returns the number of programs compiled."""
         n = 0
         rounds, buckets = self._warm_up_plan(sampled)
-        for rows, window, greedy in rounds:
-            args, static = self._round_call(rows, window, greedy)
+        for rows, greedy in rounds:
+            args, static = self._round_call(rows, greedy)
             for index in range(len(self.shapes)):
                 n += self._programs.compile_now(args, static, index)
         for bucket in buckets:
@@ -715,11 +713,10 @@ class Engine:
         prompt, c = ch.slot.request.prompt, self.prefill_chunk
         if len(prompt) - ch.written > c:
             tokens = jnp.asarray([prompt[ch.written : ch.written + c]], jnp.int32)
-            window = self._fit_window(ch.written + c, 1)  # the slots this chunk reads
             ch.prefix = _prefill_chunk(
                 ch.prefix, self.base_params, self.draft_params, tokens,
                 jnp.asarray([prompt[ch.written + c]], jnp.int32), cfg=self.cfg, dcfg=self.dcfg,
-                shapes=dataclasses.replace(self._shapes, batch=1, prompt_bucket=c, window=window),
+                shapes=dataclasses.replace(self._shapes, batch=1, prompt_bucket=c),
                 mesh=self.mesh,
             )  # fmt: skip
             ch.written += c
@@ -756,20 +753,7 @@ class Engine:
     def _all_done(self) -> bool:
         return bool(np.all(np.asarray(self._state.done[: len(self._slots)])))
 
-    def _window(self) -> int:
-        """Base-cache slots this segment's rounds may touch (a power of two >= 128, else the
-        whole capacity): every busy row's committed length, plus what `rounds_per_step` rounds
-        can add, plus what one round writes past it. Attention reads only these slots."""
-        longest = max(len(s.request.prompt) + s.sent for s in self._slots)
-        return self._fit_window(longest + self.rounds_per_step * self._path_len + self._reserve)
-
-    def _fit_window(self, need: int, least: int = MIN_WINDOW) -> int:
-        """The power of two >= need (and >= least) of base-cache slots attention reads; 0 (the
-        whole cache) when that is not smaller than the capacity."""
-        window = max(least, 1 << (need - 1).bit_length())
-        return window if window < self._shapes.capacity else 0
-
-    def _round_call(self, rows: int, window: int, greedy: bool | None) -> tuple[tuple, dict]:
+    def _round_call(self, rows: int, greedy: bool | None) -> tuple[tuple, dict]:
         """The arguments and static arguments of `_segment` over the first `rows` rows."""
         args = (
             self._state, self.base_params, self.draft_params, self._knobs(slice(0, rows)),
@@ -777,14 +761,14 @@ class Engine:
         )  # fmt: skip
         static = dict(
             rows=rows, cfg=self.cfg, dcfg=self.dcfg, greedy=greedy, mesh=self.mesh,
-            shapes=dataclasses.replace(self._shapes, batch=rows, window=window),
+            shapes=dataclasses.replace(self._shapes, batch=rows),
         )  # fmt: skip
         return args, static
 
     def _run_rounds(self) -> None:
         rows = next(b for b in self.buckets if b >= len(self._slots))
         want = self._next_shape if self._next_shape < len(self.shapes) else 0
-        args, static = self._round_call(rows, self._window(), self._greedy(rows))
+        args, static = self._round_call(rows, self._greedy(rows))
         index = self._programs.pick(want, args, static)
         self._state = _segment(*args, index=index, **static)
 

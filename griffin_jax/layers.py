@@ -10,10 +10,14 @@ Numerics (STYLE R7), each matching transformers' Llama code:
   One-token decodes use the explicit einsums; forwards of several tokens go through
   `jax.nn.dot_product_attention` (cuDNN's fused kernel on a GPU in bf16), equal within f32
   round-off (`attention_implementation`).
+- Attention reads the smallest of a few key windows (`attention_spans`) that holds every slot
+  the mask lets a query see, chosen on the device: the masked-out slots past it weigh exactly
+  0, so only the summation order differs from reading the whole buffer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
@@ -110,8 +114,24 @@ def attention_implementation(
     return "xla"
 
 
+def attention_spans(capacity: int) -> tuple[int, ...]:
+    """The key windows an attention over `capacity` slots may read (ascending, last = capacity).
+
+    128, 256, 512, ... up to 3/4 of the capacity, then the capacity: a forward reads the
+    smallest window that holds every slot a query may attend, so its attention costs what the
+    occupied prefix costs, not the whole buffer (at most 2x the occupied slots, past 128). A
+    buffer of <= 128 slots has one window. Each window is a branch of every attention in a
+    compiled program, so the set stays small (a doubling, not finer steps).
+    """
+    spans, size = [], 128
+    while 4 * size <= 3 * capacity:
+        spans.append(size)
+        size *= 2
+    return (*spans, capacity)
+
+
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention over explicit keys.
+    """Grouped-query attention over explicit keys, reading only the occupied prefix.
 
     Args:
       q: [B, T, N, H] queries (RoPE applied).
@@ -120,11 +140,39 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
         query must see at least one slot (a fully masked row is undefined on cuDNN).
     Returns:
       [B, T, N, H] in q.dtype.
+
+    The slots past the last one any query may attend are skipped (`attention_spans`; the choice
+    is a `lax.switch` on a value of the mask, so it costs no recompilation): their softmax
+    weight is exactly 0, so the result is the whole window's up to the summation order.
     """
-    b, t, n, h = q.shape
     span = mask.shape[-1]
     if span < k.shape[1]:
         k, v = k[:, :span], v[:, :span]
+    # A window narrower than the queries is rarely the one (T new slots are written): fewer
+    # branches, and a prefill over its own T slots reads them without a conditional.
+    spans = tuple(s for s in attention_spans(span) if s >= q.shape[1] or s == span)
+    if len(spans) == 1:
+        return _attend(q, k, v, mask)
+    slots = jnp.arange(1, span + 1, dtype=jnp.int32)
+    live = jnp.max(jnp.where(jnp.any(mask, axis=(0, 1)), slots, 0))  # last attended slot + 1
+    branch = jnp.searchsorted(jnp.asarray(spans, jnp.int32), live)  # smallest window >= live
+    return jax.lax.switch(
+        branch,
+        [functools.partial(_attend_window, size=size) for size in spans],
+        q,
+        k,
+        v,
+        mask,
+    )
+
+
+def _attend_window(q, k, v, mask, *, size: int) -> jax.Array:
+    return _attend(q, k[:, :size], v[:, :size], mask[..., :size])
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`gqa_attention` over exactly mask.shape[-1] == k.shape[1] slots."""
+    b, t, n, h = q.shape
     kv = k.shape[2]
     impl = attention_implementation(q)
     if impl != "einsum":

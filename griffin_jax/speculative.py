@@ -122,19 +122,6 @@ class Shapes:
     draft_capacity: int
     out_size: int  # output buffer (>= max_new + A)
     pending: int = PENDING  # plain rounds the draft trunk may lag behind
-    # Rounds attend over the first `window` base-cache slots only (0 = all): the engine passes
-    # a window that holds every busy row's slots for the segment (`engine.py`).
-    window: int = 0
-
-    @property
-    def span(self) -> int:
-        """Base-cache slots a round's attention reads."""
-        return self.window or self.capacity
-
-    @property
-    def draft_span(self) -> int:
-        """Draft-cache slots a round's attention reads."""
-        return self.draft_capacity - self.capacity + self.span
 
 
 @dataclasses.dataclass
@@ -231,7 +218,7 @@ def plan_shapes(
     out_size = -(-(max_new_tokens + path_len) // 64) * 64
     # A running row starts a round at length <= prompt + max_new - 2 and writes at most
     # `total` slots from there; a row that ended may write past that, clamped, into its own
-    # garbage. path_len more is slack. Attention spans the whole capacity: keep it tight.
+    # garbage. path_len more is slack.
     needed = bucket + max_new_tokens + total + path_len
     capacity = -(-needed // 64) * 64
     draft_capacity = capacity + max(path_len, PENDING) + tree_slots
@@ -268,7 +255,7 @@ def _build_tree(step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree
     return tree_lib.build_tree(
         step, root_lp, root_feat, root, trunk_len, dcache,
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
-        capacity=shapes.draft_span, lexicographic_paths=False,
+        capacity=shapes.draft_capacity, lexicographic_paths=False,
         token_ids=None if head is None else head.token_ids,
     )  # fmt: skip
 
@@ -308,9 +295,8 @@ def prefill_chunk(
 
     Nothing is sampled; `prefill(..., prefix=...)` of the prompt's last part follows. The trunk
     pairs f_p with x_{p+1}, so the chunk's last position pairs with `next_tokens`, the prompt's
-    token after the chunk. Attention reads the first `shapes.span` cache slots: a window that
-    holds the chunk (the engine passes powers of two, so the chunk programs are few and a
-    chunk early in a long prompt does not pay for the whole cache).
+    token after the chunk. Attention reads the occupied slots only (`layers.gqa_attention`'s
+    windows), so a chunk early in a long prompt does not pay for the whole cache.
 
     Args:
       prefix: what earlier chunks wrote (None: the prompt's first chunk).
@@ -324,13 +310,13 @@ def prefill_chunk(
     positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
     _, hidden, cache = base_forward(
         base_params, tokens, positions, prefix.cache, write_idx=start,
-        mask=causal_mask(start, c, shapes.span), cfg=cfg,
+        mask=causal_mask(start, c, shapes.capacity), cfg=cfg,
         feature_layers=feature_layers(dcfg, cfg.n_layers),
     )  # fmt: skip
     pair_tokens = jnp.concatenate([tokens[:, 1:], next_tokens[:, None]], axis=1)
     _, _, dcache = draft_forward(
         draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens, positions,
-        prefix.draft_cache, write_idx=start, mask=causal_mask(start, c, shapes.draft_span),
+        prefix.draft_cache, write_idx=start, mask=causal_mask(start, c, shapes.draft_capacity),
         dcfg=dcfg,
     )  # fmt: skip
     prefix = Prefix(cache=cache, draft_cache=dcache, start=start + c)
@@ -485,7 +471,7 @@ def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, d
                 draft_params, base_params["embed_tokens"]["embedding"],
                 state.pending_features[:, :q], state.pending_tokens[:, :q],
                 trunk[:, None] + jnp.arange(q)[None, :], state.draft_cache,
-                write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_span), dcfg=dcfg,
+                write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity), dcfg=dcfg,
             )  # fmt: skip
             lp, feat = _root_inputs(
                 (token_feature, next_feature), jnp.maximum(n - 1, 0), draft_head,
@@ -527,7 +513,7 @@ def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_inde
     with jax.named_scope("verify"):
         logits, hidden, cache = base_forward(
             base_params, state.root[:, None], length[:, None], cache, write_idx=length,
-            mask=causal_mask(length, 1, shapes.span), cfg=cfg, feature_layers=layers,
+            mask=causal_mask(length, 1, shapes.capacity), cfg=cfg, feature_layers=layers,
         )  # fmt: skip
     token = sampling.next_token(
         state.keys, length + 1, logits[:, 0], greedy=greedy,
@@ -568,7 +554,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
     with jax.named_scope("verify"):
         logits, hidden, cache = base_forward(
             base_params, tree.draft_tokens, positions, cache, write_idx=cache.length,
-            mask=tree_lib.verify_mask(tree, cache.length, shapes.span), cfg=cfg,
+            mask=tree_lib.verify_mask(tree, cache.length, shapes.capacity), cfg=cfg,
             feature_layers=feature_layers(dcfg, cfg.n_layers),
         )  # fmt: skip
     with jax.named_scope("accept"):
@@ -610,7 +596,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], features, emitted,
             trunk[:, None] + slot[None, :], dcache, write_idx=trunk,
-            mask=causal_mask(trunk, a_len, shapes.draft_span), dcfg=dcfg,
+            mask=causal_mask(trunk, a_len, shapes.draft_capacity), dcfg=dcfg,
         )  # fmt: skip
         root_lp, root_feat = _root_inputs(
             (token_feature, next_feature), accept_len, draft_head, base_params=base_params,
