@@ -141,9 +141,10 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     Returns:
       [B, T, N, H] in q.dtype.
 
-    The slots past the last one any query may attend are skipped (`attention_spans`; the choice
-    is a `lax.switch` on a value of the mask, so it costs no recompilation): their softmax
-    weight is exactly 0, so the result is the whole window's up to the summation order.
+    The slots past the last one any query may attend are skipped: the smallest of the
+    `attention_spans` windows at least T wide that holds them is read (a `lax.switch` on a
+    value of the mask, so no recompilation); their softmax weight is exactly 0, so the result
+    is the whole buffer's up to the summation order.
     """
     span = mask.shape[-1]
     if span < k.shape[1]:
