@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -297,6 +298,12 @@ class SpeculativeModel:
             file_key = budget_lib.cost_key(model + mesh, self.shapes, batch)
 
             def measure() -> list[float]:
+                mode = "greedy" if greedy else "sampled"
+                print(
+                    f"measuring the round costs of the adaptive draft budget ({mode}, batch "
+                    f"{batch}): once on this machine, kept in {budget_lib.cache_path()}",
+                    file=sys.stderr,
+                )
                 return speculative.measure_round_costs(
                     self.base_params, self.cfg, self.draft_params, self.dcfg,
                     budget_lib.make_budget(self.shapes), batch=batch, greedy=greedy,

@@ -50,6 +50,7 @@ def _random_llama_demo() -> int:
 
 
 def main() -> int:
+    cli.use_compile_cache()
     has_base = (DEFAULT_MODEL_DIR / "base" / "config.json").exists()
     has_draft = (DEFAULT_MODEL_DIR / "griffin" / "config.json").exists()
     if not has_base:

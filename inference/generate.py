@@ -309,4 +309,5 @@ def _texts(model: SpeculativeModel, result: GenerationOutput, *, single: bool) -
 
 
 if __name__ == "__main__":
+    cli.use_compile_cache()
     sys.exit(cli.run(main))

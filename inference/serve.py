@@ -721,4 +721,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     with contextlib.suppress(AttributeError):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    cli.use_compile_cache()
     raise SystemExit(cli.run(main))

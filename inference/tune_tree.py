@@ -5,7 +5,7 @@ warm-up of each shape, prefill included) and compares new tokens per second with
 decoding measured in the same run, the methods taking turns prompt by prompt. The fastest
 tree is printed and, with `--write`, stored as `tree.json` next to the draft, where
 `SpeculativeModel.from_pretrained` (and so `python -m inference.generate`) picks it up as the
-default.
+default (with `"auto": true` kept there, as the largest shape of the adaptive budget).
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import sys
 
 from griffin_jax import checks, cli
 from griffin_jax.config import TreeConfig
-from inference.api import DEFAULT_MODEL_DIR, TREE_FILE, SpeculativeModel, parse_tree
+from inference.api import (
+    DEFAULT_MODEL_DIR,
+    TREE_FILE,
+    SpeculativeModel,
+    parse_tree,
+    read_tree_file,
+)
 from inference.benchmark import (
     check_run_flags,
     encode_checked,
@@ -51,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     questions = read_questions(args.bench, args.num_questions)
 
     model = SpeculativeModel.from_pretrained(args.base, args.draft)
+    model.adaptive = False  # each candidate is timed as one fixed tree
     prompts = encode_checked(model.tokenizer, questions, model.cfg, args.max_new_tokens, chat=False)
     knobs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     trees = {f"{k},{d},{m},{v}": TreeConfig(top_k=k, depth=d, total_tokens=m, draft_vocab=v)
@@ -87,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
-    if args.write:
-        (args.draft / TREE_FILE).write_text(json.dumps(tree, indent=1) + "\n")
+    if args.write:  # the sizes change; whether the budget is adaptive (`"auto"`) stays
+        stored = read_tree_file(args.draft)
+        kept = {"auto": stored["auto"]} if "auto" in stored else {}
+        (args.draft / TREE_FILE).write_text(json.dumps({**tree, **kept}, indent=1) + "\n")
     print(json.dumps({"best": tree, "vanilla_tokens_per_s": vanilla["tokens_per_s"],
                       "best_speedup": best["speedup"], "best_tau": best["tau"]}))  # fmt: skip
     return 0

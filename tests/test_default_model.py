@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inference.api import DEFAULT_MODEL_DIR
+from griffin_jax import budget as budget_lib
+from inference.api import DEFAULT_MODEL_DIR, read_tree_file
 from training import corpus
 
 BASE = DEFAULT_MODEL_DIR / "base"
@@ -107,10 +108,11 @@ def test_config_is_a_plain_llama_with_gqa():
 
 
 # tau of each committed default draft on the first held-out stdlib function prompt below
-# (greedy, 64 new tokens, the draft's tree in its tree.json): GRIFFIN (stage 3, a 7-token chain
-# drafted from the 1024 most frequent tokens) 3.20, EAGLE-2 3.00 when committed (the stage-2
-# GRIFFIN draft measured 3.50 with the earlier (4, 3, 12) tree), EAGLE-3 (a 5-token chain over
-# its own 2048-token vocabulary) 2.63, minus a margin. A draft that predicts nothing scores 1.0.
+# (greedy, 64 new tokens, the draft's tree in its tree.json as one fixed tree): GRIFFIN (stage
+# 3, a 7-token chain drafted from the 1024 most frequent tokens) 3.20, EAGLE-2 3.00 when
+# committed (the stage-2 GRIFFIN draft measured 3.50 with the earlier (4, 3, 12) tree), EAGLE-3
+# (a 5-token chain over its own 2048-token vocabulary) 2.63, minus a margin. A draft that
+# predicts nothing scores 1.0.
 TAU_FLOORS = {"griffin": 2.6, "eagle2": 2.4, "eagle3": 2.1}
 
 
@@ -121,7 +123,12 @@ def test_default_pair_generates_losslessly_above_the_tau_floor(name):
     draft = DEFAULT_MODEL_DIR / name
     if not (draft / "model.safetensors").exists():
         pytest.skip(f"default {name} draft missing")
-    model = SpeculativeModel.from_pretrained(BASE, draft)  # offline, with its tree.json
+    stored = read_tree_file(draft)
+    sizes = {key: stored[key] for key in ("top_k", "depth", "total_tokens", "draft_vocab")}
+    # offline, its stored tree as one fixed tree (GRIFFIN's tree.json asks for the adaptive
+    # budget, tested below)
+    model = SpeculativeModel.from_pretrained(BASE, draft, **sizes)
+    assert not model.adaptive
     assert model.dcfg.kind == name
     if name == "eagle3":  # its own draft vocabulary (d2t), in the checkpoint
         assert 0 < model.dcfg.draft_vocab_size < model.cfg.vocab_size
@@ -136,10 +143,24 @@ def test_default_pair_generates_losslessly_above_the_tau_floor(name):
     assert spec.tau >= TAU_FLOORS[name], spec.tau
 
 
-def test_generate_without_model_arguments_uses_the_default_griffin_pair():
+def test_generate_without_model_arguments_runs_the_default_pair_adaptively():
+    """No arguments: the default GRIFFIN pair under the adaptive draft budget (its tree.json's
+    `"auto": true`) up to the stored tree, greedy output equal to vanilla's."""
     from inference.api import SpeculativeModel
 
-    model = SpeculativeModel.from_pretrained(load_tokenizer=False)
-    assert model.dcfg.kind == "griffin"
+    model = SpeculativeModel.from_pretrained()
+    assert model.dcfg.kind == "griffin" and model.adaptive
     stored = json.loads((DEFAULT_MODEL_DIR / "griffin" / "tree.json").read_text())
+    assert stored.pop("auto") is True
     assert {k: getattr(model.tree_cfg, k) for k in stored} == stored
+    names = ["none", "1,0,2,1024", "1,3,5,1024", "1,6,8,1024"]
+    assert [budget_lib.describe(s) for s in model.shapes] == names
+    # Costs under which drafting pays (the measurement is tested in test_budget and
+    # test_generate_cli), so that tree rounds run, not only plain steps.
+    model._costs[(1, True)] = [2.0, 2.2, 2.6, 3.0]
+    text = _heldout_texts()[1]
+    start = text.index("def ")
+    prompt = model.tokenizer(text[start : start + 300])["input_ids"]
+    spec = model.generate([prompt], max_new_tokens=48)
+    assert spec.output_ids == model.vanilla_generate([prompt], max_new_tokens=48).output_ids
+    assert set(spec.round_shapes[0]) <= set(names) and set(spec.round_shapes[0]) - {"none"}

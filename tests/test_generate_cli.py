@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -462,6 +465,8 @@ def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
     base, draft = pair
     folder = tmp_path / "draft"
     shutil.copytree(draft, folder)
+    stored = json.loads((folder / "tree.json").read_text())
+    (folder / "tree.json").write_text(json.dumps({**stored, "auto": True}))
     ids = np.random.default_rng(0).integers(0, 8192, 50_000)
     draft_vocab.write_ranking(draft_vocab.rank_tokens(ids, 8192), folder)
     questions = tmp_path / "q.jsonl"
@@ -475,8 +480,11 @@ def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
     best = max(report["trees"], key=lambda r: r["speedup"])
     keys = ("top_k", "depth", "total_tokens", "draft_vocab")
     assert report["best"] == {k: best[k] for k in keys}
-    assert json.loads((folder / "tree.json").read_text()) == report["best"]
+    # the new sizes, and the adaptive setting kept
+    assert json.loads((folder / "tree.json").read_text()) == {**report["best"], "auto": True}
     assert all(len(r["speedup_passes"]) == 2 for r in report["trees"])
+    # each candidate timed as one fixed tree, not as the adaptive budget's largest shape
+    assert [list(r["round_shapes"]) for r in report["trees"]] == [["2,2,5"], ["3,3,10,4096"]]
     assert [r["draft_vocab"] for r in report["trees"]] == [0, 4096]
 
 
@@ -502,3 +510,44 @@ def test_api_draft_vocab_from_the_ranking_file(pair, tmp_path):
     spec = model.generate([prompt], max_new_tokens=12)
     assert spec.output_ids == model.vanilla_generate([prompt], max_new_tokens=12).output_ids
     assert SpeculativeModel.from_pretrained(base, folder, draft_vocab=0).draft_head() is None
+
+
+# A process that compiles one small program through the entry points' compile cache and prints
+# the folder in use and its hits and misses of that cache.
+COMPILE_CACHE_PROBE = """
+import jax, jax.numpy as jnp
+from griffin_jax import cli
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+folder = cli.use_compile_cache()
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+hits = events.count("/jax/compilation_cache/cache_hits")
+misses = events.count("/jax/compilation_cache/cache_misses")
+print(folder, hits, misses)
+"""
+
+
+@pytest.mark.parametrize("setting", ["folder", "off", "jax"])
+def test_entry_points_keep_compiled_programs_across_runs(tmp_path, setting):
+    """`cli.use_compile_cache`: the second process loads the first one's program from the
+    folder ($GRIFFIN_COMPILE_CACHE); "off" keeps nothing; JAX_COMPILATION_CACHE_DIR wins."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    folder = tmp_path / "xla"
+    env["GRIFFIN_COMPILE_CACHE"] = {"folder": str(folder), "off": "off", "jax": "unused"}[setting]
+    if setting == "jax":
+        env["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", COMPILE_CACHE_PROBE], env=env, capture_output=True,
+            text=True, timeout=120, check=True,
+        )  # fmt: skip
+        runs.append(out.stdout.split())
+    if setting == "off":
+        assert runs == [["None", "0", "0"]] * 2 and not folder.exists()
+        return
+    (name, hits, misses), again = runs
+    assert name == str(folder) and hits == "0" and int(misses) >= 1
+    assert again == [str(folder), misses, "0"]  # every program the first run compiled
+    assert any(folder.iterdir())
+    assert not (tmp_path / "unused").exists()
