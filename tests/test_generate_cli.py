@@ -533,7 +533,8 @@ def test_entry_points_keep_compiled_programs_across_runs(tmp_path, setting):
     folder ($GRIFFIN_COMPILE_CACHE); "off" keeps nothing; JAX_COMPILATION_CACHE_DIR wins."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     folder = tmp_path / "xla"
-    env["GRIFFIN_COMPILE_CACHE"] = {"folder": str(folder), "off": "off", "jax": "unused"}[setting]
+    unused = tmp_path / "unused"
+    env["GRIFFIN_COMPILE_CACHE"] = str({"folder": folder, "off": "off", "jax": unused}[setting])
     if setting == "jax":
         env["JAX_COMPILATION_CACHE_DIR"] = str(folder)
     runs = []
@@ -550,4 +551,4 @@ def test_entry_points_keep_compiled_programs_across_runs(tmp_path, setting):
     assert name == str(folder) and hits == "0" and int(misses) >= 1
     assert again == [str(folder), misses, "0"]  # every program the first run compiled
     assert any(folder.iterdir())
-    assert not (tmp_path / "unused").exists()
+    assert not unused.exists()
