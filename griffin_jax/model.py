@@ -136,16 +136,17 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, self.dtype)
 
-    def __call__(self, tokens, positions, cache_k, cache_v, write_idx, mask):
+    def __call__(self, tokens, positions, cache_k, cache_v, write_idx, mask, logits_at=None):
         x = self.embed_tokens(tokens)
         x, out = self.layers(x, (cache_k, cache_v), positions, write_idx, mask)
         hidden = self.norm(x)
+        logits = self.head(select_positions(hidden, logits_at))
         if not self.feature_layers:
             cache_k, cache_v = out
-            return self.head(hidden), hidden, cache_k, cache_v
+            return logits, hidden, cache_k, cache_v
         (cache_k, cache_v), inputs = out  # inputs: [L, B, T, D]
         features = jnp.concatenate([inputs[i] for i in self.feature_layers], axis=-1)
-        return self.head(hidden), features, cache_k, cache_v
+        return logits, features, cache_k, cache_v
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """Token logits (f32) from final normed hidden states."""
@@ -188,9 +189,17 @@ def stack_layers(params):
     return {**params, "layers": layers}
 
 
+def select_positions(hidden: jax.Array, at: jax.Array | None) -> jax.Array:
+    """hidden [B, T, D] at the positions `at` [B, P] of each row ([B, P, D]); None = all."""
+    if at is None:
+        return hidden
+    return jnp.take_along_axis(hidden, at[:, :, None].astype(jnp.int32), axis=1)
+
+
 def _forward_unrolled(
-    params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers=()
-):
+    params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers=(),
+    logits_at=None,
+):  # fmt: skip
     """`Transformer.__call__` with the layers unrolled over per-layer params and caches."""
     x = embed(params, tokens).astype(dtype)
     layer = DecoderLayer(cfg, dtype)
@@ -203,7 +212,8 @@ def _forward_unrolled(
         vs.append(v)
     hidden = rms_norm(x, params["norm"]["weight"].astype(dtype), eps=cfg.rms_eps)
     features = jnp.concatenate(inputs, axis=-1) if feature_layers else hidden
-    return lm_head(params, hidden, cfg=cfg), features, tuple(ks), tuple(vs)
+    logits = lm_head(params, select_positions(hidden, logits_at), cfg=cfg)
+    return logits, features, tuple(ks), tuple(vs)
 
 
 def lm_head(params, hidden: jax.Array, *, cfg: ModelConfig) -> jax.Array:
@@ -228,6 +238,7 @@ def forward(
     cfg: ModelConfig,
     dtype=None,
     feature_layers: tuple[int, ...] = (),
+    logits_at: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Runs the base model on T new tokens against the cache.
 
@@ -241,10 +252,14 @@ def forward(
       mask: [B, T, S] bool, True = may attend (S = cache capacity).
       feature_layers: the layers whose inputs make the draft's features (`draft.feature_layers`;
         () = the final normed hidden state, GRIFFIN and EAGLE-2).
+      logits_at: [B, P] int32 positions in 0..T-1 whose logits to compute (a prefill needs
+        only each row's last: the lm_head over every prompt token would cost T x V x D
+        multiply-adds and a [B, T, V] f32 buffer, 1 GB for a 2,048-token prompt of a
+        128k-token vocabulary); None = all T.
     Returns:
-      logits [B, T, V] f32, the draft's input features (hidden [B, T, D], the final normed
-      state; or the inputs of `feature_layers` concatenated, [B, T, 3D] for EAGLE-3), and the
-      cache with the new entries written.
+      logits [B, T, V] f32 ([B, P, V] with `logits_at`), the draft's input features (hidden
+      [B, T, D], the final normed state; or the inputs of `feature_layers` concatenated,
+      [B, T, 3D] for EAGLE-3), and the cache with the new entries written.
     """
     dtype = dtype or params["embed_tokens"]["embedding"].dtype
     if is_unstacked(params) != cache.per_layer:
@@ -254,11 +269,12 @@ def forward(
         )
     if is_unstacked(params):
         out = _forward_unrolled(
-            params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers
-        )
+            params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers,
+            logits_at,
+        )  # fmt: skip
     else:
         out = Transformer(cfg, dtype, feature_layers=feature_layers).apply(
-            {"params": params}, tokens, positions, cache.k, cache.v, write_idx, mask
+            {"params": params}, tokens, positions, cache.k, cache.v, write_idx, mask, logits_at
         )
     logits, hidden, k, v = out
     return logits, hidden, KVCache(k=k, v=v, length=cache.length)

@@ -368,17 +368,17 @@ def prefill(
     start = prefix.start
     total = start + lengths  # prompt lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    last = lengths - 1
     with jax.named_scope("prefill/base"):
         logits, hidden, cache = base_forward(
             base_params, tokens, positions, prefix.cache,
             write_idx=start, mask=causal_mask(start, t, spans[0]), cfg=cfg,
-            feature_layers=feature_layers(dcfg, cfg.n_layers),
+            feature_layers=feature_layers(dcfg, cfg.n_layers), logits_at=last[:, None],
         )  # fmt: skip
         cache = cache.replace(length=total)
     keys = sampling.row_keys(seeds)
-    last = lengths - 1
     root = sampling.next_token(
-        keys, total, logits[rows, last], greedy=greedy,
+        keys, total, logits[:, 0], greedy=greedy,
         temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
     )  # fmt: skip
     with jax.named_scope("prefill/draft_trunk"):

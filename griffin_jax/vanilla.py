@@ -139,10 +139,10 @@ def prefill(
     zeros = jnp.zeros((b,), jnp.int32)
     mask = causal_mask(zeros, t, cache.capacity)  # pad queries only see earlier slots
     logits, _, cache = forward(
-        params, tokens, positions, cache, write_idx=zeros, mask=mask, cfg=cfg
-    )
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
-    return last, cache.replace(length=lengths.astype(jnp.int32))
+        params, tokens, positions, cache, write_idx=zeros, mask=mask, cfg=cfg,
+        logits_at=(lengths - 1)[:, None],
+    )  # fmt: skip
+    return logits[:, 0], cache.replace(length=lengths.astype(jnp.int32))  # [B, V]
 
 
 def _emit(state: DecodeState, token, max_new_tokens, eos) -> DecodeState:

@@ -3,6 +3,8 @@ what the stored stacked layout (`nn.scan`) computes, through every engine path."
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,57 @@ def test_prefill_tree_verify_and_commit_match_the_scanned_layout(family):
     np.testing.assert_allclose(v1_, c0.v, atol=ATOL, rtol=0)
     np.testing.assert_array_equal(c1.length, c0.length)
     assert c1.capacity == c0.capacity == cap
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_logits_at_computes_the_head_at_the_chosen_positions_only(family):
+    """`forward(..., logits_at=...)` gives the full forward's logits at those positions (each
+    row its own), in both layouts; the prefills (vanilla and speculative) compile no [B, T, V]
+    logits, only each row's last."""
+    # a vocabulary size no other dimension has, so a [.., V] buffer is recognisable in the HLO
+    cfg = base_config(family, tie_embeddings=family == "qwen2", vocab_size=251)
+    stacked, draft = random_pair(cfg, draft_config(cfg))
+    rng = np.random.default_rng(1)
+    b, t, cap = 2, 9, 32
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    zero = jnp.zeros((b,), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    at = jnp.array([[t - 1, 2, 0], [4, 4, t - 3]], jnp.int32)
+    for params in (stacked, unstack_layers(stacked)):
+        per_layer = is_unstacked(params)
+        full, hidden, _ = _forward(
+            params, tokens, pos, init_cache(cfg, b, cap, per_layer=per_layer), write_idx=zero,
+            mask=causal_mask(zero, t, cap), cfg=cfg,
+        )  # fmt: skip
+        some, hidden_some, _ = _forward(
+            params, tokens, pos, init_cache(cfg, b, cap, per_layer=per_layer), write_idx=zero,
+            mask=causal_mask(zero, t, cap), cfg=cfg, logits_at=at,
+        )  # fmt: skip
+        assert some.shape == (b, 3, cfg.vocab_size)
+        want = np.take_along_axis(np.asarray(full), np.asarray(at)[:, :, None], axis=1)
+        np.testing.assert_allclose(some, want, atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(hidden_some, hidden)  # features for every position
+    # The compiled prefills: no logits buffer of every prompt position.
+    params = unstack_layers(stacked)
+    t, v = 40, cfg.vocab_size
+    tokens = jnp.ones((b, t), jnp.int32)
+    lengths = jnp.array([t, 7], jnp.int32)
+    whole = re.compile(rf"f32\[({b},{t},{v}|{b * t},{v}|{t},{v})\]")
+    hlo = jax.jit(vanilla.prefill, static_argnames=("cfg",)).lower(
+        params, tokens, lengths, init_cache(cfg, b, 64, per_layer=True), cfg=cfg
+    ).compile().as_text()  # fmt: skip
+    assert not whole.search(hlo) and f"f32[{b},{v}]" in hlo
+    tree = TreeConfig(top_k=2, depth=2, total_tokens=5)
+    budget = speculative.prepare_budget(tree, vocab_size=v)
+    shapes = speculative.plan_shapes([t, 7], 8, budget.shapes)
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(0.0, 1.0, 0), max_new_tokens=8, eos_ids=[])
+    tokens = jnp.ones((b, shapes.prompt_bucket), jnp.int32)
+    hlo = speculative.prefill.lower(
+        params, draft, tokens, lengths, knobs, jnp.zeros((b,), jnp.uint32), budget,
+        cfg=cfg, dcfg=draft_config(cfg), greedy=True, shapes=shapes,
+    ).compile().as_text()  # fmt: skip
+    whole = re.compile(rf"f32\[({b},{shapes.prompt_bucket},{v}|{b * shapes.prompt_bucket},{v})\]")
+    assert not whole.search(hlo)
 
 
 def test_layouts_must_match():
