@@ -35,6 +35,7 @@ import itertools
 import logging
 import pathlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -469,6 +470,13 @@ class Engine:
         # What finished requests taught the adaptive budget: a fresh row's prior.
         adaptive = len(shapes_all) > 1
         self.history = budget_lib.History.for_shapes(shapes_all) if adaptive else None
+        # The round costs each batch bucket's segments show (`budget.CostTracker`): every
+        # segment is timed from its dispatch to the delivery's read.
+        self.trackers = {
+            b: budget_lib.CostTracker(np.asarray(self.budgets[b].costs), min_rounds=rounds_per_step)
+            for b in (self.buckets if adaptive else ())
+        }
+        self._timing: tuple[int, int, float, int] | None = None  # rows, shape, start, step
         self._reset_state()
 
     # ------------------------------------------------------------------ requests
@@ -770,17 +778,28 @@ class Engine:
         want = self._next_shape if self._next_shape < len(self.shapes) else 0
         args, static = self._round_call(rows, self._greedy(rows))
         index = self._programs.pick(want, args, static)
+        tracked = rows in self.trackers  # the state is ready here (`step` read `done`)
+        timing = (rows, index, time.perf_counter(), int(self._state.step)) if tracked else None
+        compiled = _segment._cache_size()
         self._state = _segment(*args, index=index, **static)
+        # timed unless the call compiled its program
+        self._timing = timing if _segment._cache_size() == compiled else None
 
     def _deliver(self) -> None:
         n = len(self._slots)
         if n == 0:
             return
         s = self._state
-        out, num, done, rounds, nxt = jax.device_get(
-            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape)
+        out, num, done, rounds, nxt, step = jax.device_get(
+            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape, s.step)
         )
         self._next_shape = int(nxt)
+        if self._timing is not None:
+            rows, index, start, step0 = self._timing
+            self._timing = None
+            tracker = self.trackers[rows]
+            tracker.observe(index, time.perf_counter() - start, int(step) - step0)
+            self.budgets[rows] = budget_lib.with_costs(self.budgets[rows], tracker.costs())
         ended = []
         for row, slot in enumerate(self._slots):
             new = out[row, slot.sent : num[row]].tolist()
