@@ -459,12 +459,14 @@ class CostTracker:
             raise ValueError(f"costs: expected positive finite values, got {costs}")
         # per shape: (ms per round, rounds) of its last WINDOW counted segments
         self.seen: list[list[tuple[float, int]]] = [[] for _ in self.start]
+        self.counted = 0  # segments counted so far
 
     def observe(self, index: int, seconds: float, rounds: int) -> None:
         """One segment of `rounds` rounds of shape `index` took `seconds` (wall time)."""
         if rounds < max(self.min_rounds, 1) or not np.isfinite(seconds) or seconds <= 0:
             return
         self.seen[index] = [*self.seen[index], (seconds * 1e3 / rounds, rounds)][-self.WINDOW :]
+        self.counted += 1
 
     def drift(self) -> float:
         """Median over counted segments of observed over start-up cost (1 before any)."""
@@ -523,19 +525,22 @@ def load_or_measure_costs(
     that cannot be written is skipped.
     """
     path = cache_path() if path is None else path
-    table: dict = {}
-    try:
-        table = json.loads(path.read_text())
-        if not isinstance(table, dict):
-            table = {}
-    except (OSError, ValueError):
-        table = {}
-    entry = table.get(key)
+    entry = _read_costs(path).get(key)
     if isinstance(entry, list) and entry and all(isinstance(c, (int, float)) for c in entry):
         if all(np.isfinite(c) and c > 0 for c in entry):
             return [float(c) for c in entry], False
     costs = measure()
-    table[key] = costs
+    store_costs(key, costs, path=path)
+    return costs, True
+
+
+def store_costs(key: str, costs: Sequence[float], *, path: pathlib.Path | None = None) -> None:
+    """Writes one entry of the cost cache (atomically; a cache that cannot be written is
+    skipped). `SpeculativeModel` stores what its `CostTracker` learnt, so that the next
+    process starts from the costs generation showed rather than the first measurement."""
+    path = cache_path() if path is None else path
+    table = _read_costs(path)
+    table[key] = [float(c) for c in costs]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
@@ -543,4 +548,11 @@ def load_or_measure_costs(
         tmp.replace(path)
     except OSError:
         pass
-    return costs, True
+
+
+def _read_costs(path: pathlib.Path) -> dict:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}

@@ -153,6 +153,7 @@ class SpeculativeModel:
         self.adaptive = False
         self._costs: dict[tuple[int, bool], list[float]] = {}
         self._trackers: dict[tuple[int, bool], budget_lib.CostTracker] = {}
+        self._cost_keys: dict[tuple[int, bool], str] = {}  # their cost cache entries
         self._history: dict[tuple[budget_lib.Shape, ...], budget_lib.History] = {}
 
     @classmethod
@@ -312,6 +313,7 @@ class SpeculativeModel:
                 )  # fmt: skip
 
             self._costs[key], _ = budget_lib.load_or_measure_costs(file_key, measure)
+            self._cost_keys[key] = file_key
         return self._costs[key]
 
     def cost_tracker(self, batch: int, *, greedy: bool) -> budget_lib.CostTracker:
@@ -359,6 +361,7 @@ class SpeculativeModel:
         greedy = temperature == 0
         tree = self.budget(len(input_ids), greedy=greedy)
         tracker = self.cost_tracker(len(input_ids), greedy=greedy) if self.adaptive else None
+        counted = tracker.counted if tracker else 0
         t0 = time.perf_counter()
         res = speculative.generate(
             self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
@@ -367,6 +370,10 @@ class SpeculativeModel:
             on_round=on_round, mesh=self.mesh,
             draft_head=self.draft_head(), cost_tracker=tracker,
         )  # fmt: skip
+        key = (len(input_ids), greedy)
+        if tracker is not None and tracker.counted > counted and key in self._cost_keys:
+            # the next process starts from what generation showed (`budget.store_costs`)
+            budget_lib.store_costs(self._cost_keys[key], tracker.costs())
         if self.adaptive:
             self.history().observe(
                 res.level_hits, res.level_trials, temperature > 0, probe_wait=res.probe_wait,
