@@ -205,16 +205,23 @@ def _draft_logits(base_params, hidden, head: DraftHead | None, *, cfg: ModelConf
 
 
 def plan_shapes(
-    prompt_lens: Sequence[int], max_new_tokens: int, trees: TreeConfig | Sequence[Shape]
+    prompt_lens: Sequence[int],
+    max_new_tokens: int,
+    trees: TreeConfig | Sequence[Shape],
+    *,
+    prompt_bucket: int | None = None,
 ) -> Shapes:
     """Static sizes for a batch and every round shape (the caller checks the position limit:
-    `checks.generation`)."""
+    `checks.generation`).
+
+    prompt_bucket: the cache slots reserved for the prompt (default: the length bucket of the
+      longest prompt); the engine passes 0 with max_new_tokens = its whole model length.
+    """
     trees = (trees,) if isinstance(trees, TreeConfig) else tuple(trees)
     path_len = max(budget_lib.path_len(t) for t in trees)
     total = max(1 if t is None else t.total_tokens for t in trees)
     tree_slots = max(0 if t is None else t.top_k * (t.depth + 1) for t in trees)
-    longest = max(prompt_lens)
-    bucket = vanilla.prompt_bucket(longest)
+    bucket = vanilla.prompt_bucket(max(prompt_lens)) if prompt_bucket is None else prompt_bucket
     out_size = -(-(max_new_tokens + path_len) // 64) * 64
     # A running row starts a round at length <= prompt + max_new - 2 and writes at most
     # `total` slots from there; a row that ended may write past that, clamped, into its own
@@ -648,6 +655,10 @@ def _with_choice(state: SpecState, budget: budget_lib.Budget, knobs: Knobs) -> S
 # (argument signature, static arguments, jit cache size) for which `generate` found every
 # shape's segment program compiled.
 _COMPILED_SEGMENTS: set[tuple] = set()
+# (argument signature, static arguments, shape index) of segment programs that ran rounds: a
+# program's first execution is not timed into a `budget.CostTracker` (here it ran 2-3x slower
+# than its later ones, the compiling call's segments too).
+_RAN_SEGMENTS: set[tuple] = set()
 
 
 def _signature(*trees) -> tuple:
@@ -836,7 +847,7 @@ def generate(
         # placed: unplaced ones recompile the round
         knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
     state = prefill(base_params, draft_params, *inputs, **static)
-    compiled_now = False
+    key = ()
     if len(budget.shapes) > 1:
         # Every shape's program compiled now (zero rounds each), not when the policy first
         # picks it in the middle of a generation; skipped when this signature's programs are
@@ -853,15 +864,12 @@ def generate(
                     index=index, **static,
                 )  # fmt: skip
             _COMPILED_SEGMENTS.add(key[:2] + (run_segment._cache_size(),))
-            compiled_now = True
     stream = on_round is not None or loop == "host"
     limit = jnp.int32(1 if stream else 1 << 30)
     # Segments are timed from dispatch to the host read that ends them (device loop only: one
-    # round per call is all dispatch and sync), except right after compiling: a program's
-    # first executions run several times slower here.
+    # round per call is all dispatch and sync), but for each program's first (`_RAN_SEGMENTS`).
     track = cost_tracker is not None and len(budget.shapes) > 1 and not stream
-    track &= not compiled_now
-    timing: tuple[int, float, int] | None = None  # (shape, start, step) of the running segment
+    timing: tuple[int, float, int] | None = None  # (shape, start, step) of a timed segment
     for _ in range(max_new_tokens):  # every segment runs >= 1 round, each emits >= 1 token
         if on_round is not None:
             on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
@@ -871,10 +879,13 @@ def generate(
             cost_tracker.observe(timing[0], now - timing[1], int(step) - timing[2])
         if all_done:
             break
+        ran = (*key[:2], int(index))
         if track:
             if timing is not None:
                 budget = budget_lib.with_costs(budget, cost_tracker.costs())
-            timing = (int(index), now, int(step))
+            timing = (int(index), now, int(step)) if ran in _RAN_SEGMENTS else None
+        if key:
+            _RAN_SEGMENTS.add(ran)
         state = run_segment(
             state, base_params, draft_params, knobs, budget, draft_head, limit,
             index=int(index), **static,
