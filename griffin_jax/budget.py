@@ -429,76 +429,6 @@ class History:
 # ----------------------------------------------------------------------------- costs
 
 
-class CostTracker:
-    """Round costs that follow what the rounds really cost while generating.
-
-    The start-up measurement (`speculative.measure_round_costs`) times each shape once per
-    machine, on synthetic prompts whose drafts never match, and the machine's speed drifts
-    after it; both bias the policy. So the engine times the device-loop segments it runs
-    (dispatch to the host read that ends one: its rounds, the trunk's catch-up, the sync) and
-    each shape's cost becomes the median ms per round of its last WINDOW segments, weighed
-    with the start-up cost as PRIOR_ROUNDS pseudo-rounds. A shape seen little or not at all
-    has its start-up cost scaled by the drift the others show (the median of observed over
-    start-up cost), so one shape running fast does not make the unseen ones look cheap.
-    Medians, since a segment now and then runs several times slower (a process's first
-    executions, the machine's other work); only segments of at least `min_rounds` rounds count
-    (a probe's few rounds are mostly its catch-up and syncs; the server's segments are
-    `rounds_per_step` long, so it counts those). Output never depends on it (every shape
-    commits the base's tokens).
-    """
-
-    PRIOR_ROUNDS = 16.0
-    MIN_ROUNDS = 8
-    WINDOW = 16
-
-    def __init__(self, costs: Sequence[float], *, min_rounds: int = MIN_ROUNDS):
-        self.min_rounds = min_rounds  # the server's segments are a few rounds each, by design
-        self.start = np.asarray(costs, np.float64)
-        ok = self.start.ndim == 1 and self.start.size > 0
-        if not ok or not np.all(np.isfinite(self.start) & (self.start > 0)):
-            raise ValueError(f"costs: expected positive finite values, got {costs}")
-        # per shape: (ms per round, rounds) of its last WINDOW counted segments
-        self.seen: list[list[tuple[float, int]]] = [[] for _ in self.start]
-        self.counted = 0  # segments counted so far
-
-    def observe(self, index: int, seconds: float, rounds: int) -> None:
-        """One segment of `rounds` rounds of shape `index` took `seconds` (wall time)."""
-        if rounds < max(self.min_rounds, 1) or not np.isfinite(seconds) or seconds <= 0:
-            return
-        self.seen[index] = [*self.seen[index], (seconds * 1e3 / rounds, rounds)][-self.WINDOW :]
-        self.counted += 1
-
-    def drift(self) -> float:
-        """Median over counted segments of observed over start-up cost (1 before any)."""
-        pairs = [(ms / self.start[i], n) for i, seen in enumerate(self.seen) for ms, n in seen]
-        return _weighted_median(pairs) if pairs else 1.0
-
-    def costs(self) -> list[float]:
-        """ms per round of each shape (see the class docstring)."""
-        drift, out = self.drift(), []
-        for start, seen in zip(self.start, self.seen, strict=True):
-            rounds = float(sum(n for _, n in seen))
-            observed = _weighted_median(seen) if seen else 0.0
-            prior = self.PRIOR_ROUNDS * drift * start
-            out.append((rounds * observed + prior) / (rounds + self.PRIOR_ROUNDS))
-        return out
-
-
-def with_costs(budget: Budget, costs: Sequence[float]) -> Budget:
-    """The budget with new per-shape costs, placed as its old ones were (no recompile)."""
-    old, new = budget.costs, np.asarray(costs, np.float32)
-    placed = jax.device_put(new, old.sharding) if old.committed else jnp.asarray(new)
-    return budget.replace(costs=placed)
-
-
-def _weighted_median(pairs: Sequence[tuple[float, float]]) -> float:
-    """The median of values weighed by their weights ((value, weight) pairs, some weight > 0)."""
-    values, weights = np.asarray(pairs, np.float64).T
-    order = np.argsort(values)
-    cum = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
-
-
 def cache_path() -> pathlib.Path:
     """The cost cache file (outside the package): $GRIFFIN_COST_CACHE, else the user cache."""
     if os.environ.get("GRIFFIN_COST_CACHE"):
@@ -525,22 +455,19 @@ def load_or_measure_costs(
     that cannot be written is skipped.
     """
     path = cache_path() if path is None else path
-    entry = _read_costs(path).get(key)
+    table: dict = {}
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
     if isinstance(entry, list) and entry and all(isinstance(c, (int, float)) for c in entry):
         if all(np.isfinite(c) and c > 0 for c in entry):
             return [float(c) for c in entry], False
     costs = measure()
-    store_costs(key, costs, path=path)
-    return costs, True
-
-
-def store_costs(key: str, costs: Sequence[float], *, path: pathlib.Path | None = None) -> None:
-    """Writes one entry of the cost cache (atomically; a cache that cannot be written is
-    skipped). `SpeculativeModel` stores what its `CostTracker` learnt, so that the next
-    process starts from the costs generation showed rather than the first measurement."""
-    path = cache_path() if path is None else path
-    table = _read_costs(path)
-    table[key] = [float(c) for c in costs]
+    table[key] = costs
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
@@ -548,11 +475,4 @@ def store_costs(key: str, costs: Sequence[float], *, path: pathlib.Path | None =
         tmp.replace(path)
     except OSError:
         pass
-
-
-def _read_costs(path: pathlib.Path) -> dict:
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
+    return costs, True

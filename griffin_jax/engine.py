@@ -35,7 +35,6 @@ import itertools
 import logging
 import pathlib
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -259,14 +258,14 @@ class _RoundPrograms:
         return len(self._ready)
 
     @staticmethod
-    def key(args: tuple, static: dict) -> tuple:
+    def _rest(args: tuple, static: dict) -> tuple:
         """A program's key but for its round shape."""
         return (static["rows"], static["greedy"], args[3].eos_ids.shape)
 
     def pick(self, want: int, args: tuple, static: dict) -> int:
         """The shape index to run now for the policy's `want` (it, or a compiled substitute
         while `want` compiles in the background)."""
-        rest = self.key(args, static)
+        rest = self._rest(args, static)
         key = (*rest, want)
         with self._lock:
             ready = [i for i in range(len(self.shapes)) if (*rest, i) in self._ready]
@@ -289,7 +288,7 @@ class _RoundPrograms:
     def compile_now(self, args: tuple, static: dict, index: int) -> bool:
         """Compiles one program ahead of its first round (`Engine.warm_up`); False if it was
         compiled already."""
-        rest = self.key(args, static)
+        rest = self._rest(args, static)
         with self._lock:
             if (*rest, index) in self._ready:
                 return False
@@ -465,14 +464,6 @@ class Engine:
         # What finished requests taught the adaptive budget: a fresh row's prior.
         adaptive = len(shapes_all) > 1
         self.history = budget_lib.History.for_shapes(shapes_all) if adaptive else None
-        # The round costs each batch bucket's segments show (`budget.CostTracker`): every
-        # segment is timed from its dispatch to the delivery's read.
-        self.trackers = {
-            b: budget_lib.CostTracker(np.asarray(self.budgets[b].costs), min_rounds=rounds_per_step)
-            for b in (self.buckets if adaptive else ())
-        }
-        self._timing: tuple[int, int, float, int] | None = None  # rows, shape, start, step
-        self._ran: set[tuple] = set()  # round programs that ran a segment
         self._reset_state()
 
     # ------------------------------------------------------------------ requests
@@ -774,14 +765,6 @@ class Engine:
         want = self._next_shape if self._next_shape < len(self.shapes) else 0
         args, static = self._round_call(rows, self._greedy(rows))
         index = self._programs.pick(want, args, static)
-        # Timed unless it is the program's first execution (those ran 2-3x slower here; the
-        # state is ready: `step` read `done`).
-        program = (*self._programs.key(args, static), index)
-        tracked = rows in self.trackers and program in self._ran
-        self._ran.add(program)
-        self._timing = (
-            (rows, index, time.perf_counter(), int(self._state.step)) if tracked else None
-        )
         self._state = _segment(*args, index=index, **static)
 
     def _deliver(self) -> None:
@@ -789,16 +772,10 @@ class Engine:
         if n == 0:
             return
         s = self._state
-        out, num, done, rounds, nxt, step = jax.device_get(
-            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape, s.step)
+        out, num, done, rounds, nxt = jax.device_get(
+            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape)
         )
         self._next_shape = int(nxt)
-        if self._timing is not None:
-            rows, index, start, step0 = self._timing
-            self._timing = None
-            tracker = self.trackers[rows]
-            tracker.observe(index, time.perf_counter() - start, int(step) - step0)
-            self.budgets[rows] = budget_lib.with_costs(self.budgets[rows], tracker.costs())
         ended = []
         for row, slot in enumerate(self._slots):
             new = out[row, slot.sent : num[row]].tolist()

@@ -655,10 +655,6 @@ def _with_choice(state: SpecState, budget: budget_lib.Budget, knobs: Knobs) -> S
 # (argument signature, static arguments, jit cache size) for which `generate` found every
 # shape's segment program compiled.
 _COMPILED_SEGMENTS: set[tuple] = set()
-# (argument signature, static arguments, shape index) of segment programs that ran rounds: a
-# program's first execution is not timed into a `budget.CostTracker` (here it ran 2-3x slower
-# than its later ones, the compiling call's segments too).
-_RAN_SEGMENTS: set[tuple] = set()
 
 
 def _signature(*trees) -> tuple:
@@ -798,7 +794,6 @@ def generate(
     loop: str = "device",
     mesh: jax.sharding.Mesh | None = None,
     draft_head: DraftHead | None = None,
-    cost_tracker: budget_lib.CostTracker | None = None,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts (token id lists).
 
@@ -815,9 +810,6 @@ def generate(
       mesh: run sharded on this mesh (`griffin_jax.sharding`): params not yet placed by the
         rules are placed (a no-op for loaded sharded params), tokens go over `data`.
       draft_head: draft from a token subset (`make_draft_head`); None = the whole vocabulary.
-      cost_tracker: with an adaptive budget and the device loop, segments are timed into it
-        and the policy reads its costs (`budget.CostTracker`; they replace the budget's costs
-        after the first segment); keep one per batch size and mode across calls.
     Returns:
       SpecResult with the new ids per row (stop token included, at most max_new_tokens).
     """
@@ -847,7 +839,6 @@ def generate(
         # placed: unplaced ones recompile the round
         knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
     state = prefill(base_params, draft_params, *inputs, **static)
-    key = ()
     if len(budget.shapes) > 1:
         # Every shape's program compiled now (zero rounds each), not when the policy first
         # picks it in the middle of a generation; skipped when this signature's programs are
@@ -864,28 +855,13 @@ def generate(
                     index=index, **static,
                 )  # fmt: skip
             _COMPILED_SEGMENTS.add(key[:2] + (run_segment._cache_size(),))
-    stream = on_round is not None or loop == "host"
-    limit = jnp.int32(1 if stream else 1 << 30)
-    # Segments are timed from dispatch to the host read that ends them (device loop only: one
-    # round per call is all dispatch and sync), but for each program's first (`_RAN_SEGMENTS`).
-    track = cost_tracker is not None and len(budget.shapes) > 1 and not stream
-    timing: tuple[int, float, int] | None = None  # (shape, start, step) of a timed segment
+    limit = jnp.int32(1 if on_round is not None or loop == "host" else 1 << 30)
     for _ in range(max_new_tokens):  # every segment runs >= 1 round, each emits >= 1 token
         if on_round is not None:
             on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
-        index, all_done, step = jax.device_get((state.next_shape, jnp.all(state.done), state.step))
-        now = time.perf_counter()
-        if track and timing is not None:
-            cost_tracker.observe(timing[0], now - timing[1], int(step) - timing[2])
+        index, all_done = jax.device_get((state.next_shape, jnp.all(state.done)))
         if all_done:
             break
-        ran = (*key[:2], int(index))
-        if track:
-            if timing is not None:
-                budget = budget_lib.with_costs(budget, cost_tracker.costs())
-            timing = (int(index), now, int(step)) if ran in _RAN_SEGMENTS else None
-        if key:
-            _RAN_SEGMENTS.add(ran)
         state = run_segment(
             state, base_params, draft_params, knobs, budget, draft_head, limit,
             index=int(index), **static,

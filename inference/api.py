@@ -152,8 +152,6 @@ class SpeculativeModel:
         # tree_cfg)` by measured cost per batch size (`round_costs`).
         self.adaptive = False
         self._costs: dict[tuple[int, bool], list[float]] = {}
-        self._trackers: dict[tuple[int, bool], budget_lib.CostTracker] = {}
-        self._cost_keys: dict[tuple[int, bool], str] = {}  # their cost cache entries
         self._history: dict[tuple[budget_lib.Shape, ...], budget_lib.History] = {}
 
     @classmethod
@@ -313,24 +311,13 @@ class SpeculativeModel:
                 )  # fmt: skip
 
             self._costs[key], _ = budget_lib.load_or_measure_costs(file_key, measure)
-            self._cost_keys[key] = file_key
         return self._costs[key]
-
-    def cost_tracker(self, batch: int, *, greedy: bool) -> budget_lib.CostTracker:
-        """The round costs as generation observes them (`budget.CostTracker`), started from
-        `round_costs` and kept across calls, per batch size and mode."""
-        key, costs = (batch, greedy), self.round_costs(batch, greedy=greedy)
-        tracker = self._trackers.get(key)
-        if tracker is None or tracker.start.tolist() != list(costs):
-            tracker = self._trackers[key] = budget_lib.CostTracker(costs)
-        return tracker
 
     def budget(self, batch: int, *, greedy: bool) -> budget_lib.Budget | TreeConfig:
         """What `speculative.generate` gets as `tree_cfg` for a batch of this size."""
         if not self.adaptive:
             return self.tree_cfg
-        costs = self.cost_tracker(batch, greedy=greedy).costs()
-        budget = budget_lib.make_budget(self.shapes, costs)
+        budget = budget_lib.make_budget(self.shapes, self.round_costs(batch, greedy=greedy))
         return self.history().apply(budget, sampled=not greedy)
 
     def history(self) -> budget_lib.History:
@@ -358,22 +345,15 @@ class SpeculativeModel:
             raise ValueError(
                 "this model has no draft: pass draft_model_path, or use vanilla_generate"
             )
-        greedy = temperature == 0
-        tree = self.budget(len(input_ids), greedy=greedy)
-        tracker = self.cost_tracker(len(input_ids), greedy=greedy) if self.adaptive else None
-        counted = tracker.counted if tracker else 0
+        tree = self.budget(len(input_ids), greedy=temperature == 0)
         t0 = time.perf_counter()
         res = speculative.generate(
             self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
             tree_cfg=tree, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
             on_round=on_round, mesh=self.mesh,
-            draft_head=self.draft_head(), cost_tracker=tracker,
+            draft_head=self.draft_head(),
         )  # fmt: skip
-        key = (len(input_ids), greedy)
-        if tracker is not None and tracker.counted > counted and key in self._cost_keys:
-            # the next process starts from what generation showed (`budget.store_costs`)
-            budget_lib.store_costs(self._cost_keys[key], tracker.costs())
         if self.adaptive:
             self.history().observe(
                 res.level_hits, res.level_trials, temperature > 0, probe_wait=res.probe_wait,

@@ -487,56 +487,6 @@ def test_adaptive_generation_warms_each_program_set_once(pair, monkeypatch):
     assert warm_ups[0] in (0, len(SHAPES)) and warm_ups[1:] == [0, len(SHAPES), 0]
 
 
-def test_cost_tracker_follows_the_segments_it_is_shown():
-    t = budget.CostTracker([2.0, 4.0, 8.0])
-    assert t.costs() == [2.0, 4.0, 8.0]
-    t.observe(2, 0.5, budget.CostTracker.MIN_ROUNDS - 1)  # too few rounds: not counted
-    assert t.costs() == [2.0, 4.0, 8.0]
-    for _ in range(4):
-        t.observe(0, 16 * 3e-3, 16)  # plain rounds at 3 ms (start-up: 2)
-    t.observe(0, 16 * 30e-3, 16)  # one segment 10x slower: the median passes over it
-    c = t.costs()
-    assert c[0] == pytest.approx(3.0)
-    # unseen shapes: their start-up cost x the drift the seen ones show (1.5)
-    assert c[1] == pytest.approx(6.0) and c[2] == pytest.approx(12.0)
-    for _ in range(3):
-        t.observe(2, 10 * 9e-3, 10)  # 9 ms (start-up 8): 30 rounds, 16 pseudo-rounds at 1.5 x 8
-    assert t.drift() == pytest.approx(1.5)
-    assert t.costs()[2] == pytest.approx((30 * 9 + 16 * 1.5 * 8) / 46)
-    for _ in range(budget.CostTracker.WINDOW):  # the last WINDOW segments count, no older
-        t.observe(0, 20 * 2.5e-3, 20)
-    assert len(t.seen[0]) == budget.CostTracker.WINDOW
-    assert t.costs()[0] == pytest.approx((320 * 2.5 + 16 * t.drift() * 2.0) / 336)
-    for bad in ([], [1.0, 0.0], [1.0, float("nan")]):
-        with pytest.raises(ValueError, match="costs"):
-            budget.CostTracker(bad)
-
-
-def test_generation_times_its_segments_and_the_policy_reads_them(pair):
-    cfg, dcfg, base, draft = pair
-    start = [1.0, 50.0, 50.0, 50.0]  # start-up costs: plain decoding wins
-    b = budget.make_budget(SHAPES, costs=start)
-    run = dict(tree_cfg=b, max_new_tokens=40)
-    want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=40).output_ids
-    untracked = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **run)  # compiles
-    assert untracked.output_ids == want
-    sizes = speculative.run_segment._cache_size()
-    # What earlier segments showed: plain rounds at 100 ms, drafting rounds at 1 ms.
-    tracker = budget.CostTracker(start)
-    for index in range(len(SHAPES)):
-        for _ in range(budget.CostTracker.WINDOW):
-            tracker.observe(index, 10 * (0.1 if index == 0 else 1e-3), 10)
-    res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **run, cost_tracker=tracker)
-    assert res.output_ids == want
-    assert speculative.run_segment._cache_size() == sizes  # new costs, no new program
-    # The first segment (the budget's costs): plain rounds until the first probe, 8 rounds in;
-    # it was timed into the tracker, and from its end on the policy read the tracker's costs.
-    first = res.round_shapes[0]
-    assert first[:8] == [0] * 8 and 0 not in first[8:]
-    assert tracker.seen[0][-1][1] == 8 and tracker.seen[0][-1][0] < 50
-    assert all(len(r) > 8 and 0 in r[8:] for r in untracked.round_shapes[:1])
-
-
 @pytest.mark.parametrize("pending", [[0, 5, 16, 30], [0, 5, 16, 3]])
 def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
     # [.., 30]: more than CATCH_UP_SHORT pending, the whole buffer is forwarded; [.., 3]: only

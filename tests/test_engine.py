@@ -351,23 +351,6 @@ def test_a_budget_per_batch_bucket_switches_shapes_losslessly(kind, request):
     assert sum(s.final.accepted for s in got) > 0  # tree rounds ran
 
 
-def test_segments_are_timed_into_the_round_costs_the_policy_reads(pair):
-    # `rounds_per_step` rounds make a segment worth counting (the server's segments are short)
-    eng = _engine(pair, tree=budget_lib.make_budget([None, TREE]), max_batch=1, rounds_per_step=2)
-    assert list(eng.trackers) == [1] and eng.trackers[1].min_rounds == 2
-    request = engine_lib.Request((5, 6, 7), max_new_tokens=24)
-    for _ in range(2):  # the first wave compiles (those segments are not timed)
-        sink = _Collect()
-        eng.submit(request, sink)
-        eng.run_until_idle()
-        assert sink.tokens == _alone(pair, request)
-        assert eng.wait_for_compiles(timeout=600)  # the tree, compiled in the background
-    tracker = eng.trackers[1]
-    assert any(tracker.seen)
-    assert np.asarray(eng.budgets[1].costs).tolist() == pytest.approx(tracker.costs())
-    assert tracker.costs() != [1.0, 1.0]
-
-
 def test_compile_room_names_the_map_limit():
     assert engine_lib.compile_room(10, limit=65530) is None
     problem = engine_lib.compile_room(200, limit=65530)

@@ -170,15 +170,8 @@ def test_tree_auto_runs_the_adaptive_budget(pair, capsys, tmp_path, monkeypatch)
     assert model._costs[(1, True)] == costs
     first = model.generate([[5, 6, 7, 8]], max_new_tokens=12).output_ids
     assert model.history().level[0, 0] >= 0  # learnt from that generation (NaN before)
-    tracker = model.cost_tracker(1, greedy=True)
-    tracker.min_rounds = 1  # every segment counts (the rule is tested in test_budget)
     # the prior it gives the next generation changes no token
     assert model.generate([[5, 6, 7, 8]], max_new_tokens=12).output_ids == first
-    # that call's segments were timed (its programs were compiled), and the costs they gave
-    # replaced the cache entry: the next process starts from them
-    assert tracker.counted > 0
-    (stored,) = json.loads((tmp_path / "costs.json").read_text()).values()
-    assert stored == pytest.approx(tracker.costs()) and stored != pytest.approx(costs)
     # tree.json may ask for it; explicit sizes name one fixed tree instead.
     auto_dir = tmp_path / "auto_draft"
     shutil.copytree(draft, auto_dir)
