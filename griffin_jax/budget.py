@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from griffin_jax import cli
 from griffin_jax.config import TreeConfig
 
 PRIOR = 0.8  # level-1 acceptance assumed before any round of a row was drafted
@@ -433,8 +434,7 @@ def cache_path() -> pathlib.Path:
     """The cost cache file (outside the package): $GRIFFIN_COST_CACHE, else the user cache."""
     if os.environ.get("GRIFFIN_COST_CACHE"):
         return pathlib.Path(os.environ["GRIFFIN_COST_CACHE"])
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "griffin_jax" / "round_costs.json"
+    return cli.user_cache_dir() / "round_costs.json"
 
 
 def cost_key(model: str, shapes: Sequence[Shape], batch: int) -> str:

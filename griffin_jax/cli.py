@@ -113,6 +113,13 @@ def run(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | No
         return USAGE_STATUS
 
 
+def user_cache_dir() -> pathlib.Path:
+    """The project's folder in the user cache ($XDG_CACHE_HOME, else ~/.cache): compiled
+    programs (`use_compile_cache`) and measured round costs (`budget.cache_path`)."""
+    root = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(root) / "griffin_jax"
+
+
 def use_compile_cache() -> pathlib.Path | None:
     """Keeps compiled XLA programs on disk across runs (JAX's persistent compilation cache).
 
@@ -137,8 +144,7 @@ def use_compile_cache() -> pathlib.Path | None:
     elif setting:
         folder = pathlib.Path(setting).expanduser()
     else:
-        root = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-        folder = pathlib.Path(root) / "griffin_jax" / "xla"
+        folder = user_cache_dir() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
