@@ -437,19 +437,12 @@ def cache_path() -> pathlib.Path:
     return cli.user_cache_dir() / "round_costs.json"
 
 
-# The way `speculative.measure_round_costs` measures: a cost measured another way is not
-# reused (2: per-round difference of two segment lengths, each shape from its own prefill).
-COST_METHOD = 2
-
-
 def cost_key(model: str, shapes: Sequence[Shape], batch: int) -> str:
-    """Cache key: this machine (platform, device kind and count, CPU count), model, shapes,
-    batch and the measuring method (`COST_METHOD`)."""
+    """Cache key: this machine (platform, device kind and count, CPU count), model, shapes."""
     dev = jax.devices()[0]
     machine = f"{platform.machine()}|{dev.platform}|{dev.device_kind}|{jax.device_count()}"
     machine += f"|cpus={os.cpu_count()}"
-    text = "|".join([machine, model, ";".join(describe(s) for s in shapes), f"b={batch}",
-                     f"method={COST_METHOD}"])  # fmt: skip
+    text = "|".join([machine, model, ";".join(describe(s) for s in shapes), f"b={batch}"])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

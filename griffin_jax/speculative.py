@@ -901,15 +901,10 @@ def measure_round_costs(
 
     Runs the programs `generate` runs (`run_segment` per shape, each round forced to that shape
     through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with buffers
-    sized for `max_new` new tokens. Each shape starts from its own fresh prefill (so every shape
-    reads the cache at the same positions; one after another on one cache, the last shape read
-    ~3x longer caches), runs one untimed round (the switch: a trunk catch-up), then a segment
-    of 4 rounds and one of 4 + `segment`, each ended by the host read `generate` does; the cost
-    is their difference over the rounds between them. That leaves out what a segment costs
-    beyond its rounds (dispatch, host read: ~3 ms here for a plain segment, about a plain
-    step), which long segments in generation rarely pay and which made 16-round segments
-    price a plain step ~30% above what it costs in generation. Shapes are interleaved over
-    `repeats` passes; medians. Sampling rounds are timed at temperature 1.
+    sized for `max_new` new tokens: segments of `segment` rounds, each ended by the host read
+    `generate` does, so per-segment costs (dispatch, the trunk catching up) are included.
+    Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
+    Sampling rounds are timed at temperature 1.
     """
     budget = prepare_budget(budget, vocab_size=draft_vocab_size(cfg, dcfg, draft_head))
     budget = budget.replace(finish=batch > 1)  # as `generate` has it
@@ -940,13 +935,14 @@ def measure_round_costs(
         return state, time.perf_counter() - t0, step - step0
 
     times: list[list[float]] = [[] for _ in budget.shapes]
-    short = 4
     for rep in range(repeats + 1):  # the first pass compiles and warms up
+        state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
         for index in range(len(budget.shapes)):
-            state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
             state, _, _ = timed(state, index, 1)  # the switch (a trunk catch-up) untimed
-            state, t_short, n_short = timed(state, index, short)
-            state, t_long, n_long = timed(state, index, short + segment)
+            seconds, rounds = 0.0, 0
+            while rounds < segment:
+                state, dt, n = timed(state, index, segment - rounds)
+                seconds, rounds = seconds + dt, rounds + n
             if rep:
-                times[index].append((t_long - t_short) * 1e3 / max(n_long - n_short, 1))
+                times[index].append(seconds * 1e3 / rounds)
     return [float(np.median(t)) for t in times]

@@ -440,24 +440,14 @@ def test_adaptive_generation_compiles_each_shape_once(pair):
     assert (speculative.prefill._cache_size(), speculative.run_segment._cache_size()) == sizes
 
 
-def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypatch):
+def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path):
     cfg, dcfg, base, draft = pair
     b = budget.make_budget([None, TREE])
-    prefills = []
-    prefill = speculative.prefill
-
-    def counting(*args, **kw):
-        prefills.append(1)
-        return prefill(*args, **kw)
-
-    monkeypatch.setattr(speculative, "prefill", counting)
     costs = speculative.measure_round_costs(
         base, cfg, draft, dcfg, b, batch=2, greedy=True, prompt_len=16, max_new=32, repeats=1,
         segment=4,
     )  # fmt: skip
     assert len(costs) == 2 and all(c > 0 for c in costs)
-    # each shape of each pass (the warm-up pass and 1 timed) from its own prefill
-    assert len(prefills) == 2 * 2
     path = tmp_path / "costs.json"
     calls = []
 
@@ -470,9 +460,6 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
     assert budget.load_or_measure_costs(key, measure, path=path) == (costs, False)
     assert len(calls) == 1
     assert budget.cost_key("m", SHAPES, 4) != key and budget.cost_key("n", SHAPES, 2) != key
-    with monkeypatch.context() as m:  # costs measured another way are measured again
-        m.setattr(budget, "COST_METHOD", budget.COST_METHOD + 1)
-        assert budget.cost_key("m", SHAPES, 2) != key
     path.write_text("{not json")  # a damaged cache is measured again and rewritten
     assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True)
     assert json.loads(path.read_text())[key] == costs
