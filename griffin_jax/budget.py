@@ -455,12 +455,11 @@ def load_or_measure_costs(
     that cannot be written is skipped.
     """
     path = cache_path() if path is None else path
-    table: dict = {}
     try:
         table = json.loads(path.read_text())
-        if not isinstance(table, dict):
-            table = {}
     except (OSError, ValueError):
+        table = {}
+    if not isinstance(table, dict):
         table = {}
     entry = table.get(key)
     if isinstance(entry, list) and entry and all(isinstance(c, (int, float)) for c in entry):
