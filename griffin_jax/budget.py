@@ -322,8 +322,8 @@ def probe_shape(budget: Budget) -> jax.Array:
 def probe_cap(budget: Budget) -> jax.Array:
     """The longest wait between probes (int32 scalar, >= `probe_every`): the plain rounds over
     which a probe costs PROBE_SHARE of their time. A probe is PROBE_ROUNDS rounds of its shape
-    and, counted as one more such round, what its own segment adds: the trunk's catch-up over
-    the plain streak and the two host syncs of leaving and resuming plain decoding."""
+    and, counted as one more such round, what leaving and resuming plain decoding adds: the
+    trunk's catch-up over the plain streak (and in the server's engine two host syncs)."""
     if None not in budget.shapes:  # nothing to probe from
         return jnp.int32(budget.probe_every)
     plain = budget.costs[budget.shapes.index(None)]

@@ -8,8 +8,8 @@ deliberate:
   rows stop contributing (their cache lengths and trunk stop moving);
 - exactly `max_new_tokens` at most (the reference overshoots), stop at any EOS id per row;
 - sampling applies the logits processor in every branch of the acceptance (spec 5.5);
-- rounds run in jitted device loops over a donated state (`run_segment`), one program per
-  round shape; the host reads back the next shape and the `done` flags once per segment (and
+- rounds run in one jitted device loop over a donated state (`run_segment`), one program for
+  every round shape of the budget: the host reads back the `done` flags once per call (and
   the new tokens every round when streaming).
 
 A round of a tree shape, per row (the state holds the draft's level-1 outputs for the root):
@@ -56,8 +56,8 @@ from griffin_jax.model import head_logits, is_unstacked, lm_head
 
 Shape = budget_lib.Shape
 # Plain rounds the draft trunk may lag behind before a catch-up forward. Large, so that a long
-# plain streak (the budget backing off) rarely stops for a catch-up: each one ends the device
-# loop (a host sync) for a trunk forward; 128 rounds cost 4% less per token than 16 here.
+# plain streak (the budget backing off) rarely stops for a catch-up (a trunk forward, and in
+# the server's engine a host sync); 128 rounds cost 4% less per token than 16 here.
 PENDING = 128
 # A catch-up after at most this many plain rounds forwards only that many slots.
 CATCH_UP_SHORT = 16
@@ -652,23 +652,6 @@ def _with_choice(state: SpecState, budget: budget_lib.Budget, knobs: Knobs) -> S
     return state.replace(next_shape=index)
 
 
-# (argument signature, static arguments, jit cache size) for which `generate` found every
-# shape's segment program compiled.
-_COMPILED_SEGMENTS: set[tuple] = set()
-
-
-def _signature(*trees) -> tuple:
-    """What a jitted call's compiled program is keyed by beyond its static arguments: the
-    trees' structure and each leaf's shape, dtype, weak type and sharding."""
-    leaves, treedef = jax.tree.flatten(trees)
-    return treedef, tuple(
-        (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding)  # ~10x faster than
-        if isinstance(x, jax.Array)  # jnp.shape / jnp.result_type
-        else (jnp.shape(x), jnp.result_type(x), False, None)
-        for x in leaves
-    )
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("index", "cfg", "dcfg", "greedy", "shapes", "mesh"),
@@ -683,25 +666,56 @@ def run_segment(
     draft_head: DraftHead | None = None,
     limit: jax.Array | int = 1 << 30,
     *,
-    index: int,
+    index: int | None,
     cfg: ModelConfig,
     dcfg: DraftConfig,
     greedy: bool | None,
     shapes: Shapes,
     mesh: jax.sharding.Mesh | None = None,
 ) -> SpecState:
-    """Rounds of the budget's shape `index` in one device loop, while the budget keeps choosing
-    it (`state.next_shape`), some row runs, fewer than `limit` rounds ran and (plain rounds)
-    the pending buffer has room.
+    """Rounds in one device loop, while some row runs and fewer than `limit` rounds ran.
 
-    One program per shape, no branch on the shape inside it: the host dispatches the next
-    segment by `state.next_shape`, so it syncs once per change of shape, not per round. A
-    segment starts by running the draft trunk over any pending plain-round positions (a
-    tree segment needs the trunk's level-1 outputs; a plain one needs room).
+    index None: rounds of whatever shape the budget chooses (`state.next_shape`), in one
+      program for every shape: an outer loop enters the chosen shape's segment (`lax.switch`)
+      and each segment runs its shape's rounds until the budget picks another, so a change of
+      shape costs no host round trip (a host-dispatched segment per change cost ~3 ms here, more
+      than a plain step) and the rounds run as fast as in a program of their own.
+    index i: rounds of shape i only, while the budget keeps choosing it (the server's engine
+      dispatches its segments by `state.next_shape` from the host).
     """
+    draft_head = resolve_head(draft_params, draft_head, dcfg)
+    run = functools.partial(
+        _shape_segment, base_params=base_params, draft_params=draft_params, knobs=knobs,
+        budget=budget, draft_head=draft_head, cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes,
+    )  # fmt: skip
+    if index is not None:
+        state, _ = run(state, limit, index=index)
+        return sharding.constrain(state, mesh)
+    branches = [functools.partial(run, index=i) for i in range(len(budget.shapes))]
+
+    def cond(carry):
+        s, n = carry
+        return jnp.any(~s.done) & (n < limit)
+
+    def body(carry):
+        s, n = carry
+        s, ran = jax.lax.switch(s.next_shape, branches, s, limit - n)
+        return s, n + ran
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    return sharding.constrain(state, mesh)
+
+
+def _shape_segment(
+    state: SpecState, limit, *, index: int, base_params, draft_params, knobs, budget, draft_head,
+    cfg, dcfg, greedy, shapes,
+) -> tuple[SpecState, jax.Array]:  # fmt: skip
+    """(state, rounds run): rounds of shape `index` while the budget keeps choosing it, some row
+    runs, fewer than `limit` rounds ran and (plain rounds) the pending buffer has room. It
+    starts by running the draft trunk over any pending plain-round positions (a tree round
+    needs the trunk's level-1 outputs; a plain one needs room)."""
     shape = budget.shapes[index]
     drafting = any(s is not None for s in budget.shapes)
-    draft_head = resolve_head(draft_params, draft_head, dcfg)
     static = dict(
         cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, drafting=drafting,
     )  # fmt: skip
@@ -745,8 +759,7 @@ def run_segment(
         )  # fmt: skip
         return s.replace(next_shape=nxt), n + 1
 
-    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
-    return sharding.constrain(state, mesh)
+    return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
 
 
 def make_knobs(
@@ -805,8 +818,8 @@ def generate(
         prompt + max_new_tokens exceeds it (default: the model's max_position_embeddings).
       on_round: called after every round with (out_tokens [B, N], num_out [B]) on the host, for
         streaming; it implies the host loop and costs one extra transfer per round.
-      loop: "device" (rounds run in device loops, one `run_segment` per change of round shape;
-        the default) or "host" (one round per `run_segment` call, reading back `done`).
+      loop: "device" (every round in one device loop, one `run_segment` call; the default)
+        or "host" (one round per `run_segment` call, reading back `done`).
       mesh: run sharded on this mesh (`griffin_jax.sharding`): params not yet placed by the
         rules are placed (a no-op for loaded sharded params), tokens go over `data`.
       draft_head: draft from a token subset (`make_draft_head`); None = the whole vocabulary.
@@ -839,32 +852,15 @@ def generate(
         # placed: unplaced ones recompile the round
         knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
     state = prefill(base_params, draft_params, *inputs, **static)
-    if len(budget.shapes) > 1:
-        # Every shape's program compiled now (zero rounds each), not when the policy first
-        # picks it in the middle of a generation; skipped when this signature's programs are
-        # known compiled (each call costs a dispatch: ~2% of a 96-token generation here).
-        key = (
-            _signature(state, base_params, draft_params, knobs, budget, draft_head),
-            tuple(static.items()),
-            run_segment._cache_size(),  # a cleared jit cache (jax.clear_caches) warms again
-        )  # fmt: skip
-        if key not in _COMPILED_SEGMENTS:
-            for index in range(len(budget.shapes)):
-                state = run_segment(
-                    state, base_params, draft_params, knobs, budget, draft_head, jnp.int32(0),
-                    index=index, **static,
-                )  # fmt: skip
-            _COMPILED_SEGMENTS.add(key[:2] + (run_segment._cache_size(),))
     limit = jnp.int32(1 if on_round is not None or loop == "host" else 1 << 30)
-    for _ in range(max_new_tokens):  # every segment runs >= 1 round, each emits >= 1 token
+    for _ in range(max_new_tokens):  # every call runs >= 1 round, each emits >= 1 token
         if on_round is not None:
             on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
-        index, all_done = jax.device_get((state.next_shape, jnp.all(state.done)))
-        if all_done:
+        if jax.device_get(jnp.all(state.done)):
             break
         state = run_segment(
-            state, base_params, draft_params, knobs, budget, draft_head, limit,
-            index=int(index), **static,
+            state, base_params, draft_params, knobs, budget, draft_head, limit, index=None,
+            **static,
         )  # fmt: skip
     out, num_out, log, shape_log, rounds, hits, trials, wait, streak = jax.device_get((
         state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
@@ -899,11 +895,11 @@ def measure_round_costs(
 ) -> list[float]:
     """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows.
 
-    Runs the programs `generate` runs (`run_segment` per shape, each round forced to that shape
-    through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with buffers
-    sized for `max_new` new tokens: segments of `segment` rounds, each ended by the host read
-    `generate` does, so per-segment costs (dispatch, the trunk catching up) are included.
-    Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
+    Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
+    shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
+    buffers sized for `max_new` new tokens: `segment` rounds of each shape in calls ended by a
+    host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
+    them. Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
     Sampling rounds are timed at temperature 1.
     """
     budget = prepare_budget(budget, vocab_size=draft_vocab_size(cfg, dcfg, draft_head))
@@ -927,7 +923,7 @@ def measure_round_costs(
         t0 = time.perf_counter()
         state = run_segment(
             state, base_params, draft_params, knobs, forced[index], draft_head,
-            jnp.int32(n), index=index, **static,
+            jnp.int32(n), index=None, **static,
         )  # fmt: skip
         step = int(jax.device_get(state.step))
         if step == step0:
@@ -938,7 +934,7 @@ def measure_round_costs(
     for rep in range(repeats + 1):  # the first pass compiles and warms up
         state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
         for index in range(len(budget.shapes)):
-            state, _, _ = timed(state, index, 1)  # the switch (a trunk catch-up) untimed
+            state, _, _ = timed(state, index, 1)  # the trunk's catch-up, untimed
             seconds, rounds = 0.0, 0
             while rounds < segment:
                 state, dt, n = timed(state, index, segment - rounds)

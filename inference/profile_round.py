@@ -97,13 +97,13 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
     state = speculative.prefill(base, draft, *inputs, head, shapes=shapes, **static)
     one = jnp.int32(1)
     compiled = speculative.run_segment.lower(
-        state, base, draft, knobs, budget, head, one, index=0, shapes=shapes, **static
+        state, base, draft, knobs, budget, head, one, index=None, shapes=shapes, **static
     ).compile()
     out = {"hlo_ops": sum(" = " in line for line in compiled.as_text().splitlines())}
 
     def one_round(state):
         return speculative.run_segment(
-            state, base, draft, knobs, budget, head, one, index=0, shapes=shapes, **static
+            state, base, draft, knobs, budget, head, one, index=None, shapes=shapes, **static
         )
 
     out["round_ms"] = median_ms(one_round, state, repeats)
