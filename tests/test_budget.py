@@ -430,7 +430,7 @@ def test_adaptive_generation_compiles_one_program_for_every_shape(pair):
     run = dict(tree_cfg=b, max_new_tokens=20)
     jax.clear_caches()
     res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, **run)
-    assert [s for s in res.round_shapes[0][:6]] == [0, 1, 2, 3, 0, 3]  # every shape ran
+    assert res.round_shapes[0][:6] == [0, 1, 2, 3, 0, 3]  # every shape ran
     sizes = (speculative.prefill._cache_size(), speculative.run_segment._cache_size())
     assert sizes == (1, 1)  # the rounds of every shape: one program
     b2 = budget.make_budget(SHAPES, costs=[1, 2, 3, 4], schedule=[3, 2, 1, 0, 0, 1])
