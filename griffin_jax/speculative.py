@@ -897,8 +897,8 @@ def measure_round_costs(
 
     Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
-    buffers sized for `max_new` new tokens: `segment` rounds of each shape in calls ended by a
-    host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
+    buffers sized for `max_new` new tokens: `segment` rounds of each shape in one call ended by
+    a host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
     them. Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
     Sampling rounds are timed at temperature 1.
     """
@@ -926,8 +926,8 @@ def measure_round_costs(
             jnp.int32(n), index=None, **static,
         )  # fmt: skip
         step = int(jax.device_get(state.step))
-        if step == step0:
-            raise RuntimeError(f"measure_round_costs: shape {index} ran no round")
+        if step - step0 != n:  # one program runs them all while a row runs (rows never end)
+            raise RuntimeError(f"measure_round_costs: shape {index} ran {step - step0} of {n}")
         return state, time.perf_counter() - t0, step - step0
 
     times: list[list[float]] = [[] for _ in budget.shapes]
@@ -935,10 +935,7 @@ def measure_round_costs(
         state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
         for index in range(len(budget.shapes)):
             state, _, _ = timed(state, index, 1)  # the trunk's catch-up, untimed
-            seconds, rounds = 0.0, 0
-            while rounds < segment:
-                state, dt, n = timed(state, index, segment - rounds)
-                seconds, rounds = seconds + dt, rounds + n
+            state, seconds, rounds = timed(state, index, segment)
             if rep:
                 times[index].append(seconds * 1e3 / rounds)
     return [float(np.median(t)) for t in times]
