@@ -3,7 +3,8 @@
 `KVCache(k, v: [L, B, S, K, H], length: [B])`, or with `k`, `v` tuples of L per-layer buffers
 [B, S, K, H] for the unrolled decode layout (`model.unstack_layers`; `per_layer=True`).
 Forwards write new entries at caller-given slots
-and never move `length`: the engine owns lengths (`commit_path` is the only place that does).
+and never move `length`: the engine owns lengths (its rounds advance them, through
+`commit_path` when accepted entries must move).
 Rows past `length` are garbage by contract and are always masked.
 
 Mirrors the reference's `model/kv_cache.py` (preallocated buffers plus a length counter) and

@@ -596,7 +596,14 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         state = _emit(state, emitted, n_new, knobs, shape_index)
     with jax.named_scope("commit"):
         n_commit = jnp.where(active, n_new, 0)
-        cache = commit_path(cache, best_nodes, n_commit)
+        if tree_cfg.top_k == 1:
+            # A chain's nodes are its one path in depth order (`tree.build_tree`), so the
+            # accepted entries already sit at length + a: nothing moves. Skipping the move
+            # also spares the depth-0 round two copies of the whole cache that XLA put around
+            # it (~8% of that round here).
+            cache = cache.replace(length=cache.length + n_commit)
+        else:
+            cache = commit_path(cache, best_nodes, n_commit)
     with jax.named_scope("draft/trunk"):
         trunk = state.trunk_len
         features = jnp.take_along_axis(hidden, best_nodes[:, :, None], axis=1)  # [B, A, D]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from spec_models import aligned_pair, base_config, draft_config, random_pair
 
 from griffin_jax import budget, sampling, speculative, vanilla
 from griffin_jax.config import TreeConfig
+from griffin_jax.model import unstack_layers
 
 TREE = TreeConfig(top_k=2, depth=3, total_tokens=8)
 # Four shapes (plain and three trees) exercise the policy; `auto_shapes` makes three of TREE.
@@ -402,6 +404,61 @@ def test_forced_switches_stay_seeded_vanilla(pair, small_pending):
         assert res.output_ids == want, (temperature, top_p, top_k)
         accepted += sum(a for row in res.accept_lengths for a in row)
     assert accepted > 0  # draft tokens were accepted
+
+
+CHAINS = budget.auto_shapes(TreeConfig(top_k=1, depth=4, total_tokens=6))
+
+
+def test_chain_rounds_under_forced_switches_stay_vanilla(pair, small_pending):
+    # A chain's round commits without moving cache entries (its path is its node order):
+    # greedy and seeded sampling still equal vanilla whatever the shapes around it.
+    cfg, dcfg, base, draft = pair
+    assert [s and (s.top_k, s.depth) for s in CHAINS] == [None, (1, 0), (1, 3), (1, 4)]
+    schedule = [3, 1, 0, 0, 2, 1, 1, 0, 3, 3] * 4
+    accepted = 0
+    for knobs in (dict(), dict(temperature=0.8, top_p=0.9, seed=5)):
+        want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=30, **knobs).output_ids
+        b = budget.make_budget(CHAINS, schedule=schedule)
+        res = speculative.generate(
+            base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, max_new_tokens=30, **knobs
+        )
+        assert res.output_ids == want, knobs
+        assert res.round_shapes[0] == schedule[: len(res.round_shapes[0])]
+        accepted += sum(a for row in res.accept_lengths for a in row)
+    assert accepted > 8  # multi-token rounds happened: the equality is not trivial
+
+
+def _cache_copies(hlo: str, cache) -> int:
+    """Copies in compiled HLO of buffers shaped like one of the base cache's K/V buffers."""
+    shapes = {",".join(map(str, x.shape)) for x in jax.tree.leaves((cache.k, cache.v))}
+    return sum(len(re.findall(rf"= f32\[{shape}\]\{{[^}}]*\}} copy\(", hlo)) for shape in shapes)
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, CHAINS], ids=["trees", "chains"])
+def test_no_round_copies_the_base_cache(pair, shapes):
+    # Each shape's segment (`run_segment(index=i)`, what the server's engine runs) updates the
+    # cache in place: a copy of it per round would cost what the cache weighs, every round
+    # (XLA put two around the depth-0 chain's commit before chains skipped that commit). The
+    # unrolled layout, as the inference API holds the base (the stacked one, through `nn.scan`,
+    # rewrites its cache in every forward).
+    cfg, dcfg, base, draft = pair
+    base = unstack_layers(base)
+    b = speculative.prepare_budget(budget.make_budget(shapes), vocab_size=cfg.vocab_size)
+    plan = speculative.plan_shapes([len(p) for p in PROMPTS], 24, b.shapes)
+    tokens, lengths = vanilla.pad_prompts(PROMPTS, [plan.prompt_bucket])
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=24, eos_ids=[1])
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=plan)
+    seeds = jnp.zeros(len(PROMPTS), jnp.uint32)
+    state = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, b, **static
+    )
+    leaf = ",".join(map(str, jax.tree.leaves(state.cache.k)[0].shape))
+    assert _cache_copies(f"%c = f32[{leaf}]{{3,2,1,0}} copy(%p)", state.cache) == 1
+    for index in range(len(shapes)):
+        hlo = speculative.run_segment.lower(
+            state, base, draft, knobs, b, None, jnp.int32(8), index=index, **static
+        ).compile().as_text()  # fmt: skip
+        assert _cache_copies(hlo, state.cache) == 0, shapes[index]
 
 
 def test_policy_backs_off_with_a_useless_draft_and_drafts_with_a_good_one():

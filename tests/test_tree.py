@@ -200,6 +200,23 @@ def test_parent_always_selected_under_ties(seed):
                 assert tok in kept, (b, n, path)
 
 
+@pytest.mark.parametrize("depth,total_tokens", [(0, 2), (2, 4), (5, 7), (6, 5)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_a_chain_is_one_path_in_node_order(depth, total_tokens, ties):
+    # The engine commits a top_k=1 tree without moving entries (`speculative._tree_round`):
+    # that needs node i at depth i and the one path 0, 1, ..., M-1, ties or not.
+    case = Case(depth * 10 + total_tokens, batch=3, top_k=1, depth=depth,
+                total_tokens=total_tokens, ties=ties)  # fmt: skip
+    for lexicographic in (False, True):
+        tree = case.run_jax(lexicographic=lexicographic)
+        m = total_tokens
+        np.testing.assert_array_equal(tree.depths, np.tile(np.arange(m), (3, 1)))
+        np.testing.assert_array_equal(tree.parents[:, 1:], np.tile(np.arange(m - 1), (3, 1)))
+        assert tree.path_valid[:, 0].all() and not tree.path_valid[:, 1:].any()
+        np.testing.assert_array_equal(tree.retrieve_idx[:, 0, :m], np.tile(np.arange(m), (3, 1)))
+        assert tree.path_mask[:, 0, :m].all() and not tree.path_mask[:, 0, m:].any()
+
+
 def test_batch_rows_are_independent():
     case = Case(7, batch=3, top_k=4, depth=3, total_tokens=20, ties=False)
     together = case.run_jax(lexicographic=True)
