@@ -924,7 +924,7 @@ def measure_round_costs(
         for i in range(len(budget.shapes))
     ]
 
-    def timed(state, index: int, n: int) -> tuple[SpecState, float, int]:
+    def timed(state, index: int, n: int) -> tuple[SpecState, float]:
         step0 = int(state.step)
         state = state.replace(next_shape=jnp.int32(index))  # what the schedule says next
         t0 = time.perf_counter()
@@ -935,14 +935,14 @@ def measure_round_costs(
         step = int(jax.device_get(state.step))
         if step - step0 != n:  # one program runs them all while a row runs (rows never end)
             raise RuntimeError(f"measure_round_costs: shape {index} ran {step - step0} of {n}")
-        return state, time.perf_counter() - t0, step - step0
+        return state, time.perf_counter() - t0
 
     times: list[list[float]] = [[] for _ in budget.shapes]
     for rep in range(repeats + 1):  # the first pass compiles and warms up
         state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
         for index in range(len(budget.shapes)):
-            state, _, _ = timed(state, index, 1)  # the trunk's catch-up, untimed
-            state, seconds, rounds = timed(state, index, segment)
+            state, _ = timed(state, index, 1)  # the trunk's catch-up, untimed
+            state, seconds = timed(state, index, segment)
             if rep:
-                times[index].append(seconds * 1e3 / rounds)
+                times[index].append(seconds * 1e3 / segment)
     return [float(np.median(t)) for t in times]

@@ -434,6 +434,19 @@ def _cache_copies(hlo: str, cache) -> int:
     return sum(len(re.findall(rf"= f32\[{shape}\]\{{[^}}]*\}} copy\(", hlo)) for shape in shapes)
 
 
+def _prefilled(base, draft, cfg, dcfg, b, max_new: int, eos: int):
+    """(state, knobs, static keywords) of a greedy generation of PROMPTS under `b`, prefilled."""
+    plan = speculative.plan_shapes([len(p) for p in PROMPTS], max_new, b.shapes)
+    tokens, lengths = vanilla.pad_prompts(PROMPTS, [plan.prompt_bucket])
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=max_new, eos_ids=[eos])
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=plan)
+    seeds = jnp.zeros(len(PROMPTS), jnp.uint32)
+    state = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, b, **static
+    )
+    return state, knobs, static
+
+
 @pytest.mark.parametrize("shapes", [SHAPES, CHAINS], ids=["trees", "chains"])
 def test_no_round_copies_the_base_cache(pair, shapes):
     # Each shape's segment (`run_segment(index=i)`, what the server's engine runs) updates the
@@ -444,14 +457,7 @@ def test_no_round_copies_the_base_cache(pair, shapes):
     cfg, dcfg, base, draft = pair
     base = unstack_layers(base)
     b = speculative.prepare_budget(budget.make_budget(shapes), vocab_size=cfg.vocab_size)
-    plan = speculative.plan_shapes([len(p) for p in PROMPTS], 24, b.shapes)
-    tokens, lengths = vanilla.pad_prompts(PROMPTS, [plan.prompt_bucket])
-    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=24, eos_ids=[1])
-    static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=plan)
-    seeds = jnp.zeros(len(PROMPTS), jnp.uint32)
-    state = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, b, **static
-    )
+    state, knobs, static = _prefilled(base, draft, cfg, dcfg, b, max_new=24, eos=1)
     leaf = ",".join(map(str, jax.tree.leaves(state.cache.k)[0].shape))
     assert _cache_copies(f"%c = f32[{leaf}]{{3,2,1,0}} copy(%p)", state.cache) == 1
     for index in range(len(shapes)):
@@ -533,15 +539,9 @@ def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
     monkeypatch.setattr(speculative, "PENDING", 32)
     cfg, dcfg = base_config("llama"), draft_config(base_config("llama"))
     base, draft = random_pair(cfg, dcfg)
-    b = budget.make_budget(SHAPES)
-    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], 40, b.shapes)
+    state, _, static = _prefilled(base, draft, cfg, dcfg, budget.make_budget(SHAPES), 40, -1)
+    shapes = static["shapes"]
     assert shapes.pending == 32 > speculative.CATCH_UP_SHORT
-    tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
-    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=40, eos_ids=[-1])
-    state = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs,
-        jnp.zeros(4, jnp.uint32), b, cfg=cfg, dcfg=dcfg, greedy=True, shapes=shapes,
-    )  # fmt: skip
     rng = np.random.default_rng(0)
     feats = jnp.asarray(rng.normal(size=state.pending_features.shape), jnp.float32)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, state.pending_tokens.shape), jnp.int32)
