@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -16,10 +17,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m inference.demo
 
-# Two workers, each taking whole files (module fixtures run once): most of the suite's time is
-# XLA compiling, which runs on one core.
+# Byte-compiled once above, in parallel: where PYTHONDONTWRITEBYTECODE is set (as on the
+# machines this project is built on) every process would otherwise compile the sources of jax,
+# torch and transformers it imports, again (4.5 s of 9 here): each test worker, and each CLI,
+# server and multi-device check the tests start.
+#
+# Three workers on two cores, each taking whole files (module fixtures run once): most of the
+# suite's time is XLA compiling, which runs on one core, and with two workers a core idled
+# while a test waited on a subprocess (measured here: 547-581 s with two workers, 507 with
+# three, both cores busy).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu" -p no:cacheprovider -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -m "not gpu" -p no:cacheprovider -n 3 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check griffin_jax training inference convert tests
