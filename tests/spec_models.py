@@ -24,6 +24,7 @@ import numpy as np
 
 from griffin_jax import draft as draft_lib
 from griffin_jax import model as base_lib
+from griffin_jax import speculative, vanilla
 from griffin_jax.config import ModelConfig
 
 
@@ -135,3 +136,19 @@ def aligned_pair(
     layer["mlp"] = mlp
     draft["layers_0"] = layer
     return base, draft
+
+
+def prefilled(base, draft, cfg, dcfg, prompts, budget, *, max_new: int, eos_ids, draft_head=None):
+    """(state, knobs, shapes) of a greedy `speculative.generate` of `prompts` under `budget`
+    (a `budget.Budget`), prefilled: for tests that drive rounds or the draft by hand."""
+    shapes = speculative.plan_shapes([len(p) for p in prompts], max_new, budget.shapes)
+    tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
+    knobs = speculative.make_knobs(
+        vanilla.SamplingKnobs(), max_new_tokens=max_new, eos_ids=list(eos_ids)
+    )
+    seeds = jnp.zeros(len(prompts), jnp.uint32)
+    state = speculative.prefill(
+        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, budget, draft_head,
+        cfg=cfg, dcfg=dcfg, greedy=True, shapes=shapes,
+    )  # fmt: skip
+    return state, knobs, shapes

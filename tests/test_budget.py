@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from spec_models import aligned_pair, base_config, draft_config, random_pair
+from spec_models import aligned_pair, base_config, draft_config, prefilled, random_pair
 
 from griffin_jax import budget, sampling, speculative, vanilla
 from griffin_jax.config import TreeConfig
@@ -434,19 +434,6 @@ def _cache_copies(hlo: str, cache) -> int:
     return sum(len(re.findall(rf"= f32\[{shape}\]\{{[^}}]*\}} copy\(", hlo)) for shape in shapes)
 
 
-def _prefilled(base, draft, cfg, dcfg, b, max_new: int, eos: int):
-    """(state, knobs, static keywords) of a greedy generation of PROMPTS under `b`, prefilled."""
-    plan = speculative.plan_shapes([len(p) for p in PROMPTS], max_new, b.shapes)
-    tokens, lengths = vanilla.pad_prompts(PROMPTS, [plan.prompt_bucket])
-    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=max_new, eos_ids=[eos])
-    static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=plan)
-    seeds = jnp.zeros(len(PROMPTS), jnp.uint32)
-    state = speculative.prefill(
-        base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, b, **static
-    )
-    return state, knobs, static
-
-
 @pytest.mark.parametrize("shapes", [SHAPES, CHAINS], ids=["trees", "chains"])
 def test_no_round_copies_the_base_cache(pair, shapes):
     # Each shape's segment (`run_segment(index=i)`, what the server's engine runs) updates the
@@ -457,7 +444,8 @@ def test_no_round_copies_the_base_cache(pair, shapes):
     cfg, dcfg, base, draft = pair
     base = unstack_layers(base)
     b = speculative.prepare_budget(budget.make_budget(shapes), vocab_size=cfg.vocab_size)
-    state, knobs, static = _prefilled(base, draft, cfg, dcfg, b, max_new=24, eos=1)
+    state, knobs, plan = prefilled(base, draft, cfg, dcfg, PROMPTS, b, max_new=24, eos_ids=[1])
+    static = dict(cfg=cfg, dcfg=dcfg, greedy=True, shapes=plan)
     leaf = ",".join(map(str, jax.tree.leaves(state.cache.k)[0].shape))
     assert _cache_copies(f"%c = f32[{leaf}]{{3,2,1,0}} copy(%p)", state.cache) == 1
     for index in range(len(shapes)):
@@ -539,8 +527,8 @@ def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
     monkeypatch.setattr(speculative, "PENDING", 32)
     cfg, dcfg = base_config("llama"), draft_config(base_config("llama"))
     base, draft = random_pair(cfg, dcfg)
-    state, _, static = _prefilled(base, draft, cfg, dcfg, budget.make_budget(SHAPES), 40, -1)
-    shapes = static["shapes"]
+    b = budget.make_budget(SHAPES)
+    state, _, shapes = prefilled(base, draft, cfg, dcfg, PROMPTS, b, max_new=40, eos_ids=[-1])
     assert shapes.pending == 32 > speculative.CATCH_UP_SHORT
     rng = np.random.default_rng(0)
     feats = jnp.asarray(rng.normal(size=state.pending_features.shape), jnp.float32)

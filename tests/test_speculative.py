@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from spec_models import aligned_pair, base_config, draft_config, random_pair
+from spec_models import aligned_pair, base_config, draft_config, prefilled, random_pair
 
 from griffin_jax import sampling, speculative, vanilla
 from griffin_jax.config import TreeConfig
@@ -264,19 +264,15 @@ def test_draft_head_drafts_only_its_tokens_and_stays_lossless():
         base, cfg, draft, dcfg, PROMPTS, tree_cfg=TREE, max_new_tokens=20, draft_head=head
     )
     assert res.output_ids == _vanilla(base, cfg, PROMPTS, 20)
-    shapes = speculative.plan_shapes([len(p) for p in PROMPTS], 20, TREE)
-    tokens, lengths = vanilla.pad_prompts(PROMPTS, [shapes.prompt_bucket])
-    knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=20, eos_ids=[])
-    seeds = jnp.zeros(len(PROMPTS), jnp.uint32)
     budget = speculative.prepare_budget(TREE, vocab_size=cfg.vocab_size)
-    static = dict(cfg=cfg, dcfg=dcfg, shapes=shapes)
     drafted = {}
     for name, h in (("subset", head), ("full", None)):
-        state = speculative.prefill(
-            base, draft, jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, budget, h,
-            greedy=True, **static,
-        )  # fmt: skip
-        tree = speculative.draft_tree(state, base, draft, h, tree_cfg=TREE, **static)
+        state, _, shapes = prefilled(
+            base, draft, cfg, dcfg, PROMPTS, budget, max_new=20, eos_ids=[], draft_head=h
+        )
+        tree = speculative.draft_tree(
+            state, base, draft, h, cfg=cfg, dcfg=dcfg, tree_cfg=TREE, shapes=shapes
+        )
         drafted[name] = np.asarray(tree.draft_tokens)[:, 1:]  # node 0: the base's root token
     assert np.isin(drafted["subset"], subset).all()
     # the same draft over the whole vocabulary proposes tokens outside the subset
