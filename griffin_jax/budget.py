@@ -19,12 +19,16 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   base's distribution gave the walk, not the draws' 0/1 luck). A level never tried borrows the
   estimate of the level above it; a fresh row starts from what earlier requests of its kind
   (greedy or sampled) showed (`History`), else from an optimistic prior so that it drafts.
+- A drafting shape must beat plain decoding by PLAIN_MARGIN to run (near a tie speculation
+  can only lose), and another drafting shape must beat the current one by HYSTERESIS.
 - While plain decoding is chosen no statistics arrive, so after a streak of plain rounds a probe
-  runs PROBE_ROUNDS drafting rounds to refresh them: the first after drafting stopped runs the
-  deepest tree (every level gets trials), the later ones the cheapest drafting shape (a poor
-  draft is rarely tried past level 1 whatever the depth, so a shallow probe learns nearly as
-  much for a fraction of the cost; when it finds the draft good again the policy drafts on its
-  own and the deeper levels get trials as it climbs). The
+  runs PROBE_ROUNDS rounds of the cheapest drafting shape to refresh them. Its first round
+  forgets what the running rows' statistics held of the levels it does not draft (stale since
+  drafting stopped: `forget_untried`), so they borrow the fresh estimate of the level above:
+  when the probe finds the draft good again the policy drafts deep on its own and the deeper
+  levels get trials as it goes; a poor draft is rarely tried past level 1 whatever the depth,
+  so a deeper probe would learn little more at several times the cost (a batch-8 round of the
+  default tree costs ~3.6 plain steps here, of the one-level chain ~1.4). The
   streak a probe waits for starts at `probe_every` and doubles after every probe that does not
   bring drafting back (exponential backoff), up to the wait at which the probes cost at most
   PROBE_SHARE of the plain rounds between them (from the measured costs); the policy choosing
@@ -39,8 +43,10 @@ with forced schedules, `Budget.schedule`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -60,7 +66,10 @@ DECAY = 0.97  # per drafting round: statistics follow the text over ~30 drafting
 PROBE_EVERY = 8  # plain rounds in a row before drafting rounds refresh the statistics
 PROBE_ROUNDS = 3  # drafting rounds of such a probe (one round's luck is too little to go on)
 PROBE_SHARE = 0.02  # probes that keep failing cost at most this share of the plain rounds' time
-HYSTERESIS = 0.05  # another shape must promise this much more tokens per ms to be switched to
+HYSTERESIS = 0.05  # another drafting shape must promise this much more tokens per ms to be
+# switched to
+PLAIN_MARGIN = 0.05  # a drafting shape must promise this much more tokens per ms than plain
+# decoding to run (see `choose`)
 HISTORY_WEIGHT = 8.0  # pseudo-trials behind a fresh row's prior learnt from earlier requests
 HISTORY_MEMORY = 16.0  # a finished row with this many trials at a level moves history halfway
 
@@ -242,10 +251,63 @@ def level_acceptance(hits: jax.Array, trials: jax.Array) -> jax.Array:
 
 def expected_tokens(hits: jax.Array, trials: jax.Array, shapes: Sequence[Shape]) -> jax.Array:
     """[B, S] expected committed tokens of one round of each shape, per row."""
+    return round_tokens(hits, trials, shapes)[0]
+
+
+def round_tokens(
+    hits: jax.Array, trials: jax.Array, shapes: Sequence[Shape]
+) -> tuple[jax.Array, jax.Array]:
+    """([B, S], [B, S]) the mean and the variance of the tokens one round of each shape
+    commits, per row: 1 + A, A the accepted levels, P(A >= i) = reach_i, so
+    E[A] = sum_i reach_i and E[A^2] = sum_i (2i - 1) reach_i."""
     reach = jnp.cumprod(level_acceptance(hits, trials), axis=1)  # P(path reaches level i)
-    accepted = jnp.concatenate([jnp.zeros_like(reach[:, :1]), jnp.cumsum(reach, axis=1)], 1)
+    odd = 2.0 * jnp.arange(1, reach.shape[1] + 1, dtype=reach.dtype) - 1.0
+    zero = jnp.zeros_like(reach[:, :1])
+    first = jnp.concatenate([zero, jnp.cumsum(reach, axis=1)], 1)
+    second = jnp.concatenate([zero, jnp.cumsum(odd * reach, axis=1)], 1)
     idx = jnp.asarray([levels(s) for s in shapes])
-    return 1.0 + accepted[:, idx]
+    mean, square = first[:, idx], second[:, idx]
+    return 1.0 + mean, jnp.maximum(square - mean * mean, 0.0)
+
+
+@functools.cache
+def expected_max_normal(k: int) -> float:
+    """E[max of k independent standard normals] (0 for k <= 1), by quadrature."""
+    if k <= 1:
+        return 0.0
+    x = np.linspace(-8.0, 8.0, 4001)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return float(np.sum(x * k * pdf * cdf ** (k - 1)) * (x[1] - x[0]))
+
+
+def finish_rounds(
+    mean: jax.Array, var: jax.Array, remaining: jax.Array, active: jax.Array
+) -> jax.Array:
+    """[S] the rounds a fixed batch needs to finish under each shape: the slowest running
+    row's (max over rows). A row with r tokens to go at a mean m and variance v per round
+    needs (r + E[overshoot]) / m rounds (Wald; the last round's tokens past r are lost, on
+    average (v + m^2) / 2m - 1/2 of them), give or take sqrt(r v / m^3) (the renewal count's
+    spread); the last of K such rows lands ~ E[max of K normals] of those spreads past its
+    mean, K counting the rows that can be last (within 3 spreads of the latest mean: a row
+    nearly done does not compete). Deeper trees commit more per round but vary more, so a
+    large batch waits longer for its unlucky row (within ~5% of a simulation,
+    `tests/test_budget.py`).
+
+    Args:
+      mean, var: [B, S] (`round_tokens`).  remaining: [B] tokens each row has to go.
+      active: [B] bool running rows.
+    """
+    b = mean.shape[0]
+    table = jnp.asarray([expected_max_normal(k) for k in range(b + 1)], jnp.float32)
+    r = jnp.maximum(remaining, 1).astype(mean.dtype)[:, None]
+    overshoot = (var + mean * mean) / (2.0 * mean) - 0.5
+    centre = jnp.where(active[:, None], (r + overshoot) / mean, 0.0)  # [B, S]
+    spread = jnp.sqrt(r * var / mean**3)
+    last = jnp.max(centre, axis=0)  # [S]
+    contenders = jnp.sum(active[:, None] & (centre + 3.0 * spread >= last), axis=0)
+    rounds = centre + table[contenders][None, :] * spread
+    return jnp.max(jnp.where(active[:, None], rounds, 0.0), axis=0)
 
 
 def choose(
@@ -262,24 +324,34 @@ def choose(
     """The shape index of the next round (int32 scalar; see the module docstring).
 
     The rate of a shape: the running rows' expected tokens per ms; with `budget.finish`, the
-    slowest row's share of its `remaining` tokens ([B]) per ms (min over running rows of
-    expected / remaining / cost): a fixed batch lasts as long as its slowest row, and tokens
-    the others draft meanwhile do not shorten it. The current shape is kept unless another's
-    rate beats it by HYSTERESIS: a change of shape costs a host round trip (and, when
-    drafting resumes, a trunk catch-up).
+    share of the batch's remaining rounds (`finish_rounds`: its slowest row's, from the
+    `remaining` tokens [B], the mean and the spread of each row's tokens per round) one
+    round does, per ms: a fixed batch lasts as long as its slowest row, and tokens the others
+    draft meanwhile do not shorten it.
+
+    Drafting runs only while it promises PLAIN_MARGIN more than plain decoding, whether the
+    last round drafted or not: a drafting shape's rate is an estimate (a sampled row's
+    chances, costs measured on other prompts), plain decoding's is known, and resuming
+    drafting costs a trunk catch-up that no round's cost holds. Near a tie the policy decodes
+    plainly, where speculation would at best win a few percent and at worst lose them (a
+    symmetric hysteresis kept a row drafting at a break-even acceptance for tens of rounds).
+    Among drafting shapes the current one is kept unless another's rate beats it by
+    HYSTERESIS (in the server's engine a change of shape costs a host round trip).
     """
     if len(budget.shapes) == 1:
         return jnp.int32(0)
-    gain = expected_tokens(hits, trials, budget.shapes)  # [B, S]
-    if budget.finish:
-        share = gain / jnp.maximum(remaining, 1)[:, None].astype(gain.dtype)
-        gain = jnp.min(jnp.where(active[:, None], share, jnp.inf), 0)
-        gain = jnp.where(jnp.isfinite(gain), gain, 1.0)  # no running row: any choice
+    mean, var = round_tokens(hits, trials, budget.shapes)  # [B, S]
+    if budget.finish:  # the share of the batch's remaining rounds one round does
+        rounds = finish_rounds(mean, var, remaining, active)
+        gain = jnp.where(rounds > 0, 1.0 / jnp.maximum(rounds, 1e-9), 1.0)  # none running: any
     else:
-        gain = jnp.sum(jnp.where(active[:, None], gain, 0), 0)
-    rate = gain / budget.costs
-    best = jnp.argmax(rate).astype(jnp.int32)
-    best = jnp.where(rate[best] > (1 + HYSTERESIS) * rate[current], best, current)
+        gain = jnp.sum(jnp.where(active[:, None], mean, 0), 0)
+    plain = jnp.asarray([s is None for s in budget.shapes])
+    score = gain / budget.costs * jnp.where(plain, 1 + PLAIN_MARGIN, 1.0)
+    best = jnp.argmax(score).astype(jnp.int32)
+    keep = (~plain[best]) & (~plain[current]) & (score[current] >= jnp.max(score * plain))
+    keep &= score[best] <= (1 + HYSTERESIS) * score[current]
+    best = jnp.where(keep, current, best)
     return _probe_or_forced(budget, best, plain_streak, probe_wait, round_index)
 
 
@@ -301,13 +373,7 @@ def _probe_or_forced(budget, best, plain_streak, probe_wait, round_index) -> jax
     drafting = jnp.asarray([s is not None for s in budget.shapes])
     probe = (~drafting[best]) & (plain_streak >= probe_wait) & jnp.any(drafting)
     probe |= plain_streak < 0  # inside a probe (`next_probe`)
-    # The first probe after drafting stopped runs the deepest tree (every level's statistics;
-    # the wait doubles when a probe starts, so inside that probe it is 2 x probe_every); the
-    # probes after it, backed off, run the cheapest drafting shape.
-    first = jnp.where(plain_streak < 0, probe_wait <= 2 * budget.probe_every,
-                      probe_wait <= budget.probe_every)  # fmt: skip
-    deepest = int(np.argmax([levels(s) for s in budget.shapes]))
-    pick = jnp.where(probe, jnp.where(first, deepest, probe_shape(budget)), best)
+    pick = jnp.where(probe, probe_shape(budget), best)
     forced = budget.schedule[jnp.minimum(round_index, budget.schedule.shape[0] - 1)]
     forced = jnp.where(round_index < budget.schedule.shape[0], forced, -1)
     return jnp.where(forced >= 0, forced, pick).astype(jnp.int32)
@@ -317,6 +383,17 @@ def probe_shape(budget: Budget) -> jax.Array:
     """The shape a probe runs: the drafting shape of the lowest measured cost (int32 scalar)."""
     drafting = jnp.asarray([s is not None for s in budget.shapes])
     return jnp.argmin(jnp.where(drafting, budget.costs, jnp.inf)).astype(jnp.int32)
+
+
+def forget_untried(
+    hits: jax.Array, trials: jax.Array, drafted: int, *, probing: jax.Array, active: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The counts before a round of `drafted` levels: when the round starts a probe
+    (`probing`, a scalar bool), running rows forget the levels past `drafted` (their counts
+    date from before the plain streak), which then borrow the estimate of the level above
+    (`level_acceptance`) that the probe refreshes. Finished rows keep theirs for `History`."""
+    stale = probing & active[:, None] & (jnp.arange(hits.shape[1]) >= drafted)[None, :]
+    return jnp.where(stale, 0.0, hits), jnp.where(stale, 0.0, trials)
 
 
 def probe_cap(budget: Budget) -> jax.Array:
