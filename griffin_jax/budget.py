@@ -371,12 +371,18 @@ def keep_plain(
 def _probe_or_forced(budget, best, plain_streak, probe_wait, round_index) -> jax.Array:
     """The policy's `best` unless a probe is due (or running), or the schedule forces one."""
     drafting = jnp.asarray([s is not None for s in budget.shapes])
-    probe = (~drafting[best]) & (plain_streak >= probe_wait) & jnp.any(drafting)
+    probe = (~drafting[best]) & probe_due(plain_streak, probe_wait) & jnp.any(drafting)
     probe |= plain_streak < 0  # inside a probe (`next_probe`)
     pick = jnp.where(probe, probe_shape(budget), best)
     forced = budget.schedule[jnp.minimum(round_index, budget.schedule.shape[0] - 1)]
     forced = jnp.where(round_index < budget.schedule.shape[0], forced, -1)
     return jnp.where(forced >= 0, forced, pick).astype(jnp.int32)
+
+
+def probe_due(plain_streak: jax.Array, probe_wait: jax.Array) -> jax.Array:
+    """Whether the plain streak reached the probe wait: the next round probes, and a drafting
+    round now starts a probe (`next_probe`, `forget_untried`)."""
+    return plain_streak >= probe_wait
 
 
 def probe_shape(budget: Budget) -> jax.Array:
@@ -389,9 +395,10 @@ def forget_untried(
     hits: jax.Array, trials: jax.Array, drafted: int, *, probing: jax.Array, active: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """The counts before a round of `drafted` levels: when the round starts a probe
-    (`probing`, a scalar bool), running rows forget the levels past `drafted` (their counts
-    date from before the plain streak), which then borrow the estimate of the level above
-    (`level_acceptance`) that the probe refreshes. Finished rows keep theirs for `History`."""
+    (`probing`, a scalar bool: `probe_due`), running rows forget the levels past `drafted`
+    (their counts date from before the plain streak), which then borrow the estimate of the
+    level above (`level_acceptance`) that the probe refreshes. Finished rows keep theirs for
+    `History`."""
     stale = probing & active[:, None] & (jnp.arange(hits.shape[1]) >= drafted)[None, :]
     return jnp.where(stale, 0.0, hits), jnp.where(stale, 0.0, trials)
 
@@ -420,7 +427,7 @@ def next_probe(
     """
     if not drafted:
         return plain_streak + 1, probe_wait
-    started = plain_streak >= probe_wait
+    started = probe_due(plain_streak, probe_wait)
     streak = jnp.where(
         started, -(PROBE_ROUNDS - 1), jnp.where(plain_streak < 0, plain_streak + 1, 0)
     ).astype(jnp.int32)

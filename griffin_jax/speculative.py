@@ -754,7 +754,7 @@ def _shape_segment(
         if shape is not None and None in budget.shapes:  # a probe starts: stale levels go
             hits, trials = budget_lib.forget_untried(
                 s.hits, s.trials, budget_lib.levels(shape),
-                probing=s.plain_streak >= s.probe_wait, active=~s.done,
+                probing=budget_lib.probe_due(s.plain_streak, s.probe_wait), active=~s.done,
             )  # fmt: skip
             s = s.replace(hits=hits, trials=trials)
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
