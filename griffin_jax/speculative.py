@@ -25,6 +25,8 @@ A plain round (shape `None` of the adaptive budget, `budget.py`) verifies the ro
 base decode step. Its (feature, token) pair waits in a pending buffer of Q slots, and the
 draft trunk catches up over all of them in one forward when drafting resumes or the buffer is
 full. The shape of each round is chosen on the device (`budget.choose`), inside the round.
+With plain rounds among the shapes, `generate` leaves the prompt's trunk pending too
+(`Shapes.prompt_pending`): a batch that never drafts never runs the draft at all.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ class Shapes:
     capacity: int  # base cache slots
     draft_capacity: int
     out_size: int  # output buffer (>= max_new + A)
-    pending: int = PENDING  # plain rounds the draft trunk may lag behind
+    pending: int = PENDING  # pending buffer slots (plain rounds, and the prompt if below)
+    prompt_pending: bool = False  # prefill leaves the prompt's trunk in the pending buffer
 
 
 @dataclasses.dataclass
@@ -210,12 +213,15 @@ def plan_shapes(
     trees: TreeConfig | Sequence[Shape],
     *,
     prompt_bucket: int | None = None,
+    prompt_pending: bool = False,
 ) -> Shapes:
     """Static sizes for a batch and every round shape (the caller checks the position limit:
     `checks.generation`).
 
     prompt_bucket: the cache slots reserved for the prompt (default: the length bucket of the
       longest prompt); the engine passes 0 with max_new_tokens = its whole model length.
+    prompt_pending: prefill leaves the prompt's draft trunk to the first catch-up (the pending
+      buffer grows by the prompt bucket); for budgets with plain rounds, not chunked prefill.
     """
     trees = (trees,) if isinstance(trees, TreeConfig) else tuple(trees)
     path_len = max(budget_lib.path_len(t) for t in trees)
@@ -228,8 +234,14 @@ def plan_shapes(
     # garbage. path_len more is slack.
     needed = bucket + max_new_tokens + total + path_len
     capacity = -(-needed // 64) * 64
-    draft_capacity = capacity + max(path_len, PENDING) + tree_slots
-    return Shapes(len(prompt_lens), bucket, capacity, draft_capacity, out_size, pending=PENDING)
+    pending = PENDING + bucket if prompt_pending else PENDING
+    # A catch-up writes all `pending` slots from the trunk's end (those past a row's own are
+    # garbage, overwritten later), so they must fit.
+    draft_capacity = capacity + max(path_len, pending) + tree_slots
+    return Shapes(
+        len(prompt_lens), bucket, capacity, draft_capacity, out_size, pending=pending,
+        prompt_pending=prompt_pending,
+    )  # fmt: skip
 
 
 def _draft_step(
@@ -367,6 +379,7 @@ def prefill(
     b, t = tokens.shape
     draft_head = resolve_head(draft_params, draft_head, dcfg)
     rows = jnp.arange(b)
+    prefix_given = prefix is not None
     if prefix is None:  # attention reads the slots < T only
         prefix = _empty_prefix(base_params, b, cfg=cfg, dcfg=dcfg, shapes=shapes, mesh=mesh)
         spans = (t, t)
@@ -388,10 +401,11 @@ def prefill(
         keys, total, logits[:, 0], greedy=greedy,
         temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
     )  # fmt: skip
-    with jax.named_scope("prefill/draft_trunk"):
-        # Draft position p pairs feature f_p with token x_{p+1}; the last pairs with the root.
-        pair_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-        pair_tokens = pair_tokens.at[rows, last].set(root)
+    # Draft position p pairs feature f_p with token x_{p+1}; the last pairs with the root.
+    pair_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    pair_tokens = pair_tokens.at[rows, last].set(root)
+
+    def trunk():
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
             positions, prefix.draft_cache, write_idx=start, mask=causal_mask(start, t, spans[1]),
@@ -400,18 +414,34 @@ def prefill(
         root_lp, root_feat = _root_inputs(
             (token_feature, next_feature), last, draft_head, base_params=base_params, cfg=cfg
         )
+        return dcache, root_lp, root_feat
+
+    pending_features = jnp.zeros((b, shapes.pending, hidden.shape[-1]), hidden.dtype)
+    pending_tokens = jnp.zeros((b, shapes.pending), jnp.int32)
+    if shapes.prompt_pending and (prefix_given or t > shapes.pending):
+        raise ValueError("prompt_pending: the whole prompt in one prefill, within the buffer")
+    if shapes.prompt_pending:  # the first catch-up runs the trunk over the prompt
+        dcache = prefix.draft_cache
+        root_lp, root_feat = (jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(trunk)[1:])
+        pending_features = pending_features.at[:, :t].set(hidden)
+        pending_tokens = pending_tokens.at[:, :t].set(pair_tokens)
+        trunk_len, pending_len = start, lengths
+    else:
+        with jax.named_scope("prefill/draft_trunk"):
+            dcache, root_lp, root_feat = trunk()
+        trunk_len, pending_len = total, jnp.zeros((b,), jnp.int32)
     hits, trials = budget_lib.init_stats(budget, b, knobs.temperature, greedy=greedy)
     out_tokens = jnp.zeros((b, shapes.out_size), jnp.int32).at[:, 0].set(root)
     state = SpecState(
         cache=cache,
         draft_cache=dcache,
-        trunk_len=total,
+        trunk_len=trunk_len,
         root=root,
         root_logprobs=root_lp,
         root_feature=root_feat,
-        pending_features=jnp.zeros((b, shapes.pending, hidden.shape[-1]), hidden.dtype),
-        pending_tokens=jnp.zeros((b, shapes.pending), jnp.int32),
-        pending_len=jnp.zeros((b,), jnp.int32),
+        pending_features=pending_features,
+        pending_tokens=pending_tokens,
+        pending_len=pending_len,
         out_tokens=out_tokens,
         num_out=jnp.ones((b,), jnp.int32),
         done=_is_eos(root, knobs.eos_ids) | (knobs.max_new <= 1),
@@ -462,10 +492,20 @@ def _emit(state: SpecState, emitted, n_new, knobs: Knobs, shape_index) -> SpecSt
     )
 
 
+def catch_up_sizes(pending: int) -> list[int]:
+    """The slot counts a catch-up forward may take (ascending, the last = the whole buffer):
+    CATCH_UP_SHORT, PENDING, then doubling (a pending prompt fills the buffer's tail part)."""
+    sizes, q = {CATCH_UP_SHORT, PENDING, pending}, 2 * PENDING
+    while q < pending:
+        sizes.add(q)
+        q *= 2
+    return sorted(x for x in sizes if x <= pending)
+
+
 def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, dcfg, shapes):
-    """Runs the draft trunk over the pending plain-round positions: one forward of the first
-    CATCH_UP_SHORT pending slots when no row has more (drafting resuming after a short plain
-    streak: ~1 ms here instead of ~3.4 for all 128), else of all of them.
+    """Runs the draft trunk over the pending positions (plain rounds', and a lazily left
+    prompt's): one forward of the fewest of `catch_up_sizes` slots that holds every row's
+    (drafting resuming after a short plain streak: ~1 ms here instead of ~3.4 for 128 slots).
 
     Rows with nothing pending keep their level-1 inputs; their writes past the trunk are
     garbage by contract and are overwritten before anything attends to them.
@@ -488,14 +528,13 @@ def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, d
 
         return run
 
+    sizes = catch_up_sizes(shapes.pending)
     with jax.named_scope("draft/catch_up"):
-        if shapes.pending > CATCH_UP_SHORT:
-            dcache, lp, feat = jax.lax.cond(
-                jnp.max(n) <= CATCH_UP_SHORT, forward(CATCH_UP_SHORT), forward(shapes.pending),
-                None,
-            )  # fmt: skip
+        if len(sizes) > 1:
+            fewest = sum((jnp.max(n) > q).astype(jnp.int32) for q in sizes[:-1])
+            dcache, lp, feat = jax.lax.switch(fewest, [forward(q) for q in sizes], None)
         else:
-            dcache, lp, feat = forward(shapes.pending)(None)
+            dcache, lp, feat = forward(sizes[0])(None)
     has = n > 0
     return state.replace(
         draft_cache=dcache,
@@ -847,7 +886,10 @@ def generate(
     budget = prepare_budget(tree_cfg, vocab_size=draft_vocab_size(cfg, dcfg, draft_head))
     budget = budget.replace(finish=len(prompts) > 1)  # the batch ends with its slowest row
     sampling_knobs = vanilla.SamplingKnobs(temperature, top_p, top_k)
-    shapes = plan_shapes([len(p) for p in prompts], max_new_tokens, budget.shapes)
+    shapes = plan_shapes(
+        [len(p) for p in prompts], max_new_tokens, budget.shapes,
+        prompt_pending=None in budget.shapes,  # the draft runs only once some round drafts
+    )  # fmt: skip
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
     greedy = sampling_knobs.greedy
     knobs = make_knobs(

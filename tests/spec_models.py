@@ -138,10 +138,15 @@ def aligned_pair(
     return base, draft
 
 
-def prefilled(base, draft, cfg, dcfg, prompts, budget, *, max_new: int, eos_ids, draft_head=None):
+def prefilled(
+    base, draft, cfg, dcfg, prompts, budget, *, max_new: int, eos_ids, draft_head=None,
+    prompt_pending: bool = False,
+):  # fmt: skip
     """(state, knobs, shapes) of a greedy `speculative.generate` of `prompts` under `budget`
     (a `budget.Budget`), prefilled: for tests that drive rounds or the draft by hand."""
-    shapes = speculative.plan_shapes([len(p) for p in prompts], max_new, budget.shapes)
+    shapes = speculative.plan_shapes(
+        [len(p) for p in prompts], max_new, budget.shapes, prompt_pending=prompt_pending
+    )
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
     knobs = speculative.make_knobs(
         vanilla.SamplingKnobs(), max_new_tokens=max_new, eos_ids=list(eos_ids)

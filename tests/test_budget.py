@@ -583,6 +583,47 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path):
     assert json.loads(path.read_text())[key] == costs
 
 
+def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
+    """`Shapes.prompt_pending`: prefill runs no draft, plain rounds queue behind the prompt,
+    and the first catch-up leaves the trunk and level-1 inputs an eager prefill leaves
+    followed by the same plain rounds."""
+    cfg, dcfg = base_config("llama"), draft_config(base_config("llama"))
+    base, draft = random_pair(cfg, dcfg)
+    forced = budget.make_budget(SHAPES, schedule=[0] * 5)  # five plain rounds
+    lengths = np.asarray([len(p) for p in PROMPTS])
+    run = functools.partial(
+        speculative.run_segment, base_params=base, draft_params=draft, budget=forced,
+        limit=5, index=None, cfg=cfg, dcfg=dcfg, greedy=True,
+    )  # fmt: skip
+    states = {}
+    for lazy in (False, True):
+        state, knobs, shapes = prefilled(
+            base, draft, cfg, dcfg, PROMPTS, forced, max_new=40, eos_ids=[-1],
+            prompt_pending=lazy,
+        )  # fmt: skip
+        if lazy:
+            assert shapes.pending == speculative.PENDING + shapes.prompt_bucket
+            np.testing.assert_array_equal(state.trunk_len, 0)
+            np.testing.assert_array_equal(state.pending_len, lengths)
+        state = run(state, knobs=knobs, shapes=shapes)
+        np.testing.assert_array_equal(state.pending_len, lengths * lazy + 5)
+        states[lazy] = speculative._catch_up(
+            state, base, draft, None, cfg=cfg, dcfg=dcfg, shapes=shapes
+        )
+    eager, lazy = states[False], states[True]
+    np.testing.assert_array_equal(lazy.trunk_len, lengths + 5)
+    np.testing.assert_array_equal(eager.trunk_len, lazy.trunk_len)
+    np.testing.assert_array_equal(eager.out_tokens, lazy.out_tokens)
+    for row, n in enumerate(lengths + 5):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(
+                getattr(lazy.draft_cache, name)[row, :n], getattr(eager.draft_cache, name)[row, :n],
+                rtol=1e-5, atol=1e-5,
+            )  # fmt: skip
+    np.testing.assert_allclose(lazy.root_logprobs, eager.root_logprobs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lazy.root_feature, eager.root_feature, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("pending", [[0, 5, 16, 30], [0, 5, 16, 3]])
 def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
     # [.., 30]: more than CATCH_UP_SHORT pending, the whole buffer is forwarded; [.., 3]: only

@@ -285,3 +285,52 @@ def test_keyed_draws_depend_on_seed_and_position_only():
             temperature=jnp.ones(3),
         )  # fmt: skip
         np.testing.assert_array_equal(one, grid[:, j])
+
+
+def test_keyed_sample_draws_the_distribution_across_blocks():
+    """The two-stage inverse-CDF draw over a vocabulary of many blocks (padded to a whole
+    number of them), with excluded tokens in a block of their own and inside others."""
+    v, n = 300, 120_000
+    assert sampling._block_size(v) < v  # several blocks, the last one padded
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(v,)).astype(np.float32) * 1.5
+    logits[40:56] = -np.inf  # a whole excluded block (block size 16 here)
+    logits[[3, 77, 299]] = -np.inf
+    logits[120] += 4.0  # one block holds much of the mass
+    logprobs = jax.nn.log_softmax(jnp.asarray(logits))
+    draws = jax.jit(
+        lambda lp: sampling.keyed_sample(
+            sampling.row_keys(jnp.asarray([9], jnp.uint32)), jnp.arange(n)[None], lp
+        )
+    )(jnp.broadcast_to(logprobs, (1, n, v)))
+    counts = np.bincount(np.asarray(draws).ravel(), minlength=v)
+    assert counts.shape == (v,)  # never an index past the vocabulary
+    assert _chi2_pvalue(counts, np.exp(np.asarray(logprobs, np.float64))) > 1e-3
+
+
+def test_keyed_sample_never_draws_an_excluded_token_at_the_edges():
+    """u at the ends of [0, 1): the first and the last token of positive mass, never a masked
+    one beside them (nor padding past the vocabulary)."""
+    logits = np.full((50,), -np.inf, np.float32)
+    logits[[7, 33]] = 0.0
+    logprobs = jax.nn.log_softmax(jnp.asarray(logits))
+    out = sampling.keyed_sample(
+        sampling.row_keys(jnp.arange(400, dtype=jnp.uint32)),
+        jnp.broadcast_to(jnp.arange(8), (400, 8)),
+        jnp.broadcast_to(logprobs, (400, 8, 50)),
+    )
+    assert set(np.unique(np.asarray(out)).tolist()) == {7, 33}
+    weights = jnp.asarray(np.exp(np.asarray(logprobs)).reshape(1, 50))
+    for u, want in [(0.0, 7), (0.4999, 7), (0.5001, 33), (np.nextafter(1, 0), 33), (1.0, 33)]:
+        # u = 1 is past the contract: what a u that rounded up to the total would pick.
+        assert int(sampling._inverse_cdf(weights, jnp.asarray([u], jnp.float32))[0]) == want
+
+
+def test_argmax_is_the_first_maximum():
+    rng = np.random.default_rng(2)
+    x = rng.integers(-3, 3, size=(5, 4, 33)).astype(np.float32)  # many exact ties
+    x[0, 0] = -np.inf
+    x[0, 1, 5] = np.inf
+    got = np.asarray(sampling.argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
