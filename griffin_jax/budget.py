@@ -28,11 +28,14 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   when the probe finds the draft good again the policy drafts deep on its own and the deeper
   levels get trials as it goes; a poor draft is rarely tried past level 1 whatever the depth,
   so a deeper probe would learn little more at several times the cost (a batch-8 round of the
-  default tree costs ~3.6 plain steps here, of the one-level chain ~1.4). The
-  streak a probe waits for starts at `probe_every` and doubles after every probe that does not
-  bring drafting back (exponential backoff), up to the wait at which the probes cost at most
-  PROBE_SHARE of the plain rounds between them (from the measured costs); the policy choosing
-  to draft on its own resets it.
+  default tree costs ~3.6 plain steps here, of the one-level chain ~1.4). The streak a probe
+  waits for starts at `probe_every` and grows `probe_growth`-fold (PROBE_GROWTH) after every
+  probe that does not bring drafting back (exponential backoff), up to the wait at which the
+  probes cost at most PROBE_SHARE of the plain rounds between them (from the measured costs);
+  the policy choosing to draft on its own resets it. The backoff's ramp is what a poor draft
+  pays while the policy learns: with a doubling wait 5 probes came before the cap (~350 plain
+  steps here), 6-11% of the time of a 500-step stretch at batch 8 (a probe there is ~4 plain
+  steps of rounds, more with the trunk's catch-up); growing 4-fold, 3.
 
 Correctness does not depend on the choice: every shape commits exactly what the base would
 decode (greedy argmax or the position-keyed draw, `sampling.py`), so greedy output equals
@@ -66,6 +69,7 @@ DECAY = 0.97  # per drafting round: statistics follow the text over ~30 drafting
 PROBE_EVERY = 8  # plain rounds in a row before drafting rounds refresh the statistics
 PROBE_ROUNDS = 3  # drafting rounds of such a probe (one round's luck is too little to go on)
 PROBE_SHARE = 0.02  # probes that keep failing cost at most this share of the plain rounds' time
+PROBE_GROWTH = 4  # each probe that does not bring drafting back multiplies the wait by this
 HYSTERESIS = 0.05  # another drafting shape must promise this much more tokens per ms to be
 # switched to
 PLAIN_MARGIN = 0.05  # a drafting shape must promise this much more tokens per ms than plain
@@ -134,6 +138,7 @@ class Budget:
     start_wait: jax.Array  # [] int32 the probe wait a fresh batch starts with
     start_streak: jax.Array  # [] int32 and the plain streak (probes span short requests)
     probe_every: int = flax.struct.field(pytree_node=False, default=PROBE_EVERY)
+    probe_growth: int = flax.struct.field(pytree_node=False, default=PROBE_GROWTH)
     finish: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
@@ -147,6 +152,7 @@ def make_budget(
     schedule: Sequence[int] | None = None,
     *,
     probe_every: int = PROBE_EVERY,
+    probe_growth: int = PROBE_GROWTH,
 ) -> Budget:
     """A Budget; `costs` default to equal costs (then the deepest tree always wins)."""
     shapes = tuple(shapes)
@@ -156,6 +162,10 @@ def make_budget(
         costs = [1.0] * len(shapes)
     if len(costs) != len(shapes) or not all(np.isfinite(c) and c > 0 for c in costs):
         raise ValueError(f"costs: expected {len(shapes)} positive finite values, got {costs}")
+    if not (isinstance(probe_every, int) and probe_every >= 1):
+        raise ValueError(f"probe_every: a positive number of rounds expected, got {probe_every}")
+    if not (isinstance(probe_growth, int) and probe_growth >= 1):
+        raise ValueError(f"probe_growth: a positive integer factor expected, got {probe_growth}")
     sched = np.asarray([-1] if schedule is None else list(schedule), np.int32)
     if sched.ndim != 1 or len(sched) == 0 or sched.min() < -1 or sched.max() >= len(shapes):
         raise ValueError(f"schedule: shape indices in [-1, {len(shapes)}) expected")
@@ -173,6 +183,7 @@ def make_budget(
         start_wait=jnp.int32(probe_every),
         start_streak=jnp.int32(0),
         probe_every=probe_every,
+        probe_growth=probe_growth,
     )
 
 
@@ -421,9 +432,10 @@ def next_probe(
     """(plain_streak, probe_wait) after a round.
 
     The streak: +1 after a plain round; after a drafting round 0, or -(PROBE_ROUNDS - 1) when
-    that round started a probe (negative: probe rounds left). The wait: doubled (up to
-    `probe_cap`) when a probe starts, back to `probe_every` when the policy drafted on its own
-    (so a probe that brings drafting back resets it, and one that does not leaves it doubled).
+    that round started a probe (negative: probe rounds left). The wait: `probe_growth` times
+    longer (up to `probe_cap`) when a probe starts, back to `probe_every` when the policy
+    drafted on its own (so a probe that brings drafting back resets it, and one that does not
+    leaves it longer).
     """
     if not drafted:
         return plain_streak + 1, probe_wait
@@ -434,7 +446,7 @@ def next_probe(
     own = (plain_streak >= 0) & ~started
     wait = jnp.where(
         started,
-        jnp.minimum(2 * probe_wait, probe_cap(budget)),
+        jnp.minimum(budget.probe_growth * probe_wait, probe_cap(budget)),
         jnp.where(own, budget.probe_every, probe_wait),
     ).astype(jnp.int32)
     return streak, wait

@@ -193,9 +193,10 @@ def test_policy_probes_after_a_plain_streak_and_keeps_its_shape_on_near_ties():
         drafted = b.shapes[picks[-1]] is not None
         streak, wait = budget.next_probe(streak, wait, drafted=drafted, budget=b)
     assert picks == [1] * budget.PROBE_ROUNDS + [0]
-    assert int(wait) == 2 * budget.PROBE_EVERY  # the probe failed: the next one waits longer
+    grown = budget.PROBE_GROWTH * budget.PROBE_EVERY
+    assert int(wait) == grown  # the probe failed: the next one waits longer
     # the next one too
-    for _ in range(2 * budget.PROBE_EVERY - 2):  # the streak is 1 after the plain pick above
+    for _ in range(grown - 2):  # the streak is 1 after the plain pick above
         streak, wait = budget.next_probe(streak, wait, drafted=False, budget=b)
     assert _choose(b, *bad, streak=int(streak), wait=int(wait)) == 0
     streak, wait = budget.next_probe(streak, wait, drafted=False, budget=b)
@@ -203,7 +204,7 @@ def test_policy_probes_after_a_plain_streak_and_keeps_its_shape_on_near_ties():
     for _ in range(budget.PROBE_ROUNDS):
         picks.append(_choose(b, *bad, streak=int(streak), wait=int(wait)))
         streak, wait = budget.next_probe(streak, wait, drafted=True, budget=b)
-    assert picks == [1] * budget.PROBE_ROUNDS and int(wait) == 4 * budget.PROBE_EVERY
+    assert picks == [1] * budget.PROBE_ROUNDS and int(wait) == budget.PROBE_GROWTH * grown
     assert int(budget.probe_shape(budget.make_budget(SHAPES, costs=[1.0, 2.0, 1.5, 3.0]))) == 2
     # Drafting runs only while it beats plain decoding by PLAIN_MARGIN, whatever ran last.
     even = budget.make_budget([None, TREE], costs=[1.0, 1.0])
@@ -220,19 +221,21 @@ def test_policy_probes_after_a_plain_streak_and_keeps_its_shape_on_near_ties():
     assert _choose(two, hits, trials, current=2) == 2
 
 
-def test_failing_probes_back_off_to_a_bounded_share_of_the_time():
+@pytest.mark.parametrize("growth", [budget.PROBE_GROWTH, 2])
+def test_failing_probes_back_off_to_a_bounded_share_of_the_time(growth):
     costs = [1.0, 3.5, 4.0, 5.0]
-    b = budget.make_budget(SHAPES, costs=costs)
+    b = budget.make_budget(SHAPES, costs=costs, probe_growth=growth)
     cap = int(budget.probe_cap(b))
     assert cap == int(np.ceil((budget.PROBE_ROUNDS + 1) * 3.5 / (budget.PROBE_SHARE * 1.0)))
     picks = _simulate(b, _stats([0.05] * 4), 4000)
     starts = [i for i in range(1, len(picks)) if picks[i] in (1, 3) and picks[i - 1] == 0]
     assert {picks[i] for i in starts} == {1}
     gaps = np.diff(starts) - budget.PROBE_ROUNDS  # plain rounds between probes
-    doubling = [budget.PROBE_EVERY * 2**i for i in range(1, 20) if budget.PROBE_EVERY * 2**i < cap]
-    assert list(gaps[: len(doubling)]) == doubling and set(gaps[len(doubling) :]) == {cap}
+    ramp = [budget.PROBE_EVERY * growth**i for i in range(1, 20)
+            if budget.PROBE_EVERY * growth**i < cap]  # fmt: skip
+    assert ramp and list(gaps[: len(ramp)]) == ramp and set(gaps[len(ramp) :]) == {cap}
     # In the long run the probes take at most PROBE_SHARE of the time of the plain rounds.
-    tail = picks[starts[len(doubling)] : starts[-1]]  # whole probe + gap periods
+    tail = picks[starts[len(ramp)] : starts[-1]]  # whole probe + gap periods
     time = {
         k: sum(costs[p] for p in tail if (p == 0) == (k == "plain")) for k in ("plain", "probe")
     }
@@ -283,11 +286,12 @@ def test_generation_starts_from_its_own_kind_of_history(pair):
     hist.observe([[30.0] * 4], [[30.0] * 4], [True])  # sampled: it always did
     b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
     for temperature, first in ((0.0, 0), (1.0, 3)):
+        # PROMPTS and 40 tokens, as the back-off test below: the greedy program is compiled once
         res = speculative.generate(
-            base, cfg, draft, dcfg, PROMPTS[:1], tree_cfg=hist.apply(b, sampled=temperature > 0),
-            max_new_tokens=4, temperature=temperature,
+            base, cfg, draft, dcfg, PROMPTS, tree_cfg=hist.apply(b, sampled=temperature > 0),
+            max_new_tokens=40, temperature=temperature,
         )  # fmt: skip
-        assert res.round_shapes[0][0] == first, temperature
+        assert [shapes[0] for shapes in res.round_shapes] == [first] * len(PROMPTS), temperature
 
 
 def test_keep_plain_is_the_policy_when_no_statistics_changed():
@@ -410,7 +414,8 @@ def test_a_schedule_length_does_not_recompile():
 
 
 @pytest.mark.parametrize("bad", [dict(costs=[1.0]), dict(costs=[1, 0, 1, 1]),
-                                 dict(schedule=[4]), dict(schedule=[-2])])  # fmt: skip
+                                 dict(schedule=[4]), dict(schedule=[-2]), dict(probe_growth=0),
+                                 dict(probe_every=0)])  # fmt: skip
 def test_make_budget_refuses_bad_settings(bad):
     with pytest.raises(ValueError):
         budget.make_budget(SHAPES, **bad)
@@ -593,7 +598,7 @@ def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
     lengths = np.asarray([len(p) for p in PROMPTS])
     run = functools.partial(
         speculative.run_segment, base_params=base, draft_params=draft, budget=forced,
-        limit=5, index=None, cfg=cfg, dcfg=dcfg, greedy=True,
+        limit=5, index=0, cfg=cfg, dcfg=dcfg, greedy=True,
     )  # fmt: skip
     states = {}
     for lazy in (False, True):

@@ -299,8 +299,9 @@ def test_sampling_same_seed_same_output():
 
 # Seeded sampling: every token is drawn with the key of (row seed, sequence index), so speculative
 # and vanilla decoding with the same seed emit the same tokens. Near-tie rule (as for greedy):
-# equality is exact unless two Gumbel-perturbed scores of a draw lie within the f32 round-off
-# between the two programs' logits (~1e-6): for these few hundred draws, odds below 1e-3.
+# equality is exact unless a draw's uniform lies within the f32 round-off between the two
+# programs' cumulative masses (~1e-6) of a boundary between two tokens (`sampling.keyed_sample`):
+# for these few hundred draws, odds below 1e-3.
 SEEDED_TREES = [
     TREE,
     TreeConfig(top_k=1, depth=4, total_tokens=6),
