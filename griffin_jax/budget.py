@@ -9,7 +9,7 @@ that maximises the expected committed tokens per millisecond over the batch's ru
 
 - cost(s): the measured time of one round of shape s at this batch size
   (`speculative.measure_round_costs`, or read from the cache file of `load_or_measure_costs`,
-  keyed by machine, model and shapes).
+  keyed by machine, model, shapes, batch and the code's version).
   The policy never uses this machine's constants: on a GPU verification is nearly free and
   deep trees win; on a CPU it is compute-bound and shallow trees or plain decoding win.
 - E_row[tokens | s] = 1 + sum_{i <= L_s} prod_{j <= i} p_j: the bonus plus the expected
@@ -534,12 +534,25 @@ def cache_path() -> pathlib.Path:
 
 
 def cost_key(model: str, shapes: Sequence[Shape], batch: int) -> str:
-    """Cache key: this machine (platform, device kind and count, CPU count), model, shapes."""
+    """Cache key: this machine (platform, device kind and count, CPU count), model, shapes,
+    batch, and the code that runs the rounds (`code_digest`): costs measured before a change
+    of the rounds' programs or of JAX would misprice the shapes until measured again."""
     dev = jax.devices()[0]
     machine = f"{platform.machine()}|{dev.platform}|{dev.device_kind}|{jax.device_count()}"
     machine += f"|cpus={os.cpu_count()}"
-    text = "|".join([machine, model, ";".join(describe(s) for s in shapes), f"b={batch}"])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    parts = [machine, model, ";".join(describe(s) for s in shapes), f"b={batch}", code_digest()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of this package's sources and the JAX and jaxlib versions."""
+    import jaxlib
+
+    h = hashlib.sha256(f"jax={jax.__version__}|jaxlib={jaxlib.__version__}".encode())
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def load_or_measure_costs(

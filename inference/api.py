@@ -288,7 +288,7 @@ class SpeculativeModel:
     def round_costs(self, batch: int, *, greedy: bool) -> list[float]:
         """ms per round of each of `shapes` at `batch` rows on this machine: measured once
         (`speculative.measure_round_costs`) and kept in the cost cache file
-        (`budget.cache_path()`, keyed by machine, model and shapes)."""
+        (`budget.cache_path()`, keyed by machine, model, shapes, batch and code version)."""
         key = (batch, greedy)
         if key not in self._costs:
             dtype = self.base_params["embed_tokens"]["embedding"].dtype

@@ -17,8 +17,10 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 34)), [40], [3, 4], [7]
 
 
 def _engine(pair, **kw):
+    """An engine on the tiny pair. 200 positions by default, as the warm-up test needs: engines
+    of one size share their compiled programs (a size per test compiled ~20% more here)."""
     cfg, dcfg, base, draft = pair
-    kw = dict(dict(tree=TREE, max_batch=4, max_model_len=96), **kw)
+    kw = dict(dict(tree=TREE, max_batch=4, max_model_len=200), **kw)
     return engine_lib.Engine(base, cfg, draft, dcfg, **kw)
 
 
@@ -297,7 +299,7 @@ def test_cancel_frees_the_row_and_stop_ids_end_a_request(pair):
 
 
 def test_bad_requests_are_refused_and_a_full_queue_raises(pair):
-    eng = _engine(pair, max_queue=1)
+    eng = _engine(pair, max_queue=1, max_model_len=96)
     bad = [
         engine_lib.Request((), max_new_tokens=4),
         engine_lib.Request((5, 10**6), max_new_tokens=4),

@@ -157,15 +157,19 @@ def _exact_two_token_probs(base, cfg, prompt, *, temperature, top_p, top_k):
     """p(t1, t2 | prompt) under the warped base distribution, by brute force over t1."""
     v = cfg.vocab_size
 
-    def logits_after(seq):
-        t = len(seq)
+    @jax.jit  # one program per length (two), not op by op for each of the V + 1 calls
+    def last_logits(ids):
+        t = ids.shape[1]
         cache = init_cache(cfg, 1, t)
         zero = jnp.zeros((1,), jnp.int32)
         lg, _, _ = forward(
-            base, jnp.asarray([seq]), jnp.arange(t)[None], cache, write_idx=zero,
-            mask=causal_mask(zero, t, t), cfg=cfg,
+            base, ids, jnp.arange(t)[None], cache, write_idx=zero, mask=causal_mask(zero, t, t),
+            cfg=cfg,
         )  # fmt: skip
         return lg[0, -1]
+
+    def logits_after(seq):
+        return last_logits(jnp.asarray([seq], jnp.int32))
 
     def warped(seq):
         lp = sampling.warp(logits_after(seq)[None], temperature, top_p, top_k)[0]
