@@ -691,10 +691,11 @@ def draft_tree(
 
 
 def _with_choice(state: SpecState, budget: budget_lib.Budget, knobs: Knobs) -> SpecState:
-    index = budget_lib.choose(
-        budget, state.hits, state.trials, ~state.done, state.plain_streak, state.probe_wait,
-        state.step, state.next_shape, remaining=knobs.max_new - state.num_out,
-    )  # fmt: skip
+    with jax.named_scope("budget"):
+        index = budget_lib.choose(
+            budget, state.hits, state.trials, ~state.done, state.plain_streak, state.probe_wait,
+            state.step, state.next_shape, remaining=knobs.max_new - state.num_out,
+        )  # fmt: skip
     return state.replace(next_shape=index)
 
 
@@ -787,28 +788,30 @@ def _shape_segment(
 
     def body(carry):
         s, n = carry
-        streak, wait = budget_lib.next_probe(
-            s.plain_streak, s.probe_wait, drafted=shape is not None, budget=budget
-        )
-        if shape is not None and None in budget.shapes:  # a probe starts: stale levels go
-            hits, trials = budget_lib.forget_untried(
-                s.hits, s.trials, budget_lib.levels(shape),
-                probing=budget_lib.probe_due(s.plain_streak, s.probe_wait), active=~s.done,
-            )  # fmt: skip
-            s = s.replace(hits=hits, trials=trials)
+        with jax.named_scope("budget"):
+            streak, wait = budget_lib.next_probe(
+                s.plain_streak, s.probe_wait, drafted=shape is not None, budget=budget
+            )
+            if shape is not None and None in budget.shapes:  # a probe starts: stale levels go
+                hits, trials = budget_lib.forget_untried(
+                    s.hits, s.trials, budget_lib.levels(shape),
+                    probing=budget_lib.probe_due(s.plain_streak, s.probe_wait), active=~s.done,
+                )  # fmt: skip
+                s = s.replace(hits=hits, trials=trials)
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
         s = s.replace(plain_streak=streak, probe_wait=wait)
         if shape is not None:
             return _with_choice(s, budget, knobs), n + 1
         # A plain round changes no statistics: the segment's first round weighs the rows (one
         # may have been admitted or finished), the later ones only watch for a probe.
-        nxt = jax.lax.cond(
-            n == 0,
-            lambda: _with_choice(s, budget, knobs).next_shape,
-            lambda: budget_lib.keep_plain(
-                budget, s.plain_streak, s.probe_wait, s.step, s.next_shape
-            ),
-        )  # fmt: skip
+        with jax.named_scope("budget"):
+            nxt = jax.lax.cond(
+                n == 0,
+                lambda: _with_choice(s, budget, knobs).next_shape,
+                lambda: budget_lib.keep_plain(
+                    budget, s.plain_streak, s.probe_wait, s.step, s.next_shape
+                ),
+            )  # fmt: skip
         return s.replace(next_shape=nxt), n + 1
 
     return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))

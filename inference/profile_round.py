@@ -13,12 +13,19 @@ the same prompts, with every piece compiled first and timed as the median of `--
   `verify_floor_ms` = 2 x M x base parameters / that rate;
 - `bookkeeping_ms` = round - verify - trunk - depth x level: what the round spends outside the
   model forwards (acceptance, commit, tree building and reranking, masks, copies);
-- `hlo_ops`: instructions in the optimised HLO of the compiled round.
+- `hlo_ops`: instructions in the optimised HLO of the compiled round;
+- `phases_ms`: the round split by phase from a profiler trace of `--repeats` more rounds
+  (`jax.profiler`): each thunk XLA ran is charged to the named scope its HLO instruction came
+  from (`PHASES`: verification, acceptance, statistics, stop check, commit, draft trunk, level
+  1, each further tree level, reranking, catch-up, the budget's choice), time when several ran
+  at once shared among them, and `(between ops)` the time inside the round when no thunk ran
+  (the executor's own work between ops); `levels_ms` the wall time of each tree level after
+  the first (one pass of the expansion loop), `thunks` how many ran in a round, and
+  `traced_round_ms` the round's span under the profiler (tracing adds some overhead).
 
 Each piece timed alone pays its own dispatch (the whole parameter pytree per call) and runs
 without the round's fusion across pieces, so `bookkeeping_ms` is a lower estimate and can read
-slightly negative on a noisy machine. Phases inside it are not split further here (a profiler
-trace with the engine's named scopes, `jax.profiler`, shows them).
+slightly negative on a noisy machine; `phases_ms` measures the same pieces inside the round.
 
 Example:
   python -m inference.profile_round --tree 1,6,8,1024 --tree 4,4,16 --tree 10,5,60 \\
@@ -27,11 +34,14 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import pathlib
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +82,158 @@ def median_ms(fn: Callable[[Any], Any], carry: Any, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+# The engine's named scopes (`jax.named_scope` in speculative.py, tree.py and budget.py) that
+# split a round; an HLO instruction belongs to the innermost of these its op_name names.
+PHASES = (
+    "verify", "accept", "stats", "stop", "commit", "draft/trunk", "draft/level1",
+    "draft/expand", "draft/rerank", "draft/catch_up", "budget",
+)  # fmt: skip
+BETWEEN_OPS = "(between ops)"
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+
+
+def _scope_phase(op_name: str) -> str | None:
+    path = f"/{op_name}/"
+    found = [(path.rfind(f"/{p}/"), p) for p in PHASES if f"/{p}/" in path]
+    return max(found)[1] if found else None
+
+
+def hlo_phases(hlo_text: str) -> tuple[dict[str, str], set[str]]:
+    """(instruction name -> phase, names of control-flow instructions) of a compiled program's
+    optimised HLO text (`compiled.as_text()`).
+
+    An instruction's phase is the innermost of `PHASES` in its op_name; failing that (XLA's
+    own instructions carry no op_name), the phase most of a fusion's fused instructions
+    name, then the one most instructions of its computation name, then its caller's (a loop
+    body's instructions take their loop's). "other" when nothing names one. While,
+    conditional and call instructions are containers: their thunks' time is their bodies'.
+    """
+    comp = None
+    own: dict[str, tuple[str, str | None, list[str]]] = {}
+    members: dict[str, list[str]] = collections.defaultdict(list)
+    caller: dict[str, str] = {}
+    containers = set()
+    for line in hlo_text.splitlines():
+        if m := _COMPUTATION.match(line):
+            comp = m.group(1)
+            continue
+        if not (m := _INSTRUCTION.match(line)):
+            continue
+        name, rest = m.groups()
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        body = rest.split(", metadata=")[0]
+        if re.search(r"\b(while|conditional|call)\(", body):
+            containers.add(name)
+        called = re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", body)
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
+            called += [c.strip().lstrip("%") for c in group.split(",")]
+        phase = _scope_phase(op_name.group(1)) if op_name else None
+        own[name] = (comp, phase, called)
+        members[comp].append(name)
+        for c in called:
+            caller.setdefault(c, name)
+
+    def majority(names) -> str | None:
+        votes = collections.Counter(own[n][1] for n in names if own[n][1] is not None)
+        return votes.most_common(1)[0][0] if votes else None
+
+    phases: dict[str, str] = {}
+
+    def phase(name: str) -> str:
+        if name not in phases:
+            comp, p, called = own[name]
+            p = p or majority(n for c in called for n in members.get(c, ()))
+            p = p or majority(members[comp])
+            phases[name] = "other"  # guards a cycle while the caller is looked up
+            phases[name] = p or (phase(caller[comp]) if comp in caller else "other")
+        return phases[name]
+
+    for name in own:
+        phase(name)
+    return phases, containers
+
+
+def trace_phases(
+    fn: Callable[[Any], Any],
+    carry: Any,
+    repeats: int,
+    hlo_text: str,
+    module: str,
+    *,
+    loop_passes: int = 0,
+) -> tuple[Any, dict]:
+    """(carry, the round split by phase): `repeats` calls of `carry = fn(carry)` under the
+    profiler; medians over the calls (module docstring, `phases_ms`).
+
+    `module` is the compiled program's name in the trace (`jit_<function>`), `loop_passes` the
+    passes of the tree's expansion loop a call makes (its depth). Within a call,
+    time is swept from its first thunk's start to its last one's end and each instant shared
+    among the thunks running then, so the phases add up to the call's span on the device.
+    """
+    from jax.profiler import ProfileData
+
+    phases, containers = hlo_phases(hlo_text)
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(repeats):
+                carry = jax.block_until_ready(fn(carry))
+        data = ProfileData.from_file(str(next(pathlib.Path(folder).rglob("*.xplane.pb"))))
+    calls: dict[int, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                name = stats.get("hlo_op")
+                if stats.get("hlo_module") != module or name in containers:
+                    continue
+                if name not in phases or event.duration_ns <= 0:
+                    continue
+                calls[stats["run_id"]].append((event.start_ns, event.end_ns, name))
+    per_call = []
+    for events in calls.values():
+        events.sort()
+        edges = sorted(
+            [(t0, 1, phases[n]) for t0, _, n in events]
+            + [(t1, -1, phases[n]) for _, t1, n in events]
+        )
+        ms: dict[str, float] = collections.defaultdict(float)
+        running: collections.Counter = collections.Counter()
+        last = edges[0][0]
+        for t, step, phase in edges:
+            n = sum(running.values())
+            for p, c in running.items():
+                ms[p] += (t - last) * c / n / 1e6 if n else 0.0
+            if not n:
+                ms[BETWEEN_OPS] += (t - last) / 1e6
+            running[phase] += step
+            last = t
+        # A tree level's wall time: from one pass of the expansion loop to the next, the passes
+        # marked by the earliest thunk that runs once a pass (`loop_passes` times a call).
+        expand = [(t0, t1, n) for t0, t1, n in events if phases[n] == "draft/expand"]
+        count = collections.Counter(n for _, _, n in expand)
+        marks = [n for _, _, n in expand if count[n] == loop_passes]
+        starts = [t0 for t0, _, n in expand if marks and n == marks[0]]
+        bounds = starts + [max(t1 for _, t1, _ in expand)] if starts else []
+        levels = [(b - a) / 1e6 for a, b in zip(bounds, bounds[1:], strict=False)]
+        span = (edges[-1][0] - edges[0][0]) / 1e6
+        per_call.append(dict(ms=ms, levels=levels, span=span, thunks=len(events)))
+    names = sorted({p for c in per_call for p in c["ms"]}, key=lambda p: (PHASES + (p,)).index(p))
+    out = {
+        "phases_ms": {p: statistics.median(c["ms"].get(p, 0.0) for c in per_call) for p in names},
+        "traced_round_ms": statistics.median(c["span"] for c in per_call),
+        "thunks": statistics.median(c["thunks"] for c in per_call),
+    }
+    if all(len(c["levels"]) == loop_passes > 0 for c in per_call):
+        out["levels_ms"] = median_lists([c["levels"] for c in per_call])
+    return carry, out
+
+
+def median_lists(lists: list[list[float]]) -> list[float]:
+    """Element-wise medians of equally long lists."""
+    return [statistics.median(column) for column in zip(*lists, strict=True)]
+
+
 def gemm_gflops(repeats: int, n: int = 1024) -> float:
     """This machine's f32 matmul rate (GFLOP/s) on an n x n x n product."""
     a = jnp.ones((n, n), jnp.float32)
@@ -89,7 +251,7 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
     base, draft = model.base_params, model.draft_params
     static = dict(cfg=cfg, dcfg=dcfg, greedy=True)
     budget = speculative.prepare_budget(tree, vocab_size=cfg.vocab_size)
-    # Room for the prefill plus the timed rounds of up to A tokens each.
+    # Room for the prefill plus the timed and the traced rounds of up to A tokens each.
     shapes = speculative.plan_shapes([len(prompt)], (repeats + 2) * tree.path_len, tree)
     tokens, lengths = vanilla.pad_prompts([prompt], [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=10**6, eos_ids=[-1])
@@ -107,6 +269,11 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
         )
 
     out["round_ms"] = median_ms(one_round, state, repeats)
+    state = speculative.prefill(base, draft, *inputs, head, shapes=shapes, **static)
+    _, traced = trace_phases(
+        one_round, state, repeats, compiled.as_text(), "jit_run_segment", loop_passes=tree.depth
+    )
+    out.update(traced)
     # The pieces alone, on copies of a fresh state's caches (the round donated the original).
     state = speculative.prefill(base, draft, *inputs, head, shapes=shapes, **static)
     t = speculative.draft_tree(
@@ -157,7 +324,13 @@ def profile_tree(model: SpeculativeModel, tree: TreeConfig, prompts, repeats: in
     """Medians over prompts of `profile_prompt`, and the derived figures (module docstring)."""
     model.tree_cfg = tree = tree.trimmed()
     rows = [profile_prompt(model, prompt, repeats) for prompt in prompts]
-    out = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    split = ("phases_ms", "levels_ms")
+    out = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key not in split}
+    names = dict.fromkeys(p for row in rows for p in row["phases_ms"])
+    out["phases_ms"] = {p: statistics.median(row["phases_ms"].get(p, 0.0) for row in rows)
+                        for p in names}  # fmt: skip
+    if all("levels_ms" in row for row in rows) and len({len(r["levels_ms"]) for r in rows}) == 1:
+        out["levels_ms"] = median_lists([row["levels_ms"] for row in rows])
     out["hlo_ops"] = int(out["hlo_ops"])
     out["draft_ms"] = out["trunk_ms"] + tree.depth * out["level_ms"]
     out["bookkeeping_ms"] = out["round_ms"] - out["verify_ms"] - out["draft_ms"]
@@ -211,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['hlo_ops']} HLO ops",
             file=sys.stderr,
         )
+        phases = ", ".join(f"{p} {ms:.2f}" for p, ms in row["phases_ms"].items() if ms >= 0.005)
+        print(f"  traced round {row['traced_round_ms']:.2f} ms, {row['thunks']:.0f} thunks: "
+              f"{phases}", file=sys.stderr)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

@@ -454,6 +454,47 @@ def test_profile_round_reports_every_piece(pair, tmp_path, capsys):
             assert row[key] > 0, key
         assert row["hlo_ops"] > 100 and row["decodes_per_round"] > 0
         assert row["draft_ms"] == row["trunk_ms"] + row["depth"] * row["level_ms"]
+        phases = row["phases_ms"]
+        for phase in ("verify", "accept", "commit", "draft/trunk", "draft/expand", "draft/rerank"):
+            assert phases[phase] > 0, phase
+        assert set(phases) <= {*profile_round.PHASES, profile_round.BETWEEN_OPS, "other"}
+        # Each call's phases add up to its span; the medians over calls nearly so.
+        assert sum(phases.values()) == pytest.approx(row["traced_round_ms"], rel=0.3)
+        assert len(row["levels_ms"]) == row["depth"] and min(row["levels_ms"]) > 0
+        assert row["thunks"] > 100
+
+
+def test_round_phases_follow_the_named_scopes():
+    import jax.numpy as jnp
+
+    from inference import profile_round
+
+    w = jnp.eye(64) * 0.5
+
+    def f(x):
+        with jax.named_scope("verify"):
+            x = jnp.tanh(x @ w)
+
+        def level(i, x):
+            with jax.named_scope("draft/expand"):
+                return jnp.sin(x @ w) + i
+
+        x = jax.lax.fori_loop(0, 3, level, x)
+        with jax.named_scope("accept"):
+            return jnp.sort(x, axis=-1)
+
+    run = jax.jit(f)
+    x = jnp.linspace(0, 1, 8 * 64).reshape(8, 64)
+    text = run.lower(x).compile().as_text()
+    phases, containers = profile_round.hlo_phases(text)
+    assert any(" while(" in line and f"%{name} " in line
+               for name in containers for line in text.splitlines())  # fmt: skip
+    assert {"verify", "draft/expand", "accept"} <= set(phases.values())
+    _, out = profile_round.trace_phases(run, x, 4, text, "jit_f", loop_passes=3)
+    for phase in ("verify", "draft/expand", "accept"):
+        assert out["phases_ms"][phase] > 0, phase
+    assert not {"stats", "commit"} & set(out["phases_ms"])  # nothing named them
+    assert len(out["levels_ms"]) == 3 and min(out["levels_ms"]) > 0
 
 
 def test_tune_tree_writes_the_fastest_tree(pair, tmp_path, capsys):
