@@ -251,7 +251,8 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
     base, draft = model.base_params, model.draft_params
     static = dict(cfg=cfg, dcfg=dcfg, greedy=True)
     budget = speculative.prepare_budget(tree, vocab_size=cfg.vocab_size)
-    # Room for the prefill plus the timed and the traced rounds of up to A tokens each.
+    # Room for the prefill plus the timed rounds of up to A tokens each (the traced rounds
+    # start again from a fresh prefill).
     shapes = speculative.plan_shapes([len(prompt)], (repeats + 2) * tree.path_len, tree)
     tokens, lengths = vanilla.pad_prompts([prompt], [shapes.prompt_bucket])
     knobs = speculative.make_knobs(vanilla.SamplingKnobs(), max_new_tokens=10**6, eos_ids=[-1])
