@@ -24,8 +24,9 @@ the same prompts, with every piece compiled first and timed as the median of `--
   `traced_round_ms` the round's span under the profiler (tracing adds some overhead).
 
 Each piece timed alone pays its own dispatch (the whole parameter pytree per call) and runs
-without the round's fusion across pieces, so `bookkeeping_ms` is a lower estimate and can read
-slightly negative on a noisy machine; `phases_ms` measures the same pieces inside the round.
+without the round's fusion across pieces, so `bookkeeping_ms` is a lower estimate and reads
+negative where the pieces' dispatches outweigh it (a deep chain's levels each pay one);
+`phases_ms` measures the same pieces inside the round.
 
 Example:
   python -m inference.profile_round --tree 1,6,8,1024 --tree 4,4,16 --tree 10,5,60 \\
@@ -282,41 +283,45 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
     )
     length = state.cache.length
     positions = tree_lib.verify_positions(t, length)
+    # Weights and inputs go in as arguments, as in the round: arrays a jitted function closes
+    # over are compile-time constants, which XLA may fold or lay out ahead of time (a zero
+    # feature made a draft level ~30% cheaper than the same forward on real features).
 
-    @functools.partial(jax.jit, donate_argnums=0, static_argnames="width")
-    def base_forward_at(carry, *, width):
-        cache = carry[0]
+    @functools.partial(jax.jit, donate_argnums=0)
+    def base_forward_at(carry, params, tokens, pos, at, mask):
+        logits, _, cache = base_forward(
+            params, tokens, pos, carry[0], write_idx=at, mask=mask, cfg=cfg
+        )
+        return cache, logits  # logits kept: nothing is pruned
+
+    for name, width in (("verify_ms", tree.total_tokens), ("decode_ms", 1)):
         mask = (
             tree_lib.verify_mask(t, length, shapes.capacity)
             if width == tree.total_tokens
             else causal_mask(length, width, shapes.capacity)
         )
-        logits_and_cache = base_forward(
-            base, t.draft_tokens[:, :width], positions[:, :width], cache, write_idx=length,
-            mask=mask, cfg=cfg,
+        fn = functools.partial(
+            base_forward_at, params=base, tokens=t.draft_tokens[:, :width],
+            pos=positions[:, :width], at=length, mask=mask,
         )  # fmt: skip
-        return logits_and_cache[2], logits_and_cache[0]  # logits kept: nothing is pruned
-
-    for name, width in (("verify_ms", tree.total_tokens), ("decode_ms", 1)):
-        fn = functools.partial(base_forward_at, width=width)
         out[name] = median_ms(fn, (jax.tree.map(jnp.copy, state.cache), None), repeats)
 
-    step = speculative._draft_step(base, draft, head, cfg=cfg, dcfg=dcfg)
     trunk = state.trunk_len
 
-    @functools.partial(jax.jit, donate_argnums=0, static_argnames="width")
-    def draft_forward_at(carry, *, width):
-        dcache = carry[0]
-        feats = jnp.zeros((1, width, dcfg.d_model), base["embed_tokens"]["embedding"].dtype)
-        pos = trunk[:, None] + jnp.arange(width)[None]
-        mask = causal_mask(trunk, width, shapes.draft_capacity)
-        logits, next_feature, dcache = step(
-            feats, t.draft_tokens[:, :width], pos, dcache, trunk, mask
-        )
+    @functools.partial(jax.jit, donate_argnums=0)
+    def draft_forward_at(carry, params, feats, tokens, pos, at, mask):
+        step = speculative._draft_step(*params, cfg=cfg, dcfg=dcfg)
+        logits, next_feature, dcache = step(feats, tokens, pos, carry[0], at, mask)
         return dcache, (logits, next_feature)  # outputs kept: nothing is pruned
 
     for name, width in (("trunk_ms", tree.path_len), ("level_ms", tree.top_k)):
-        fn = functools.partial(draft_forward_at, width=width)
+        # The round's root feature stands in for the input features (real values, not zeros).
+        feats = jnp.broadcast_to(state.root_feature[:, None], (1, width, dcfg.d_model))
+        fn = functools.partial(
+            draft_forward_at, params=(base, draft, head), feats=feats,
+            tokens=t.draft_tokens[:, :width], pos=trunk[:, None] + jnp.arange(width)[None],
+            at=trunk, mask=causal_mask(trunk, width, shapes.draft_capacity),
+        )  # fmt: skip
         out[name] = median_ms(fn, (jax.tree.map(jnp.copy, state.draft_cache), None), repeats)
     return out
 
