@@ -203,9 +203,10 @@ def trace_phases(
         last = edges[0][0]
         for t, step, phase in edges:
             n = sum(running.values())
-            for p, c in running.items():
-                ms[p] += (t - last) * c / n / 1e6 if n else 0.0
-            if not n:
+            if n:
+                for p, c in running.items():
+                    ms[p] += (t - last) * c / n / 1e6
+            else:
                 ms[BETWEEN_OPS] += (t - last) / 1e6
             running[phase] += step
             last = t
@@ -219,9 +220,8 @@ def trace_phases(
         levels = [(b - a) / 1e6 for a, b in zip(bounds, bounds[1:], strict=False)]
         span = (edges[-1][0] - edges[0][0]) / 1e6
         per_call.append(dict(ms=ms, levels=levels, span=span, thunks=len(events)))
-    names = sorted({p for c in per_call for p in c["ms"]}, key=lambda p: (PHASES + (p,)).index(p))
     out = {
-        "phases_ms": {p: statistics.median(c["ms"].get(p, 0.0) for c in per_call) for p in names},
+        "phases_ms": median_phases([c["ms"] for c in per_call]),
         "traced_round_ms": statistics.median(c["span"] for c in per_call),
         "thunks": statistics.median(c["thunks"] for c in per_call),
     }
@@ -233,6 +233,12 @@ def trace_phases(
 def median_lists(lists: list[list[float]]) -> list[float]:
     """Element-wise medians of equally long lists."""
     return [statistics.median(column) for column in zip(*lists, strict=True)]
+
+
+def median_phases(splits: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase's median over splits (0 where a split lacks it), in the order of `PHASES`."""
+    names = sorted({p for split in splits for p in split}, key=lambda p: (*PHASES, p).index(p))
+    return {p: statistics.median(split.get(p, 0.0) for split in splits) for p in names}
 
 
 def gemm_gflops(repeats: int, n: int = 1024) -> float:
@@ -332,9 +338,7 @@ def profile_tree(model: SpeculativeModel, tree: TreeConfig, prompts, repeats: in
     rows = [profile_prompt(model, prompt, repeats) for prompt in prompts]
     split = ("phases_ms", "levels_ms")
     out = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key not in split}
-    names = dict.fromkeys(p for row in rows for p in row["phases_ms"])
-    out["phases_ms"] = {p: statistics.median(row["phases_ms"].get(p, 0.0) for row in rows)
-                        for p in names}  # fmt: skip
+    out["phases_ms"] = median_phases([row["phases_ms"] for row in rows])
     if all("levels_ms" in row for row in rows) and len({len(r["levels_ms"]) for r in rows}) == 1:
         out["levels_ms"] = median_lists([row["levels_ms"] for row in rows])
     out["hlo_ops"] = int(out["hlo_ops"])
