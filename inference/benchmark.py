@@ -25,7 +25,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import pathlib
 import platform
 import sys
@@ -36,7 +38,7 @@ import jax
 import numpy as np
 
 from convert.load_hf import load_hf_config
-from griffin_jax import checks, cli, vanilla
+from griffin_jax import checks, cli, steal, vanilla
 from inference.api import (
     DEFAULT_MODEL_DIR,
     SpeculativeModel,
@@ -100,8 +102,18 @@ def check_run_flags(args: argparse.Namespace, temperatures: list[float]) -> None
     checks.max_new_tokens(args.max_new_tokens)
     cli.positive(args.num_questions, "--num-questions")
     cli.positive(args.repeats, "--repeats")
+    if not (math.isfinite(args.max_steal) and args.max_steal > 0):
+        raise checks.InputError(f"--max-steal must be a share in (0, 1], got {args.max_steal}")
     if not (pathlib.Path(args.base) / "config.json").is_file():
         raise checks.InputError(f"--base {args.base} has no config.json (not a HF model folder)")
+
+
+def add_steal_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-steal", type=float, default=steal.MAX_STEAL,
+        help="time a call again while more than this share of the CPUs' time was stolen by "
+        "the host (shared VMs; /proc/stat); 1 = never",
+    )  # fmt: skip
 
 
 def encode_checked(
@@ -117,13 +129,26 @@ def encode_checked(
 
 
 def run_methods(
-    methods: dict[str, Any], prompts: list[list[int]], *, seed: int = 0, batch: int = 1, **knobs
+    methods: dict[str, Any],
+    prompts: list[list[int]],
+    *,
+    seed: int = 0,
+    batch: int = 1,
+    turn: int = 0,
+    max_steal: float = steal.MAX_STEAL,
+    **knobs,
 ) -> dict[str, dict[str, Any]]:
     """Times every method on the prompts in batches of `batch`, interleaved batch by batch.
 
     Each method first warms up every (batch size, prompt-length bucket) shape. The methods then
     take turns on each batch (right-padded; row b of batch i samples with seed + i * batch + b),
-    so a drift in machine speed during the run hits them alike.
+    so a drift in machine speed during the run hits them alike; which method goes first rotates
+    from batch to batch (batch i starts with method number (turn + i) mod the count), so none
+    always runs right after another's. Each method's seconds per batch are kept, in order.
+    A call during which more than `max_steal` of the CPUs' time was stolen (a shared VM's
+    host running other guests, `griffin_jax.steal`) is timed again, up to `steal.TRIES` runs,
+    keeping the least stolen; `redone` counts the extra runs (an adaptive model learns from
+    each run, as from any request).
     """
     chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     shapes = {}
@@ -132,14 +157,23 @@ def run_methods(
     for generate in methods.values():
         for chunk in shapes.values():
             generate(chunk, seed=seed, **knobs)
-    acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": [], "shapes": []}
-           for name in methods}  # fmt: skip
+    acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": [], "shapes": [],
+                  "batch_seconds": [], "steal": [], "redone": 0} for name in methods}  # fmt: skip
+    names = list(methods)
     for i, chunk in enumerate(chunks):
-        for name, generate in methods.items():
-            res = generate(chunk, seed=seed + i * batch, **knobs)
+        start = (turn + i) % len(names)
+        for name in names[start:] + names[:start]:
+            run = steal.timed(
+                functools.partial(methods[name], chunk, seed=seed + i * batch, **knobs),
+                max_steal=max_steal,
+            )
+            res = run.result
             a = acc[name]
+            a["steal"].append(run.steal)
+            a["redone"] += run.runs - 1
             a["tokens"] += res.new_tokens
             a["seconds"] += res.seconds
+            a["batch_seconds"].append(res.seconds)
             a["rounds"] += sum(res.rounds)
             for row in res.accept_lengths:
                 a["accepts"].extend(row)
@@ -148,7 +182,9 @@ def run_methods(
     out = {}
     for name, a in acc.items():
         row = {"new_tokens": a["tokens"], "seconds": a["seconds"], "rounds": a["rounds"],
-               "tokens_per_s": a["tokens"] / a["seconds"]}  # fmt: skip
+               "tokens_per_s": a["tokens"] / a["seconds"],
+               "batch_seconds": a["batch_seconds"], "redone": a["redone"],
+               "max_steal_kept": max(a["steal"], default=0.0)}  # fmt: skip
         if a["accepts"]:
             lens = np.asarray(a["accepts"])
             row["tau"] = float(lens.mean() + 1)
@@ -165,13 +201,18 @@ def run_methods(
 
 def median_of_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Combines repeated `run_methods` passes: the first pass's counts (every pass decodes the
-    same tokens), tokens/s as the median over passes, and each draft's speedup as the median of
-    its per-pass speedups over that pass's vanilla (both timed in the same pass)."""
+    same tokens), tokens/s as the median over passes, each draft's speedup as the median of
+    its per-pass speedups over that pass's vanilla (both timed in the same pass), and every
+    pass's seconds per batch (`batch_seconds[pass][batch]`); calls redone for stolen CPU
+    time are summed over the passes."""
     out = {name: dict(row) for name, row in passes[0].items()}
     for name, row in out.items():
         runs = [p[name]["tokens_per_s"] for p in passes]
         row["tokens_per_s"] = float(np.median(runs))
         row["tokens_per_s_passes"] = runs
+        row["batch_seconds"] = [p[name]["batch_seconds"] for p in passes]
+        row["redone"] = sum(p[name]["redone"] for p in passes)
+        row["max_steal_kept"] = max(p[name]["max_steal_kept"] for p in passes)
         if name != "vanilla":
             ratios = [p[name]["tokens_per_s"] / p["vanilla"]["tokens_per_s"] for p in passes]
             row["speedup"] = float(np.median(ratios))
@@ -237,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=8")
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call (right-padded)")
+    add_steal_flag(p)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench/report.json"))
     cli.add_distributed_flags(p)
     args = p.parse_args(argv)
@@ -294,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             methods = {"vanilla": base.vanilla_generate}
             methods.update({name: m.generate for name, m in models.items()})
             passes = [
-                run_methods(methods, prompts, batch=args.batch, **knobs)
-                for _ in range(args.repeats)
+                run_methods(
+                    methods, prompts, batch=args.batch, turn=p, max_steal=args.max_steal, **knobs
+                )
+                for p in range(args.repeats)
             ]
             results = median_of_passes(passes)
             row: dict[str, Any] = {"bench": bench.parent.name, "temperature": temperature,
@@ -306,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n}: tau {r['tau']:.2f} speedup {r['speedup']:.2f}x"
                 for n, r in row["drafts"].items()
             )
+            redone = sum(r["redone"] for r in (row["vanilla"], *row["drafts"].values()))
             print(f"{row['bench']} T={temperature:g}: vanilla "
                   f"{row['vanilla']['tokens_per_s']:.1f} tok/s; {summary} "
-                  f"({time.time() - t0:.0f}s)", file=sys.stderr)  # fmt: skip
+                  f"({time.time() - t0:.0f}s; {redone} calls timed again for stolen CPU "
+                  f"time)", file=sys.stderr)  # fmt: skip
     if jax.process_index() != 0:  # with --distributed, process 0 writes the report
         print(f"[process {jax.process_index()}] done", file=sys.stderr)
         return 0

@@ -24,6 +24,7 @@ from inference.api import (
     read_tree_file,
 )
 from inference.benchmark import (
+    add_steal_flag,
     check_run_flags,
     encode_checked,
     median_of_passes,
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", action="append", type=str, default=[],
                    help="TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (repeatable)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
+    add_steal_flag(p)
     p.add_argument("--write", action="store_true", help="store the best as tree.json")
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
     args = p.parse_args(argv)
@@ -73,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = {"vanilla": model.vanilla_generate}
     methods.update({name: with_tree(tree) for name, tree in trees.items()})
     results = median_of_passes(
-        [run_methods(methods, prompts, **knobs) for _ in range(args.repeats)]
+        [
+            run_methods(methods, prompts, turn=p, max_steal=args.max_steal, **knobs)
+            for p in range(args.repeats)
+        ]
     )
     vanilla = results.pop("vanilla")
     rows = []

@@ -348,6 +348,8 @@ def test_benchmark_reports_medians_over_repeated_passes(pair, tmp_path, capsys):
     assert v["tokens_per_s"] == sorted(v["tokens_per_s_passes"])[1]
     assert g["new_tokens"] == v["new_tokens"]  # greedy: both decode the same tokens
     assert g["tau"] >= 1.0 and g["acceptance_at_depth"][0] <= 1.0
+    assert [len(b) for b in g["batch_seconds"]] == [3] * 3  # per pass, per batch of one
+    assert 0 <= v["max_steal_kept"] < 1 and v["redone"] >= 0
     assert out.with_suffix(".png").exists()
 
 
@@ -374,6 +376,32 @@ def test_benchmark_batches_and_seeded_sampling_match_vanilla(pair, tmp_path, cap
         assert v["rounds"] == v["new_tokens"] - 3  # one decode per token after the first
 
 
+def test_benchmark_rotates_which_method_goes_first():
+    """Batch i of a pass starts with method (turn + i) mod n; seconds are kept per batch."""
+    from types import SimpleNamespace
+
+    from inference import benchmark
+
+    calls = []
+
+    def method(name, seconds):
+        def generate(chunk, seed, **knobs):
+            calls.append((name, len(chunk), seed))
+            return SimpleNamespace(new_tokens=2 * len(chunk), seconds=seconds, rounds=[1],
+                                   accept_lengths=[], round_shapes=[])  # fmt: skip
+
+        return generate
+
+    methods = {n: method(n, s) for n, s in (("vanilla", 1.0), ("a", 2.0), ("b", 4.0))}
+    prompts = [[1, 2]] * 7
+    out = benchmark.run_methods(methods, prompts, batch=2, turn=1, seed=5, max_steal=1.0)
+    timed = calls[3 * 2 :]  # after each method's warm-up of the two shapes (2 rows, 1 row)
+    firsts = [timed[3 * i][0] for i in range(4)]
+    assert firsts == ["a", "b", "vanilla", "a"]
+    assert [c[1:] for c in timed[9:]] == [(1, 11)] * 3  # the last, one-row batch, its own seed
+    assert out["b"]["batch_seconds"] == [4.0] * 4 and out["b"]["tokens_per_s"] == 14 / 16
+
+
 @pytest.mark.parametrize(
     "module,extra,message",
     [
@@ -382,6 +410,7 @@ def test_benchmark_batches_and_seeded_sampling_match_vanilla(pair, tmp_path, cap
         ("benchmark", ["--batch", "0"], "--batch must be an integer >= 1"),
         ("benchmark", ["--temperature", "nan"], "temperature must be finite"),
         ("benchmark", ["--repeats", "0"], "--repeats must be an integer >= 1"),
+        ("benchmark", ["--max-steal", "0"], "--max-steal must be a share"),
         ("benchmark", ["--num-questions", "-1"], "--num-questions must be an integer >= 1"),
         ("benchmark", ["--total-tokens", "1000"], "total_tokens=1000"),
         ("benchmark", ["--max-new-tokens", "5000"], "lower --max-new-tokens"),
