@@ -1000,6 +1000,9 @@ def measure_round_costs(
         return ms
 
     one_pass()  # compiles and warms up
-    # A pass that met stolen CPU time (a shared VM's host running others) is run again.
+    # A pass that met stolen CPU time (a shared VM's host running others) is run again; not
+    # with several processes, which must run the same programs in step.
+    if jax.process_count() > 1:
+        max_steal = 1.0
     passes = [steal.timed(one_pass, max_steal=max_steal).result for _ in range(repeats)]
     return [float(np.median(t)) for t in zip(*passes, strict=True)]

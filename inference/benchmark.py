@@ -102,7 +102,7 @@ def check_run_flags(args: argparse.Namespace, temperatures: list[float]) -> None
     checks.max_new_tokens(args.max_new_tokens)
     cli.positive(args.num_questions, "--num-questions")
     cli.positive(args.repeats, "--repeats")
-    if not (math.isfinite(args.max_steal) and args.max_steal > 0):
+    if not (math.isfinite(args.max_steal) and 0 < args.max_steal <= 1):
         raise checks.InputError(f"--max-steal must be a share in (0, 1], got {args.max_steal}")
     if not (pathlib.Path(args.base) / "config.json").is_file():
         raise checks.InputError(f"--base {args.base} has no config.json (not a HF model folder)")
@@ -148,8 +148,11 @@ def run_methods(
     A call during which more than `max_steal` of the CPUs' time was stolen (a shared VM's
     host running other guests, `griffin_jax.steal`) is timed again, up to `steal.TRIES` runs,
     keeping the least stolen; `redone` counts the extra runs (an adaptive model learns from
-    each run, as from any request).
+    each run, as from any request). Not with several processes (`--distributed`), whose calls
+    must stay in step.
     """
+    if jax.process_count() > 1:  # every process must make the same calls, in step
+        max_steal = 1.0
     chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     shapes = {}
     for chunk in chunks:

@@ -376,7 +376,7 @@ def test_benchmark_batches_and_seeded_sampling_match_vanilla(pair, tmp_path, cap
         assert v["rounds"] == v["new_tokens"] - 3  # one decode per token after the first
 
 
-def test_benchmark_rotates_which_method_goes_first():
+def test_benchmark_rotates_which_method_goes_first(monkeypatch):
     """Batch i of a pass starts with method (turn + i) mod n; seconds are kept per batch."""
     from types import SimpleNamespace
 
@@ -400,6 +400,22 @@ def test_benchmark_rotates_which_method_goes_first():
     assert firsts == ["a", "b", "vanilla", "a"]
     assert [c[1:] for c in timed[9:]] == [(1, 11)] * 3  # the last, one-row batch, its own seed
     assert out["b"]["batch_seconds"] == [4.0] * 4 and out["b"]["tokens_per_s"] == 14 / 16
+
+    # with several processes no call is redone (their calls must stay in step)
+    limits = []
+    real = benchmark.steal.timed
+
+    def spy(fn, *, max_steal):
+        limits.append(max_steal)
+        return real(fn, max_steal=max_steal)
+
+    monkeypatch.setattr(benchmark.steal, "timed", spy)
+    benchmark.run_methods(methods, prompts, batch=4, max_steal=0.05)
+    assert limits and set(limits) == {0.05}
+    limits.clear()
+    monkeypatch.setattr(benchmark.jax, "process_count", lambda: 2)
+    benchmark.run_methods(methods, prompts, batch=4, max_steal=0.05)
+    assert limits and set(limits) == {1.0}
 
 
 @pytest.mark.parametrize(
