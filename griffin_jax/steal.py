@@ -3,12 +3,12 @@
 On a shared virtual machine the host may run other guests on this guest's CPUs: Linux counts
 that time as `steal` in `/proc/stat`. It comes in bursts of seconds, and a timed call that
 meets one can take twice as long with no change in its own work (on the 2-CPU machine this
-project is developed on, 16 identical batch-8 vanilla generations took 2.1-5.7 s of wall time,
-0.1-5.2 s of it stolen, while their own CPU time stayed within 3.5-4.2 s). Comparisons of
-speed (`inference.benchmark`) and the adaptive budget's round costs
+project is developed on, 16 identical batch-8 vanilla generations took 2.1-5.7 s of wall time
+while 0.1-5.2 CPU-seconds were stolen, their own CPU time staying within 3.5-4.2 s).
+Comparisons of speed (`inference.benchmark`) and the adaptive budget's round costs
 (`speculative.measure_round_costs`, cached for good) should not keep such measurements.
 
-`steal_share()` reads the counters; `Stolen` measures the share of the machine's CPU time
+`cpu_counters()` reads the counters; `Stolen` measures the share of the machine's CPU time
 stolen over a span; `timed` runs a call again while too much was stolen. Where `/proc/stat`
 is missing (not Linux) nothing is ever stolen, and every call is kept.
 """
