@@ -31,7 +31,8 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   default tree costs ~3.6 plain steps here, of the one-level chain ~1.4). The streak a probe
   waits for starts at `probe_every` and grows `probe_growth`-fold (PROBE_GROWTH) after every
   probe that does not bring drafting back (exponential backoff), up to the wait at which the
-  probes cost at most PROBE_SHARE of the plain rounds between them (from the measured costs);
+  probes cost at most PROBE_SHARE of the plain rounds between them (from the measured costs:
+  the probe's rounds and the draft trunk's catch-up that starts it, `probe_cap`);
   the policy choosing to draft on its own resets it. The backoff's ramp is what a poor draft
   pays while the policy learns: with a doubling wait 5 probes came before the cap (~350 plain
   steps here), 6-11% of the time of a 500-step stretch at batch 8 (a probe there is ~4 plain
@@ -121,6 +122,9 @@ class Budget:
 
     shapes: the compiled round shapes (`None` = plain decode step); a one-shape budget is a
       fixed tree. costs: [S] f32 ms per round of each shape at the batch size run.
+    catch_up: [] f32 ms per slot of the draft trunk's catch-up forward at that batch size
+      (what resuming drafting after plain rounds adds; 0: not measured, `probe_cap` then
+      counts a catch-up as one round of the probe's shape).
     schedule: [R] int32 forced shape index per round (-1 = the policy's choice); for tests and
       for measuring one shape inside the adaptive program.
     prior, prior_weight, start_wait, start_streak: what earlier requests taught
@@ -132,6 +136,7 @@ class Budget:
 
     shapes: tuple[Shape, ...] = flax.struct.field(pytree_node=False)
     costs: jax.Array
+    catch_up: jax.Array
     schedule: jax.Array
     prior: jax.Array  # [2, L] f32 level acceptance a fresh row starts from (greedy, sampled)
     prior_weight: jax.Array  # [2] f32 pseudo-trials behind it (0 = no history: PRIOR)
@@ -153,8 +158,11 @@ def make_budget(
     *,
     probe_every: int = PROBE_EVERY,
     probe_growth: int = PROBE_GROWTH,
+    catch_up: float = 0.0,
 ) -> Budget:
-    """A Budget; `costs` default to equal costs (then the deepest tree always wins)."""
+    """A Budget; `costs` default to equal costs (then the deepest tree always wins).
+    `catch_up`: ms per catch-up slot (`Budget.catch_up`; the last figure of
+    `speculative.measure_round_costs`)."""
     shapes = tuple(shapes)
     if not shapes:
         raise ValueError("a budget needs at least one round shape")
@@ -162,6 +170,8 @@ def make_budget(
         costs = [1.0] * len(shapes)
     if len(costs) != len(shapes) or not all(np.isfinite(c) and c > 0 for c in costs):
         raise ValueError(f"costs: expected {len(shapes)} positive finite values, got {costs}")
+    if not (np.isfinite(catch_up) and catch_up >= 0):
+        raise ValueError(f"catch_up: expected a finite value >= 0 (ms per slot), got {catch_up}")
     if not (isinstance(probe_every, int) and probe_every >= 1):
         raise ValueError(f"probe_every: a positive number of rounds expected, got {probe_every}")
     if not (isinstance(probe_growth, int) and probe_growth >= 1):
@@ -177,6 +187,7 @@ def make_budget(
     return Budget(
         shapes=shapes,
         costs=jnp.asarray(costs, jnp.float32),
+        catch_up=jnp.float32(catch_up),
         schedule=jnp.asarray(padded),
         prior=jnp.full((2, n_levels), PRIOR, jnp.float32),
         prior_weight=jnp.zeros((2,), jnp.float32),
@@ -414,28 +425,35 @@ def forget_untried(
     return jnp.where(stale, 0.0, hits), jnp.where(stale, 0.0, trials)
 
 
-def probe_cap(budget: Budget) -> jax.Array:
+def probe_cap(budget: Budget, catch_up_slots: jax.Array | int = 0) -> jax.Array:
     """The longest wait between probes (int32 scalar, >= `probe_every`): the plain rounds over
     which a probe costs PROBE_SHARE of their time. A probe is PROBE_ROUNDS rounds of its shape
-    and, counted as one more such round, what leaving and resuming plain decoding adds: the
-    trunk's catch-up over the plain streak (and in the server's engine two host syncs)."""
+    and what resuming drafting adds: the draft trunk's catch-up over the positions the plain
+    rounds (and a batch's lazily left prompt) queued, `catch_up_slots` slots of the catch-up
+    forward that started it, priced at `Budget.catch_up` (a batch of long prompts pays
+    several rounds' worth at its first probe); unmeasured, one more round of the probe's
+    shape. The server's engine adds two host syncs, not counted."""
     if None not in budget.shapes:  # nothing to probe from
         return jnp.int32(budget.probe_every)
     plain = budget.costs[budget.shapes.index(None)]
-    rounds = (PROBE_ROUNDS + 1) * budget.costs[probe_shape(budget)] / (PROBE_SHARE * plain)
+    probe = budget.costs[probe_shape(budget)]
+    catch_up = jnp.where(budget.catch_up > 0, budget.catch_up * catch_up_slots, probe)
+    rounds = (PROBE_ROUNDS * probe + catch_up) / (PROBE_SHARE * plain)
     return jnp.maximum(jnp.ceil(rounds).astype(jnp.int32), budget.probe_every)
 
 
 def next_probe(
-    plain_streak: jax.Array, probe_wait: jax.Array, *, drafted: bool, budget: Budget
-) -> tuple[jax.Array, jax.Array]:
+    plain_streak: jax.Array, probe_wait: jax.Array, *, drafted: bool, budget: Budget,
+    catch_up_slots: jax.Array | int = 0,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """(plain_streak, probe_wait) after a round.
 
     The streak: +1 after a plain round; after a drafting round 0, or -(PROBE_ROUNDS - 1) when
     that round started a probe (negative: probe rounds left). The wait: `probe_growth` times
     longer (up to `probe_cap`) when a probe starts, back to `probe_every` when the policy
     drafted on its own (so a probe that brings drafting back resets it, and one that does not
-    leaves it longer).
+    leaves it longer). `catch_up_slots`: the size of the catch-up forward the round's segment
+    started with (`probe_cap`).
     """
     if not drafted:
         return plain_streak + 1, probe_wait
@@ -446,7 +464,7 @@ def next_probe(
     own = (plain_streak >= 0) & ~started
     wait = jnp.where(
         started,
-        jnp.minimum(budget.probe_growth * probe_wait, probe_cap(budget)),
+        jnp.minimum(budget.probe_growth * probe_wait, probe_cap(budget, catch_up_slots)),
         jnp.where(own, budget.probe_every, probe_wait),
     ).astype(jnp.int32)
     return streak, wait
@@ -559,9 +577,14 @@ def load_or_measure_costs(
     key: str, measure: Callable[[], list[float]], *, path: pathlib.Path | None = None
 ) -> tuple[list[float], bool]:
     """(costs, measured_now): read from the cache file, else measured and written there.
+    `costs`: what `measure` returns, `speculative.measure_round_costs`'s list (ms per round of
+    each shape, then ms per catch-up slot).
 
     An unreadable or malformed cache file is replaced (it only holds measurements); a cache
-    that cannot be written is skipped.
+    that cannot be written is skipped. With several processes (`jax.distributed`) process 0's
+    cache decides for all: every process measures when it has no entry (the measurement runs
+    the global programs, which need every process) and all use process 0's figures (one
+    program must see one set of costs, whatever each host's cache file or clock said).
     """
     path = cache_path() if path is None else path
     try:
@@ -571,10 +594,15 @@ def load_or_measure_costs(
     if not isinstance(table, dict):
         table = {}
     entry = table.get(key)
+    costs = None
     if isinstance(entry, list) and entry and all(isinstance(c, (int, float)) for c in entry):
-        if all(np.isfinite(c) and c > 0 for c in entry):
-            return [float(c) for c in entry], False
-    costs = measure()
+        # round costs > 0, then the catch-up's ms per slot >= 0
+        if all(np.isfinite(c) and c > 0 for c in entry[:-1]) and 0 <= entry[-1] < np.inf:
+            costs = [float(c) for c in entry]
+    costs = from_process_zero(costs)
+    if costs is not None:
+        return costs, False
+    costs = from_process_zero([float(c) for c in measure()])
     table[key] = costs
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -584,3 +612,17 @@ def load_or_measure_costs(
     except OSError:
         pass
     return costs, True
+
+
+def from_process_zero(costs: list[float] | None) -> list[float] | None:
+    """Process 0's `costs` (None where it has none) on every process; itself with one process."""
+    if jax.process_count() == 1:
+        return costs
+    from jax.experimental import multihost_utils
+
+    count = 0 if costs is None else len(costs)
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(count)))
+    if count == 0:
+        return None
+    mine = np.zeros(count, np.float32) if costs is None or len(costs) != count else costs
+    return [float(c) for c in multihost_utils.broadcast_one_to_all(np.asarray(mine, np.float32))]

@@ -502,6 +502,19 @@ def catch_up_sizes(pending: int) -> list[int]:
     return sorted(x for x in sizes if x <= pending)
 
 
+def _fewest(most: jax.Array | int, sizes: list[int]) -> jax.Array:
+    """The index in `sizes` of the fewest slots that hold `most` pending positions."""
+    return sum((jnp.asarray(most) > q).astype(jnp.int32) for q in sizes[:-1])
+
+
+def catch_up_slots(most: jax.Array | int, pending: int) -> jax.Array:
+    """The slots the catch-up forward runs over (int32; 0 when nothing is pending): the
+    fewest of `catch_up_sizes(pending)` that hold `most`, the longest row's pending count."""
+    sizes = catch_up_sizes(pending)
+    fewest = _fewest(most, sizes)
+    return jnp.where(jnp.asarray(most) > 0, jnp.asarray(sizes, jnp.int32)[fewest], 0)
+
+
 def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, dcfg, shapes):
     """Runs the draft trunk over the pending positions (plain rounds', and a lazily left
     prompt's): one forward of the fewest of `catch_up_sizes` slots that holds every row's
@@ -530,8 +543,8 @@ def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, d
 
     sizes = catch_up_sizes(shapes.pending)
     with jax.named_scope("draft/catch_up"):
-        if len(sizes) > 1:
-            fewest = sum((jnp.max(n) > q).astype(jnp.int32) for q in sizes[:-1])
+        if len(sizes) > 1:  # the program of `catch_up_slots`
+            fewest = _fewest(jnp.max(n), sizes)
             dcache, lp, feat = jax.lax.switch(fewest, [forward(q) for q in sizes], None)
         else:
             dcache, lp, feat = forward(sizes[0])(None)
@@ -770,12 +783,14 @@ def _shape_segment(
         _catch_up, base_params=base_params, draft_params=draft_params, draft_head=draft_head,
         cfg=cfg, dcfg=dcfg, shapes=shapes,
     )  # fmt: skip
+    slots = 0  # the catch-up's size, for a probe's price (`budget.probe_cap`)
     if shape is None:
         body_fn = _plain_round
         needs = jnp.any(state.pending_len >= shapes.pending)
     else:
         body_fn = functools.partial(_tree_round, tree_cfg=shape)
         needs = jnp.any(state.pending_len > 0)
+        slots = catch_up_slots(jnp.max(state.pending_len), shapes.pending)
     if drafting:
         state = jax.lax.cond(needs, catch_up, lambda s: s, state)
 
@@ -790,8 +805,9 @@ def _shape_segment(
         s, n = carry
         with jax.named_scope("budget"):
             streak, wait = budget_lib.next_probe(
-                s.plain_streak, s.probe_wait, drafted=shape is not None, budget=budget
-            )
+                s.plain_streak, s.probe_wait, drafted=shape is not None, budget=budget,
+                catch_up_slots=slots,
+            )  # fmt: skip
             if shape is not None and None in budget.shapes:  # a probe starts: stale levels go
                 hits, trials = budget_lib.forget_untried(
                     s.hits, s.trials, budget_lib.levels(shape),
@@ -952,13 +968,19 @@ def measure_round_costs(
     segment: int = 16,
     max_steal: float = steal.MAX_STEAL,
 ) -> list[float]:
-    """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows.
+    """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows,
+    then milliseconds per slot of the draft trunk's catch-up (`Budget.catch_up`; 0 without a
+    plain shape): [S + 1] floats.
 
     Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
     buffers sized for `max_new` new tokens: `segment` rounds of each shape in one call ended by
     a host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
     them. Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
+    The catch-up: the first drafting shape's first round after the plain shape's rounds
+    (`segment` + 1 of them pending: the PENDING-slot program a probe after a plain streak runs)
+    less a round of that shape alone, both one-round calls, over the catch-up's slots (the
+    policy prices a catch-up of other sizes, such as a batch's lazily left prompt, by them).
     A pass during which more than `max_steal` of the CPUs' time was stolen (`steal.timed`) is
     run again. Sampling rounds are timed at temperature 1.
     """
@@ -992,12 +1014,17 @@ def measure_round_costs(
 
     def one_pass() -> list[float]:
         state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
-        ms = []
-        for index in range(len(budget.shapes)):
-            state, _ = timed(state, index, 1)  # the trunk's catch-up, untimed
+        ms, catch_up = [], 0.0
+        for index, shape in enumerate(budget.shapes):
+            most = int(jax.device_get(jnp.max(state.pending_len)))
+            state, first = timed(state, index, 1)  # with the trunk's catch-up, if any
             state, seconds = timed(state, index, segment)
             ms.append(seconds * 1e3 / segment)
-        return ms
+            slots = int(catch_up_slots(most, shapes.pending))
+            if shape is not None and slots and not catch_up:
+                state, alone = timed(state, index, 1)
+                catch_up = max(first - alone, 0.0) * 1e3 / slots
+        return [*ms, catch_up]
 
     one_pass()  # compiles and warms up
     # A pass that met stolen CPU time (a shared VM's host running others) is run again; not

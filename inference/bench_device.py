@@ -19,10 +19,12 @@ query / 8 KV heads, MLP 14336, vocab 128256) and a GRIFFIN draft of the publishe
   time (its first call less a timed call).
 
 Random weights give random acceptance: rounds are timed as shapes (what a round costs), not
-as tau. `--size 1b` (Llama-3.2-1B shape) and `--size tiny` (a few MB: runs anywhere in well
-under two minutes; `make test` runs it once) keep the same sections. Sections run in order
-of importance and stop at `--budget-s`, so a short lease always gets a JSON: skipped ones say
-so. Prints one JSON object (the last stdout line) and writes a PNG plot (`--plot`).
+as tau. `--size 1b` (Llama-3.2-1B shape) and `--size tiny` (a few MB: runs anywhere in about
+a minute; `make test` runs it once, with `--quick`) keep the same sections; `--quick` times
+each at fewer sizes (verification widths 1, 8, 64; decode batches 1, 8; prefill 512).
+Sections run in order of importance and stop at `--budget-s`, so a short lease always gets a
+JSON: skipped ones say so. Prints one JSON object (the last stdout line) and writes a PNG
+plot (`--plot`).
 
 Imports jax, flax, numpy and the project's `griffin_jax` only (no network, no transformers);
 matplotlib for the plot, if installed. On a machine with its own JAX:
@@ -58,6 +60,8 @@ TREES = ((1, 6, 8), (4, 4, 16), (10, 5, 60))
 VERIFY_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
 DECODE_BATCHES = (1, 8, 32)
 PREFILL_LENGTHS = (512, 2048)
+# `--quick`: every section, at fewer sizes (a check that the script runs on a new machine)
+QUICK = dict(verify=(1, 8, 64), decode=(1, 8), prefill=(512,))
 CONTEXT = 512  # committed tokens the verification and draft forwards attend over
 
 # Nominal HBM bandwidth (bytes/s) by device kind, from the vendors' datasheets.
@@ -259,7 +263,7 @@ def measure_rounds(base, draft, cfg, dcfg, head, draft_vocab: int, repeats: int,
         greedy=True, draft_head=head, repeats=repeats, segment=8,
     )  # fmt: skip
     return {
-        "ms": {f"{k},{d},{m}": c for (k, d, m), c in zip(sizes, costs, strict=True)},
+        "ms": {f"{k},{d},{m}": c for (k, d, m), c in zip(sizes, costs[:-1], strict=True)},
         "seconds": time.perf_counter() - t0,
     }
 
@@ -296,6 +300,9 @@ def run(args: argparse.Namespace) -> dict:
     device = jax.devices()[0]
     big = args.size != "tiny"
     repeats = args.repeats or (5 if big else 2)
+    verify_widths, decode_batches, prefill_lengths = (
+        tuple(QUICK.values()) if args.quick else (VERIFY_WIDTHS, DECODE_BATCHES, PREFILL_LENGTHS)
+    )
     report: dict[str, Any] = {
         "size": args.size, "dtype": str(dtype), "backend": jax.default_backend(),
         "device_kind": device.device_kind, "device_count": jax.device_count(),
@@ -333,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
 
     sec.run("decode batch 1", lambda: decode_at(1))
     report["verify"] = sec.run(
-        "verify", lambda: measure_verify(base, cfg, dtype, VERIFY_WIDTHS, repeats)
+        "verify", lambda: measure_verify(base, cfg, dtype, verify_widths, repeats)
     )
     rounds: dict[str, Any] = {}
     report["rounds"] = rounds
@@ -351,10 +358,10 @@ def run(args: argparse.Namespace) -> dict:
             lambda h=h: measure_draft_level(base, draft, cfg, dcfg, dtype, h, 10, repeats),
         )
     report["draft_level_k10"] = levels
-    for batch in DECODE_BATCHES[1:]:
+    for batch in decode_batches[1:]:
         sec.run(f"decode batch {batch}", lambda b=batch: decode_at(b))
     report["prefill"] = sec.run(
-        "prefill", lambda: measure_prefill(base, cfg, dtype, PREFILL_LENGTHS, repeats)
+        "prefill", lambda: measure_prefill(base, cfg, dtype, prefill_lengths, repeats)
     )
     if report["backend"] == "gpu" and not args.attention:
         # The implementation is chosen when a program is traced: the compiled programs are
@@ -452,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", type=_tree, action="append", default=[],
                    help="TOP_K,DEPTH,TOTAL_TOKENS of a round to time (repeatable; default: "
                    "1,6,8 4,4,16 10,5,60)")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer sizes per section: verify 1, 8, 64; decode batch 1, 8; prefill 512",
+    )
     p.add_argument("--out", type=pathlib.Path, default=None, help="also write the JSON here")
     p.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("bench_device.png"))
     args = p.parse_args(argv)

@@ -1,5 +1,5 @@
-"""`python -m inference.bench_device --size tiny` runs here (fields present and sane, not timed),
-imports neither transformers nor torch, and the attention paths agree."""
+"""`python -m inference.bench_device --size tiny --quick` runs here (fields present and sane,
+not timed), imports neither transformers nor torch, and the attention paths agree."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_imports_neither_transformers_nor_torch():
 def test_tiny_bench_runs_and_reports(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["--size", "tiny", "--dtype", "float32", "--repeats", "1", "--tree", "4,4,16",
-            "--out", str(out), "--plot", str(png)]  # fmt: skip
+            "--quick", "--out", str(out), "--plot", str(png)]  # fmt: skip
     assert bench_device.main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report == json.loads(out.read_text())
@@ -46,16 +46,17 @@ def test_tiny_bench_runs_and_reports(tmp_path, capsys):
     assert report["size"] == "tiny" and report["backend"] == "cpu"
     assert report["bandwidth"]["measured_bytes_per_s"]["best"] > 1e8
     assert report["weight_bytes"]["base"] > 0 and report["weight_bytes"]["draft"] > 0
-    for batch in ("1", "8", "32"):
+    assert sorted(report["decode"]) == ["1", "8"]  # --quick
+    for batch in ("1", "8"):
         row = report["decode"][batch]
         assert row["ms_per_token"] > 0 and row["roofline_ms"] > 0
-    assert sorted(map(int, report["verify"])) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert sorted(map(int, report["verify"])) == [1, 8, 64]
     assert all(v["ms"] > 0 for v in report["verify"].values())
     for label in ("full_vocab", "draft_vocab_512"):
         assert list(report["rounds"][label]["ms"]) == ["4,4,16"]  # --tree: the one asked
         assert all(ms > 0 for ms in report["rounds"][label]["ms"].values())
         assert report["draft_level_k10"][label]["ms"] > 0
-    assert set(report["prefill"]) == {"512", "2048"}
+    assert set(report["prefill"]) == {"512"}
     summary = report["summary"]
     assert summary["verify64_over_decode"] > 0
     assert summary["round_4,4,16_draft_vocab_512_decodes"] > 0

@@ -227,6 +227,17 @@ def test_failing_probes_back_off_to_a_bounded_share_of_the_time(growth):
     b = budget.make_budget(SHAPES, costs=costs, probe_growth=growth)
     cap = int(budget.probe_cap(b))
     assert cap == int(np.ceil((budget.PROBE_ROUNDS + 1) * 3.5 / (budget.PROBE_SHARE * 1.0)))
+    # A measured catch-up is priced by the slots of the one that started the probe.
+    priced = budget.make_budget(SHAPES, costs=costs, catch_up=0.0137)
+    for slots in (0, 16, 512):
+        want = (budget.PROBE_ROUNDS * 3.5 + 0.0137 * slots) / (budget.PROBE_SHARE * 1.0)
+        assert int(budget.probe_cap(priced, slots)) == int(np.ceil(want))
+        streak, wait = budget.next_probe(
+            jnp.int32(cap), jnp.int32(cap), drafted=True, budget=priced, catch_up_slots=slots
+        )  # a probe starts: the wait grows up to that cap
+        assert int(wait) == min(growth * cap, int(np.ceil(want))), slots
+    with pytest.raises(ValueError, match="catch_up"):
+        budget.make_budget(SHAPES, costs=costs, catch_up=-1.0)
     picks = _simulate(b, _stats([0.05] * 4), 4000)
     starts = [i for i in range(1, len(picks)) if picks[i] in (1, 3) and picks[i - 1] == 0]
     assert {picks[i] for i in starts} == {1}
@@ -277,7 +288,13 @@ def test_a_probe_that_brings_drafting_back_resets_the_wait():
     assert int(wait) == budget.PROBE_EVERY and int(streak) == 0
 
 
-def test_generation_starts_from_its_own_kind_of_history(pair):
+@pytest.fixture
+def small_pending(monkeypatch):
+    """A pending buffer of 16 plain rounds, so that 20 plain rounds in a row overflow it."""
+    monkeypatch.setattr(speculative, "PENDING", 16)
+
+
+def test_generation_starts_from_its_own_kind_of_history(pair, small_pending):
     """A greedy generation's rows start from the greedy history, a sampled one's from the
     sampled history: the first round follows it."""
     cfg, dcfg, base, draft = pair
@@ -286,7 +303,8 @@ def test_generation_starts_from_its_own_kind_of_history(pair):
     hist.observe([[30.0] * 4], [[30.0] * 4], [True])  # sampled: it always did
     b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
     for temperature, first in ((0.0, 0), (1.0, 3)):
-        # PROMPTS and 40 tokens, as the back-off test below: the greedy program is compiled once
+        # PROMPTS and a small pending buffer, as the forced-switch tests below: the programs
+        # are compiled once
         res = speculative.generate(
             base, cfg, draft, dcfg, PROMPTS, tree_cfg=hist.apply(b, sampled=temperature > 0),
             max_new_tokens=40, temperature=temperature,
@@ -433,12 +451,6 @@ def _schedules(n: int = 40) -> list[list[int]]:
     ]
 
 
-@pytest.fixture
-def small_pending(monkeypatch):
-    """A pending buffer of 16 plain rounds, so that 20 plain rounds in a row overflow it."""
-    monkeypatch.setattr(speculative, "PENDING", 16)
-
-
 def test_forced_switches_stay_greedy_vanilla(pair, small_pending):
     cfg, dcfg, base, draft = pair
     want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=30).output_ids
@@ -526,7 +538,8 @@ def test_no_round_copies_the_base_cache(pair, shapes):
         assert _cache_copies(hlo, state.cache) == 0, shapes[index]
 
 
-def test_policy_backs_off_with_a_useless_draft_and_drafts_with_a_good_one():
+def test_policy_backs_off_with_a_useless_draft_and_drafts_with_a_good_one(small_pending):
+    # (the small pending buffer: the forced-switch tests' greedy program, compiled once)
     cfg = base_config("llama")
     dcfg = draft_config(cfg)
     costs = [1.0, 1.3, 1.5, 1.8]  # a deep tree pays for a draft that is always right
@@ -546,7 +559,7 @@ def test_policy_backs_off_with_a_useless_draft_and_drafts_with_a_good_one():
     assert np.mean(np.asarray(runs["aligned"]) >= 2) > 0.8
 
 
-def test_adaptive_generation_compiles_one_program_for_every_shape(pair):
+def test_adaptive_generation_compiles_one_program_for_every_shape(pair, small_pending):
     cfg, dcfg, base, draft = pair
     b = budget.make_budget(SHAPES, schedule=[0, 1, 2, 3, 0, 3])
     run = dict(tree_cfg=b, max_new_tokens=20)
@@ -570,9 +583,12 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
     b = budget.make_budget([None, TREE])
     costs = speculative.measure_round_costs(
         base, cfg, draft, dcfg, b, batch=2, greedy=True, prompt_len=16, max_new=32, repeats=1,
-        segment=4,
+        segment=16,
     )  # fmt: skip
-    assert len(costs) == 2 and all(c > 0 for c in costs)
+    assert len(costs) == 3 and all(c > 0 for c in costs[:2])
+    # the last: ms per slot of the catch-up the first tree round after the 17 plain ones ran
+    # (the 128-slot program: about a round of this tiny pair, more than a tenth of one)
+    assert costs[1] / 1280 < costs[2] < costs[1]
     path = tmp_path / "costs.json"
     calls = []
 
@@ -592,6 +608,9 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
     path.write_text("{not json")  # a damaged cache is measured again and rewritten
     assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True)
     assert json.loads(path.read_text())[key] == costs
+    for bad in ([1.0, 0.0, 0.1], [1.0, 2.0, -0.1], [1.0, 2.0, float("nan")], "x", []):
+        path.write_text(json.dumps({key: bad}))
+        assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True), bad
 
 
 def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
@@ -633,6 +652,14 @@ def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
             )  # fmt: skip
     np.testing.assert_allclose(lazy.root_logprobs, eager.root_logprobs, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(lazy.root_feature, eager.root_feature, rtol=1e-5, atol=1e-5)
+
+
+def test_catch_up_slots_are_the_fewest_sizes_that_hold_the_longest_row():
+    """What a probe's catch-up is priced by (`budget.probe_cap`): the program `_catch_up` runs."""
+    assert speculative.catch_up_sizes(512) == [16, 128, 256, 512]
+    for most, want in ((0, 0), (1, 16), (16, 16), (17, 128), (128, 128), (200, 256), (511, 512)):
+        assert int(speculative.catch_up_slots(most, 512)) == want, most
+    assert int(speculative.catch_up_slots(jnp.int32(40), 128)) == 128
 
 
 @pytest.mark.parametrize("pending", [[0, 5, 16, 30], [0, 5, 16, 3]])

@@ -212,3 +212,51 @@ def test_two_process_training_equals_one_process_and_resumes_in_one(train_root):
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(_losses(resumed), _losses(one), rtol=1e-5, atol=1e-6)
+
+
+# --- the adaptive budget's round costs: one set for all processes --------------------------------
+
+COSTS_WORKER = """
+import json, pathlib, sys
+from griffin_jax import budget, sharding
+port, pid, path = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
+sharding.init_distributed(f"127.0.0.1:{port}", 2, pid)
+calls = []
+def measure():
+    calls.append(1)
+    return [10.0 + pid, 20.0 + pid]
+first = budget.load_or_measure_costs("k1", measure, path=path)
+second = budget.load_or_measure_costs("k2", measure, path=path)
+print(json.dumps({"first": first, "second": second, "calls": len(calls)}))
+"""
+
+
+def test_processes_use_process_zero_round_costs(tmp_path):
+    """Each process has its own cost cache: process 1 holds an entry for k1 that process 0
+    lacks (so both measure, as the measurement runs global programs, and keep process 0's
+    figures), process 0 one for k2 that process 1 lacks (nobody measures; process 0's entry)."""
+    files = [tmp_path / "costs0.json", tmp_path / "costs1.json"]
+    files[0].write_text(json.dumps({"k2": [3.0, 4.0]}))
+    files[1].write_text(json.dumps({"k1": [7.0, 8.0]}))
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", COSTS_WORKER, str(port), str(i), str(files[i])],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for report in got:
+        assert report["first"] == [[10.0, 20.0], True]
+        assert report["second"] == [[3.0, 4.0], False]
+        assert report["calls"] == 1
+    assert json.loads(files[1].read_text())["k1"] == [10.0, 20.0]  # the shared figures kept
