@@ -248,7 +248,7 @@ def test_processes_use_process_zero_round_costs(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
