@@ -1014,14 +1014,15 @@ def measure_round_costs(
 
     def one_pass() -> list[float]:
         state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
-        ms, catch_up = [], 0.0
+        ms, catch_up, slots = [], 0.0, None  # slots: of the catch-up timed, once measured
         for index, shape in enumerate(budget.shapes):
-            most = int(jax.device_get(jnp.max(state.pending_len)))
+            timing = shape is not None and slots is None  # the first drafting shape
+            if timing:
+                slots = int(catch_up_slots(jnp.max(state.pending_len), shapes.pending))
             state, first = timed(state, index, 1)  # with the trunk's catch-up, if any
             state, seconds = timed(state, index, segment)
             ms.append(seconds * 1e3 / segment)
-            slots = int(catch_up_slots(most, shapes.pending))
-            if shape is not None and slots and not catch_up:
+            if timing and slots:
                 state, alone = timed(state, index, 1)
                 catch_up = max(first - alone, 0.0) * 1e3 / slots
         return [*ms, catch_up]

@@ -301,7 +301,9 @@ def run(args: argparse.Namespace) -> dict:
     big = args.size != "tiny"
     repeats = args.repeats or (5 if big else 2)
     verify_widths, decode_batches, prefill_lengths = (
-        tuple(QUICK.values()) if args.quick else (VERIFY_WIDTHS, DECODE_BATCHES, PREFILL_LENGTHS)
+        (QUICK["verify"], QUICK["decode"], QUICK["prefill"])
+        if args.quick
+        else (VERIFY_WIDTHS, DECODE_BATCHES, PREFILL_LENGTHS)
     )
     report: dict[str, Any] = {
         "size": args.size, "dtype": str(dtype), "backend": jax.default_backend(),
