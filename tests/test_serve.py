@@ -54,7 +54,7 @@ def model():
 def engine(model):
     eng = engine_lib.Engine(
         model.base_params, model.cfg, model.draft_params, model.dcfg, tree=model.tree_cfg,
-        max_batch=4, max_model_len=MAX_LEN, max_queue=64, draft_head=model.draft_head(),
+        max_batch=2, max_model_len=MAX_LEN, max_queue=64, draft_head=model.draft_head(),
     )  # fmt: skip
     eng.start()
     yield eng
