@@ -35,6 +35,7 @@ from convert.hf_keys import (
 from convert.load_hf import SAFETENSORS_DTYPES, TORCH_EXTRA_HINT, parse_dtype
 from griffin_jax.config import ModelConfig
 from griffin_jax.draft import DraftConfig, abstract_draft_params, module_params, param_dtype
+from griffin_jax.layers import unfuse_projections
 
 _TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -114,6 +115,7 @@ def export_draft(
     code = _CODES.get(dtype)
     if code not in _TORCH_DTYPE_NAMES:
         raise ValueError(f"export dtype {dtype} is not one of f32, bf16, f16")
+    params = unfuse_projections(params, dcfg)  # the fused decode layout in, the stored one out
     tensors = draft_hf_tensors(params, embedding, dcfg)
 
     folder = Path(folder)

@@ -23,6 +23,7 @@ import numpy as np
 from convert.hf_keys import HFTensor, KeyTable, export_state, table_for
 from convert.load_hf import SAFETENSORS_DTYPES, parse_dtype
 from griffin_jax.config import ModelConfig
+from griffin_jax.layers import unfuse_projections
 from griffin_jax.model import stack_layers
 
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -87,7 +88,8 @@ def export_hf(
     Returns:
       The folder.
     """
-    params = stack_layers(params)  # either layout in, the stored one out
+    # any decode layout in (unrolled layers, fused projections), the stored one out
+    params = unfuse_projections(stack_layers(params), cfg)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if dtype is None:

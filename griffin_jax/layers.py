@@ -18,6 +18,7 @@ Numerics (STYLE R7), each matching transformers' Llama code:
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import Literal
 
@@ -191,6 +192,75 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     return out.reshape(b, t, n, h)
 
 
+# The one-device decode layout's fused projections (`fuse_projections`).
+FUSED_QKV = "qkv_proj"
+FUSED_GATE_UP = "gate_up_proj"
+_FUSED = {FUSED_QKV: ("q_proj", "k_proj", "v_proj"), FUSED_GATE_UP: ("gate_proj", "up_proj")}
+
+
+def fuse_projections(params, *, free_parts: bool = False):
+    """The fused decode layout: every attention's q/k/v kernels (and biases) concatenated
+    along the output axis into one `qkv_proj`, every SwiGLU's gate/up into one `gate_up_proj`.
+
+    One product where there were three (two): the same weights, each output column the same
+    dot product, fewer ops per layer (README, "Fused projections", for what it saves). The
+    modules detect the layout by the names present. A one-device layout: the sharding rules
+    split q and k/v by heads, which a concatenated kernel does not keep apart
+    (`sharding.param_shardings` refuses it); the stored layout is the unfused one
+    (`unfuse_projections`). Works on either layer layout (stacked leaves concatenate along
+    their last axis); a no-op on params already fused. With `free_parts` (the caller owns
+    `params` and will not use it again) each part's device buffer is freed once its fused array
+    exists: the peak extra memory is one layer's projections, not a second copy of them all.
+    """
+    if isinstance(params, (tuple, list)):
+        return type(params)(fuse_projections(p, free_parts=free_parts) for p in params)
+    if not isinstance(params, dict):
+        return params
+    out = {k: fuse_projections(v, free_parts=free_parts) for k, v in params.items()}
+    for fused, parts in _FUSED.items():
+        if all(isinstance(out.get(p), dict) for p in parts):
+            pieces = [out.pop(p) for p in parts]
+            out[fused] = {
+                name: jnp.concatenate([piece[name] for piece in pieces], axis=-1)
+                for name in pieces[0]
+            }
+            for leaf in (x for piece in pieces for x in piece.values()):
+                if free_parts and isinstance(leaf, jax.Array):
+                    leaf.delete()
+    return out
+
+
+def unfuse_projections(params, cfg):
+    """The stored (unfused) projections from either layout; `cfg` is the base's or the draft's
+    config (its head counts, head dim and d_ff give the parts' widths)."""
+    if isinstance(params, (tuple, list)):
+        return type(params)(unfuse_projections(p, cfg) for p in params)
+    if not isinstance(params, dict):
+        return params
+    h = cfg.head_dim
+    widths = {
+        FUSED_QKV: (cfg.n_heads * h, cfg.n_kv_heads * h),  # then the rest (v)
+        FUSED_GATE_UP: (cfg.d_ff,),
+    }
+    out = {k: unfuse_projections(v, cfg) for k, v in params.items()}
+    for fused, parts in _FUSED.items():
+        if isinstance(out.get(fused), dict):
+            cuts = list(itertools.accumulate(widths[fused]))
+            split = {name: jnp.split(x, cuts, axis=-1) for name, x in out.pop(fused).items()}
+            for i, part in enumerate(parts):
+                out[part] = {name: pieces[i] for name, pieces in split.items()}
+    return out
+
+
+def is_fused(params) -> bool:
+    """Whether any projection in `params` is in the fused layout (`fuse_projections`)."""
+    if isinstance(params, dict):
+        return any(k in _FUSED or is_fused(v) for k, v in params.items())
+    if isinstance(params, (tuple, list)):
+        return any(is_fused(p) for p in params)
+    return False
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); `out_dim` lets the GRIFFIN draft emit 2H."""
 
@@ -205,8 +275,11 @@ class SwiGLU(nn.Module):
                 features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name
             )
 
-        h = jax.nn.silu(dense(self.d_ff, "gate_proj")(x)) * dense(self.d_ff, "up_proj")(x)
-        return dense(self.out_dim, "down_proj")(h)
+        if self.has_variable("params", FUSED_GATE_UP):  # `fuse_projections`' layout
+            gate, up = jnp.split(dense(2 * self.d_ff, FUSED_GATE_UP)(x), 2, axis=-1)
+        else:
+            gate, up = dense(self.d_ff, "gate_proj")(x), dense(self.d_ff, "up_proj")(x)
+        return dense(self.out_dim, "down_proj")(jax.nn.silu(gate) * up)
 
 
 def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -283,9 +356,16 @@ class Attention(nn.Module):
                 features, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name
             )
 
-        q = proj(n * h, self.qkv_bias, "q_proj")(x).reshape(b, t, n, h)  # [B, T, N, H]
-        k = proj(kv * h, self.qkv_bias, "k_proj")(x).reshape(b, t, kv, h)  # [B, T, K, H]
-        v = proj(kv * h, self.qkv_bias, "v_proj")(x).reshape(b, t, kv, h)  # [B, T, K, H]
+        if self.has_variable("params", FUSED_QKV):  # `fuse_projections`' layout
+            qkv = proj((n + 2 * kv) * h, self.qkv_bias, FUSED_QKV)(x)
+            q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
+        else:
+            q = proj(n * h, self.qkv_bias, "q_proj")(x)
+            k = proj(kv * h, self.qkv_bias, "k_proj")(x)
+            v = proj(kv * h, self.qkv_bias, "v_proj")(x)
+        q = q.reshape(b, t, n, h)  # [B, T, N, H]
+        k = k.reshape(b, t, kv, h)  # [B, T, K, H]
+        v = v.reshape(b, t, kv, h)  # [B, T, K, H]
         cos, sin = rope_cos_sin(positions, head_dim=h, rope=self.rope, dtype=x.dtype)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)

@@ -53,6 +53,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from griffin_jax import layers
+
 AXES = ("data", "model", "expert")
 
 # (regex searched in the "/"-joined param path, logical names of the TRAILING dims). Right-aligned,
@@ -255,7 +257,17 @@ def plan_params(
 
 
 def param_shardings(params: Any, mesh: Mesh, *, head_dim: int) -> Any:
-    """A tree of NamedShardings with the structure of `params` (arrays or abstract)."""
+    """A tree of NamedShardings with the structure of `params` (arrays or abstract).
+
+    Raises:
+      ValueError: fused projections (`layers.fuse_projections`, a one-device layout).
+    """
+    if layers.is_fused(params):
+        raise ValueError(
+            "params with fused q/k/v or gate/up projections (layers.fuse_projections, the "
+            "one-device decode layout) cannot be sharded by heads: shard the stored layout "
+            "(layers.unfuse_projections)"
+        )
 
     def one(path, leaf):
         spec, _ = spec_for(_path_str(path), leaf.shape, mesh, head_dim=head_dim)

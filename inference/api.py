@@ -41,6 +41,7 @@ from griffin_jax import checks, sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
+from griffin_jax.layers import fuse_projections, is_fused
 from griffin_jax.model import abstract_params, forward, is_unstacked, unstack_layers
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).parent / "default_model"
@@ -188,7 +189,9 @@ class SpeculativeModel:
             runs sharded. None: one device, as before.
           unroll_layers: hold the base in the unrolled decode layout (`model.unstack_layers`:
             per-layer weights and KV buffers, ~15% faster decoding on CPU, one compiled copy of
-            the layer per depth); False keeps the stored stacked layout and `nn.scan`.
+            the layer per depth), on one device with each layer's q/k/v and gate/up products
+            fused, the draft's too (`layers.fuse_projections`); False keeps the stored layout
+            (stacked layers, `nn.scan`, unfused).
           draft_vocab: draft from the N most frequent tokens of the ranking stored next to the
             draft (`draft_vocab.safetensors`); 0 = the whole vocabulary; None = the tree file's
             setting (else 0). Lossless either way.
@@ -208,6 +211,8 @@ class SpeculativeModel:
             params = unstack_layers(params, free_stacked=True)
             if mesh is not None:
                 params = sharding.shard_params(params, mesh, head_dim=cfg.head_dim)
+            else:
+                params = fuse_projections(params, free_parts=True)
         tokenizer = None
         if load_tokenizer:
             from transformers import AutoTokenizer
@@ -216,7 +221,10 @@ class SpeculativeModel:
         model = cls(params, cfg, tokenizer=tokenizer, mesh=mesh)
         if draft_dir is not None:
             if mesh is None:
-                model.dcfg, model.draft_params = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
+                model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
+                model.draft_params = (
+                    fuse_projections(draft, free_parts=True) if unroll_layers else draft
+                )
             else:
                 with sharding.host_device():
                     model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
@@ -294,6 +302,7 @@ class SpeculativeModel:
         if key not in self._costs:
             dtype = self.base_params["embed_tokens"]["embedding"].dtype
             layout = "unrolled" if is_unstacked(self.base_params) else "stacked"
+            layout += "+fused" if is_fused(self.base_params) else ""
             model = f"{self.cfg}|{self.dcfg}|{jnp.dtype(dtype).name}|{layout}|greedy={greedy}"
             mesh = "" if self.mesh is None else str(dict(self.mesh.shape))
             file_key = budget_lib.cost_key(model + mesh, self.shapes, batch)

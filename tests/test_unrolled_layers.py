@@ -1,5 +1,6 @@
-"""The unrolled decode layout (`model.unstack_layers` + per-layer KV buffers) computes exactly
-what the stored stacked layout (`nn.scan`) computes, through every engine path."""
+"""The unrolled decode layout (`model.unstack_layers` + per-layer KV buffers) and the fused
+projections (`layers.fuse_projections`) compute what the stored layout (stacked, `nn.scan`,
+unfused) computes, through every engine path."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 from spec_models import aligned_pair, base_config, draft_config, random_pair
 
+from convert.export_draft import export_draft
 from convert.export_hf import export_hf
-from griffin_jax import speculative, vanilla
+from griffin_jax import sharding, speculative, vanilla
 from griffin_jax.config import TreeConfig
+from griffin_jax.draft import draft_forward, init_draft_cache
 from griffin_jax.kv_cache import causal_mask, commit_path, init_cache, tree_mask_to_cache
+from griffin_jax.layers import fuse_projections, is_fused, unfuse_projections
 from griffin_jax.model import forward, is_unstacked, stack_layers, unstack_layers
 
 # f32 round-off between two XLA programs of the same maths (fused differently): logits are
@@ -159,13 +163,102 @@ def test_vanilla_decoding_is_the_same_in_both_layouts(temperature):
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
 def test_speculative_on_unrolled_base_equals_scanned_vanilla(family):
+    """Llama in the API's one-device layout (unrolled and fused, the draft fused too), Mixtral
+    unrolled only (its experts have no gate/up pair to fuse)."""
     cfg = base_config(family)
     dcfg = draft_config(cfg)
     base, draft = aligned_pair(cfg, dcfg)
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 38))]
     tree = TreeConfig(top_k=3, depth=3, total_tokens=10)
+    unrolled = unstack_layers(base)
+    if family == "llama":
+        unrolled, draft = fuse_projections(unrolled), fuse_projections(draft)
+        assert is_fused(unrolled) and is_fused(draft)
     res = speculative.generate(
-        unstack_layers(base), cfg, draft, dcfg, prompts, tree_cfg=tree, max_new_tokens=20
+        unrolled, cfg, draft, dcfg, prompts, tree_cfg=tree, max_new_tokens=20
     )
     assert res.output_ids == vanilla.generate(base, cfg, prompts, max_new_tokens=20).output_ids
     assert res.tau > 3.0  # the draft really drafts: full-depth paths get accepted
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_fused_projections_compute_what_the_stored_ones_compute(family):
+    """Base (prefill, then a decode step on its cache) and draft (GRIFFIN, EAGLE-3) forwards
+    with q/k/v and gate/up fused equal the stored layout's within f32 round-off; the layout
+    round-trips exactly; what has no q/k/v or gate/up pair (Mixtral's experts, GRIFFIN's
+    ungated fusion MLP) stays as it is."""
+    cfg = base_config(family, tie_embeddings=family == "qwen2")
+    stacked, draft = random_pair(cfg, draft_config(cfg))
+    unrolled = unstack_layers(stacked)
+    fused = fuse_projections(unrolled)
+    attn, mlp = fused["layers"][0]["self_attn"], fused["layers"][0].get("mlp")
+    assert sorted(attn) == ["o_proj", "qkv_proj"]
+    assert sorted(attn["qkv_proj"]) == (["bias", "kernel"] if family == "qwen2" else ["kernel"])
+    assert (mlp is None) == (family == "mixtral")
+    if mlp is not None:
+        assert sorted(mlp) == ["down_proj", "gate_up_proj"]
+    assert fuse_projections(fused)["layers"][0]["self_attn"].keys() == attn.keys()
+    back = unfuse_projections(fused, cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(unrolled)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), back, unrolled)
+
+    rng = np.random.default_rng(1)
+    b, t, cap = 2, 7, 16
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    zero = jnp.zeros((b,), jnp.int32)
+    outs = []
+    for params in (unrolled, fused):
+        cache = init_cache(cfg, b, cap, per_layer=True)
+        logits, hidden, cache = _forward(
+            params, tokens, positions, cache, write_idx=zero, mask=causal_mask(zero, t, cap),
+            cfg=cfg,
+        )  # fmt: skip
+        length = jnp.full((b,), t, jnp.int32)
+        step, _, _ = _forward(
+            params, tokens[:, :1], length[:, None], cache, write_idx=length,
+            mask=causal_mask(length, 1, cap), cfg=cfg,
+        )  # fmt: skip
+        outs.append((logits, hidden, step))
+    for a, f in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, f, atol=ATOL)
+
+    for kind in ("griffin", "eagle3"):
+        dcfg = draft_config(cfg, kind)
+        _, draft = random_pair(cfg, dcfg)
+        fused_draft = fuse_projections(draft)
+        assert is_fused(fused_draft) and not is_fused(draft)
+        feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
+        emb = stacked["embed_tokens"]["embedding"]
+        got = []
+        for params in (draft, fused_draft):
+            dcache = init_draft_cache(dcfg, b, cap)
+            got.append(draft_forward(
+                params, emb, feats, tokens, positions, dcache, write_idx=zero,
+                mask=causal_mask(zero, t, cap), dcfg=dcfg,
+            ))  # fmt: skip
+        jax.tree.map(lambda a, f: np.testing.assert_allclose(a, f, atol=ATOL), *got)
+
+
+def test_fused_layout_exports_the_stored_one_frees_its_parts_and_is_not_sharded(tmp_path):
+    cfg = base_config("qwen2")
+    stacked, draft = random_pair(cfg, draft_config(cfg))
+    fused = fuse_projections(unstack_layers(stacked))
+    export_hf(stacked, cfg, tmp_path / "a", dtype="f32")
+    export_hf(fused, cfg, tmp_path / "b", dtype="f32")
+    name = "model.safetensors"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    dcfg = draft_config(cfg)
+    emb = stacked["embed_tokens"]["embedding"]
+    export_draft(draft, emb, dcfg, tmp_path / "c")
+    export_draft(fuse_projections(draft), emb, dcfg, tmp_path / "d")
+    assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+
+    owned = jax.tree.map(jnp.copy, unstack_layers(stacked))
+    part = owned["layers"][0]["self_attn"]["k_proj"]["kernel"]
+    fuse_projections(owned, free_parts=True)
+    assert part.is_deleted()
+
+    mesh = sharding.make_mesh("data=1")
+    with pytest.raises(ValueError, match="fused q/k/v or gate/up"):
+        sharding.param_shardings(fused, mesh, head_dim=cfg.head_dim)
