@@ -15,7 +15,8 @@ Under `scan` every step copies each layer's weights and cache out of the stacked
 dynamic slice feeding a matmul is materialised on CPU); unrolled, each weight is its own buffer
 and is read in place. On the 2-core dev CPU that took a batch-1 decode of a 32M-parameter Llama
 from 3.69 to 3.06 ms/token (the memory-bandwidth floor is ~3.1). `forward` picks the path from
-the params' layout; the inference API unstacks once at load.
+the params' layout; the inference API unstacks once at load, and on one device also fuses each
+layer's q/k/v and gate/up kernels (`layers.fuse_projections`).
 """
 
 from __future__ import annotations
