@@ -21,6 +21,9 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   (greedy or sampled) showed (`History`), else from an optimistic prior so that it drafts.
 - A drafting shape must beat plain decoding by PLAIN_MARGIN to run (near a tie speculation
   can only lose), and another drafting shape must beat the current one by HYSTERESIS.
+- Resuming drafting first runs the draft trunk over the positions queued while it did not
+  (the catch-up, measured per slot): a drafting shape pays it once, spread over the rounds
+  the batch has left under that shape.
 - While plain decoding is chosen no statistics arrive, so after a streak of plain rounds a probe
   runs PROBE_ROUNDS rounds of the cheapest drafting shape to refresh them. Its first round
   forgets what the running rows' statistics held of the levels it does not draft (stale since
@@ -342,6 +345,7 @@ def choose(
     round_index: jax.Array,
     current: jax.Array,
     remaining: jax.Array | None = None,
+    catch_up_slots: jax.Array | int = 0,
 ) -> jax.Array:
     """The shape index of the next round (int32 scalar; see the module docstring).
 
@@ -351,25 +355,36 @@ def choose(
     round does, per ms: a fixed batch lasts as long as its slowest row, and tokens the others
     draft meanwhile do not shorten it.
 
+    Resuming drafting first runs the draft trunk's catch-up over the positions plain rounds
+    (and a lazily left prompt) queued: `catch_up_slots` slots of the catch-up forward, priced
+    at `Budget.catch_up` a slot. A drafting shape pays it once, spread over the rounds the
+    batch has left under that shape (`finish_rounds`, when `remaining` is given): a batch of
+    long prompts with a draft near break-even does not pay a prompt's catch-up for a few
+    percent over the rest of a short run (at batch 8 on this CPU a 256-token prompt's catch-up
+    costs ~5 plain steps).
+
     Drafting runs only while it promises PLAIN_MARGIN more than plain decoding, whether the
     last round drafted or not: a drafting shape's rate is an estimate (a sampled row's
-    chances, costs measured on other prompts), plain decoding's is known, and resuming
-    drafting costs a trunk catch-up that no round's cost holds. Near a tie the policy decodes
-    plainly, where speculation would at best win a few percent and at worst lose them (a
-    symmetric hysteresis kept a row drafting at a break-even acceptance for tens of rounds).
-    Among drafting shapes the current one is kept unless another's rate beats it by
-    HYSTERESIS (in the server's engine a change of shape costs a host round trip).
+    chances, costs measured on other prompts), plain decoding's is known. Near a tie the
+    policy decodes plainly, where speculation would at best win a few percent and at worst
+    lose them (a symmetric hysteresis kept a row drafting at a break-even acceptance for tens
+    of rounds). Among drafting shapes the current one is kept unless another's rate beats it
+    by HYSTERESIS (in the server's engine a change of shape costs a host round trip).
     """
     if len(budget.shapes) == 1:
         return jnp.int32(0)
     mean, var = round_tokens(hits, trials, budget.shapes)  # [B, S]
+    plain = jnp.asarray([s is None for s in budget.shapes])
+    cost = budget.costs
+    rounds = None if remaining is None else finish_rounds(mean, var, remaining, active)
+    if rounds is not None:  # the catch-up, spread over the rounds left under each shape
+        charge = jnp.where(plain, 0.0, budget.catch_up * jnp.asarray(catch_up_slots, cost.dtype))
+        cost = cost + charge / jnp.maximum(rounds, 1.0)
     if budget.finish:  # the share of the batch's remaining rounds one round does
-        rounds = finish_rounds(mean, var, remaining, active)
         gain = jnp.where(rounds > 0, 1.0 / jnp.maximum(rounds, 1e-9), 1.0)  # none running: any
     else:
         gain = jnp.sum(jnp.where(active[:, None], mean, 0), 0)
-    plain = jnp.asarray([s is None for s in budget.shapes])
-    score = gain / budget.costs * jnp.where(plain, 1 + PLAIN_MARGIN, 1.0)
+    score = gain / cost * jnp.where(plain, 1 + PLAIN_MARGIN, 1.0)
     best = jnp.argmax(score).astype(jnp.int32)
     keep = (~plain[best]) & (~plain[current]) & (score[current] >= jnp.max(score * plain))
     keep &= score[best] <= (1 + HYSTERESIS) * score[current]

@@ -456,7 +456,7 @@ def prefill(
         step=jnp.int32(0),
         next_shape=jnp.int32(0),
     )
-    return sharding.constrain(_with_choice(state, budget, knobs), mesh)
+    return sharding.constrain(_with_choice(state, budget, knobs, shapes), mesh)
 
 
 def _emit(state: SpecState, emitted, n_new, knobs: Knobs, shape_index) -> SpecState:
@@ -703,11 +703,15 @@ def draft_tree(
     return tree
 
 
-def _with_choice(state: SpecState, budget: budget_lib.Budget, knobs: Knobs) -> SpecState:
+def _with_choice(
+    state: SpecState, budget: budget_lib.Budget, knobs: Knobs, shapes: Shapes
+) -> SpecState:
     with jax.named_scope("budget"):
+        slots = catch_up_slots(jnp.max(state.pending_len), shapes.pending)
         index = budget_lib.choose(
             budget, state.hits, state.trials, ~state.done, state.plain_streak, state.probe_wait,
             state.step, state.next_shape, remaining=knobs.max_new - state.num_out,
+            catch_up_slots=slots,
         )  # fmt: skip
     return state.replace(next_shape=index)
 
@@ -817,13 +821,13 @@ def _shape_segment(
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
         s = s.replace(plain_streak=streak, probe_wait=wait)
         if shape is not None:
-            return _with_choice(s, budget, knobs), n + 1
+            return _with_choice(s, budget, knobs, shapes), n + 1
         # A plain round changes no statistics: the segment's first round weighs the rows (one
         # may have been admitted or finished), the later ones only watch for a probe.
         with jax.named_scope("budget"):
             nxt = jax.lax.cond(
                 n == 0,
-                lambda: _with_choice(s, budget, knobs).next_shape,
+                lambda: _with_choice(s, budget, knobs, shapes).next_shape,
                 lambda: budget_lib.keep_plain(
                     budget, s.plain_streak, s.probe_wait, s.step, s.next_shape
                 ),

@@ -79,7 +79,7 @@ _keep_plain_jit = jax.jit(budget.keep_plain)
 
 
 def _choose(b, hits, trials, *, streak=0, wait=budget.PROBE_EVERY, step=0, current=0,
-            active=(True,), remaining=None):  # fmt: skip
+            active=(True,), remaining=None, slots=0):  # fmt: skip
     return int(
         _choose_jit(
             b,
@@ -91,6 +91,7 @@ def _choose(b, hits, trials, *, streak=0, wait=budget.PROBE_EVERY, step=0, curre
             jnp.int32(step),
             jnp.int32(current),
             remaining=None if remaining is None else jnp.asarray(remaining, jnp.int32),
+            catch_up_slots=jnp.int32(slots),
         )  # fmt: skip
     )
 
@@ -145,6 +146,25 @@ def test_a_fixed_batch_is_weighed_by_its_slowest_row():
     assert _choose(finish, *both, active=(True, True), remaining=(30, 30)) == 0
     assert _choose(finish, *both, active=(True, True), remaining=(30, 1)) == 3
     assert _choose(finish, *both, active=(True, False), remaining=(30, 30)) == 3
+
+
+@pytest.mark.parametrize("finish", [False, True])
+def test_resuming_drafting_pays_the_catch_up_over_the_rounds_left(finish):
+    # A draft a little better than plain decoding: (1 + 0.5) tokens for 1.3 plain steps.
+    shapes = (None, TreeConfig(top_k=1, depth=0, total_tokens=2))
+    b = budget.make_budget(shapes, costs=[1.0, 1.3], catch_up=0.05).replace(finish=finish)
+    stats = _stats([0.5], levels=1)
+    assert _choose(b, *stats, remaining=(96,)) == 1  # nothing pending: it drafts
+    # 256 queued positions cost 12.8 plain steps before the first drafting round; 96 tokens
+    # by drafting save ~12.5 steps, less the 5% margin: not worth it...
+    assert _choose(b, *stats, remaining=(96,), slots=256) == 0
+    # ...but paid once over 2,000 tokens it is; so is a catch-up of 16 slots over 96.
+    assert _choose(b, *stats, remaining=(2000,), slots=256) == 1
+    assert _choose(b, *stats, remaining=(96,), slots=16) == 1
+    # Unmeasured (catch_up 0) or no horizon known (`remaining` None): no charge.
+    assert _choose(b.replace(catch_up=jnp.float32(0)), *stats, remaining=(96,), slots=256) == 1
+    if not finish:
+        assert _choose(b, *stats, slots=256) == 1
 
 
 def _simulated_finish(accept: float, n_levels: int, rows: int, remaining: int, runs: int):
