@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import KVCache
-from griffin_jax.layers import Attention, RMSNorm, SwiGLU, rms_norm
+from griffin_jax.layers import Attention, RMSNorm, SwiGLU, fuse_projections, rms_norm
 
 
 class SparseMoE(nn.Module):
@@ -180,6 +180,14 @@ def unstack_layers(params, *, free_stacked: bool = False):
             leaf.delete()
     layers = tuple(jax.tree.unflatten(treedef, [p[i] for p in per_leaf]) for i in range(n))
     return {**params, "layers": layers}
+
+
+def decode_layout(params, *, free: bool = False):
+    """The one-device decode layout the inference API runs: the layers unrolled
+    (`unstack_layers`) and each layer's q/k/v and gate/up kernels fused
+    (`layers.fuse_projections`). With `free` the caller gives `params` up: each replaced buffer
+    is freed as soon as its successor exists."""
+    return fuse_projections(unstack_layers(params, free_stacked=free), free_parts=free)
 
 
 def stack_layers(params):

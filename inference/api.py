@@ -42,7 +42,13 @@ from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
 from griffin_jax.layers import fuse_projections, is_fused
-from griffin_jax.model import abstract_params, forward, is_unstacked, unstack_layers
+from griffin_jax.model import (
+    abstract_params,
+    decode_layout,
+    forward,
+    is_unstacked,
+    unstack_layers,
+)
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).parent / "default_model"
 TREE_FILE = "tree.json"
@@ -207,12 +213,11 @@ class SpeculativeModel:
             cfg, params = load_hf(base_dir, dtype=_dtype(dtype))
         else:
             cfg, params = _load_base_sharded(base_dir, _dtype(dtype), mesh)
-        if unroll_layers:
+        if unroll_layers and mesh is not None:  # fused kernels cannot be sharded by heads
             params = unstack_layers(params, free_stacked=True)
-            if mesh is not None:
-                params = sharding.shard_params(params, mesh, head_dim=cfg.head_dim)
-            else:
-                params = fuse_projections(params, free_parts=True)
+            params = sharding.shard_params(params, mesh, head_dim=cfg.head_dim)
+        elif unroll_layers:
+            params = decode_layout(params, free=True)
         tokenizer = None
         if load_tokenizer:
             from transformers import AutoTokenizer

@@ -54,8 +54,8 @@ from griffin_jax.config import ModelConfig, RopeConfig, TreeConfig
 from griffin_jax.draft import DraftConfig, init_draft_cache, init_draft_params
 from griffin_jax.kv_cache import causal_mask, init_cache
 from griffin_jax.layers import fuse_projections
+from griffin_jax.model import decode_layout, init_params
 from griffin_jax.model import forward as base_forward
-from griffin_jax.model import init_params, unstack_layers
 
 TREES = ((1, 6, 8), (4, 4, 16), (10, 5, 60))
 VERIFY_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -160,8 +160,7 @@ def measure_bandwidth(nbytes: int, repeats: int) -> dict:
 def random_models(cfg: ModelConfig, dcfg: DraftConfig, dtype, seed: int = 0):
     """Random base and draft params on the default device, in the one-device decode layout the
     inference API uses (unrolled layers, fused projections)."""
-    base = unstack_layers(init_params(cfg, jax.random.key(seed), dtype), free_stacked=True)
-    base = fuse_projections(base, free_parts=True)
+    base = decode_layout(init_params(cfg, jax.random.key(seed), dtype), free=True)
     draft = init_draft_params(dcfg, jax.random.key(seed + 1), dtype)
     draft = fuse_projections(draft, free_parts=True)
     return jax.block_until_ready((base, draft))

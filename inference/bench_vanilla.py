@@ -5,9 +5,8 @@ same folder into JAX through `convert.load_hf`, checks both decode the same gree
 times batch-1 greedy decoding of `--new-tokens` tokens after a warm-up, both in this one process,
 prefill included. It also measures this machine's memory bandwidth (a large numpy copy) and
 reports ms/token against the floor of reading every weight once per token. Ours runs in the
-decode layout the inference API uses on one device (`model.unstack_layers`, then
-`layers.fuse_projections`); `--scan` times the stored stacked layout (`nn.scan` over layers,
-unfused) as well.
+decode layout the inference API uses on one device (`model.decode_layout`); `--scan` times
+the stored stacked layout (`nn.scan` over layers, unfused) as well.
 
 Needs torch (the `test` or `torch` extra).
 """
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from convert.load_hf import load_hf
     from griffin_jax import vanilla
-    from griffin_jax.layers import fuse_projections
-    from griffin_jax.model import unstack_layers
+    from griffin_jax.model import decode_layout
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         cfg, stacked = load_hf(pathlib.Path(tmp), dtype="float32")
-    unrolled = fuse_projections(unstack_layers(stacked))
+    unrolled = decode_layout(stacked)
 
     def run_ours(params=unrolled):
         t0 = time.perf_counter()
