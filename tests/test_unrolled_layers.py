@@ -19,7 +19,7 @@ from griffin_jax.config import TreeConfig
 from griffin_jax.draft import draft_forward, init_draft_cache
 from griffin_jax.kv_cache import causal_mask, commit_path, init_cache, tree_mask_to_cache
 from griffin_jax.layers import fuse_projections, is_fused, unfuse_projections
-from griffin_jax.model import forward, is_unstacked, stack_layers, unstack_layers
+from griffin_jax.model import decode_layout, forward, is_unstacked, stack_layers, unstack_layers
 
 # f32 round-off between two XLA programs of the same maths (fused differently): logits are
 # O(5), so 5e-5 is ~1e-5 relative.
@@ -243,7 +243,7 @@ def test_fused_projections_compute_what_the_stored_ones_compute(family):
 def test_fused_layout_exports_the_stored_one_frees_its_parts_and_is_not_sharded(tmp_path):
     cfg = base_config("qwen2")
     stacked, draft = random_pair(cfg, draft_config(cfg))
-    fused = fuse_projections(unstack_layers(stacked))
+    fused = decode_layout(stacked)  # the API's one-device layout
     export_hf(stacked, cfg, tmp_path / "a", dtype="f32")
     export_hf(fused, cfg, tmp_path / "b", dtype="f32")
     name = "model.safetensors"
