@@ -35,7 +35,8 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   waits for starts at `probe_every` and grows `probe_growth`-fold (PROBE_GROWTH) after every
   probe that does not bring drafting back (exponential backoff), up to the wait at which the
   probes cost at most PROBE_SHARE of the plain rounds between them (from the measured costs:
-  the probe's rounds and the draft trunk's catch-up that starts it, `probe_cap`);
+  the probe's rounds and the draft trunk's catch-up that starts it, over at most the latest
+  16 pending positions of a row, `probe_cap`);
   the policy choosing to draft on its own resets it. The backoff's ramp is what a poor draft
   pays while the policy learns: with a doubling wait 5 probes came before the cap (~350 plain
   steps here), 6-11% of the time of a 500-step stretch at batch 8 (a probe there is ~4 plain
@@ -443,10 +444,10 @@ def forget_untried(
 def probe_cap(budget: Budget, catch_up_slots: jax.Array | int = 0) -> jax.Array:
     """The longest wait between probes (int32 scalar, >= `probe_every`): the plain rounds over
     which a probe costs PROBE_SHARE of their time. A probe is PROBE_ROUNDS rounds of its shape
-    and what resuming drafting adds: the draft trunk's catch-up over the positions the plain
-    rounds (and a batch's lazily left prompt) queued, `catch_up_slots` slots of the catch-up
-    forward that started it, priced at `Budget.catch_up` (a batch of long prompts pays
-    several rounds' worth at its first probe); unmeasured, one more round of the probe's
+    and what resuming drafting adds: the draft trunk's catch-up over the latest of the
+    positions the plain rounds (and a batch's lazily left prompt) queued (a probe forwards at
+    most `speculative.CATCH_UP_SHORT` a row), `catch_up_slots` slots of the catch-up forward
+    that started it, priced at `Budget.catch_up`; unmeasured, one more round of the probe's
     shape. The server's engine adds two host syncs, not counted."""
     if None not in budget.shapes:  # nothing to probe from
         return jnp.int32(budget.probe_every)

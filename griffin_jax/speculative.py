@@ -24,7 +24,12 @@ A round of a tree shape, per row (the state holds the draft's level-1 outputs fo
 A plain round (shape `None` of the adaptive budget, `budget.py`) verifies the root alone: one
 base decode step. Its (feature, token) pair waits in a pending buffer of Q slots, and the
 draft trunk catches up over all of them in one forward when drafting resumes or the buffer is
-full. The shape of each round is chosen on the device (`budget.choose`), inside the round.
+full. A probe (`budget.py`: drafting rounds that refresh the statistics after a plain streak)
+starts with a catch-up over only the latest CATCH_UP_SHORT pending positions: the earlier ones
+are left out of the draft trunk for good (`SpecState.trunk_skipped`; the trunk's later entries
+keep their true RoPE positions), so a probe costs a few plain steps rather than a draft forward
+over a whole prompt. The shape of each round is chosen on the device (`budget.choose`), inside
+the round.
 With plain rounds among the shapes, `generate` leaves the prompt's trunk pending too
 (`Shapes.prompt_pending`): a batch that never drafts never runs the draft at all.
 """
@@ -61,7 +66,8 @@ Shape = budget_lib.Shape
 # plain streak (the budget backing off) rarely stops for a catch-up (a trunk forward, and in
 # the server's engine a host sync); 128 rounds cost 4% less per token than 16 here.
 PENDING = 128
-# A catch-up after at most this many plain rounds forwards only that many slots.
+# A catch-up after at most this many plain rounds forwards only that many slots, and a probe's
+# catch-up forwards at most this many (the latest) pending positions.
 CATCH_UP_SHORT = 16
 
 
@@ -71,13 +77,16 @@ class SpecState:
 
     cache: KVCache  # base cache; length = committed tokens (the pending root is not in it)
     draft_cache: DraftCache
-    trunk_len: jax.Array  # [B] int32 draft positions holding true-feature trunk entries
+    trunk_len: jax.Array  # [B] int32 draft cache slots holding true-feature trunk entries
+    # [B] int32 positions a probe's catch-up left out of the trunk: slot s of the later entries
+    # (and of the tree levels) runs at RoPE position s + trunk_skipped
+    trunk_skipped: jax.Array
     root: jax.Array  # [B] int32 the last emitted token (the next tree's root, not yet verified)
     root_logprobs: jax.Array  # [B, V'] f32 the draft's level-1 log-probs after the trunk
     root_feature: jax.Array  # [B, Dm] the draft's next-feature output there
     pending_features: jax.Array  # [B, Q, D] base features of plain rounds not yet in the trunk
     pending_tokens: jax.Array  # [B, Q] int32 the token paired with each (x_{p+1} for f_p)
-    pending_len: jax.Array  # [B] int32 (trunk_len + pending_len = cache.length)
+    pending_len: jax.Array  # [B] int32 (trunk_len + trunk_skipped + pending_len = cache.length)
     out_tokens: jax.Array  # [B, N_out] int32 new tokens (valid up to num_out)
     num_out: jax.Array  # [B] int32
     done: jax.Array  # [B] bool
@@ -268,11 +277,13 @@ def _root_inputs(step_out, last: jax.Array, head: DraftHead | None, *, base_para
     return jax.nn.log_softmax(logits, axis=-1), next_feature[rows, last]
 
 
-def _build_tree(step, root_lp, root_feat, root, trunk_len, dcache, head, *, tree_cfg, shapes):
+def _build_tree(
+    step, root_lp, root_feat, root, trunk_len, trunk_skipped, dcache, head, *, tree_cfg, shapes
+):  # fmt: skip
     # Path order does not matter to the keyed acceptance (sampling.accept_nodes), so sampling
     # skips the reference's lexicographic sort (which fixed its sibling-rejection order).
     return tree_lib.build_tree(
-        step, root_lp, root_feat, root, trunk_len, dcache,
+        step, root_lp, root_feat, root, trunk_len, dcache, trunk_position=trunk_len + trunk_skipped,
         top_k=tree_cfg.top_k, depth=tree_cfg.depth, total_tokens=tree_cfg.total_tokens,
         capacity=shapes.draft_capacity, lexicographic_paths=False,
         token_ids=None if head is None else head.token_ids,
@@ -436,6 +447,7 @@ def prefill(
         cache=cache,
         draft_cache=dcache,
         trunk_len=trunk_len,
+        trunk_skipped=jnp.zeros((b,), jnp.int32),
         root=root,
         root_logprobs=root_lp,
         root_feature=root_feat,
@@ -515,22 +527,43 @@ def catch_up_slots(most: jax.Array | int, pending: int) -> jax.Array:
     return jnp.where(jnp.asarray(most) > 0, jnp.asarray(sizes, jnp.int32)[fewest], 0)
 
 
-def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, dcfg, shapes):
+def probe_pending(pending_len: jax.Array, probing: jax.Array | bool) -> jax.Array:
+    """[B] int32 the pending positions a catch-up forwards: all, or when it starts a probe
+    (`probing`) at most the latest CATCH_UP_SHORT of each row's."""
+    return jnp.where(probing, jnp.minimum(pending_len, CATCH_UP_SHORT), pending_len)
+
+
+def _catch_up(
+    state: SpecState, base_params, draft_params, draft_head, *, cfg, dcfg, shapes,
+    probing: jax.Array | bool = False,
+) -> SpecState:  # fmt: skip
     """Runs the draft trunk over the pending positions (plain rounds', and a lazily left
     prompt's): one forward of the fewest of `catch_up_sizes` slots that holds every row's
     (drafting resuming after a short plain streak: ~1 ms here instead of ~3.4 for 128 slots).
 
+    probing (traced bool): the catch-up starts a probe, which forwards only each row's latest
+    CATCH_UP_SHORT pending positions (`probe_pending`); the earlier ones never enter the
+    trunk (`SpecState.trunk_skipped`), the forwarded ones keep their true RoPE positions. A
+    probe only measures whether drafting pays again; the whole prompt's catch-up (at batch 8
+    here ~0.2 s for 256-token prompts, ~30 plain steps) would make it the dearest round of a
+    batch that does not draft.
+
     Rows with nothing pending keep their level-1 inputs; their writes past the trunk are
     garbage by contract and are overwritten before anything attends to them.
     """
-    trunk, n = state.trunk_len, state.pending_len
+    trunk = state.trunk_len
+    n = probe_pending(state.pending_len, probing)
+    skip = state.pending_len - n  # the oldest pending positions, left out
+    skipped = state.trunk_skipped + skip
 
     def forward(q: int):
         def run(_):
+            at = jnp.minimum(skip[:, None] + jnp.arange(q)[None, :], shapes.pending - 1)
             token_feature, next_feature, dcache = draft_forward(
                 draft_params, base_params["embed_tokens"]["embedding"],
-                state.pending_features[:, :q], state.pending_tokens[:, :q],
-                trunk[:, None] + jnp.arange(q)[None, :], state.draft_cache,
+                jnp.take_along_axis(state.pending_features, at[:, :, None], axis=1),
+                jnp.take_along_axis(state.pending_tokens, at, axis=1),
+                (trunk + skipped)[:, None] + jnp.arange(q)[None, :], state.draft_cache,
                 write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity), dcfg=dcfg,
             )  # fmt: skip
             lp, feat = _root_inputs(
@@ -552,6 +585,7 @@ def _catch_up(state: SpecState, base_params, draft_params, draft_head, *, cfg, d
     return state.replace(
         draft_cache=dcache,
         trunk_len=trunk + n,
+        trunk_skipped=skipped,
         root_logprobs=jnp.where(has[:, None], lp, state.root_logprobs),
         root_feature=jnp.where(has[:, None], feat, state.root_feature),
         pending_len=jnp.zeros_like(n),
@@ -602,7 +636,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
     step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
     tree, dcache = _build_tree(
         step, state.root_logprobs, state.root_feature, state.root, state.trunk_len,
-        state.draft_cache, draft_head, tree_cfg=tree_cfg, shapes=shapes,
+        state.trunk_skipped, state.draft_cache, draft_head, tree_cfg=tree_cfg, shapes=shapes,
     )  # fmt: skip
     b = tree.draft_tokens.shape[0]
     a_len = tree_cfg.path_len
@@ -661,7 +695,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         features = jnp.take_along_axis(hidden, best_nodes[:, :, None], axis=1)  # [B, A, D]
         token_feature, next_feature, dcache = draft_forward(
             draft_params, base_params["embed_tokens"]["embedding"], features, emitted,
-            trunk[:, None] + slot[None, :], dcache, write_idx=trunk,
+            (trunk + state.trunk_skipped)[:, None] + slot[None, :], dcache, write_idx=trunk,
             mask=causal_mask(trunk, a_len, shapes.draft_capacity), dcfg=dcfg,
         )  # fmt: skip
         root_lp, root_feat = _root_inputs(
@@ -698,7 +732,7 @@ def draft_tree(
     step = _draft_step(base_params, draft_params, draft_head, cfg=cfg, dcfg=dcfg)
     tree, _ = _build_tree(
         step, state.root_logprobs, state.root_feature, state.root, state.trunk_len,
-        state.draft_cache, draft_head, tree_cfg=tree_cfg, shapes=shapes,
+        state.trunk_skipped, state.draft_cache, draft_head, tree_cfg=tree_cfg, shapes=shapes,
     )  # fmt: skip
     return tree
 
@@ -791,12 +825,17 @@ def _shape_segment(
     if shape is None:
         body_fn = _plain_round
         needs = jnp.any(state.pending_len >= shapes.pending)
+        probing = False
     else:
         body_fn = functools.partial(_tree_round, tree_cfg=shape)
         needs = jnp.any(state.pending_len > 0)
-        slots = catch_up_slots(jnp.max(state.pending_len), shapes.pending)
+        probing = budget_lib.probe_due(state.plain_streak, state.probe_wait)
+        most = jnp.max(probe_pending(state.pending_len, probing))
+        slots = catch_up_slots(most, shapes.pending)
     if drafting:
-        state = jax.lax.cond(needs, catch_up, lambda s: s, state)
+        state = jax.lax.cond(
+            needs, functools.partial(catch_up, probing=probing), lambda s: s, state
+        )
 
     def cond(carry):
         s, n = carry
@@ -998,8 +1037,11 @@ def measure_round_costs(
     static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes)
     inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs,
               jnp.asarray(vanilla.row_seeds(0, batch)))  # fmt: skip
+    # No probe is ever due (a probe's catch-up forwards fewer slots than are pending).
     forced = [
-        budget.replace(schedule=jnp.full((shapes.out_size,), i, jnp.int32))
+        budget.replace(
+            schedule=jnp.full((shapes.out_size,), i, jnp.int32), start_wait=jnp.int32(2**30)
+        )
         for i in range(len(budget.shapes))
     ]
 

@@ -78,6 +78,7 @@ def build_tree(
     capacity: int,
     lexicographic_paths: bool,
     token_ids: jax.Array | None = None,
+    trunk_position: jax.Array | None = None,
 ) -> tuple[Tree, Any]:
     """Drafts an EAGLE-2 tree (spec 5.2 steps 2-8) with static shapes.
 
@@ -88,7 +89,8 @@ def build_tree(
       root_feature: [B, Dm] the draft's next-feature output at that position.
       root_token: [B] int32 the root (the last committed / bonus token).
       trunk_len: [B] int32 draft trunk length P (cache slots < P are the trunk; level i, 0-based,
-        is written at slots P + K*i and runs at RoPE position P + i, spec 8.5 and section 9).
+        is written at slots P + K*i and runs at RoPE position `trunk_position` + i, spec 8.5
+        and section 9).
       draft_cache: the draft's cache pytree (opaque here; only draft_step touches it).
       top_k, depth, total_tokens: K, D, M (static).
       capacity: S, the draft cache's slot count (static; the masks are [B, K, S]). The caller
@@ -98,11 +100,14 @@ def build_tree(
         Otherwise paths are in ascending leaf order (greedy mode).
       token_ids: [V'] int32 when the draft's logits cover a token subset (`DraftHead`): the
         logit columns' token ids. None: the columns are the token ids.
+      trunk_position: [B] int32 the RoPE position of slot P (default P; more when positions
+        were left out of the trunk: `speculative.SpecState.trunk_skipped`).
     Returns:
       (Tree, draft_cache with the tree levels written; only its trunk is meaningful later).
     """
     k, d, m = top_k, depth, total_tokens
     b = root_logprobs.shape[0]
+    trunk_position = trunk_len if trunk_position is None else trunk_position
     n_cand = num_candidates(k, d)
     eye = jnp.eye(k, dtype=bool)
 
@@ -136,7 +141,7 @@ def build_tree(
     def expand(i, state):
         feats, in_tok, s_prev, sel, level_mask, scores, tokens, parents_flat, cache = state
         with jax.named_scope("draft/expand"):
-            positions = jnp.broadcast_to((trunk_len + i)[:, None], (b, k))
+            positions = jnp.broadcast_to((trunk_position + i)[:, None], (b, k))
             mask = tree_mask_to_cache(trunk_len, level_mask, capacity)  # [B, K, S]
             logits, next_feats, cache = draft_step(
                 feats, in_tok, positions, cache, trunk_len + k * i, mask

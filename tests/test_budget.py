@@ -682,11 +682,14 @@ def test_catch_up_slots_are_the_fewest_sizes_that_hold_the_longest_row():
     assert int(speculative.catch_up_slots(jnp.int32(40), 128)) == 128
 
 
+@pytest.mark.parametrize("probing", [False, True], ids=["resume", "probe"])
 @pytest.mark.parametrize("pending", [[0, 5, 16, 30], [0, 5, 16, 3]])
-def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
-    # [.., 30]: more than CATCH_UP_SHORT pending, the whole buffer is forwarded; [.., 3]: only
-    # its first CATCH_UP_SHORT slots. Either way each row's trunk entries and level-1 inputs
-    # are those of a forward over exactly its own pending positions.
+def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending, probing):
+    # [.., 30]: more than CATCH_UP_SHORT pending, the whole buffer is forwarded (a probe: only
+    # that row's latest CATCH_UP_SHORT, the 14 before are skipped); [.., 3]: only the buffer's
+    # first CATCH_UP_SHORT slots. Either way each row's trunk entries and level-1 inputs are
+    # those of a forward over exactly its own forwarded positions, at their true RoPE
+    # positions (after what earlier probes skipped).
     monkeypatch.setattr(speculative, "PENDING", 32)
     cfg, dcfg = base_config("llama"), draft_config(base_config("llama"))
     base, draft = random_pair(cfg, dcfg)
@@ -697,9 +700,17 @@ def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
     feats = jnp.asarray(rng.normal(size=state.pending_features.shape), jnp.float32)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, state.pending_tokens.shape), jnp.int32)
     n = jnp.asarray(pending, jnp.int32)
-    before = state.replace(pending_features=feats, pending_tokens=toks, pending_len=n)
-    after = speculative._catch_up(before, base, draft, None, cfg=cfg, dcfg=dcfg, shapes=shapes)
-    np.testing.assert_array_equal(after.trunk_len, before.trunk_len + n)
+    earlier = jnp.asarray([0, 3, 0, 2], jnp.int32)  # skipped by an earlier probe
+    before = state.replace(
+        pending_features=feats, pending_tokens=toks, pending_len=n, trunk_skipped=earlier
+    )
+    after = speculative._catch_up(
+        before, base, draft, None, cfg=cfg, dcfg=dcfg, shapes=shapes, probing=jnp.bool_(probing)
+    )  # fmt: skip
+    skip = np.maximum(np.asarray(pending) - speculative.CATCH_UP_SHORT, 0) * probing
+    assert skip.any() == (probing and max(pending) > speculative.CATCH_UP_SHORT)
+    np.testing.assert_array_equal(after.trunk_len, before.trunk_len + n - skip)
+    np.testing.assert_array_equal(after.trunk_skipped, earlier + skip)
     assert not np.any(after.pending_len)
     step = speculative._draft_step(base, draft, None, cfg=cfg, dcfg=dcfg)
     for row, count in enumerate(pending):
@@ -707,11 +718,13 @@ def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
         if count == 0:  # nothing pending: its level-1 inputs stay
             np.testing.assert_array_equal(after.root_logprobs[row], before.root_logprobs[row])
             continue
+        first, count = int(skip[row]), count - int(skip[row])
         one = jax.tree.map(lambda x, r=row: x[r : r + 1], before.draft_cache)
         start = jnp.asarray([trunk], jnp.int32)
+        position = trunk + int(earlier[row]) + first
         logits, next_feature, dcache = step(
-            feats[row : row + 1, :count], toks[row : row + 1, :count],
-            start[:, None] + jnp.arange(count)[None], one, start,
+            feats[row : row + 1, first : first + count], toks[row : row + 1, first : first + count],
+            position + jnp.arange(count)[None], one, start,
             speculative.causal_mask(start, count, shapes.draft_capacity),
         )  # fmt: skip
         np.testing.assert_allclose(
@@ -724,3 +737,45 @@ def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending):
         np.testing.assert_allclose(
             after.root_feature[row], next_feature[0, -1], rtol=1e-5, atol=1e-5
         )
+
+
+def test_a_probe_leaves_older_positions_out_of_the_trunk_at_their_true_positions(pair):
+    """A probe starts with a catch-up over only each row's latest CATCH_UP_SHORT pending
+    positions (here the prompt and 20 plain rounds): their trunk entries, and those its round
+    appends, are what a full catch-up writes for the same positions (same RoPE positions),
+    at slots lower by what was skipped; the tokens are the same (two drafting rounds: the
+    second drafts from the first's trunk entries)."""
+    cfg, dcfg, base, draft = pair
+    plain = 20
+    schedule = [0] * plain + [3] * 4
+    lengths = np.asarray([len(p) for p in PROMPTS])
+    states = {}
+    for probing in (False, True):
+        b = budget.make_budget(SHAPES, schedule=schedule, probe_every=1)
+        b = b if probing else b.replace(start_wait=jnp.int32(2**30))  # a probe is due, or never
+        state, knobs, shapes = prefilled(
+            base, draft, cfg, dcfg, PROMPTS, b, max_new=40, eos_ids=[-1], prompt_pending=True
+        )  # fmt: skip
+        states[probing] = speculative.run_segment(
+            state, base, draft, knobs, b, None, plain + 2, index=None, cfg=cfg, dcfg=dcfg,
+            greedy=True, shapes=shapes,
+        )  # fmt: skip
+    full, probe = states[False], states[True]
+    skip = np.maximum(lengths + plain - speculative.CATCH_UP_SHORT, 0)
+    assert skip.min() > 0
+    np.testing.assert_array_equal(full.trunk_skipped, 0)
+    np.testing.assert_array_equal(probe.trunk_skipped, skip)
+    np.testing.assert_array_equal(probe.out_tokens, full.out_tokens)
+    np.testing.assert_array_equal(probe.accept_log, full.accept_log)
+    accepted = np.asarray(full.accept_log[:, plain : plain + 2]).sum(1)
+    assert accepted.max() > 0  # the drafting rounds appended accepted draft tokens too
+    committed = accepted + 2
+    np.testing.assert_array_equal(full.trunk_len, lengths + plain + committed)
+    np.testing.assert_array_equal(probe.trunk_len + skip, full.trunk_len)
+    for row, s in enumerate(skip):
+        n = int(probe.trunk_len[row])
+        for name in ("k", "v"):
+            np.testing.assert_allclose(
+                getattr(probe.draft_cache, name)[row, :n],
+                getattr(full.draft_cache, name)[row, s : s + n], rtol=1e-5, atol=1e-5,
+            )  # fmt: skip

@@ -255,3 +255,23 @@ def test_tree_sizes_check():
         checks.tree_sizes(top_k=0, depth=2, total_tokens=12)
     with pytest.raises(ValueError, match="depth"):
         checks.tree_sizes(top_k=2, depth=-1, total_tokens=2)
+
+
+def test_tree_levels_run_at_the_trunk_position():
+    """Level i is written at slots P + K*i and runs at RoPE position `trunk_position` + i
+    (P + i unless positions were left out of the trunk: `SpecState.trunk_skipped`)."""
+    case = Case(0, batch=3, top_k=2, depth=3, total_tokens=7, ties=False)
+    step = functools.partial(fake_draft_step, jnp.asarray(case.table), jnp.asarray(case.weights))
+    trunk = jnp.asarray(case.trunk, jnp.int32)
+    skipped = jnp.asarray([0, 5, 40], jnp.int32)
+    _, (_, pos_buf) = tree_lib.build_tree(
+        step, jnp.asarray(case.root_logp), jnp.asarray(case.root_feature[:, None], jnp.float32),
+        jnp.asarray(case.root_token, jnp.int32), trunk,
+        (jnp.asarray(case.tok_buf, jnp.int32), jnp.asarray(case.pos_buf, jnp.int32)),
+        top_k=2, depth=3, total_tokens=7, capacity=case.capacity, lexicographic_paths=False,
+        trunk_position=trunk + skipped,
+    )  # fmt: skip
+    for b, p in enumerate(case.trunk):
+        want = np.repeat(p + int(skipped[b]) + np.arange(3), 2)
+        np.testing.assert_array_equal(np.asarray(pos_buf)[b, p : p + 6], want)
+        np.testing.assert_array_equal(np.asarray(pos_buf)[b, :p], np.arange(p))  # trunk kept
