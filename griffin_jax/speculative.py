@@ -23,13 +23,14 @@ A round of a tree shape, per row (the state holds the draft's level-1 outputs fo
    root.
 A plain round (shape `None` of the adaptive budget, `budget.py`) verifies the root alone: one
 base decode step. Its (feature, token) pair waits in a pending buffer of Q slots, and the
-draft trunk catches up over all of them in one forward when drafting resumes or the buffer is
-full. A probe (`budget.py`: drafting rounds that refresh the statistics after a plain streak)
-starts with a catch-up over only the latest CATCH_UP_SHORT pending positions: the earlier ones
-are left out of the draft trunk for good (`SpecState.trunk_skipped`; the trunk's later entries
-keep their true RoPE positions), so a probe costs a few plain steps rather than a draft forward
-over a whole prompt. The shape of each round is chosen on the device (`budget.choose`), inside
-the round.
+draft trunk catches up over all of them in one forward when the policy resumes drafting. A
+probe (`budget.py`: drafting rounds that refresh the statistics after a plain streak) starts
+with a catch-up over only the latest CATCH_UP_SHORT pending positions, and so does a full
+buffer: the earlier ones are left out of the draft trunk for good (`SpecState.trunk_skipped`;
+the trunk's later entries keep their true RoPE positions), so a probe costs a few plain steps
+rather than a draft forward over a whole prompt, and a long plain streak runs no draft forward
+but a short one every Q rounds. The shape of each round is chosen on the device
+(`budget.choose`), inside the round.
 With plain rounds among the shapes, `generate` leaves the prompt's trunk pending too
 (`Shapes.prompt_pending`): a batch that never drafts never runs the draft at all.
 """
@@ -541,12 +542,12 @@ def _catch_up(
     prompt's): one forward of the fewest of `catch_up_sizes` slots that holds every row's
     (drafting resuming after a short plain streak: ~1 ms here instead of ~3.4 for 128 slots).
 
-    probing (traced bool): the catch-up starts a probe, which forwards only each row's latest
-    CATCH_UP_SHORT pending positions (`probe_pending`); the earlier ones never enter the
-    trunk (`SpecState.trunk_skipped`), the forwarded ones keep their true RoPE positions. A
-    probe only measures whether drafting pays again; the whole prompt's catch-up (at batch 8
-    here ~0.2 s for 256-token prompts, ~30 plain steps) would make it the dearest round of a
-    batch that does not draft.
+    probing (traced bool): the catch-up starts a probe (or empties a full buffer during a plain
+    streak), which forwards only each row's latest CATCH_UP_SHORT pending positions
+    (`probe_pending`); the earlier ones never enter the trunk (`SpecState.trunk_skipped`),
+    the forwarded ones keep their true RoPE positions. A probe only measures whether drafting
+    pays again; the whole prompt's catch-up (at batch 8 here ~0.2 s for 256-token prompts,
+    ~25 plain steps) would make it the dearest round of a batch that does not draft.
 
     Rows with nothing pending keep their level-1 inputs; their writes past the trunk are
     garbage by contract and are overwritten before anything attends to them.
@@ -596,7 +597,8 @@ def _plain_round(state, base_params, draft_params, knobs, draft_head, shape_inde
     """A plain decode step on the speculative state: verify the root alone, emit the next token.
 
     The draft trunk is not run: the step's (feature, token) pair waits in the pending buffer
-    (flushed by `_catch_up` at the start of a segment: when drafting resumes or it is full).
+    (flushed by `_catch_up` at the start of a segment: when drafting resumes, or only its
+    latest CATCH_UP_SHORT positions when it is full).
     """
     cfg, greedy, shapes = static["cfg"], static["greedy"], static["shapes"]
     active = ~state.done
@@ -825,7 +827,9 @@ def _shape_segment(
     if shape is None:
         body_fn = _plain_round
         needs = jnp.any(state.pending_len >= shapes.pending)
-        probing = False
+        # A full buffer after a plain streak keeps only what a probe would forward: the
+        # streak's older positions would never reach the trunk through one.
+        probing = True
     else:
         body_fn = functools.partial(_tree_round, tree_cfg=shape)
         needs = jnp.any(state.pending_len > 0)

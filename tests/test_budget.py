@@ -779,3 +779,30 @@ def test_a_probe_leaves_older_positions_out_of_the_trunk_at_their_true_positions
                 getattr(probe.draft_cache, name)[row, :n],
                 getattr(full.draft_cache, name)[row, s : s + n], rtol=1e-5, atol=1e-5,
             )  # fmt: skip
+
+
+def test_a_full_buffer_in_a_plain_streak_keeps_only_its_latest_positions(monkeypatch, pair):
+    """A plain streak that fills the pending buffer forwards only its latest CATCH_UP_SHORT
+    positions into the trunk (what a probe would forward), not the whole buffer; the output
+    stays greedy vanilla."""
+    monkeypatch.setattr(speculative, "PENDING", 32)
+    cfg, dcfg, base, draft = pair
+    rounds = 40
+    b = budget.make_budget(SHAPES, schedule=[0] * rounds)
+    state, knobs, shapes = prefilled(base, draft, cfg, dcfg, PROMPTS, b, max_new=60, eos_ids=[-1])
+    lengths = np.asarray([len(p) for p in PROMPTS])
+    np.testing.assert_array_equal(state.trunk_len, lengths)  # an eager prefill's trunk
+    state = speculative.run_segment(
+        state, base, draft, knobs, b, None, rounds, index=None, cfg=cfg, dcfg=dcfg,
+        greedy=True, shapes=shapes,
+    )  # fmt: skip
+    short = speculative.CATCH_UP_SHORT
+    # round 33 found the 32 slots full: 16 skipped, 16 forwarded, 8 pending since
+    np.testing.assert_array_equal(state.trunk_skipped, 32 - short)
+    np.testing.assert_array_equal(state.trunk_len, lengths + short)
+    np.testing.assert_array_equal(state.pending_len, rounds - 32)
+    np.testing.assert_array_equal(
+        state.trunk_len + state.trunk_skipped + state.pending_len, state.cache.length
+    )
+    want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=rounds + 1).output_ids
+    assert np.asarray(state.out_tokens)[:, : rounds + 1].tolist() == want
