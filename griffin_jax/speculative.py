@@ -68,7 +68,7 @@ Shape = budget_lib.Shape
 # the server's engine a host sync); 128 rounds cost 4% less per token than 16 here.
 PENDING = 128
 # A catch-up after at most this many plain rounds forwards only that many slots, and a probe's
-# catch-up forwards at most this many (the latest) pending positions.
+# (or a full buffer's) catch-up forwards at most this many (the latest) pending positions.
 CATCH_UP_SHORT = 16
 
 
@@ -79,7 +79,8 @@ class SpecState:
     cache: KVCache  # base cache; length = committed tokens (the pending root is not in it)
     draft_cache: DraftCache
     trunk_len: jax.Array  # [B] int32 draft cache slots holding true-feature trunk entries
-    # [B] int32 positions a probe's catch-up left out of the trunk: slot s of the later entries
+    # [B] int32 positions a probe's (or a full buffer's) catch-up left out of the trunk: slot s
+    # of the later entries
     # (and of the tree levels) runs at RoPE position s + trunk_skipped
     trunk_skipped: jax.Array
     root: jax.Array  # [B] int32 the last emitted token (the next tree's root, not yet verified)
