@@ -80,8 +80,7 @@ class SpecState:
     draft_cache: DraftCache
     trunk_len: jax.Array  # [B] int32 draft cache slots holding true-feature trunk entries
     # [B] int32 positions a probe's (or a full buffer's) catch-up left out of the trunk: slot s
-    # of the later entries
-    # (and of the tree levels) runs at RoPE position s + trunk_skipped
+    # of the later entries (and of the tree levels) runs at RoPE position s + trunk_skipped
     trunk_skipped: jax.Array
     root: jax.Array  # [B] int32 the last emitted token (the next tree's root, not yet verified)
     root_logprobs: jax.Array  # [B, V'] f32 the draft's level-1 log-probs after the trunk
