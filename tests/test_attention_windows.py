@@ -21,7 +21,8 @@ CAPACITY, N, KV, H = 448, 4, 2, 16
 def test_windows_double_and_end_at_the_capacity():
     assert layers.attention_spans(96) == (96,)
     assert layers.attention_spans(128) == (128,)
-    assert layers.attention_spans(200) == (128, 200)
+    assert layers.attention_spans(200) == (200,)  # under 256 slots: one window
+    assert layers.attention_spans(256) == (128, 256)
     assert layers.attention_spans(CAPACITY) == (128, 256, CAPACITY)
     assert layers.attention_spans(1024) == (128, 256, 512, 1024)
     assert layers.attention_spans(1100) == (128, 256, 512, 1100)
@@ -74,9 +75,15 @@ def test_a_whole_window_mask_reads_the_whole_buffer():
 
 
 def test_only_windows_as_wide_as_the_queries_are_branches():
-    q1, q200 = jnp.zeros((1, 1, N, H)), jnp.zeros((1, 200, N, H))
-    kv = jnp.zeros((1, 200, KV, H))
+    q1, q300 = jnp.zeros((1, 1, N, H)), jnp.zeros((1, 300, N, H))
+    kv = jnp.zeros((1, 300, KV, H))
+    decode = jax.make_jaxpr(layers.gqa_attention)(q1, kv, kv, jnp.ones((1, 1, 300), bool))
+    prefill = jax.make_jaxpr(layers.gqa_attention)(q300, kv, kv, jnp.ones((1, 300, 300), bool))
+    assert "cond[" in str(decode)  # windows 128 and 300
+    assert "cond[" not in str(prefill)  # a prefill over its own 300 slots reads them all
+
+
+def test_a_buffer_under_256_slots_has_no_window_choice():
+    q1, kv = jnp.zeros((1, 1, N, H)), jnp.zeros((1, 200, KV, H))
     decode = jax.make_jaxpr(layers.gqa_attention)(q1, kv, kv, jnp.ones((1, 1, 200), bool))
-    prefill = jax.make_jaxpr(layers.gqa_attention)(q200, kv, kv, jnp.ones((1, 200, 200), bool))
-    assert "cond[" in str(decode)  # windows 128 and 200
-    assert "cond[" not in str(prefill)  # a prefill over its own 200 slots reads them all
+    assert "cond[" not in str(decode)
