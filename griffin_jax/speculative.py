@@ -59,6 +59,7 @@ from griffin_jax.draft import (
     init_draft_cache,
 )
 from griffin_jax.kv_cache import KVCache, causal_mask, commit_path, init_cache
+from griffin_jax.layers import smallest_holding
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
 
@@ -515,16 +516,11 @@ def catch_up_sizes(pending: int) -> list[int]:
     return sorted(x for x in sizes if x <= pending)
 
 
-def _fewest(most: jax.Array | int, sizes: list[int]) -> jax.Array:
-    """The index in `sizes` of the fewest slots that hold `most` pending positions."""
-    return sum((jnp.asarray(most) > q).astype(jnp.int32) for q in sizes[:-1])
-
-
 def catch_up_slots(most: jax.Array | int, pending: int) -> jax.Array:
     """The slots the catch-up forward runs over (int32; 0 when nothing is pending): the
     fewest of `catch_up_sizes(pending)` that hold `most`, the longest row's pending count."""
     sizes = catch_up_sizes(pending)
-    fewest = _fewest(most, sizes)
+    fewest = smallest_holding(most, sizes)
     return jnp.where(jnp.asarray(most) > 0, jnp.asarray(sizes, jnp.int32)[fewest], 0)
 
 
@@ -578,7 +574,7 @@ def _catch_up(
     sizes = catch_up_sizes(shapes.pending)
     with jax.named_scope("draft/catch_up"):
         if len(sizes) > 1:  # the program of `catch_up_slots`
-            fewest = _fewest(jnp.max(n), sizes)
+            fewest = smallest_holding(jnp.max(n), sizes)
             dcache, lp, feat = jax.lax.switch(fewest, [forward(q) for q in sizes], None)
         else:
             dcache, lp, feat = forward(sizes[0])(None)
