@@ -123,7 +123,7 @@ def smallest_holding(n: jax.Array | int, sizes: Sequence[int]) -> jax.Array:
     """The index in ascending `sizes` of the smallest that holds `n` (int32; the last when
     none does). Comparisons, not `jnp.searchsorted`: XLA shares them between the layers of a
     forward, where a search was computed once a layer."""
-    return sum((jnp.asarray(n) > s).astype(jnp.int32) for s in sizes[:-1])
+    return sum(((jnp.asarray(n) > s).astype(jnp.int32) for s in sizes[:-1]), jnp.int32(0))
 
 
 def attention_spans(capacity: int) -> tuple[int, ...]:
