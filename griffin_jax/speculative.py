@@ -1007,7 +1007,7 @@ def measure_round_costs(
     draft_head: DraftHead | None = None,
     prompt_len: int = 128,
     max_new: int = 256,
-    repeats: int = 3,
+    repeats: int = 5,
     segment: int = 16,
     max_steal: float = steal.MAX_STEAL,
 ) -> list[float]:
@@ -1019,7 +1019,8 @@ def measure_round_costs(
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
     buffers sized for `max_new` new tokens: `segment` rounds of each shape in one call ended by
     a host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
-    them. Shapes are interleaved over `repeats` passes (each from a fresh prefill); medians.
+    them. Each shape's rounds start from a fresh prefill (at the prompt's length, whatever the
+    shapes timed before committed); shapes are interleaved over `repeats` passes; medians.
     The catch-up: the first drafting shape's first round after the plain shape's rounds
     (`segment` + 1 of them pending: the PENDING-slot program a probe after a plain streak runs)
     less a round of that shape alone, both one-round calls, over the catch-up's slots (the
@@ -1059,19 +1060,33 @@ def measure_round_costs(
         return state, time.perf_counter() - t0
 
     def one_pass() -> list[float]:
-        state = prefill(base_params, draft_params, *inputs, forced[0], draft_head, **static)
-        ms, catch_up, slots = [], 0.0, None  # slots: of the catch-up timed, once measured
-        for index, shape in enumerate(budget.shapes):
-            timing = shape is not None and slots is None  # the first drafting shape
-            if timing:
-                slots = int(catch_up_slots(jnp.max(state.pending_len), shapes.pending))
-            state, first = timed(state, index, 1)  # with the trunk's catch-up, if any
+        ms = []
+        for index in range(len(budget.shapes)):
+            # Every shape from the prompt's length: rounds of a good draft commit several tokens
+            # (this synthetic prompt's do: ~3.4 a round of the default chain), so shapes timed
+            # one after another on one state ran at ever longer caches, the last past a key
+            # window's edge (`layers.attention_spans`) and priced ~12% high.
+            state = prefill(base_params, draft_params, *inputs, forced[index], draft_head, **static)
+            state, _ = timed(state, index, 1)  # a round before the segment, as a probe's first
             state, seconds = timed(state, index, segment)
             ms.append(seconds * 1e3 / segment)
-            if timing and slots:
-                state, alone = timed(state, index, 1)
-                catch_up = max(first - alone, 0.0) * 1e3 / slots
-        return [*ms, catch_up]
+        return [*ms, catch_up_ms()]
+
+    def catch_up_ms() -> float:
+        """The first drafting shape's first round after `segment` + 1 plain rounds, less a
+        round of it alone, over the catch-up's slots (0 without a plain or a drafting shape)."""
+        kinds = [s is None for s in budget.shapes]
+        if all(kinds) or not any(kinds):
+            return 0.0
+        plain, drafting = kinds.index(True), kinds.index(False)
+        state = prefill(base_params, draft_params, *inputs, forced[plain], draft_head, **static)
+        state, _ = timed(state, plain, segment + 1)
+        slots = int(catch_up_slots(jnp.max(state.pending_len), shapes.pending))
+        if not slots:
+            return 0.0
+        state, first = timed(state, drafting, 1)
+        state, alone = timed(state, drafting, 1)
+        return max(first - alone, 0.0) * 1e3 / slots
 
     one_pass()  # compiles and warms up
     # A pass that met stolen CPU time (a shared VM's host running others) is run again; not

@@ -598,6 +598,34 @@ def test_adaptive_generation_compiles_one_program_for_every_shape(pair, small_pe
     assert (speculative.prefill._cache_size(), speculative.run_segment._cache_size()) == sizes
 
 
+def test_round_costs_time_every_shape_from_the_prompts_length(pair, monkeypatch):
+    # Rounds commit tokens (an aligned draft's several a round), so shapes timed one after
+    # another on one state ran at ever longer caches, the last past a key window's edge and
+    # priced high: each shape's rounds start from a prefill of their own.
+    cfg, dcfg, base, draft = pair
+    calls = []
+    real = speculative.run_segment
+
+    def spy(state, *args, **kwargs):
+        shape, step, before = int(state.next_shape), int(state.step), np.asarray(state.cache.length)
+        out = real(state, *args, **kwargs)  # donates `state`
+        calls.append((shape, step, before, np.asarray(out.cache.length) - before))
+        return out
+
+    monkeypatch.setattr(speculative, "run_segment", spy)
+    speculative.measure_round_costs(
+        base, cfg, draft, dcfg, budget.make_budget(CHAINS), batch=2, greedy=True, prompt_len=16,
+        max_new=64, repeats=1, segment=4,
+    )  # fmt: skip
+    fresh = [(shape, length) for shape, step, length, _ in calls if step == 0]
+    assert sorted({shape for shape, _ in fresh}) == list(range(len(CHAINS)))
+    assert all((length == 16).all() for _, length in fresh)
+    # the deepest chain's segments commit more than a token a round: timed after the others
+    # on one state, it would have started later still
+    deep = [grew for shape, step, _, grew in calls if step == 1 and shape == len(CHAINS) - 1]
+    assert deep and all((grew > 4).any() for grew in deep)
+
+
 def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypatch):
     cfg, dcfg, base, draft = pair
     b = budget.make_budget([None, TREE])
