@@ -1021,9 +1021,9 @@ def measure_round_costs(
     a host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
     them. Each shape's rounds start from a fresh prefill (at the prompt's length, whatever the
     shapes timed before committed); shapes are interleaved over `repeats` passes; medians.
-    The catch-up: the first drafting shape's first round after the plain shape's rounds
-    (`segment` + 1 of them pending: the PENDING-slot program a probe after a plain streak runs)
-    less a round of that shape alone, both one-round calls, over the catch-up's slots (the
+    The catch-up: the first drafting shape's first round on the state the plain shape's rounds
+    left (`segment` + 1 of them pending: the PENDING-slot program a probe after a plain streak
+    runs) less a round of that shape alone, both one-round calls, over the catch-up's slots (the
     policy prices a catch-up of other sizes, such as a batch's lazily left prompt, by them).
     A pass during which more than `max_steal` of the CPUs' time was stolen (`steal.timed`) is
     run again. Sampling rounds are timed at temperature 1.
@@ -1059,31 +1059,32 @@ def measure_round_costs(
             raise RuntimeError(f"measure_round_costs: shape {index} ran {step - step0} of {n}")
         return state, time.perf_counter() - t0
 
+    kinds = [shape is None for shape in budget.shapes]
+    # The catch-up is timed when there are both a plain and a drafting shape.
+    plain = kinds.index(True) if True in kinds and False in kinds else None
+
     def one_pass() -> list[float]:
-        ms = []
+        ms, catch_up = [], 0.0
         for index in range(len(budget.shapes)):
             # Every shape from the prompt's length: rounds of a good draft commit several tokens
             # (this synthetic prompt's do: ~3.4 a round of the default chain), so shapes timed
             # one after another on one state ran at ever longer caches, the last past a key
             # window's edge (`layers.attention_spans`) and priced ~12% high.
             state = prefill(base_params, draft_params, *inputs, forced[index], draft_head, **static)
-            state, _ = timed(state, index, 1)  # a round before the segment, as a probe's first
+            state, _ = timed(state, index, 1)  # the shape's first round, apart from the segment
             state, seconds = timed(state, index, segment)
             ms.append(seconds * 1e3 / segment)
-        return [*ms, catch_up_ms()]
+            if index == plain:  # `segment` + 1 plain rounds pending
+                catch_up = catch_up_ms(state)
+        return [*ms, catch_up]
 
-    def catch_up_ms() -> float:
-        """The first drafting shape's first round after `segment` + 1 plain rounds, less a
-        round of it alone, over the catch-up's slots (0 without a plain or a drafting shape)."""
-        kinds = [s is None for s in budget.shapes]
-        if all(kinds) or not any(kinds):
-            return 0.0
-        plain, drafting = kinds.index(True), kinds.index(False)
-        state = prefill(base_params, draft_params, *inputs, forced[plain], draft_head, **static)
-        state, _ = timed(state, plain, segment + 1)
+    def catch_up_ms(state: SpecState) -> float:
+        """The first drafting shape's first round on the state the plain shape's rounds left,
+        less a round of it alone, over the catch-up's slots."""
         slots = int(catch_up_slots(jnp.max(state.pending_len), shapes.pending))
         if not slots:
             return 0.0
+        drafting = kinds.index(False)
         state, first = timed(state, drafting, 1)
         state, alone = timed(state, drafting, 1)
         return max(first - alone, 0.0) * 1e3 / slots
