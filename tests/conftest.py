@@ -8,17 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Compile time, not run time, dominates this suite. XLA's CPU backend optimisation level 0
-# compiles about twice as fast, and its older elemental emitters instead of the fusion emitters
-# ~1.6x faster again (measured on tests/test_engine.py's staggered-requests test: 28 s -> 17 s).
-# Every comparison in the tests is between programs compiled alike, or against a tolerance. Set
-# before JAX starts its backend, and inherited by the subprocesses the tests start.
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -88,6 +79,8 @@ def pytest_configure(config: pytest.Config) -> None:
     markexpr = config.getoption("markexpr", "") or ""
     if "gpu" not in markexpr or "not gpu" in markexpr:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        _cpu_compile_flags()
     # One persistent XLA compilation cache for the whole run: the pytest-xdist workers and the
     # subprocesses the tests start (CLIs, the server, the 8-device checks) compile many of the
     # same programs; each is compiled once. A fresh folder per run (made by the first process,
@@ -98,6 +91,20 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = os.environ["GRIFFIN_TEST_XLA_CACHE"]
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
     jax.config.update("jax_compilation_cache_dir", cache)
+
+
+def _cpu_compile_flags() -> None:
+    """Compile time, not run time, dominates this suite. XLA's CPU backend optimisation level 0
+    compiles about twice as fast, and its older elemental emitters instead of the fusion
+    emitters ~1.6x faster again (measured on tests/test_engine.py's staggered-requests test:
+    28 s -> 17 s). Every comparison in the tests is between programs compiled alike, or against
+    a tolerance. Set before JAX starts its backend (the first array, after this hook), inherited
+    by the subprocesses the tests start. CPU runs only: a gpu run compiles as users do (and
+    on an H200 with jax 0.11.2, `pytest -m gpu` given the emitter flag exited at start-up with
+    status 1 and no output; with that flag left out it ran)."""
+    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+        if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
