@@ -1,6 +1,8 @@
 """On an accelerator (`pytest -m gpu`; `make test` deselects these): bf16 greedy speculative ==
 bf16 vanilla under the near-tie rule of `near_ties.py`, f32 on the device == f32 on the CPU,
-no recompiles across rounds, sharded == unsharded when there are several devices."""
+f32 seeded speculative sampling == seeded vanilla sampling under forced shape switches and
+under the adaptive budget priced on the device, no recompiles across rounds, sharded ==
+unsharded when there are several devices."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from near_ties import assert_mostly_compared, compare_greedy
 from spec_models import aligned_pair, base_config, draft_config, random_pair
 from test_bf16 import BF16_TIE, PROMPTS, TREES, bf16_pair
 
-from griffin_jax import sharding, speculative, vanilla
+from griffin_jax import budget, sharding, speculative, vanilla
+from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
 from griffin_jax.model import forward, unstack_layers
 
@@ -53,6 +56,38 @@ def test_bf16_greedy_with_accepted_drafts_on_device():
     result = compare_greedy(base, cfg, PROMPTS, res.output_ids, want, tol=BF16_TIE)
     assert_mostly_compared(result, len(PROMPTS))
     assert sum(a for row in res.accept_lengths for a in row) > 20
+
+
+def test_seeded_sampling_and_the_adaptive_budget_on_device():
+    """f32 on the device (HIGHEST precision, conftest): seeded speculative sampling emits the
+    tokens seeded vanilla sampling emits, and greedy the greedy ones, whichever shapes run:
+    forced switches among plain decoding and three trees, then the policy on costs measured
+    here. Near-tie odds as on the CPU (test_speculative: below 1e-3 for these draws)."""
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg, noise=0.3)
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=8)
+    shapes = (None, TreeConfig(top_k=2, depth=0, total_tokens=3), tree)
+    costs = speculative.measure_round_costs(
+        base, cfg, draft, dcfg, budget.make_budget(shapes), batch=len(PROMPTS), greedy=False,
+        prompt_len=16, max_new=64, repeats=1, segment=4,
+    )  # fmt: skip
+    assert len(costs) == len(shapes) + 1 and all(c > 0 for c in costs[:-1])
+    budgets = [
+        budget.make_budget(shapes, schedule=[2, 0, 0, 1, 0, 2, 2, 0, 1] * 5),
+        budget.make_budget(shapes, costs=costs[:-1], catch_up=costs[-1]),
+    ]
+    accepted = 0
+    for knobs in (dict(temperature=0.8, top_p=0.9, top_k=0, seed=7),
+                  dict(temperature=1.0, top_p=1.0, top_k=5, seed=3), {}):  # fmt: skip
+        want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=24, **knobs).output_ids
+        for b in budgets:
+            res = speculative.generate(
+                base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, max_new_tokens=24, **knobs
+            )
+            assert res.output_ids == want, (knobs, b.schedule)
+            accepted += sum(a for row in res.accept_lengths for a in row)
+    assert accepted > 30  # multi-token rounds happened: the equality is not trivial
 
 
 def _logits(params, cfg, ids, device):
