@@ -28,7 +28,8 @@ plot (`--plot`).
 
 Imports jax, flax, numpy and the project's `griffin_jax` only (no network, no transformers);
 matplotlib for the plot, if installed. On a machine with its own JAX:
-    pip install --no-deps -e . && python -m inference.bench_device --size 8b --out bench.json
+    pip install --no-deps --no-build-isolation -e .
+    python -m inference.bench_device --size 8b --out bench.json
 """
 
 from __future__ import annotations
