@@ -61,7 +61,7 @@ def test_bf16_greedy_with_accepted_drafts_on_device():
 def test_seeded_sampling_and_the_adaptive_budget_on_device():
     """f32 on the device (HIGHEST precision, conftest): seeded speculative sampling emits the
     tokens seeded vanilla sampling emits, and greedy the greedy ones, whichever shapes run:
-    forced switches among plain decoding and three trees, then the policy on costs measured
+    forced switches among plain decoding and two trees, then the policy on costs measured
     here. Near-tie odds as on the CPU (test_speculative: below 1e-3 for these draws)."""
     cfg = base_config("llama")
     dcfg = draft_config(cfg)
