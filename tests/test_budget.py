@@ -629,13 +629,18 @@ def test_round_costs_time_every_shape_from_the_prompts_length(pair, monkeypatch)
 def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypatch):
     cfg, dcfg, base, draft = pair
     b = budget.make_budget([None, TREE])
-    costs = speculative.measure_round_costs(
-        base, cfg, draft, dcfg, b, batch=2, greedy=True, prompt_len=16, max_new=32, repeats=1,
-        segment=16,
-    )  # fmt: skip
-    assert len(costs) == 3 and all(c > 0 for c in costs[:2])
-    # the last: ms per slot of the catch-up the first tree round after the 17 plain ones ran
-    # (the 128-slot program: about a round of this tiny pair, more than a tenth of one)
+    # The last figure: ms per slot of the catch-up the first tree round after the 17 plain ones
+    # ran (the 128-slot program: about a round of this tiny pair, more than a tenth of one). It
+    # is a difference of two one-call timings, which a loaded machine (CI runs tests in
+    # parallel) can drive to 0 now and then: up to three measurements.
+    for _ in range(3):
+        costs = speculative.measure_round_costs(
+            base, cfg, draft, dcfg, b, batch=2, greedy=True, prompt_len=16, max_new=32,
+            repeats=1, segment=16,
+        )  # fmt: skip
+        assert len(costs) == 3 and all(c > 0 for c in costs[:2])
+        if costs[1] / 1280 < costs[2] < costs[1]:
+            break
     assert costs[1] / 1280 < costs[2] < costs[1]
     path = tmp_path / "costs.json"
     calls = []
