@@ -118,9 +118,10 @@ def test_no_recompiles_across_rounds_on_device():
     dcfg = draft_config(cfg)
     base, draft = aligned_pair(cfg, dcfg, noise=0.3)
     kw = dict(tree_cfg=TREES[0], eos_ids=[])
-    speculative.generate(base, cfg, draft, dcfg, [[1, 2, 3]], max_new_tokens=20, **kw)
+    speculative.generate(base, cfg, draft, dcfg, [[1, 2, 3]], max_new_tokens=40, **kw)
     before = (speculative.run_segment._cache_size(), speculative.prefill._cache_size())
-    # Same bucket, other lengths and contents, more rounds (same output buffer): no compile.
+    # Same length bucket and max_new_tokens (the cache capacity and output buffer follow
+    # both), other lengths and contents, more rounds: no compile.
     res = speculative.generate(base, cfg, draft, dcfg, [[7, 8, 9, 10, 11]], max_new_tokens=40, **kw)
     assert sum(res.rounds) > 5
     assert (speculative.run_segment._cache_size(), speculative.prefill._cache_size()) == before
