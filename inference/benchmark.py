@@ -369,4 +369,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.use_compile_cache()
     sys.exit(cli.run(main))
