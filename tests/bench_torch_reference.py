@@ -1,0 +1,181 @@
+"""`python tests/bench_torch_reference.py`: this engine against the PyTorch version of the
+reference's generation loop (`torch_ref_generate.py`: written from the spec in the reference's
+structure, transformers' Llama as the base) on the same weights and prompts.
+
+Greedy, batch 1, f32, one process: every method first runs each prompt-length bucket once
+(untimed: compiles), then the methods take turns prompt by prompt (`inference.benchmark.
+run_methods`: the first method rotates, a call that met stolen CPU time is timed again), for
+`--repeats` passes; tokens/s are medians over the passes, prefill included on both sides.
+Methods: this engine's vanilla decoding, transformers' greedy loop over a `DynamicCache`
+(`transformers vanilla`), and for each `--tree K,D,M` this engine and the PyTorch loop
+(`engine K,D,M`, `torch K,D,M`; the engine drafts over the whole vocabulary, as the reference
+does). Greedy outputs are compared token for token (`same_output`: rows whose new ids equal this
+engine's vanilla output). Not the official code, which this project cannot fetch: a
+transcription of its algorithm, so the ratio says what the same algorithm costs in each stack.
+
+Run from the repository root (needs the prompt files; see README "The default model"):
+  python tests/bench_torch_reference.py --bench runs/prompts/heldout_code/question.jsonl \\
+      --num-questions 8 --tree 10,5,60 --tree 1,6,8 --max-new-tokens 96 --repeats 2 \\
+      --out docs/bench_torch_reference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch_ref_generate  # noqa: E402
+
+from griffin_jax import cli  # noqa: E402
+from inference.api import DEFAULT_MODEL_DIR, GenerationOutput, SpeculativeModel  # noqa: E402
+from inference.benchmark import (  # noqa: E402
+    add_steal_flag,
+    encode_checked,
+    median_of_passes,
+    read_questions,
+    run_methods,
+)
+
+
+def parse_tree(text: str) -> tuple[int, int, int]:
+    try:
+        k, d, m = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS"
+        ) from None
+    return k, d, m
+
+
+def torch_method(tbase, tdraft, tree, eos_id):
+    """A `run_methods` method: the PyTorch loop on each prompt of a batch, one after another."""
+    k, d, m = tree
+
+    def generate(prompts, *, seed, **knobs):
+        del seed  # greedy
+        t0 = time.perf_counter()
+        outs, accepts = [], []
+        for prompt in prompts:
+            new, acc = torch_ref_generate.generate(
+                tbase, tdraft, prompt, max_new_tokens=knobs["max_new_tokens"], top_k=k,
+                depth=d, total=m, eos_id=eos_id,
+            )  # fmt: skip
+            outs.append(new)
+            accepts.append(acc)
+        return GenerationOutput(outs, [len(a) for a in accepts], accepts, time.perf_counter() - t0)
+
+    return generate
+
+
+def transformers_vanilla(tbase, eos_id):
+    """A `run_methods` method: transformers' model in a plain greedy loop with its KV cache."""
+    from transformers import DynamicCache
+
+    def generate(prompts, *, seed, **knobs):
+        del seed
+        t0 = time.perf_counter()
+        outs = []
+        with torch.no_grad():
+            for prompt in prompts:
+                cache, ids, new = DynamicCache(), torch.tensor([prompt]), []
+                while len(new) < knobs["max_new_tokens"]:
+                    logits = tbase(input_ids=ids, cache=cache, use_cache=True).logits
+                    new.append(int(logits[0, -1].argmax()))
+                    if new[-1] == eos_id:
+                        break
+                    ids = torch.tensor([[new[-1]]])
+                outs.append(new)
+        return GenerationOutput(outs, [len(o) for o in outs], [[] for _ in outs],
+                                time.perf_counter() - t0)  # fmt: skip
+
+    return generate
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.ArgumentParser(prog="python tests/bench_torch_reference.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--base", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "base")
+    p.add_argument("--draft", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "griffin")
+    p.add_argument("--bench", action="append", type=pathlib.Path, default=[])
+    p.add_argument("--num-questions", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--tree", action="append", type=parse_tree, default=[])
+    p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
+    add_steal_flag(p)
+    p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
+    args = p.parse_args(argv)
+    cli.positive(args.repeats, "--repeats")
+    cli.output_file(args.out, "--out")
+    trees = args.tree or [(10, 5, 60)]
+    benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
+    questions = {b: read_questions(b, args.num_questions) for b in benches}
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    vanilla = SpeculativeModel.from_pretrained(args.base, with_draft=False)
+    cfg = vanilla.cfg
+    eos_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    tbase, tdraft = torch_ref_generate.load_pair(args.base, args.draft)
+    methods = {"vanilla": vanilla.vanilla_generate,
+               "transformers vanilla": transformers_vanilla(tbase, eos_id)}  # fmt: skip
+    for tree in trees:
+        k, d, m = tree
+        engine = SpeculativeModel.from_pretrained(
+            args.base, args.draft, load_tokenizer=False, top_k=k, depth=d, total_tokens=m,
+            draft_vocab=0,
+        )  # fmt: skip
+        name = ",".join(map(str, tree))
+        methods[f"engine {name}"] = engine.generate
+        methods[f"torch {name}"] = torch_method(tbase, tdraft, tree, eos_id)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
+              "command": " ".join(sys.argv), "max_new_tokens": args.max_new_tokens,
+              "results": []}  # fmt: skip
+    for bench, qs in questions.items():
+        prompts = encode_checked(vanilla.tokenizer, qs, cfg, args.max_new_tokens, chat=False)
+        want = vanilla.vanilla_generate(prompts, max_new_tokens=args.max_new_tokens).output_ids
+        same = {}
+        for name, method in methods.items():
+            got = [method([q], seed=0, max_new_tokens=args.max_new_tokens).output_ids[0]
+                   for q in prompts]  # fmt: skip
+            same[name] = sum(g == w for g, w in zip(got, want, strict=True))
+        passes = [run_methods(methods, prompts, turn=i, max_steal=args.max_steal,
+                              max_new_tokens=args.max_new_tokens)
+                  for i in range(args.repeats)]  # fmt: skip
+        rows = median_of_passes(passes)
+        for name, row in rows.items():
+            row["same_output"] = same[name]
+        for tree in trees:
+            name = ",".join(map(str, tree))
+            ratios = [q[f"engine {name}"]["tokens_per_s"] / q[f"torch {name}"]["tokens_per_s"]
+                      for q in passes]  # fmt: skip
+            rows[f"engine {name}"]["over_torch"] = float(np.median(ratios))
+            rows[f"engine {name}"]["over_torch_passes"] = ratios
+        report["results"].append({"bench": bench.parent.name, "questions": len(prompts),
+                                  "methods": rows})  # fmt: skip
+        line = "; ".join(
+            f"{n}: {r['tokens_per_s']:.1f} tok/s, tau {r.get('tau', 1.0):.2f}"
+            + (f", {r['over_torch']:.2f}x torch" if "over_torch" in r else "")
+            + f", same {r['same_output']}/{len(prompts)}"
+            for n, r in rows.items()
+        )
+        print(f"{bench.parent.name}: {line}", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({r["bench"]: {n: round(m["tokens_per_s"], 1) for n, m in r["methods"].items()}
+                      for r in report["results"]}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    cli.use_compile_cache()
+    sys.exit(cli.run(main))
