@@ -7,10 +7,11 @@ Greedy, batch 1, f32, one process: every method first runs each prompt-length bu
 run_methods`: the first method rotates, a call that met stolen CPU time is timed again), for
 `--repeats` passes; tokens/s are medians over the passes, prefill included on both sides.
 Methods: this engine's vanilla decoding, transformers' greedy loop over a `DynamicCache`
-(`transformers vanilla`), and for each `--tree K,D,M` this engine and the PyTorch loop
-(`engine K,D,M`, `torch K,D,M`; the engine drafts over the whole vocabulary, as the reference
-does). Greedy outputs are compared token for token (`same_output`: rows whose new ids equal this
-engine's vanilla output). Not the official code, which this project cannot fetch: a
+(`transformers vanilla`), and for each `--tree K,D,M[,V]` this engine and the PyTorch loop
+(`engine K,D,M[,V]`, `torch K,D,M`; the engine drafts over the whole vocabulary, as the
+reference does, unless V names its draft vocabulary: lossless, another tree). Greedy outputs
+are compared token for token (`same_output`: rows whose new ids equal this engine's vanilla
+output). Not the official code, which this project cannot fetch: a
 transcription of its algorithm, so the ratio says what the same algorithm costs in each stack.
 
 Run from the repository root (needs the prompt files; see README "The default model"):
@@ -47,14 +48,22 @@ from inference.benchmark import (  # noqa: E402
 )
 
 
-def parse_tree(text: str) -> tuple[int, int, int]:
+def parse_tree(text: str) -> tuple[int, int, int, int]:
+    """TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (0 = the whole vocabulary)."""
     try:
-        k, d, m = (int(x) for x in text.split(","))
+        sizes = [int(x) for x in text.split(",")]
+        if len(sizes) not in (3, 4):
+            raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS"
+            f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB]"
         ) from None
-    return k, d, m
+    return (*sizes, 0)[:4]
+
+
+def _name(tree) -> str:
+    """ "K,D,M" or "K,D,M,V" (a draft vocabulary given)."""
+    return ",".join(map(str, tree if len(tree) == 3 or tree[3] else tree[:3]))
 
 
 def torch_method(tbase, tdraft, tree, eos_id):
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cli.positive(args.repeats, "--repeats")
     cli.output_file(args.out, "--out")
-    trees = args.tree or [(10, 5, 60)]
+    trees = args.tree or [(10, 5, 60, 0)]
     benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
     questions = {b: read_questions(b, args.num_questions) for b in benches}
     torch.set_num_threads(os.cpu_count() or 1)
@@ -128,14 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     methods = {"vanilla": vanilla.vanilla_generate,
                "transformers vanilla": transformers_vanilla(tbase, eos_id)}  # fmt: skip
     for tree in trees:
-        k, d, m = tree
+        k, d, m, v = tree
         engine = SpeculativeModel.from_pretrained(
             args.base, args.draft, load_tokenizer=False, top_k=k, depth=d, total_tokens=m,
-            draft_vocab=0,
+            draft_vocab=v,
         )  # fmt: skip
-        name = ",".join(map(str, tree))
-        methods[f"engine {name}"] = engine.generate
-        methods[f"torch {name}"] = torch_method(tbase, tdraft, tree, eos_id)
+        methods[f"engine {_name(tree)}"] = engine.generate
+        methods[f"torch {_name(tree[:3])}"] = torch_method(tbase, tdraft, tree[:3], eos_id)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
               "command": " ".join(sys.argv), "max_new_tokens": args.max_new_tokens,
               "results": []}  # fmt: skip
@@ -154,11 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in rows.items():
             row["same_output"] = same[name]
         for tree in trees:
-            name = ",".join(map(str, tree))
-            ratios = [q[f"engine {name}"]["tokens_per_s"] / q[f"torch {name}"]["tokens_per_s"]
-                      for q in passes]  # fmt: skip
-            rows[f"engine {name}"]["over_torch"] = float(np.median(ratios))
-            rows[f"engine {name}"]["over_torch_passes"] = ratios
+            mine, theirs = f"engine {_name(tree)}", f"torch {_name(tree[:3])}"
+            ratios = [q[mine]["tokens_per_s"] / q[theirs]["tokens_per_s"] for q in passes]
+            rows[mine]["over_torch"] = float(np.median(ratios))
+            rows[mine]["over_torch_passes"] = ratios
         report["results"].append({"bench": bench.parent.name, "questions": len(prompts),
                                   "methods": rows})  # fmt: skip
         line = "; ".join(

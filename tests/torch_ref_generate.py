@@ -32,7 +32,16 @@ class Tree:
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk along the last dim with ties broken towards the smaller index (spec 8.10)."""
+    """torch.topk along the last dim with ties broken towards the smaller index (spec 8.10).
+
+    `torch.topk` (what the reference calls) orders tied values arbitrarily; where the k + 1
+    largest values of every row are distinct its selection and order are the stable one's, so
+    the full stable sort (~45x slower over 8,192 logits here, which would slow the benchmark's
+    PyTorch side by ~15%) runs only when they are not."""
+    n = min(k + 1, x.shape[-1])
+    values, idx = torch.topk(x, n, dim=-1)
+    if n == 1 or bool((values[..., 1:] < values[..., :-1]).all()):
+        return values[..., :k], idx[..., :k]
     idx = torch.sort(-x, dim=-1, stable=True).indices[..., :k]
     return torch.gather(x, -1, idx), idx
 
