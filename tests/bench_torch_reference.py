@@ -38,7 +38,12 @@ import torch  # noqa: E402
 import torch_ref_generate  # noqa: E402
 
 from griffin_jax import cli  # noqa: E402
-from inference.api import DEFAULT_MODEL_DIR, GenerationOutput, SpeculativeModel  # noqa: E402
+from inference.api import (  # noqa: E402
+    DEFAULT_MODEL_DIR,
+    GenerationOutput,
+    SpeculativeModel,
+    parse_tree,
+)
 from inference.benchmark import (  # noqa: E402
     add_steal_flag,
     encode_checked,
@@ -46,19 +51,6 @@ from inference.benchmark import (  # noqa: E402
     read_questions,
     run_methods,
 )
-
-
-def parse_tree(text: str) -> tuple[int, int, int, int]:
-    """TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB] (0 = the whole vocabulary)."""
-    try:
-        sizes = [int(x) for x in text.split(",")]
-        if len(sizes) not in (3, 4):
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--tree {text!r}: expected TOP_K,DEPTH,TOTAL_TOKENS[,DRAFT_VOCAB]"
-        ) from None
-    return (*sizes, 0)[:4]
 
 
 def _name(tree) -> str:
@@ -87,23 +79,14 @@ def torch_method(tbase, tdraft, tree, eos_id):
 
 
 def transformers_vanilla(tbase, eos_id):
-    """A `run_methods` method: transformers' model in a plain greedy loop with its KV cache."""
-    from transformers import DynamicCache
+    """A `run_methods` method: `torch_ref_generate.vanilla_generate` on each prompt."""
 
     def generate(prompts, *, seed, **knobs):
         del seed
         t0 = time.perf_counter()
-        outs = []
-        with torch.no_grad():
-            for prompt in prompts:
-                cache, ids, new = DynamicCache(), torch.tensor([prompt]), []
-                while len(new) < knobs["max_new_tokens"]:
-                    logits = tbase(input_ids=ids, cache=cache, use_cache=True).logits
-                    new.append(int(logits[0, -1].argmax()))
-                    if new[-1] == eos_id:
-                        break
-                    ids = torch.tensor([[new[-1]]])
-                outs.append(new)
+        outs = [torch_ref_generate.vanilla_generate(
+                    tbase, p, max_new_tokens=knobs["max_new_tokens"], eos_id=eos_id)
+                for p in prompts]  # fmt: skip
         return GenerationOutput(outs, [len(o) for o in outs], [[] for _ in outs],
                                 time.perf_counter() - t0)  # fmt: skip
 
@@ -118,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", action="append", type=pathlib.Path, default=[])
     p.add_argument("--num-questions", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--tree", action="append", type=parse_tree, default=[])
+    p.add_argument("--tree", action="append", default=[], help="TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
     add_steal_flag(p)
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
     args = p.parse_args(argv)
     cli.positive(args.repeats, "--repeats")
     cli.output_file(args.out, "--out")
-    trees = args.tree or [(10, 5, 60, 0)]
+    trees = [parse_tree(t) for t in args.tree] or [(10, 5, 60, 0)]
     benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
     questions = {b: read_questions(b, args.num_questions) for b in benches}
     torch.set_num_threads(os.cpu_count() or 1)
@@ -149,12 +132,11 @@ def main(argv: list[str] | None = None) -> int:
               "results": []}  # fmt: skip
     for bench, qs in questions.items():
         prompts = encode_checked(vanilla.tokenizer, qs, cfg, args.max_new_tokens, chat=False)
-        want = vanilla.vanilla_generate(prompts, max_new_tokens=args.max_new_tokens).output_ids
-        same = {}
-        for name, method in methods.items():
-            got = [method([q], seed=0, max_new_tokens=args.max_new_tokens).output_ids[0]
-                   for q in prompts]  # fmt: skip
-            same[name] = sum(g == w for g, w in zip(got, want, strict=True))
+        got = {name: [method([q], seed=0, max_new_tokens=args.max_new_tokens).output_ids[0]
+                      for q in prompts]
+               for name, method in methods.items()}  # fmt: skip
+        same = {name: sum(g == w for g, w in zip(ids, got["vanilla"], strict=True))
+                for name, ids in got.items()}  # fmt: skip
         passes = [run_methods(methods, prompts, turn=i, max_steal=args.max_steal,
                               max_new_tokens=args.max_new_tokens)
                   for i in range(args.repeats)]  # fmt: skip

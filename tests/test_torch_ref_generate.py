@@ -46,18 +46,6 @@ def folders(tmp_path_factory):
     return out
 
 
-def _torch_vanilla(base, prompt, n):
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
-        for _ in range(n):
-            logits = base(input_ids=ids, cache=cache, use_cache=True).logits
-            out.append(int(logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
-
-
 @pytest.mark.parametrize("kind", ["aligned", "random"])
 def test_reference_loop_equals_vanilla_and_accepts_what_the_engine_accepts(folders, kind):
     base_dir, draft_dir = folders[kind]
@@ -76,7 +64,11 @@ def test_reference_loop_equals_vanilla_and_accepts_what_the_engine_accepts(folde
             new, accepts = torch_ref_generate.generate(
                 tbase, tdraft, prompt, max_new_tokens=n, top_k=top_k, depth=depth, total=total
             )
-            assert new == want[row] == _torch_vanilla(tbase, prompt, n)
+            assert (
+                new
+                == want[row]
+                == torch_ref_generate.vanilla_generate(tbase, prompt, max_new_tokens=n)
+            )
             # A reference round emits its root and the accepted tokens (the bonus is the next
             # root); this engine's round emits the accepted tokens and the bonus (the first root
             # comes out of the prefill). So the rounds agree but for the cut at max_new_tokens:
@@ -119,10 +111,11 @@ def test_reference_tree_follows_the_spec_on_a_hand_checkable_case():
     # Level 1 after root 0: tokens 1 (0.5), 2 (0.25); level 2 (path products): 1->3 (0.3),
     # 1->0 (0.05), 2->4 (0.125), 2->0 (0.025), of which 1->3 and 2->4 are expanded. total 4
     # keeps the three best drafted nodes, in flat order: 1, 2, 1->3.
-    assert tree.tokens.tolist() == [0, 1, 2, 3]
-    assert tree.positions.tolist() == [0, 1, 1, 2]
-    assert tree.retrieve.tolist() == [[0, 2, -1], [0, 1, 3]]
-    assert tree.mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+    assert tree["draft_tokens"].tolist() == [0, 1, 2, 3]
+    assert tree["positions"].tolist() == [0, 1, 1, 2]
+    assert tree["retrieve_indices"].tolist() == [[0, 2, -1], [0, 1, 3]]
+    mask = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+    assert tree["tree_mask"].int().tolist() == mask
 
 
 def test_the_benchmark_script_runs_and_reports(folders, tmp_path, capsys):

@@ -6,51 +6,28 @@ eager PyTorch forwards, one host round trip per decision. The base is transforme
 explicit position ids, and its `DynamicCache` is committed as `update_inference_inputs` does (the
 accepted entries copied down to the committed length, the rest cut). The draft is
 `torch_ref_draft.GriffinDraft` with the reference's trunk-only `stable_kv`; `topk_genrate` is
-spec 5.2 (levels of K nodes over the draft's cache, global top-K, reranking, the tree mask,
-`retrieve_indices`). Used by `test_torch_ref_generate.py` (its greedy output equals vanilla
-greedy decoding, and this engine's) and by `bench_torch_reference.py` (tokens/s against this
-engine on the same weights). Test-only code: not imported by the package.
+spec 5.2 (levels of K nodes over the draft's cache and the global top-K here; the reranking,
+tree mask and `retrieve_indices` are `torch_ref_tree.rerank`'s, the tree tests' own). Used by
+`test_torch_ref_generate.py` (its greedy output equals vanilla greedy decoding, and this
+engine's) and by `bench_torch_reference.py` (tokens/s against this engine on the same weights).
+Test-only code: not imported by the package.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 
 import torch
 import torch.nn.functional as F
 from torch_ref_draft import GriffinDraft, RefConfig
-
-
-@dataclasses.dataclass
-class Tree:
-    tokens: torch.Tensor  # [T + 1] root first
-    mask: torch.Tensor  # [T + 1, T + 1] bool, each node sees its ancestors and itself
-    positions: torch.Tensor  # [T + 1] depth of each node (root 0)
-    retrieve: torch.Tensor  # [leaves, max_depth + 1] node indices root -> leaf, -1 padded
-
-
-def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk along the last dim with ties broken towards the smaller index (spec 8.10).
-
-    `torch.topk` (what the reference calls) orders tied values arbitrarily; where the k + 1
-    largest values of every row are distinct its selection and order are the stable one's, so
-    the full stable sort (~45x slower over 8,192 logits here, which would slow the benchmark's
-    PyTorch side by ~15%) runs only when they are not."""
-    n = min(k + 1, x.shape[-1])
-    values, idx = torch.topk(x, n, dim=-1)
-    if n == 1 or bool((values[..., 1:] < values[..., :-1]).all()):
-        return values[..., :k], idx[..., :k]
-    idx = torch.sort(-x, dim=-1, stable=True).indices[..., :k]
-    return torch.gather(x, -1, idx), idx
+from torch_ref_tree import rerank, stable_topk
 
 
 def topk_genrate(draft, lm_head, hidden, ids_with_root, stable_kv, *, top_k, depth, total):
     """Spec 5.2. hidden [1, n, H]: the features not yet in the trunk; ids_with_root [1, L].
-    Returns (Tree, the new stable_kv)."""
-    k, t = top_k, total - 1
-    root = ids_with_root[0, -1]
+    Returns (the tree as `torch_ref_tree.rerank` gives it, the new stable_kv)."""
+    k = top_k
     ids = ids_with_root[:, 1:]
     p = ids.shape[1]
     kv_len = 0 if stable_kv is None else stable_kv[0].shape[2]
@@ -75,41 +52,21 @@ def topk_genrate(draft, lm_head, hidden, ids_with_root, stable_kv, *, top_k, dep
         scores.append(cu)
         tokens.append(tk.flatten())
         tree_mask = torch.cat([tree_mask[:, :, rows, :], eye], dim=-1)
-    s_all, tok_all, par_all = torch.cat(scores), torch.cat(tokens), torch.cat(parents)
-    sel_all = torch.sort(stable_topk(s_all, t)[1]).values
-    draft_tokens = torch.cat([root[None], tok_all[sel_all]])
-    par = par_all[sel_all // k]
-    pidx = torch.searchsorted(sel_all, par - 1) + 1
-    pidx = torch.where(par == 0, 0, pidx)
-    mask = torch.eye(t + 1, dtype=torch.bool)
-    mask[:, 0] = True
-    for n in range(1, t + 1):
-        mask[n] |= mask[pidx[n - 1]]
-    positions = mask.sum(1) - 1
-    is_parent = torch.zeros(t + 1, dtype=torch.bool)
-    is_parent[pidx] = True
-    paths = []
-    for leaf in range(t + 1):
-        if is_parent[leaf]:
-            continue
-        path, node = [leaf], leaf
-        while node != 0:
-            node = int(pidx[node - 1])
-            path.append(node)
-        paths.append(path[::-1])
-    width = int(positions.max()) + 1
-    retrieve = torch.tensor([q + [-1] * (width - len(q)) for q in paths], dtype=torch.long)
-    return Tree(draft_tokens, mask, positions, retrieve), stable_kv
+    tree = rerank(
+        scores, tokens, parents, ids_with_root[0, -1], top_k=k, total_tokens=total,
+        sampling=False,
+    )  # fmt: skip
+    return tree, stable_kv
 
 
-def verify(base, tree: Tree, cache, seq_len: int):
+def verify(base, tree: dict, cache, seq_len: int):
     """Spec 5.3: the base over the tree's tokens after the committed `seq_len` entries.
     Returns (logits [T + 1, V], post-norm features [T + 1, H])."""
-    n = tree.tokens.shape[0]
+    n = tree["draft_tokens"].shape[0]
     mask = torch.ones(1, 1, n, seq_len + n, dtype=torch.bool)
-    mask[0, 0, :, seq_len:] = tree.mask
+    mask[0, 0, :, seq_len:] = tree["tree_mask"]
     out = base.model(
-        input_ids=tree.tokens[None], position_ids=(tree.positions + seq_len)[None],
+        input_ids=tree["draft_tokens"][None], position_ids=(tree["positions"] + seq_len)[None],
         attention_mask=mask, cache=cache, use_cache=True,
     )  # fmt: skip
     h = out.last_hidden_state[0]
@@ -145,14 +102,15 @@ def generate(base, draft, prompt, *, max_new_tokens, top_k, depth, total, eos_id
     while True:
         seq_len = len(seq)
         logits, h = verify(base, tree, cache, seq_len)
-        logits, cand = logits[tree.retrieve], torch.cat([tree.tokens, torch.tensor([-1])])
-        cand = cand[tree.retrieve]
+        retrieve = tree["retrieve_indices"]
+        logits = logits[retrieve]
+        cand = torch.cat([tree["draft_tokens"], torch.tensor([-1])])[retrieve]
         match = cand[:, 1:] == logits[:, :-1].argmax(-1)
         lengths = torch.cumprod(match.long(), dim=1).sum(1)
         a = int(lengths.max())
         best = int(torch.argmax(lengths))  # the first maximum
         bonus = logits[best, a].argmax()
-        path = tree.retrieve[best, : a + 1]
+        path = retrieve[best, : a + 1]
         commit(cache, path + seq_len, seq_len)
         accepted = [int(x) for x in cand[best, : a + 1]]
         seq += accepted
@@ -171,6 +129,22 @@ def generate(base, draft, prompt, *, max_new_tokens, top_k, depth, total, eos_id
             draft, lm_head, h[path][None], ids, stable, top_k=top_k, depth=depth, total=total
         )
     return new, accepts
+
+
+@torch.no_grad()
+def vanilla_generate(base, prompt, *, max_new_tokens, eos_id=None):
+    """transformers' model in a plain greedy loop over its `DynamicCache`: the new ids, at most
+    max_new_tokens, ending at the first eos."""
+    from transformers import DynamicCache
+
+    cache, ids, new = DynamicCache(), torch.tensor([prompt]), []
+    while len(new) < max_new_tokens:
+        logits = base(input_ids=ids, cache=cache, use_cache=True).logits
+        new.append(int(logits[0, -1].argmax()))
+        if new[-1] == eos_id:
+            break
+        ids = torch.tensor([[new[-1]]])
+    return new
 
 
 def load_pair(base_dir: str | pathlib.Path, draft_dir: str | pathlib.Path):
