@@ -148,3 +148,34 @@ def test_the_benchmark_script_runs_and_reports(folders, tmp_path, capsys):
     assert all(m["same_output"] == 1 and m["new_tokens"] == 8 for m in methods.values())
     assert methods["engine 2,2,6"]["over_torch"] > 0
     assert "engine 2,2,6" in json.loads(capsys.readouterr().out.splitlines()[-1])["prompts"]
+
+
+def test_commit_leaves_the_cache_a_prefill_of_the_accepted_path(folders):
+    """Spec 5.6 in the PyTorch loop, directly (greedy outputs barely depend on it where the
+    draft rarely matches): after verifying a tree and committing a root-to-leaf path whose
+    nodes are not contiguous in the tree, every layer's K/V equal a prefill of prompt + path."""
+    from transformers import DynamicCache
+
+    tbase, tdraft = torch_ref_generate.load_pair(*folders["random"])
+    prompt = PROMPTS[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        cache = DynamicCache()
+        features = tbase.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+        root = tbase.lm_head(features[0, -1]).argmax().view(1, 1)
+        tree, _ = torch_ref_generate.topk_genrate(
+            tdraft, tbase.lm_head, features, torch.cat([ids, root], 1), None,
+            top_k=3, depth=2, total=8,
+        )  # fmt: skip
+        torch_ref_generate.verify(tbase, tree, cache, len(prompt))
+        paths = [row[row >= 0] for row in tree["retrieve_indices"]]
+        path = max(paths, key=len)
+        assert len(path) == 4 and path.tolist() != list(range(4))  # the copy moves entries
+        torch_ref_generate.commit(cache, path + len(prompt), len(prompt))
+        want = DynamicCache()
+        full = prompt + tree["draft_tokens"][path].tolist()
+        tbase.model(input_ids=torch.tensor([full]), cache=want, use_cache=True)
+    for got, ref in zip(cache.layers, want.layers, strict=True):
+        assert got.keys.shape == ref.keys.shape
+        torch.testing.assert_close(got.keys, ref.keys, atol=1e-4, rtol=1e-4)  # f32 round-off
+        torch.testing.assert_close(got.values, ref.values, atol=1e-4, rtol=1e-4)  # f32 round-off
