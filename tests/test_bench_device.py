@@ -72,7 +72,8 @@ def test_bench_device_refuses_a_bad_size():
 
 def test_fused_attention_path_equals_einsum_path(monkeypatch):
     """Prefill and tree verification through `jax.nn.dot_product_attention` (the default for
-    T > 1) give the explicit einsums' logits within f32 round-off; T = 1 is the einsum path."""
+    T > 1 on a GPU in f32 and on a TPU) give the explicit einsums' logits (every forward on a
+    CPU) within f32 round-off; T = 1 is the einsum path everywhere."""
     cfg = base_config("llama", head_dim=24, d_model=96)
     base, _ = random_pair(cfg, draft_config(cfg))
     prompt = jnp.asarray([np.arange(20) % cfg.vocab_size, np.arange(5, 25) % cfg.vocab_size])
@@ -100,14 +101,17 @@ def test_fused_attention_path_equals_einsum_path(monkeypatch):
         return jax.jit(lambda: run())()
 
     q = jnp.zeros((1, width, 4, 24))
-    assert layers.attention_implementation(q) == "xla"
-    assert layers.attention_implementation(q[:, :1]) == "einsum"  # one-token decodes
-    fused = traced_anew()
-    monkeypatch.setenv("GRIFFIN_ATTENTION", "einsum")
+    assert layers.attention_implementation(q) == "einsum"  # on this CPU
+    for backend in ("gpu", "tpu"):  # f32
+        assert layers.attention_implementation(q, backend=backend) == "xla"
+        assert layers.attention_implementation(q[:, :1], backend=backend) == "einsum"
+    assert layers.attention_implementation(q.astype(jnp.bfloat16), backend="gpu") == "cudnn"
     explicit = traced_anew()
+    monkeypatch.setenv("GRIFFIN_ATTENTION", "xla")
+    fused = traced_anew()
     for a, b in zip(fused, explicit, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-    assert layers.attention_implementation(q) == "einsum"
+    assert layers.attention_implementation(q) == "xla"
     monkeypatch.setenv("GRIFFIN_ATTENTION", "flash")
     with pytest.raises(ValueError, match="GRIFFIN_ATTENTION"):
         layers.attention_implementation(q)

@@ -440,6 +440,10 @@ def test_benchmark_rotates_which_method_goes_first(monkeypatch):
         ("tune_tree", ["--draft", "/nonexistent"], "has no config.json"),
         ("bench_vanilla", ["--heads", "3"], "must divide by --heads"),
         ("bench_vanilla", ["--new-tokens", "0"], "--new-tokens must be an integer >= 1"),
+        ("bench_attention", ["--context", "600:512"], "exceed the capacity"),
+        ("bench_attention", ["--context", "600"], "CACHED:CAPACITY expected"),
+        ("bench_attention", ["--widths", "0"], "--widths must be an integer >= 1"),
+        ("bench_attention", ["--implementations", "flash"], "invalid choice"),
         ("memory_plan", ["--devices", "1,x"], "expected positive integers"),
         ("memory_plan", ["--batch", "abc"], "invalid int value"),
     ],
@@ -477,6 +481,25 @@ def test_inference_entry_points_refuse_bad_flags(
     code = run_cli(mod.main, [*common, *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_bench_attention_times_both_implementations(pair, tmp_path, capsys):
+    from inference import bench_attention
+
+    base, _ = pair
+    out = tmp_path / "attention.json"
+    argv = ["--base", str(base), "--widths", "1", "3", "--context", "10:64", "--context",
+            "150:256", "--repeats", "2", "--out", str(out)]  # fmt: skip
+    assert run_cli(bench_attention.main, argv) == 0
+    capsys.readouterr()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["width"], r["cached"], r["capacity"]) for r in rows] == [
+        (1, 10, 64), (3, 10, 64), (1, 150, 256), (3, 150, 256)
+    ]  # fmt: skip
+    for row in rows:
+        assert set(row["ms"]) == {"einsum", "xla"} and min(row["ms"].values()) > 0
+        assert row["max_logit_diff"]["einsum"] == 0 and row["max_logit_diff"]["xla"] < 1e-4
+    assert "GRIFFIN_ATTENTION" not in os.environ
 
 
 def test_profile_round_reports_every_piece(pair, tmp_path, capsys):
