@@ -11,13 +11,28 @@ Methods: this engine's vanilla decoding, transformers' greedy loop over a `Dynam
 (`engine K,D,M[,V]`, `torch K,D,M`; the engine drafts over the whole vocabulary, as the
 reference does, unless V names its draft vocabulary: lossless, another tree). Greedy outputs
 are compared token for token (`same_output`: rows whose new ids equal this engine's vanilla
-output). Not the official code, which this project cannot fetch: a
-transcription of its algorithm, so the ratio says what the same algorithm costs in each stack.
+output). The PyTorch loop is not GRIFFIN's official code, which is not published where this
+project can install from: a transcription of its algorithm, so the ratio says what the same
+algorithm costs in each stack.
+
+With `--eagle-llm DIR` (`pip install --no-deps --target DIR eagle-llm==1.2.1`: the official
+EAGLE release, EAGLE-1's static-tree loop, `official_eagle.py`) the authors' own code runs too,
+on an EAGLE-2 draft (`--eagle-draft`, default the project's): `official 26 (mc_sim_7b_63)`, the
+release's default tree, and for each `--official-tree K,D,M[,V]` the release on a static tree
+of M nodes and at most D + 1 levels (`official_eagle.static_tree`) against this engine on the
+same draft with the dynamic tree (K, D, M) (`engine eagle2 K,D,M[,V]`, over the draft
+vocabulary V if given; `over_official`: the ratio of their tokens/s, the median of the
+passes' ratios).
 
 Run from the repository root (needs the prompt files; see README "The default model"):
   python tests/bench_torch_reference.py --bench runs/prompts/heldout_code/question.jsonl \\
       --num-questions 8 --tree 10,5,60 --tree 1,6,8 --max-new-tokens 96 --repeats 2 \\
       --out docs/bench_torch_reference.json
+and against the official release (README "Against the official EAGLE release"):
+  python tests/bench_torch_reference.py --bench runs/prompts/heldout_code/question.jsonl \\
+      --num-questions 8 --tree 10,5,60 --max-new-tokens 96 --repeats 2 \\
+      --eagle-llm runs/eagle_llm --official-tree 10,5,60 --official-tree 4,4,26 \\
+      --out docs/bench_official_eagle.json
 """
 
 from __future__ import annotations
@@ -34,10 +49,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import official_eagle  # noqa: E402
 import torch  # noqa: E402
 import torch_ref_generate  # noqa: E402
 
 from griffin_jax import cli  # noqa: E402
+from griffin_jax.checks import InputError  # noqa: E402
 from inference.api import (  # noqa: E402
     DEFAULT_MODEL_DIR,
     GenerationOutput,
@@ -78,6 +95,26 @@ def torch_method(tbase, tdraft, tree, eos_id):
     return generate
 
 
+def official_method(model, choices, eos_id):
+    """A `run_methods` method: the official release's greedy loop on the static tree `choices`
+    (`official_eagle.generate`), prompt by prompt."""
+
+    def generate(prompts, *, seed, **knobs):
+        del seed  # greedy
+        official_eagle.set_tree(model, choices)
+        t0 = time.perf_counter()
+        outs, accepts = [], []
+        for prompt in prompts:
+            new, acc = official_eagle.generate(
+                model, prompt, max_new_tokens=knobs["max_new_tokens"], eos_id=eos_id
+            )
+            outs.append(new)
+            accepts.append(acc)
+        return GenerationOutput(outs, [len(a) for a in accepts], accepts, time.perf_counter() - t0)
+
+    return generate
+
+
 def transformers_vanilla(tbase, eos_id):
     """A `run_methods` method: `torch_ref_generate.vanilla_generate` on each prompt."""
 
@@ -103,12 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--tree", action="append", default=[], help="TOP_K,DEPTH,TOTAL_TOKENS[,VOCAB]")
     p.add_argument("--repeats", type=int, default=1, help="interleaved passes (median)")
+    p.add_argument(
+        "--eagle-llm",
+        type=pathlib.Path,
+        default=None,
+        help="folder of the official eagle-llm release (pip install --target)",
+    )
+    p.add_argument("--eagle-draft", type=pathlib.Path, default=DEFAULT_MODEL_DIR / "eagle2")
+    p.add_argument("--official-tree", action="append", default=[], help="TOP_K,DEPTH,TOTAL_TOKENS")
     add_steal_flag(p)
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")
     args = p.parse_args(argv)
     cli.positive(args.repeats, "--repeats")
     cli.output_file(args.out, "--out")
     trees = [parse_tree(t) for t in args.tree] or [(10, 5, 60, 0)]
+    official_trees = [parse_tree(t) for t in args.official_tree]
+    if official_trees and args.eagle_llm is None:
+        raise InputError("--official-tree needs --eagle-llm (the official release folder)")
     benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
     questions = {b: read_questions(b, args.num_questions) for b in benches}
     torch.set_num_threads(os.cpu_count() or 1)
@@ -127,6 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         methods[f"engine {_name(tree)}"] = engine.generate
         methods[f"torch {_name(tree[:3])}"] = torch_method(tbase, tdraft, tree[:3], eos_id)
+    if args.eagle_llm is not None:
+        official = official_eagle.load(args.eagle_llm, args.base, args.eagle_draft)
+        release = sys.modules["eagle.model.ea_model"]
+        methods["official 26 (mc_sim_7b_63)"] = official_method(
+            official, release.mc_sim_7b_63, eos_id
+        )
+        for tree in official_trees:
+            k, d, m, v = tree
+            engine = SpeculativeModel.from_pretrained(
+                args.base, args.eagle_draft, load_tokenizer=False, top_k=k, depth=d,
+                total_tokens=m, draft_vocab=v,
+            )  # fmt: skip
+            methods[f"engine eagle2 {_name(tree)}"] = engine.generate
+            choices = official_eagle.static_tree(m, d + 1, k)
+            methods[f"official {m}"] = official_method(official, choices, eos_id)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
               "command": " ".join(sys.argv), "max_new_tokens": args.max_new_tokens,
               "results": []}  # fmt: skip
@@ -148,11 +211,17 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [q[mine]["tokens_per_s"] / q[theirs]["tokens_per_s"] for q in passes]
             rows[mine]["over_torch"] = float(np.median(ratios))
             rows[mine]["over_torch_passes"] = ratios
+        for tree in official_trees:
+            mine, theirs = f"engine eagle2 {_name(tree)}", f"official {tree[2]}"
+            ratios = [q[mine]["tokens_per_s"] / q[theirs]["tokens_per_s"] for q in passes]
+            rows[mine]["over_official"] = float(np.median(ratios))
+            rows[mine]["over_official_passes"] = ratios
         report["results"].append({"bench": bench.parent.name, "questions": len(prompts),
                                   "methods": rows})  # fmt: skip
         line = "; ".join(
             f"{n}: {r['tokens_per_s']:.1f} tok/s, tau {r.get('tau', 1.0):.2f}"
             + (f", {r['over_torch']:.2f}x torch" if "over_torch" in r else "")
+            + (f", {r['over_official']:.2f}x official" if "over_official" in r else "")
             + f", same {r['same_output']}/{len(prompts)}"
             for n, r in rows.items()
         )
