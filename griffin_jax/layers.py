@@ -90,9 +90,8 @@ def attention_implementation(
       there; on a CPU every forward does: with the scores laid out per KV head, the products
       are plain batched matmuls and the softmax runs along their last axis, where
       `dot_product_attention`'s portable path transposes its probabilities for the second
-      product (12 layers' attention on this project's CPU, T = 8 / 60 queries over 512 slots:
-      1.8 / 6.4 ms there, 0.9 / 4.3 ms here; T = 1 over 512 / 2,048 slots 0.28 / 0.85 ->
-      0.19 / 0.61 ms against the previous einsums).
+      product (`python -m inference.bench_attention` times the two; README "Where a round's
+      time goes").
     - "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused kernel, for prefill, tree
       verification and draft levels (T > 1) on a GPU in bf16/f16 with a head dim cuDNN takes
       (a multiple of 8, <= 128). The boolean mask reaches cuDNN as an additive bias.

@@ -28,11 +28,12 @@ Run from the repository root (needs the prompt files; see README "The default mo
   python tests/bench_torch_reference.py --bench runs/prompts/heldout_code/question.jsonl \\
       --num-questions 8 --tree 10,5,60 --tree 1,6,8 --max-new-tokens 96 --repeats 2 \\
       --out docs/bench_torch_reference.json
-and against the official release (README "Against the official EAGLE release"):
+and against the official release (README "Against the official EAGLE release" has the run
+on three prompt sets):
   python tests/bench_torch_reference.py --bench runs/prompts/heldout_code/question.jsonl \\
       --num-questions 8 --tree 10,5,60 --max-new-tokens 96 --repeats 2 \\
-      --eagle-llm runs/eagle_llm --official-tree 10,5,60 --official-tree 4,4,26 \\
-      --out docs/bench_official_eagle.json
+      --eagle-llm runs/eagle_llm --official-tree 10,5,60 --official-tree 10,5,60,1024 \\
+      --official-tree 4,4,26 --out docs/bench_official_eagle.json
 """
 
 from __future__ import annotations
