@@ -86,6 +86,7 @@ def load(folder, base_dir, draft_dir) -> Any:
     model.ea_layer.load_state_dict(weights, strict=True)
     model.ea_layer.float()
     _recompute_rope(model.ea_layer)
+    model.official_tree = model.ea_layer.tree  # the release's default, until `set_tree`
     return model.eval()
 
 

@@ -75,8 +75,10 @@ def test_the_release_decodes_what_vanilla_decodes_and_uses_the_draft(eagle2_pair
     model = official_eagle.load(RELEASE, base_dir, draft_dir)
     vanilla = SpeculativeModel.from_pretrained(base_dir, with_draft=False, load_tokenizer=False)
     want = vanilla.vanilla_generate(PROMPTS, max_new_tokens=20).output_ids
-    for choices in (official_eagle.static_tree(8, 3, 2), official_eagle.static_tree(20, 5, 4)):
-        official_eagle.set_tree(model, choices)
+    trees = [None, official_eagle.static_tree(8, 3, 2), official_eagle.static_tree(20, 5, 4)]
+    for choices in trees:  # None: the release's default tree, as loaded
+        if choices is not None:
+            official_eagle.set_tree(model, choices)
         accepted = 0
         for prompt, ids in zip(PROMPTS, want, strict=True):
             new, accepts = official_eagle.generate(model, prompt, max_new_tokens=20, eos_id=1)
