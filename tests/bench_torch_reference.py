@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     official_trees = [parse_tree(t) for t in args.official_tree]
     if official_trees and args.eagle_llm is None:
         raise InputError("--official-tree needs --eagle-llm (the official release folder)")
+    static = {}  # the release's method is named by its tree's node count
+    for k, d, m, _ in official_trees:
+        if static.setdefault(m, (k, d)) != (k, d):
+            raise InputError(f"--official-tree: two trees of {m} nodes with other K or D")
     benches = args.bench or [pathlib.Path("runs/prompts/heldout_code/question.jsonl")]
     questions = {b: read_questions(b, args.num_questions) for b in benches}
     torch.set_num_threads(os.cpu_count() or 1)

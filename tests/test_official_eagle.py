@@ -107,6 +107,9 @@ def test_the_benchmark_script_runs_the_release(eagle2_pair, tmp_path):
     assert methods["engine eagle2 2,2,6"]["over_official"] > 0
 
 
-def test_official_trees_need_the_release():
+def test_official_trees_need_the_release_and_distinct_sizes():
     with pytest.raises(ValueError, match="--official-tree needs --eagle-llm"):
         bench_torch_reference.main(["--official-tree", "2,2,6"])
+    argv = ["--eagle-llm", "runs/none", "--official-tree", "2,2,6", "--official-tree", "3,1,6"]
+    with pytest.raises(ValueError, match="two trees of 6 nodes"):
+        bench_torch_reference.main(argv)
