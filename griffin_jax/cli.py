@@ -10,6 +10,7 @@ command line re-raises instead, with the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -63,6 +64,13 @@ def output_file(path: pathlib.Path | None, flag: str) -> None:
             if not parent.is_dir():
                 raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
             break
+
+
+def write_report(path: pathlib.Path, report: object) -> None:
+    """Writes an entry point's JSON report (`--out`, checked by `output_file`) to `path`,
+    making its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
 
 
 def drop_closed_loop_reports() -> None:

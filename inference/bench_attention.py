@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             times = ", ".join(f"{n} {ms:.3f}" for n, ms in row["ms"].items())
             print(f"W={width} after {cached} of {capacity} slots: {times} ms", file=sys.stderr)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        cli.write_report(args.out, report)
     print(json.dumps(report))
     return 0
 

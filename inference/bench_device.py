@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import speculative, vanilla
+from griffin_jax import cli, speculative, vanilla
 from griffin_jax.config import ModelConfig, RopeConfig, TreeConfig
 from griffin_jax.draft import DraftConfig, init_draft_cache, init_draft_params
 from griffin_jax.kv_cache import causal_mask, init_cache
@@ -483,8 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 (no plot is no reason to lose the figures)
         report["errors"].append(f"plot: {type(err).__name__}: {err}"[:500])
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        cli.write_report(args.out, report)
     print(json.dumps(report, default=float))
     return 0
 

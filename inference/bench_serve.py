@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         str(s["concurrency"]): s["output_tokens_per_s"] / b["output_tokens_per_s"]
         for s, b in zip(spec_runs, base_runs, strict=True)
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    cli.write_report(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps({"speedup": report["speedup"], "alone": report.get("alone")}))
     return 0

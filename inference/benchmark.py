@@ -361,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() != 0:  # with --distributed, process 0 writes the report
         print(f"[process {jax.process_index()}] done", file=sys.stderr)
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    cli.write_report(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps({"report": str(args.out), "plot": str(args.out.with_suffix(".png"))}))
     return 0

@@ -398,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  traced round {row['traced_round_ms']:.2f} ms, {row['thunks']:.0f} thunks: "
               f"{phases}", file=sys.stderr)  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        cli.write_report(args.out, report)
     print(json.dumps(report))
     return 0
 

@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     tree = {key: best[key] for key in ("top_k", "depth", "total_tokens", "draft_vocab")}
     report = {"vanilla": vanilla, "trees": rows, "best": tree, "command": " ".join(sys.argv)}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        cli.write_report(args.out, report)
     if args.write:  # the sizes change; whether the budget is adaptive (`"auto"`) stays
         stored = read_tree_file(args.draft)
         kept = {"auto": stored["auto"]} if "auto" in stored else {}
