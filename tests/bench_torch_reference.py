@@ -76,44 +76,43 @@ def _name(tree) -> str:
     return ",".join(map(str, tree if len(tree) == 3 or tree[3] else tree[:3]))
 
 
-def torch_method(tbase, tdraft, tree, eos_id):
-    """A `run_methods` method: the PyTorch loop on each prompt of a batch, one after another."""
-    k, d, m = tree
+def prompt_by_prompt(run_one, setup=None):
+    """A `run_methods` method from `run_one(prompt, max_new_tokens) -> (new ids, accepted draft
+    tokens per round)`, greedy, on each prompt of a batch, one after another; `setup()` runs
+    first, untimed."""
 
     def generate(prompts, *, seed, **knobs):
         del seed  # greedy
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         outs, accepts = [], []
         for prompt in prompts:
-            new, acc = torch_ref_generate.generate(
-                tbase, tdraft, prompt, max_new_tokens=knobs["max_new_tokens"], top_k=k,
-                depth=d, total=m, eos_id=eos_id,
-            )  # fmt: skip
+            new, acc = run_one(prompt, knobs["max_new_tokens"])
             outs.append(new)
             accepts.append(acc)
         return GenerationOutput(outs, [len(a) for a in accepts], accepts, time.perf_counter() - t0)
 
     return generate
+
+
+def torch_method(tbase, tdraft, tree, eos_id):
+    """The PyTorch loop (`torch_ref_generate.generate`) at the tree (K, D, M)."""
+    k, d, m = tree
+    return prompt_by_prompt(
+        lambda prompt, n: torch_ref_generate.generate(
+            tbase, tdraft, prompt, max_new_tokens=n, top_k=k, depth=d, total=m, eos_id=eos_id
+        )
+    )
 
 
 def official_method(model, choices, eos_id):
-    """A `run_methods` method: the official release's greedy loop on the static tree `choices`
-    (`official_eagle.generate`), prompt by prompt."""
-
-    def generate(prompts, *, seed, **knobs):
-        del seed  # greedy
-        official_eagle.set_tree(model, choices)
-        t0 = time.perf_counter()
-        outs, accepts = [], []
-        for prompt in prompts:
-            new, acc = official_eagle.generate(
-                model, prompt, max_new_tokens=knobs["max_new_tokens"], eos_id=eos_id
-            )
-            outs.append(new)
-            accepts.append(acc)
-        return GenerationOutput(outs, [len(a) for a in accepts], accepts, time.perf_counter() - t0)
-
-    return generate
+    """The official release's greedy loop (`official_eagle.generate`) on the static tree
+    `choices`."""
+    return prompt_by_prompt(
+        lambda prompt, n: official_eagle.generate(model, prompt, max_new_tokens=n, eos_id=eos_id),
+        setup=lambda: official_eagle.set_tree(model, choices),
+    )
 
 
 def transformers_vanilla(tbase, eos_id):
@@ -232,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{bench.parent.name}: {line}", file=sys.stderr)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        cli.write_report(args.out, report)
     print(json.dumps({r["bench"]: {n: round(m["tokens_per_s"], 1) for n, m in r["methods"].items()}
                       for r in report["results"]}))  # fmt: skip
     return 0
