@@ -73,6 +73,25 @@ PENDING = 128
 CATCH_UP_SHORT = 16
 
 
+def run_if(pred: jax.Array, fn: Callable, carry):
+    """`fn(carry)` when `pred` (a traced bool), else `carry`: a loop of at most one trip.
+
+    Not a `lax.cond`: XLA copies every buffer that passes through a conditional's branches
+    (copy insertion gives its results buffers of their own), so a branch that updates a cache
+    in place would first copy all of it; a while loop updates its carry in place."""
+    return jax.lax.while_loop(
+        lambda c: c[0], lambda c: (jnp.bool_(False), fn(c[1])), (jnp.asarray(pred), carry)
+    )[1]
+
+
+def switch_in_place(index: jax.Array, branches: Sequence[Callable], carry):
+    """`lax.switch(index, branches, carry)` for branches that update large buffers of `carry`
+    (each `run_if`, in turn: the caches stay in place; `index` outside the range runs none)."""
+    for i, fn in enumerate(branches):
+        carry = run_if(index == i, fn, carry)
+    return carry
+
+
 @flax.struct.dataclass
 class SpecState:
     """Everything a round reads and writes (donated between rounds)."""
@@ -554,13 +573,13 @@ def _catch_up(
     skipped = state.trunk_skipped + skip
 
     def forward(q: int):
-        def run(_):
+        def run(carry):
             at = jnp.minimum(skip[:, None] + jnp.arange(q)[None, :], shapes.pending - 1)
             token_feature, next_feature, dcache = draft_forward(
                 draft_params, base_params["embed_tokens"]["embedding"],
                 jnp.take_along_axis(state.pending_features, at[:, :, None], axis=1),
                 jnp.take_along_axis(state.pending_tokens, at, axis=1),
-                (trunk + skipped)[:, None] + jnp.arange(q)[None, :], state.draft_cache,
+                (trunk + skipped)[:, None] + jnp.arange(q)[None, :], carry[0],
                 write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity), dcfg=dcfg,
             )  # fmt: skip
             lp, feat = _root_inputs(
@@ -573,11 +592,12 @@ def _catch_up(
 
     sizes = catch_up_sizes(shapes.pending)
     with jax.named_scope("draft/catch_up"):
+        start = (state.draft_cache, state.root_logprobs, state.root_feature)
         if len(sizes) > 1:  # the program of `catch_up_slots`
             fewest = smallest_holding(jnp.max(n), sizes)
-            dcache, lp, feat = jax.lax.switch(fewest, [forward(q) for q in sizes], None)
+            dcache, lp, feat = switch_in_place(fewest, [forward(q) for q in sizes], start)
         else:
-            dcache, lp, feat = forward(sizes[0])(None)
+            dcache, lp, feat = forward(sizes[0])(start)
     has = n > 0
     return state.replace(
         draft_cache=dcache,
@@ -772,10 +792,14 @@ def run_segment(
     """Rounds in one device loop, while some row runs and fewer than `limit` rounds ran.
 
     index None: rounds of whatever shape the budget chooses (`state.next_shape`), in one
-      program for every shape: an outer loop enters the chosen shape's segment (`lax.switch`)
-      and each segment runs its shape's rounds until the budget picks another, so a change of
-      shape costs no host round trip (a host-dispatched segment per change cost ~3 ms here, more
-      than a plain step) and the rounds run as fast as in a program of their own.
+      program for every shape: an outer loop runs each shape's segment in turn, and a segment
+      runs its shape's rounds while the budget picks it (none when it picks another), so a
+      change of shape costs no host round trip (a host-dispatched segment per change cost ~3 ms
+      here, more than a plain step) and the rounds run as fast as in a program of their own.
+      The segments follow one another rather than being branches of a `lax.switch`: XLA copies
+      every buffer a conditional's branches pass through (`switch_in_place`), here the base and
+      draft caches and the pending buffer on every entry into a segment (~13 ms a call at batch
+      8 with 700-slot caches, this CPU).
     index i: rounds of shape i only, while the budget keeps choosing it (the server's engine
       dispatches its segments by `state.next_shape` from the host).
     """
@@ -787,7 +811,6 @@ def run_segment(
     if index is not None:
         state, _ = run(state, limit, index=index)
         return sharding.constrain(state, mesh)
-    branches = [functools.partial(run, index=i) for i in range(len(budget.shapes))]
 
     def cond(carry):
         s, n = carry
@@ -795,8 +818,10 @@ def run_segment(
 
     def body(carry):
         s, n = carry
-        s, ran = jax.lax.switch(s.next_shape, branches, s, limit - n)
-        return s, n + ran
+        for i in range(len(budget.shapes)):  # each runs only while the budget picks its shape
+            s, ran = run(s, limit - n, index=i)
+            n = n + ran
+        return s, n
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return sharding.constrain(state, mesh)
@@ -807,9 +832,10 @@ def _shape_segment(
     cfg, dcfg, greedy, shapes,
 ) -> tuple[SpecState, jax.Array]:  # fmt: skip
     """(state, rounds run): rounds of shape `index` while the budget keeps choosing it, some row
-    runs, fewer than `limit` rounds ran and (plain rounds) the pending buffer has room. It
-    starts by running the draft trunk over any pending plain-round positions (a tree round
-    needs the trunk's level-1 outputs; a plain one needs room)."""
+    runs, fewer than `limit` rounds ran and (plain rounds) the pending buffer has room; none
+    when the budget picks another shape. It starts by running the draft trunk over any pending
+    plain-round positions (a tree round needs the trunk's level-1 outputs; a plain one needs
+    room)."""
     shape = budget.shapes[index]
     drafting = any(s is not None for s in budget.shapes)
     static = dict(
@@ -833,9 +859,10 @@ def _shape_segment(
         most = jnp.max(probe_pending(state.pending_len, probing))
         slots = catch_up_slots(most, shapes.pending)
     if drafting:
-        state = jax.lax.cond(
-            needs, functools.partial(catch_up, probing=probing), lambda s: s, state
-        )
+        # only when the segment runs rounds (what the outer loop's condition checked when
+        # segments were entered through a switch)
+        needs &= (state.next_shape == index) & (limit > 0) & jnp.any(~state.done)
+        state = run_if(needs, functools.partial(catch_up, probing=probing), state)
 
     def cond(carry):
         s, n = carry

@@ -839,3 +839,35 @@ def test_a_full_buffer_in_a_plain_streak_keeps_only_its_latest_positions(monkeyp
     )
     want = vanilla.generate(base, cfg, PROMPTS, max_new_tokens=rounds + 1).output_ids
     assert np.asarray(state.out_tokens)[:, : rounds + 1].tolist() == want
+
+
+def _copied_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """The shapes of every `copy` instruction of a compiled program's text."""
+    found = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", hlo)
+    return [tuple(int(x) for x in dims.split(",") if x) for dims in found]
+
+
+def test_rounds_update_the_caches_in_place(pair):
+    """The all-shapes program and one shape's (the server's) copy none of the state's caches
+    or its pending buffer: segments in turn rather than branches of a switch, and the catch-up
+    as a loop of at most one trip rather than a conditional (each conditional copied every
+    buffer it passed through, on every entry into a segment)."""
+    cfg, dcfg, base, draft = pair
+    base = unstack_layers(base)  # the one-device layout (a scan over stacked layers copies)
+    b = budget.make_budget(SHAPES)
+    state, knobs, shapes = prefilled(
+        base, draft, cfg, dcfg, PROMPTS, b, max_new=40, eos_ids=[-1], prompt_pending=True
+    )
+    held = {
+        tuple(x.shape)
+        for x in jax.tree.leaves((state.cache, state.draft_cache, state.pending_features))
+        if x.size >= 1024
+    }
+    assert len(held) >= 3  # base cache, draft cache, pending buffer (the sizes differ)
+    for index in (None, 0, len(SHAPES) - 1):
+        hlo = speculative.run_segment.lower(
+            state, base, draft, knobs, b, None, 8, index=index, cfg=cfg, dcfg=dcfg,
+            greedy=True, shapes=shapes,
+        ).compile().as_text()  # fmt: skip
+        assert "copy(" in hlo  # the pattern finds copies where there are some
+        assert not [s for s in _copied_shapes(hlo) if s in held], index
