@@ -798,8 +798,8 @@ def run_segment(
       here, more than a plain step) and the rounds run as fast as in a program of their own.
       The segments follow one another rather than being branches of a `lax.switch`: XLA copies
       every buffer a conditional's branches pass through (`switch_in_place`), here the base and
-      draft caches and the pending buffer on every entry into a segment (~13 ms a call at batch
-      8 with 700-slot caches, this CPU).
+      draft caches and the pending buffer on every entry into a segment (~13 ms an entry at
+      batch 8 with 700-slot caches, this CPU).
     index i: rounds of shape i only, while the budget keeps choosing it (the server's engine
       dispatches its segments by `state.next_shape` from the host).
     """
