@@ -86,7 +86,10 @@ def run_if(pred: jax.Array, fn: Callable, carry):
 
 def switch_in_place(index: jax.Array, branches: Sequence[Callable], carry):
     """`lax.switch(index, branches, carry)` for branches that update large buffers of `carry`
-    (each `run_if`, in turn: the caches stay in place; `index` outside the range runs none)."""
+    (each `run_if`, in turn: the caches stay in place; `index` outside the range runs none;
+    one branch runs unconditionally, as in `lax.switch`)."""
+    if len(branches) == 1:
+        return branches[0](carry)
     for i, fn in enumerate(branches):
         carry = run_if(index == i, fn, carry)
     return carry
@@ -593,11 +596,8 @@ def _catch_up(
     sizes = catch_up_sizes(shapes.pending)
     with jax.named_scope("draft/catch_up"):
         start = (state.draft_cache, state.root_logprobs, state.root_feature)
-        if len(sizes) > 1:  # the program of `catch_up_slots`
-            fewest = smallest_holding(jnp.max(n), sizes)
-            dcache, lp, feat = switch_in_place(fewest, [forward(q) for q in sizes], start)
-        else:
-            dcache, lp, feat = forward(sizes[0])(start)
+        fewest = smallest_holding(jnp.max(n), sizes)  # the program of `catch_up_slots`
+        dcache, lp, feat = switch_in_place(fewest, [forward(q) for q in sizes], start)
     has = n > 0
     return state.replace(
         draft_cache=dcache,
@@ -858,15 +858,17 @@ def _shape_segment(
         probing = budget_lib.probe_due(state.plain_streak, state.probe_wait)
         most = jnp.max(probe_pending(state.pending_len, probing))
         slots = catch_up_slots(most, shapes.pending)
-    if drafting:
-        # only when the segment runs rounds (what the outer loop's condition checked when
-        # segments were entered through a switch)
-        needs &= (state.next_shape == index) & (limit > 0) & jnp.any(~state.done)
+
+    def picked(s, n):  # the budget picks this shape, some row runs, rounds are left
+        return jnp.any(~s.done) & (s.next_shape == index) & (n < limit)
+
+    if drafting:  # only when the segment runs rounds
+        needs &= picked(state, 0)
         state = run_if(needs, functools.partial(catch_up, probing=probing), state)
 
     def cond(carry):
         s, n = carry
-        go = jnp.any(~s.done) & (s.next_shape == index) & (n < limit)
+        go = picked(s, n)
         if shape is None and drafting:
             go &= jnp.all(s.pending_len < shapes.pending)
         return go
