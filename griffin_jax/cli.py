@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import sys
 from collections.abc import Callable, Sequence
 
@@ -119,6 +120,27 @@ def run(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | No
             raise
         print(f"error: {one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return USAGE_STATUS
+
+
+def machine() -> str:
+    """This machine in one line, for benchmark reports: CPU model, architecture and count, the
+    JAX backend with its devices, the JAX version, and the host name."""
+    import jax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return (
+        f"{cpu or 'unknown CPU'} ({platform.machine()}, {os.cpu_count()} CPUs), "
+        f"{dev.platform} x{jax.device_count()} ({dev.device_kind}), jax {jax.__version__}, "
+        f"{platform.node()}"
+    )
 
 
 def user_cache_dir() -> pathlib.Path:

@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 "exceed the capacity"
             )
     model = SpeculativeModel.from_pretrained(args.base, with_draft=False, load_tokenizer=False)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}"
-    report = {"machine": machine, "backend": jax.default_backend(),
+    report = {"machine": cli.machine(), "backend": jax.default_backend(),
               "command": " ".join(sys.argv), "rows": []}  # fmt: skip
     for cached, capacity in contexts:
         for width in widths:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import re
 import statistics
 import sys
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(admission_stall(model, args)))
         return 0
     report: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "machine": cli.machine(),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "tree": str(model.tree_cfg),
         "adaptive": model.adaptive,

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 from griffin_jax import checks, cli
@@ -117,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
     report = {
-        "machine": f"{platform.machine()}, {jax.default_backend()}, torch threads "
-        f"{torch.get_num_threads()}",
+        "machine": f"{cli.machine()}, torch threads {torch.get_num_threads()}",
         "params_M": n_params / 1e6,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

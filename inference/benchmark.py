@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import pathlib
-import platform
 import sys
 import time
 from typing import Any
@@ -323,10 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = m
         mode = "adaptive over " if m.adaptive else ""
         print(f"{name}: {m.dcfg.kind} draft, tree {mode}{m.tree_cfg}", file=sys.stderr)
-    machine = (
-        f"{platform.machine()} {jax.default_backend()} x{jax.device_count()}, {platform.node()}"
-    )
-    report: dict[str, Any] = {"machine": machine, "base": str(args.base), "drafts": drafts,
+    report: dict[str, Any] = {"machine": cli.machine(), "base": str(args.base), "drafts": drafts,
                               "max_new_tokens": args.max_new_tokens, "batch": args.batch,
                               "results": [],
                               "trees": {n: {**vars(m.tree_cfg), "auto": m.adaptive}

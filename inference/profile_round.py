@@ -11,6 +11,12 @@ the same prompts, with every piece compiled first and timed as the median of `--
 - `decode_ms`: a one-token base decode at the same cache length (the unit of "decodes");
 - `gemm_gflops`: the f32 matmul rate of this machine (a 1024^3 product), and from it
   `verify_floor_ms` = 2 x M x base parameters / that rate;
+- `verify_products_ms` / `decode_products_ms`: the base's matrix products alone over M rows /
+  one row (every layer's kernels and the lm_head, with the model's own weights, chained one
+  after another with nothing between them but slices), and `products_vs_bound` = the former
+  over max(`verify_floor_ms`, `decode_ms`): what the verification would cost relative to the
+  goal's bound with its attention, norms and RoPE free; above 1.3, no change outside the
+  products can bring the verification within 1.3x of that bound;
 - `bookkeeping_ms` = round - verify - trunk - depth x level: what the round spends outside the
   model forwards (acceptance, commit, tree building and reranking, masks, copies);
 - `hlo_ops`: instructions in the optimised HLO of the compiled round;
@@ -56,6 +62,7 @@ from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
 from griffin_jax.model import forward as base_forward
+from griffin_jax.model import lm_head, unstack_layers
 from inference.api import (
     DEFAULT_MODEL_DIR,
     SpeculativeModel,
@@ -252,6 +259,47 @@ def count_params(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+# A layer's projections in the order its forward runs them (either layout).
+_PRODUCT_ORDER = (
+    ("self_attn", ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
+    ("mlp", ("gate_up_proj", "gate_proj", "up_proj", "down_proj")),
+)
+
+
+def forward_kernels(params) -> list[jax.Array]:
+    """Every layer's projection kernels of unrolled base params, in the forward's order."""
+    return [
+        layer[block][name]["kernel"]
+        for layer in params["layers"]
+        for block, names in _PRODUCT_ORDER
+        for name in names
+        if name in layer[block]
+    ]
+
+
+def products_ms(model: SpeculativeModel, rows: int, repeats: int) -> float:
+    """The base forward's matrix products alone over `rows` rows: each layer's kernels in the
+    order its forward runs them, then the lm_head, each fed the previous product's output cut
+    or zero-padded to its input width (so they run one after another, as in the forward) and
+    squashed into (0, 2) (`1 + tanh`: a bare chain of products decays into subnormal floats,
+    whose arithmetic is many times slower on x86)."""
+    params = unstack_layers(model.base_params)
+    kernels = forward_kernels(params)
+    key = "embed_tokens" if model.cfg.tie_embeddings else "lm_head"
+    head = {key: params[key]}  # what `lm_head` reads
+
+    @jax.jit
+    def chain(x, kernels, head):
+        for kernel in kernels:
+            missing = kernel.shape[0] - x.shape[1]
+            x = x[:, : kernel.shape[0]] if missing <= 0 else jnp.pad(x, ((0, 0), (0, missing)))
+            x = 1 + jnp.tanh(x @ kernel)
+        return lm_head(head, x[:, : model.cfg.d_model], cfg=model.cfg)
+
+    x = jnp.ones((rows, model.cfg.d_model), kernels[0].dtype)
+    return median_ms(lambda _: chain(x, kernels, head), None, repeats)
+
+
 def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> dict:
     """Every piece of one round of `model.tree_cfg` after a real prefill of `prompt`."""
     tree, cfg, dcfg, head = model.tree_cfg, model.cfg, model.dcfg, model.draft_head()
@@ -376,20 +424,27 @@ def main(argv: list[str] | None = None) -> int:
     prompts = encode_checked(model.tokenizer, questions, model.cfg, 1, chat=False)
     gflops = gemm_gflops(args.repeats)
     n_params = count_params(model.base_params)
-    report: dict[str, Any] = {"machine": f"{jax.default_backend()} x{jax.device_count()}",
+    report: dict[str, Any] = {"machine": cli.machine(),
                               "gemm_gflops": gflops, "base_params": n_params, "trees": [],
                               "command": " ".join(sys.argv)}  # fmt: skip
+    products = {1: products_ms(model, 1, args.repeats)}
     for k, d, m, v in sizes:
         tree = TreeConfig(top_k=k, depth=d, total_tokens=m, draft_vocab=v)
         row = profile_tree(model, tree, prompts, args.repeats)
         floor = 2 * tree.total_tokens * n_params / (gflops * 1e9) * 1e3
+        if m not in products:
+            products[m] = products_ms(model, m, args.repeats)
+        bound = max(floor, row["decode_ms"])
         row.update(top_k=k, depth=d, total_tokens=m, draft_vocab=v, verify_floor_ms=floor,
-                   verify_vs_bound=row["verify_ms"] / max(floor, row["decode_ms"]))  # fmt: skip
+                   verify_vs_bound=row["verify_ms"] / bound, verify_products_ms=products[m],
+                   decode_products_ms=products[1],
+                   products_vs_bound=products[m] / bound)  # fmt: skip
         report["trees"].append(row)
         print(
             f"({k}, {d}, {m}, V{v or 'all'}): round {row['round_ms']:.2f} ms = "
             f"{row['decodes_per_round']:.2f} decodes; verify {row['verify_ms']:.2f} "
-            f"(floor {floor:.2f}), draft {row['draft_ms']:.2f}, bookkeeping "
+            f"(floor {floor:.2f}, products alone {products[m]:.2f}), draft "
+            f"{row['draft_ms']:.2f}, bookkeeping "
             f"{row['bookkeeping_ms']:.2f} ms = {row['bookkeeping_decodes']:.2f} decodes; "
             f"{row['hlo_ops']} HLO ops",
             file=sys.stderr,

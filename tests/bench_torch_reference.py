@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             methods[f"engine eagle2 {_name(tree)}"] = engine.generate
             choices = official_eagle.static_tree(m, d + 1, k)
             methods[f"official {m}"] = official_method(official, choices, eos_id)
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
+    report = {"machine": cli.machine(),
               "command": " ".join(sys.argv), "max_new_tokens": args.max_new_tokens,
               "results": []}  # fmt: skip
     for bench, qs in questions.items():

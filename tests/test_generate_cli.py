@@ -522,6 +522,9 @@ def test_profile_round_reports_every_piece(pair, tmp_path, capsys):
             assert row[key] > 0, key
         assert row["hlo_ops"] > 100 and row["decodes_per_round"] > 0
         assert row["draft_ms"] == row["trunk_ms"] + row["depth"] * row["level_ms"]
+        assert row["verify_products_ms"] > 0 and row["decode_products_ms"] > 0
+        bound = max(row["verify_floor_ms"], row["decode_ms"])
+        assert row["products_vs_bound"] == pytest.approx(row["verify_products_ms"] / bound)
         phases = row["phases_ms"]
         for phase in ("verify", "accept", "commit", "draft/trunk", "draft/expand", "draft/rerank"):
             assert phases[phase] > 0, phase
@@ -530,6 +533,40 @@ def test_profile_round_reports_every_piece(pair, tmp_path, capsys):
         assert sum(phases.values()) == pytest.approx(row["traced_round_ms"], rel=0.3)
         assert len(row["levels_ms"]) == row["depth"] and min(row["levels_ms"]) > 0
         assert row["thunks"] > 100
+
+
+def test_reports_name_the_machine():
+    from griffin_jax import cli
+
+    line = cli.machine()
+    assert f"{os.cpu_count()} CPUs" in line and f"jax {jax.__version__}" in line
+    assert f"{jax.default_backend()} x{jax.device_count()}" in line
+
+
+@pytest.mark.parametrize("layout", ["stored", "decode"])
+def test_the_products_chain_runs_every_layer_kernel(pair, layout):
+    from griffin_jax.layers import is_fused, unfuse_projections
+    from griffin_jax.model import decode_layout, unstack_layers
+    from inference import profile_round
+    from inference.api import SpeculativeModel
+
+    base, _ = pair
+    model = SpeculativeModel.from_pretrained(base)
+    stored = unfuse_projections(model.base_params, model.cfg)
+    params = decode_layout(stored) if layout == "decode" else unstack_layers(stored)
+    assert is_fused(params) == (layout == "decode")
+    kernels = profile_round.forward_kernels(params)
+    every = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params["layers"])
+        if jax.tree_util.keystr(path).endswith("['kernel']")
+    ]
+    assert len(kernels) == len(every) > 0
+    assert sum(k.size for k in kernels) == sum(k.size for k in every)
+    # Each layer's products run in its forward's order: attention in, attention out, MLP in, out.
+    d = params["embed_tokens"]["embedding"].shape[1]
+    per_layer = len(kernels) // len(params["layers"])
+    assert kernels[per_layer - 1].shape[1] == d and kernels[0].shape[0] == d
 
 
 def test_round_phases_follow_the_named_scopes():
