@@ -11,7 +11,11 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   (`speculative.measure_round_costs`, or read from the cache file of `load_or_measure_costs`,
   keyed by machine, model, shapes, batch and the code's version).
   The policy never uses this machine's constants: on a GPU verification is nearly free and
-  deep trees win; on a CPU it is compute-bound and shallow trees or plain decoding win.
+  deep trees win; on a CPU it is compute-bound and shallow trees or plain decoding win. The
+  server's engine adds to every shape's cost what its loop spends per round beyond it,
+  learnt as it serves (`Engine.round_overhead_ms`: the host's part of each few-round segment,
+  the web layer's work competing for the machine), which favours shapes that commit more a
+  round as that share grows.
 - E_row[tokens | s] = 1 + sum_{i <= L_s} prod_{j <= i} p_j: the bonus plus the expected
   accepted draft tokens of a tree with L_s drafted levels, from the row's per-level acceptance
   p_j (the chance the accepted path reaches level j once it reached j - 1), kept as

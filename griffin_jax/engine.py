@@ -35,6 +35,7 @@ import itertools
 import logging
 import pathlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -49,6 +50,10 @@ from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 
 log = logging.getLogger(__name__)
+
+# The serving loop's time per round beyond the measured device cost of the round's shape
+# (`Engine.round_overhead_ms`) is a running mean: each segment's sample weighs this much.
+OVERHEAD_WEIGHT = 0.1
 
 
 class QueueFull(RuntimeError):
@@ -310,6 +315,11 @@ class _RoundPrograms:
             (self._failed if program is None else self._ready).add(key)
             self._idle.notify_all()
 
+    def compiling(self) -> bool:
+        """Whether a background compile is queued or running."""
+        with self._lock:
+            return bool(self._pending)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until no background compile is queued or running; False on timeout."""
         with self._lock:
@@ -448,6 +458,10 @@ class Engine:
             raise ValueError("every batch bucket's budget must have the same round shapes")
         self.shapes = shapes_all
         self.speculate = any(s is not None for s in shapes_all)
+        # Each bucket's measured device costs (ms a round of each shape), and what the serving
+        # loop adds to every round on top of them, learnt as it runs (`_learn_overhead`).
+        self._device_costs = {b: np.asarray(t.costs, np.float64) for b, t in self.budgets.items()}
+        self.round_overhead_ms = dict.fromkeys(self.buckets, 0.0)
         # A row holds prompt + new tokens <= max_model_len, plus what a round writes past them.
         self._shapes = speculative.plan_shapes(
             [1] * max_batch, self.max_model_len, shapes_all, prompt_bucket=0
@@ -601,13 +615,21 @@ class Engine:
                 else:
                     admit.append(slot)
         try:
+            admitting = bool(admit) or self._chunked is not None
             if self._chunked is not None:
                 self._prefill_next_chunk()
             for slot in admit:
                 self._admit_one(slot)
+            if admitting:  # their device work is the admission's, not the rounds' (timed)
+                jax.block_until_ready(self._state)
+                if self._chunked is not None:
+                    jax.block_until_ready(self._chunked.prefix)
+            started, ran = time.perf_counter(), None
             if any(not s.cancelled for s in self._slots) and not self._all_done():
-                self._run_rounds()
-            self._deliver()
+                ran = self._run_rounds()
+            rounds = self._deliver()
+            if ran is not None:
+                self._learn_overhead(*ran, rounds, time.perf_counter() - started)
         except Exception as err:  # a failed round fails its requests, the engine goes on
             log.error("round failed: %s: %s", type(err).__name__, err)
             failed = [*self._slots, *(s for s in admit if s not in self._slots)]
@@ -674,6 +696,7 @@ class Engine:
         )  # fmt: skip
         self._state = state.replace(done=jnp.ones((b,), bool))
         self._next_shape = 0
+        self._last_step: int | None = None  # the state's round counter at the last delivery
 
     def _knobs(self, rows: slice) -> speculative.Knobs:
         """The settings of rows `rows` (host arrays -> device)."""
@@ -760,22 +783,55 @@ class Engine:
         )  # fmt: skip
         return args, static
 
-    def _run_rounds(self) -> None:
+    def _run_rounds(self) -> tuple[int, int]:
+        """Dispatches one segment of rounds; returns its (batch bucket, round shape index)."""
         rows = next(b for b in self.buckets if b >= len(self._slots))
         want = self._next_shape if self._next_shape < len(self.shapes) else 0
         args, static = self._round_call(rows, self._greedy(rows))
         index = self._programs.pick(want, args, static)
         self._state = _segment(*args, index=index, **static)
+        return rows, index
 
-    def _deliver(self) -> None:
+    def _learn_overhead(self, rows: int, index: int, rounds: int, seconds: float) -> None:
+        """Updates what the serving loop adds to each round at batch bucket `rows` from one
+        segment: `rounds` rounds of shape `index` took `seconds` from their dispatch to the end
+        of their delivery (the step's admissions finished before: their prefills are priced
+        per request, not per round).
+
+        The measured costs price a round inside a long device loop; a server's rounds also pay
+        the host's part of every segment (its dispatch, the read-back, handing the tokens to
+        the web layer) and whatever else competes for the machine meanwhile. The adaptive
+        budget prices every shape at its device cost plus this mean, so per round it charges
+        each the same: the loop's time per token then falls with the tokens a round commits,
+        which favours deeper trees as the loop's share grows. A segment's sample is the time
+        per round beyond the shape's cost, clipped to [0, the bucket's dearest round] (a
+        stall, a collection, is not a price); none is taken with one shape (nothing to choose)
+        or while a round program compiles in the background.
+        """
+        costs = self._device_costs[rows]
+        if len(self.shapes) == 1 or rounds <= 0 or self._programs.compiling():
+            return
+        sample = min(max(1e3 * seconds / rounds - costs[index], 0.0), float(costs.max()))
+        mean = self.round_overhead_ms[rows]
+        mean += OVERHEAD_WEIGHT * (sample - mean)
+        self.round_overhead_ms[rows] = mean
+        self.budgets[rows] = self.budgets[rows].replace(
+            costs=jnp.asarray(costs + mean, jnp.float32)
+        )
+
+    def _deliver(self) -> int:
+        """Hands each busy row's new tokens to its request and frees the rows that ended;
+        returns the rounds run since the last delivery."""
         n = len(self._slots)
         if n == 0:
-            return
+            return 0
         s = self._state
-        out, num, done, rounds, nxt = jax.device_get(
-            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape)
+        out, num, done, rounds, nxt, step = jax.device_get(
+            (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape, s.step)
         )
         self._next_shape = int(nxt)
+        ran = 0 if self._last_step is None else int(step) - self._last_step
+        self._last_step = int(step)
         ended = []
         for row, slot in enumerate(self._slots):
             new = out[row, slot.sent : num[row]].tolist()
@@ -795,6 +851,7 @@ class Engine:
                 self.history.observe(hits[ended], trials[ended], sampled)
             for row in sorted(ended, reverse=True):
                 self._free(row)
+        return ran
 
     def _free_cancelled(self) -> None:
         for row in sorted((i for i, s in enumerate(self._slots) if s.cancelled), reverse=True):

@@ -120,6 +120,14 @@ def _metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _round_overheads(url: str) -> dict[str, float]:
+    """The engine's learnt loop time per round by batch bucket (ms; `Engine.round_overhead_ms`)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    pattern = r'^griffin_round_overhead_milliseconds\{batch="(\d+)"\} (\S+)$'
+    return {b: float(v) for b, v in re.findall(pattern, text, re.M)}
+
+
 def _one_request(client, prompt: str, args) -> dict:
     t0 = time.perf_counter()
     first, stamps, tokens = None, [], 0
@@ -186,6 +194,7 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
         "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
         # tokens per verification round: prefill emits each request's first token
         "mean_accepted_length": (gen - reqs) / rounds if rounds else None,
+        "round_overhead_ms": _round_overheads(url),  # at the end of the point
     }  # fmt: skip
 
 

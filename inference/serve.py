@@ -301,6 +301,13 @@ class Metrics:
         queue.set_function(lambda: engine.queue_length)
         busy = prom.Gauge("griffin_busy_slots", "Slots decoding a request", registry=r)
         busy.set_function(lambda: engine.busy)
+        overhead = prom.Gauge(
+            "griffin_round_overhead_milliseconds", "What the serving loop adds to a round "
+            "beyond its device cost, learnt as it runs (the adaptive budget prices every shape "
+            "with it), by batch bucket", ["batch"], registry=r,
+        )  # fmt: skip
+        for b in engine.buckets:
+            overhead.labels(batch=str(b)).set_function(lambda b=b: engine.round_overhead_ms[b])
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
         self.ttft = prom.Histogram(
             "griffin_time_to_first_token_seconds", "Arrival to first token", buckets=buckets,

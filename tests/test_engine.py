@@ -3,7 +3,10 @@ others, outputs equal to each request decoded alone, bounded compiles, freeing, 
 
 from __future__ import annotations
 
+import time
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -362,3 +365,51 @@ def test_compile_room_names_the_map_limit():
     assert engine_lib.compile_room(10, limit=65530) is None
     problem = engine_lib.compile_room(200, limit=65530)
     assert "vm.max_map_count = 65,530" in problem and "200 compiled programs" in problem
+
+
+def test_the_serving_loop_s_time_per_round_is_learnt_and_priced(pair):
+    """The engine learns what its loop adds to each round beyond the shapes' device costs (here
+    a slow consumer of the tokens) and prices every shape with it: plain decoding, cheapest a
+    round, stops being the best buy. Outputs stay those of each request alone, and the new
+    prices recompile nothing."""
+    from compile_log import compiles
+
+    costs = [1.0, 4.0]  # ms a round: plain, the tree
+    eng = _engine(pair, tree=budget_lib.make_budget([None, TREE], costs=costs), max_batch=1)
+    fixed = _engine(pair, tree=TREE, max_batch=1)
+
+    class Slow(_Collect):
+        def __call__(self, update):
+            time.sleep(0.02)  # per delivery: ~5 ms a round of a 4-round segment
+            super().__call__(update)
+
+    def wave(engine, requests, sink=_Collect):
+        got = [sink() for _ in requests]
+        for request, out in zip(requests, got, strict=True):
+            engine.submit(request, out)
+            engine.run_until_idle()  # one at a time: batch bucket 1
+        for request, out in zip(requests, got, strict=True):
+            assert out.tokens == _alone(pair, request)
+
+    greedy = [r for r in _requests() if r.temperature == 0]
+    wave(eng, greedy[:1])  # compiles (no samples while a shape compiles in the background)
+    assert eng.wait_for_compiles(timeout=600)
+    with compiles() as compiled:
+        wave(eng, greedy, sink=Slow)
+    assert "_segment" not in compiled
+    learnt = eng.round_overhead_ms[1]
+    assert 0.5 < learnt <= max(costs)
+    np.testing.assert_allclose(np.asarray(eng.budgets[1].costs), np.add(costs, learnt), rtol=1e-6)
+
+    def choice(budget):  # a fresh row at its prior, plain decoding running
+        levels = budget.max_levels
+        zeros = jnp.zeros((1, levels), jnp.float32)
+        return int(budget_lib.choose(
+            budget, zeros, zeros, jnp.ones((1,), bool), jnp.int32(0), jnp.int32(1 << 20),
+            jnp.int32(1 << 20), jnp.int32(0),
+        ))  # fmt: skip
+
+    assert choice(budget_lib.make_budget([None, TREE], costs=costs)) == 0
+    assert choice(eng.budgets[1]) == 1
+    wave(fixed, greedy[:1], sink=Slow)  # one shape: nothing to choose, nothing learnt
+    assert fixed.round_overhead_ms[1] == 0

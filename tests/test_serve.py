@@ -248,7 +248,8 @@ def test_models_health_and_metric_names(server):
                  "griffin_generation_tokens_total", "griffin_accepted_draft_tokens_total",
                  "griffin_verification_rounds_total", "griffin_queue_length",
                  "griffin_busy_slots", "griffin_time_to_first_token_seconds_bucket",
-                 "griffin_inter_token_latency_seconds_bucket"):  # fmt: skip
+                 "griffin_inter_token_latency_seconds_bucket",
+                 'griffin_round_overhead_milliseconds{batch="1"}'):  # fmt: skip
         assert name in text, name
 
 
