@@ -13,10 +13,11 @@ the same prompts, with every piece compiled first and timed as the median of `--
   `verify_floor_ms` = 2 x M x base parameters / that rate;
 - `verify_products_ms` / `decode_products_ms`: the base's matrix products alone over M rows /
   one row (every layer's kernels and the lm_head, with the model's own weights, chained one
-  after another with nothing between them but slices and an elementwise squash), and `products_vs_bound` = the former
-  over max(`verify_floor_ms`, `decode_ms`): what the verification would cost relative to the
-  goal's bound with its attention, norms and RoPE free; above 1.3, no change outside the
-  products can bring the verification within 1.3x of that bound;
+  after another with nothing between them but slices and an elementwise squash), and
+  `products_vs_bound` = the former over max(`verify_floor_ms`, `decode_ms`): what the
+  verification would cost relative to the goal's bound with its attention, norms and RoPE
+  free; above 1.3, no change outside the products can bring the verification within 1.3x of
+  that bound;
 - `bookkeeping_ms` = round - verify - trunk - depth x level: what the round spends outside the
   model forwards (acceptance, commit, tree building and reranking, masks, copies);
 - `hlo_ops`: instructions in the optimised HLO of the compiled round;
