@@ -596,6 +596,9 @@ class Engine:
 
     def step(self) -> None:
         """Frees ended rows, admits waiting requests, runs one segment of rounds, delivers."""
+        begun = time.perf_counter()
+        # The loop's time since the last step, if that step left rows decoding (else idle).
+        between = 0.0 if self._step_ended is None else begun - self._step_ended
         with self._lock:
             self._free_cancelled()
             if self._chunked is not None and self._chunked.slot.cancelled:
@@ -629,7 +632,9 @@ class Engine:
                 ran = self._run_rounds()
             rounds = self._deliver()
             if ran is not None:
-                self._learn_overhead(*ran, rounds, time.perf_counter() - started)
+                self._learn_overhead(*ran, rounds, between + time.perf_counter() - started)
+            busy = any(not s.cancelled for s in self._slots) and not self._all_done()
+            self._step_ended = time.perf_counter() if busy else None
         except Exception as err:  # a failed round fails its requests, the engine goes on
             log.error("round failed: %s: %s", type(err).__name__, err)
             failed = [*self._slots, *(s for s in admit if s not in self._slots)]
@@ -697,6 +702,7 @@ class Engine:
         self._state = state.replace(done=jnp.ones((b,), bool))
         self._next_shape = 0
         self._last_step: int | None = None  # the state's round counter at the last delivery
+        self._step_ended: float | None = None  # when the last step ended, if rows still ran
 
     def _knobs(self, rows: slice) -> speculative.Knobs:
         """The settings of rows `rows` (host arrays -> device)."""
@@ -794,13 +800,15 @@ class Engine:
 
     def _learn_overhead(self, rows: int, index: int, rounds: int, seconds: float) -> None:
         """Updates what the serving loop adds to each round at batch bucket `rows` from one
-        segment: `rounds` rounds of shape `index` took `seconds` from their dispatch to the end
-        of their delivery (the step's admissions finished before: their prefills are priced
-        per request, not per round).
+        segment: `rounds` rounds of shape `index` took `seconds`: from their dispatch to the
+        end of their delivery, plus the loop's time between the step before (which left rows
+        decoding) and this one (the step's admissions are not counted, and finished before the
+        dispatch: their prefills are priced per request, not per round).
 
         The measured costs price a round inside a long device loop; a server's rounds also pay
         the host's part of every segment (its dispatch, the read-back, handing the tokens to
-        the web layer) and whatever else competes for the machine meanwhile. The adaptive
+        the web layer, waiting for the interpreter's lock between steps) and whatever else
+        competes for the machine meanwhile. The adaptive
         budget prices every shape at its device cost plus this mean, so per round it charges
         each the same: the loop's time per token then falls with the tokens a round commits,
         which favours deeper trees as the loop's share grows. A segment's sample is the time
