@@ -113,17 +113,19 @@ def admission_stall(model, args) -> dict:
     }  # fmt: skip
 
 
-def _metric(url: str, name: str) -> float:
+def _metrics_text(url: str) -> str:
     with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return resp.read().decode()
+
+
+def _metric(url: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", _metrics_text(url), re.M)
     return float(m.group(1)) if m else 0.0
 
 
 def _round_overheads(url: str) -> dict[str, float]:
     """The engine's learnt loop time per round by batch bucket (ms; `Engine.round_overhead_ms`)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+    text = _metrics_text(url)
     pattern = r'^griffin_round_overhead_milliseconds\{batch="(\d+)"\} (\S+)$'
     return {b: float(v) for b, v in re.findall(pattern, text, re.M)}
 

@@ -62,6 +62,7 @@ from griffin_jax import checks, cli, speculative, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
+from griffin_jax.layers import FUSED_GATE_UP, FUSED_QKV
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import lm_head, unstack_layers
 from inference.api import (
@@ -262,8 +263,8 @@ def count_params(params: Any) -> int:
 
 # A layer's projections in the order its forward runs them (either layout).
 _PRODUCT_ORDER = (
-    ("self_attn", ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
-    ("mlp", ("gate_up_proj", "gate_proj", "up_proj", "down_proj")),
+    ("self_attn", (FUSED_QKV, "q_proj", "k_proj", "v_proj", "o_proj")),
+    ("mlp", (FUSED_GATE_UP, "gate_proj", "up_proj", "down_proj")),
 )
 
 
