@@ -85,6 +85,7 @@ PLAIN_MARGIN = 0.05  # a drafting shape must promise this much more tokens per m
 # decoding to run (see `choose`)
 HISTORY_WEIGHT = 8.0  # pseudo-trials behind a fresh row's prior learnt from earlier requests
 HISTORY_MEMORY = 16.0  # a finished row with this many trials at a level moves history halfway
+HISTORY_STALE = 16  # finished rows of a class that did not try a level before history forgets it
 
 Shape = TreeConfig | None  # None: a plain decode step (no draft)
 
@@ -506,10 +507,20 @@ class History:
     ended with: the probes' schedule runs across requests, so requests shorter than the wait
     still get probed now and then (else a kind of request that once backed off would never
     draft again). Output never depends on it (every shape commits the base's tokens).
+
+    It learns from what rows tried themselves (`SpecState.own_hits` / `own_trials`), never
+    from the prior it gave them: a level a row never drafted would otherwise report its
+    prior back as an observation, and an estimate once low (a warm-up prompt's misses, a few
+    bad requests) would confirm itself for good while the policy, trusting it, never drafted
+    that deep again. And it forgets a level past the first that HISTORY_STALE finished rows of
+    a class in a row did not try (`age`): fresh rows then borrow the level above's estimate,
+    as `level_acceptance` does, so the policy tries the deeper shapes again now and then and
+    learns what they do today (level 1 stays: the probes refresh it).
     """
 
     def __init__(self, n_levels: int):
         self.level = np.full((2, max(n_levels, 1)), np.nan)
+        self.age = np.zeros((2, max(n_levels, 1)), np.int64)  # rows since a level was tried
         self.wait: list[tuple[int, int] | None] = [None, None]
 
     @classmethod
@@ -520,8 +531,9 @@ class History:
     def observe(
         self, hits, trials, sampled, *, probe_wait: int | None = None, plain_streak: int = 0
     ) -> None:
-        """Learns from finished rows' counts ([B, L]; `sampled` [B] bool: their class) and,
-        for a batch of one class, the probe wait and plain streak it ended with."""
+        """Learns from finished rows' own counts ([B, L], no prior in them: `SpecState.own_hits`
+        / `own_trials`; `sampled` [B] bool: their class) and, for a batch of one class, the
+        probe wait and plain streak it ended with."""
         hits, trials = np.asarray(hits, np.float64), np.asarray(trials, np.float64)
         sampled = np.broadcast_to(np.asarray(sampled, bool), hits.shape[:1])
         n = min(hits.shape[1], self.level.shape[1])
@@ -534,12 +546,14 @@ class History:
             old = self.level[c, :n]
             mixed = np.where(np.isnan(old), rate, (1 - alpha) * old + alpha * rate)
             self.level[c, :n] = np.where(seen, mixed, old)
+            self.age[c, :n] = np.where(seen, 0, self.age[c, :n] + 1)
         if probe_wait is not None and sampled.size and (sampled == sampled[0]).all():
             self.wait[int(sampled[0])] = (int(probe_wait), max(int(plain_streak), 0))
 
     def apply(self, budget: Budget, *, sampled: bool) -> Budget:
-        """The budget with this history as its prior (a level not yet seen borrows the one
-        above, as `level_acceptance` does) and start wait."""
+        """The budget with this history as its prior (a level not yet seen, or not tried by
+        the last HISTORY_STALE rows of the class, borrows the one above, as
+        `level_acceptance` does) and start wait."""
         prior = np.array(budget.prior, np.float64)
         weight = np.array(budget.prior_weight, np.float64)
         n = min(prior.shape[1], self.level.shape[1])
@@ -548,7 +562,10 @@ class History:
                 continue
             last = PRIOR
             for i in range(prior.shape[1]):
-                if i < n and not np.isnan(self.level[c, i]):
+                # level 1 is never forgotten: the probes, whose schedule spans requests,
+                # refresh it; forgetting it would send every class back to drafting
+                stale = i > 0 and self.age[c, i] >= HISTORY_STALE
+                if i < n and not np.isnan(self.level[c, i]) and not stale:
                     last = self.level[c, i]
                 prior[c, i] = last
             weight[c] = HISTORY_WEIGHT

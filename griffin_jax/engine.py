@@ -462,6 +462,8 @@ class Engine:
         # loop adds to every round on top of them, learnt as it runs (`_learn_overhead`).
         self._device_costs = {b: np.asarray(t.costs, np.float64) for b, t in self.budgets.items()}
         self.round_overhead_ms = dict.fromkeys(self.buckets, 0.0)
+        # Verification rounds run so far, by round shape (`budget.describe`: "none" = plain).
+        self.rounds_by_shape = dict.fromkeys(map(budget_lib.describe, shapes_all), 0)
         # A row holds prompt + new tokens <= max_model_len, plus what a round writes past them.
         self._shapes = speculative.plan_shapes(
             [1] * max_batch, self.max_model_len, shapes_all, prompt_bucket=0
@@ -580,6 +582,13 @@ class Engine:
         _move_row.lower(*_abstract((self._state, row, row)), mesh=self.mesh).compile()
         return n + 1
 
+    def forget_history(self) -> None:
+        """Forgets what finished requests taught the adaptive budget (`budget.History`), e.g.
+        after a warm-up request whose made-up prompt says nothing of the draft's acceptance."""
+        with self._lock:
+            if self.history is not None:
+                self.history = budget_lib.History.for_shapes(self.shapes)
+
     def idle(self) -> bool:
         return not self._queue and not self._slots and self._chunked is None
 
@@ -632,6 +641,7 @@ class Engine:
                 ran = self._run_rounds()
             rounds = self._deliver()
             if ran is not None:
+                self.rounds_by_shape[budget_lib.describe(self.shapes[ran[1]])] += rounds
                 self._learn_overhead(*ran, rounds, between + time.perf_counter() - started)
             busy = any(not s.cancelled for s in self._slots) and not self._all_done()
             self._step_ended = time.perf_counter() if busy else None
@@ -854,7 +864,7 @@ class Engine:
                 self._call(slot, Update(new, reason, int(rounds[row]), accepted))
         with self._lock:
             if ended and self.history is not None:
-                hits, trials = jax.device_get((s.hits[:n], s.trials[:n]))
+                hits, trials = jax.device_get((s.own_hits[:n], s.own_trials[:n]))
                 sampled = [self._slots[row].request.temperature > 0 for row in ended]
                 self.history.observe(hits[ended], trials[ended], sampled)
             for row in sorted(ended, reverse=True):

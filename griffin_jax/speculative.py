@@ -120,6 +120,10 @@ class SpecState:
     keys: jax.Array  # [B] row PRNG keys (a draw at sequence index i folds in i)
     hits: jax.Array  # [B, L] f32 decayed accepted-level counts (`budget.update_stats`)
     trials: jax.Array  # [B, L] f32 decayed tried-level counts
+    # The same counts without the prior's pseudo-counts: what the row's own rounds showed
+    # (`budget.History` learns from these, never from its own prior fed back).
+    own_hits: jax.Array  # [B, L] f32
+    own_trials: jax.Array  # [B, L] f32
     plain_streak: jax.Array  # [] int32 plain rounds in a row (< 0: probe rounds left)
     probe_wait: jax.Array  # [] int32 the plain streak the next probe waits for
     step: jax.Array  # [] int32 rounds run (indexes `Budget.schedule`)
@@ -166,8 +170,8 @@ class SpecResult:
     accept_lengths: list[list[int]]  # accepted draft tokens per round, per row
     rounds: list[int]
     round_shapes: list[list[int]] = dataclasses.field(default_factory=list)  # budget index
-    # The policy's counts at the end ([B, L], `budget.update_stats`), its probe wait and plain
-    # streak: what `budget.History` learns from.
+    # The rows' own counts at the end ([B, L], `SpecState.own_hits` / `own_trials`: no prior
+    # in them), the policy's probe wait and plain streak: what `budget.History` learns from.
     level_hits: np.ndarray | None = None
     level_trials: np.ndarray | None = None
     probe_wait: int | None = None
@@ -487,6 +491,8 @@ def prefill(
         keys=keys,
         hits=hits,
         trials=trials,
+        own_hits=jnp.zeros_like(hits),
+        own_trials=jnp.zeros_like(trials),
         plain_streak=budget.start_streak,
         probe_wait=budget.start_wait,
         step=jnp.int32(0),
@@ -690,6 +696,9 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         hits, trials = budget_lib.update_stats(
             state.hits, state.trials, level_hit, level_tried, active
         )
+        own_hits, own_trials = budget_lib.update_stats(
+            state.own_hits, state.own_trials, level_hit, level_tried, active
+        )
     path_tokens = tree.path_tokens()[rows, acc.best_path]  # [B, A] root first
     slot = jnp.arange(a_len)
     # Emitted this round: the accepted draft tokens, then the bonus; past it, filler.
@@ -729,6 +738,8 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         root_feature=root_feat,
         hits=hits,
         trials=trials,
+        own_hits=own_hits,
+        own_trials=own_trials,
     )
 
 
@@ -881,11 +892,13 @@ def _shape_segment(
                 catch_up_slots=slots,
             )  # fmt: skip
             if shape is not None and None in budget.shapes:  # a probe starts: stale levels go
-                hits, trials = budget_lib.forget_untried(
-                    s.hits, s.trials, budget_lib.levels(shape),
+                forget = functools.partial(
+                    budget_lib.forget_untried, drafted=budget_lib.levels(shape),
                     probing=budget_lib.probe_due(s.plain_streak, s.probe_wait), active=~s.done,
                 )  # fmt: skip
-                s = s.replace(hits=hits, trials=trials)
+                hits, trials = forget(s.hits, s.trials)
+                own_hits, own_trials = forget(s.own_hits, s.own_trials)
+                s = s.replace(hits=hits, trials=trials, own_hits=own_hits, own_trials=own_trials)
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
         s = s.replace(plain_streak=streak, probe_wait=wait)
         if shape is not None:
@@ -1010,7 +1023,7 @@ def generate(
         )  # fmt: skip
     out, num_out, log, shape_log, rounds, hits, trials, wait, streak = jax.device_get((
         state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
-        state.hits, state.trials, state.probe_wait, state.plain_streak,
+        state.own_hits, state.own_trials, state.probe_wait, state.plain_streak,
     ))  # fmt: skip
     return SpecResult(
         output_ids=[out[i, : num_out[i]].tolist() for i in range(len(prompts))],

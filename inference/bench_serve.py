@@ -130,6 +130,12 @@ def _round_overheads(url: str) -> dict[str, float]:
     return {b: float(v) for b, v in re.findall(pattern, text, re.M)}
 
 
+def _rounds_by_shape(url: str) -> dict[str, float]:
+    """Verification rounds so far by round shape (`Engine.rounds_by_shape`)."""
+    pattern = r'^griffin_rounds_by_shape_total\{shape="([^"]+)"\} (\S+)$'
+    return {s: float(v) for s, v in re.findall(pattern, _metrics_text(url), re.M)}
+
+
 def _one_request(client, prompt: str, args) -> dict:
     t0 = time.perf_counter()
     first, stamps, tokens = None, [], 0
@@ -169,6 +175,7 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
                 return
 
     rounds0 = _metric(url, "griffin_verification_rounds_total")
+    shapes0 = _rounds_by_shape(url)
     gen0 = _metric(url, "griffin_generation_tokens_total")
     req0 = sum(_metric(url, f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
     t0 = time.perf_counter()
@@ -179,6 +186,7 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
         t.join()
     wall = time.perf_counter() - t0
     rounds = _metric(url, "griffin_verification_rounds_total") - rounds0
+    shapes = {k: v - shapes0.get(k, 0.0) for k, v in _rounds_by_shape(url).items()}
     gen = _metric(url, "griffin_generation_tokens_total") - gen0
     reqs = sum(_metric(url, f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
     reqs -= req0
@@ -197,6 +205,7 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
         # tokens per verification round: prefill emits each request's first token
         "mean_accepted_length": (gen - reqs) / rounds if rounds else None,
         "round_overhead_ms": _round_overheads(url),  # at the end of the point
+        "rounds_by_shape": {k: int(v) for k, v in shapes.items() if v},
     }  # fmt: skip
 
 

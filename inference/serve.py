@@ -308,6 +308,7 @@ class Metrics:
         )  # fmt: skip
         for b in engine.buckets:
             overhead.labels(batch=str(b)).set_function(lambda b=b: engine.round_overhead_ms[b])
+        r.register(_RoundsByShape(engine))
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
         self.ttft = prom.Histogram(
             "griffin_time_to_first_token_seconds", "Arrival to first token", buckets=buckets,
@@ -322,6 +323,26 @@ class Metrics:
         import prometheus_client as prom
 
         return prom.generate_latest(self.registry)
+
+
+class _RoundsByShape:
+    """`griffin_rounds_by_shape_total{shape}`: verification rounds by round shape, read from
+    the engine at each scrape ("none" = plain decode steps; with the adaptive budget, what it
+    chose)."""
+
+    def __init__(self, engine: engine_lib.Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "griffin_rounds_by_shape", "Verification rounds by round shape (top_k,depth,"
+            "total_tokens[,draft_vocab]; none = a plain decode step)", labels=["shape"],
+        )  # fmt: skip
+        for shape, rounds in dict(self.engine.rounds_by_shape).items():
+            family.add_metric([shape], rounds)
+        yield family
 
 
 # ----------------------------------------------------------------------------- the app
@@ -697,6 +718,7 @@ def warm_up(engine: engine_lib.Engine, mode: str = "first") -> float:
     done = []
     engine.submit(engine_lib.Request(prompt=(1, 2, 3), max_new_tokens=4), done.append)
     engine.run_until_idle()
+    engine.forget_history()  # a made-up prompt: its acceptance is no prior for real ones
     return time.perf_counter() - t0
 
 

@@ -445,6 +445,44 @@ def test_history_starts_fresh_rows_at_earlier_rates():
     assert hist.level[0, 0] == pytest.approx(0.45)
 
 
+def test_history_learns_only_what_rows_tried_and_forgets_levels_left_untried(pair, small_pending):
+    """Rows start from a history prior at every level but draft level 1 only (a forced
+    one-level schedule): their own counts hold level 1 alone, so history keeps its deeper
+    levels as real rows showed them instead of learning its own prior back (a level once low
+    would confirm itself for good while the policy, trusting it, never drafted that deep).
+    A level past the first that HISTORY_STALE finished rows in a row did not try is forgotten:
+    fresh rows borrow the level above's estimate, so deep shapes get tried again."""
+    cfg, dcfg, base, draft = pair
+    hist = budget.History(4)
+    hist.observe([[18.0, 9.0, 2.0, 1.0]], [[20.0, 18.0, 10.0, 5.0]], [False])
+    b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6], schedule=[1] * 64)
+    start = hist.apply(b, sampled=False)
+    res = speculative.generate(
+        base, cfg, draft, dcfg, PROMPTS, tree_cfg=start, max_new_tokens=20
+    )  # fmt: skip
+    own = np.asarray(res.level_trials)
+    assert (own[:, 0] >= 1).all() and (own[:, 1:] == 0).all()
+    before = hist.level.copy()
+    hist.observe(res.level_hits, res.level_trials, False)
+    assert hist.level[0, 0] != before[0, 0]  # level 1 learnt
+    np.testing.assert_array_equal(hist.level[0, 1:], before[0, 1:])  # the rest: as they were
+    np.testing.assert_allclose(hist.apply(b, sampled=False).prior[0, 1:], [0.5, 0.2, 0.2])
+    # the generation's rows count towards the age; one row short of HISTORY_STALE: remembered
+    for _ in range(budget.HISTORY_STALE - len(PROMPTS) - 1):
+        hist.observe([[5.0, 0, 0, 0]], [[10.0, 0, 0, 0]], [False])
+    np.testing.assert_allclose(hist.apply(b, sampled=False).prior[0, 1:], [0.5, 0.2, 0.2])
+    hist.observe([[5.0, 0, 0, 0]], [[10.0, 0, 0, 0]], [False])
+    level1 = hist.level[0, 0]
+    np.testing.assert_allclose(hist.apply(b, sampled=False).prior[0], [level1] * 4, rtol=1e-6)
+    # level 1 itself is never forgotten (the probes refresh it)
+    for _ in range(2 * budget.HISTORY_STALE):
+        hist.observe([[0.0] * 4], [[0.0] * 4], [False])
+    np.testing.assert_allclose(hist.apply(b, sampled=False).prior[0], [level1] * 4, rtol=1e-6)
+    # a row that tries level 3 again brings it back
+    hist.observe([[8.0, 4.0, 1.0, 0]], [[10.0, 8.0, 4.0, 0]], [False])
+    assert hist.apply(b, sampled=False).prior[0, 2] < hist.level[0, 1]
+
+
 def test_a_schedule_length_does_not_recompile():
     made = [budget.make_budget(SHAPES, schedule=s) for s in (None, [1] * 40, [2] * 64)]
     assert [b.schedule.shape for b in made] == [(64,)] * 3

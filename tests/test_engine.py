@@ -359,6 +359,22 @@ def test_a_budget_per_batch_bucket_switches_shapes_losslessly(kind, request):
     assert "_segment" not in compiled and "_admit" not in compiled
     assert eng.round_programs == programs
     assert sum(s.final.accepted for s in got) > 0  # tree rounds ran
+    # every round was counted under the shape it ran
+    assert eng.rounds_by_shape[budget_lib.describe(TREE)] > 0
+    assert set(eng.rounds_by_shape) == {"none", budget_lib.describe(TREE)}
+    eng.forget_history()  # what a warm-up's made-up request taught goes
+    assert np.isnan(eng.history.level).all()
+
+
+def test_the_server_s_warm_up_request_teaches_the_budget_nothing(pair):
+    """`serve.warm_up` runs a made-up prompt through the engine: its rows draft and finish, and
+    what they showed is forgotten (it would be the prior of every real request otherwise)."""
+    from inference import serve
+
+    eng = _engine(pair, tree=budget_lib.make_budget([None, TREE]), max_batch=1)
+    serve.warm_up(eng, "greedy")  # every program first: the request's rounds draft
+    assert eng.rounds_by_shape[budget_lib.describe(TREE)] > 0
+    assert np.isnan(eng.history.level).all()
 
 
 def test_compile_room_names_the_map_limit():

@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from convert.export_draft import export_draft
+from griffin_jax import budget as budget_lib
 from griffin_jax import draft as draft_lib
 from griffin_jax import engine as engine_lib
 from inference import serve
@@ -172,8 +173,15 @@ def test_stop_strings_cut_across_chunks(client, model):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_concurrent_requests_each_equal_the_request_alone(client, model, server):
+def _rounds_by_shape(server) -> dict[str, float]:
+    _, text = _get(server.url + "/metrics")
+    found = re.findall(r'^griffin_rounds_by_shape_total\{shape="([^"]+)"\} (\S+)$', text, re.M)
+    return {shape: float(v) for shape, v in found}
+
+
+def test_concurrent_requests_each_equal_the_request_alone(client, model, server, engine):
     rounds_before = _metric(server, "griffin_verification_rounds_total")
+    shapes_before = _rounds_by_shape(server)
     accepted_before = _metric(server, "griffin_accepted_draft_tokens_total")
     jobs = []
     for i in range(8):
@@ -198,6 +206,11 @@ def test_concurrent_requests_each_equal_the_request_alone(client, model, server)
     rounds = _metric(server, "griffin_verification_rounds_total") - rounds_before
     accepted = _metric(server, "griffin_accepted_draft_tokens_total") - accepted_before
     assert rounds > 0 and accepted > 0.3 * rounds  # multi-token commits happened
+    # the engine's rounds by shape (one round serves every busy row: at most the rows' rounds)
+    shapes = _rounds_by_shape(server)
+    assert set(shapes) == {budget_lib.describe(s) for s in engine.shapes}
+    ran = sum(shapes.values()) - sum(shapes_before.values())
+    assert 0 < ran <= rounds
 
 
 @pytest.mark.parametrize(
