@@ -158,6 +158,10 @@ def _admit(
     state = _map_rows(
         lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis), state, one,
     )  # fmt: skip
+    # Into an empty batch (busy rows are packed: row 0), the row's first round is the shape its
+    # own prefill chose, not the choice an empty batch last made (plain: nothing was running);
+    # joining running rows it takes the batch's next choice, as they do.
+    state = state.replace(next_shape=jnp.where(row == 0, one.next_shape, state.next_shape))
     return sharding.constrain(state, mesh)
 
 
@@ -636,6 +640,8 @@ class Engine:
                 jax.block_until_ready(self._state)
                 if self._chunked is not None:
                     jax.block_until_ready(self._chunked.prefix)
+                if admit:  # a row admitted into an empty batch brought its own choice (`_admit`)
+                    self._next_shape = int(self._state.next_shape)
             started, ran = time.perf_counter(), None
             if any(not s.cancelled for s in self._slots) and not self._all_done():
                 ran = self._run_rounds()
@@ -711,7 +717,7 @@ class Engine:
         )  # fmt: skip
         self._state = state.replace(done=jnp.ones((b,), bool))
         self._next_shape = 0
-        self._last_step: int | None = None  # the state's round counter at the last delivery
+        self._last_step = 0  # the state's round counter at the last delivery (fresh: 0)
         self._step_ended: float | None = None  # when the last step ended, if rows still ran
 
     def _knobs(self, rows: slice) -> speculative.Knobs:
@@ -848,7 +854,7 @@ class Engine:
             (s.out_tokens[:n], s.num_out[:n], s.done[:n], s.rounds[:n], s.next_shape, s.step)
         )
         self._next_shape = int(nxt)
-        ran = 0 if self._last_step is None else int(step) - self._last_step
+        ran = int(step) - self._last_step
         self._last_step = int(step)
         ended = []
         for row, slot in enumerate(self._slots):

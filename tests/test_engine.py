@@ -377,6 +377,19 @@ def test_the_server_s_warm_up_request_teaches_the_budget_nothing(pair):
     assert np.isnan(eng.history.level).all()
 
 
+def test_a_request_into_an_empty_batch_starts_with_its_own_choice(pair):
+    """A lone request's first round is the shape its prefill chose (the tree, at equal costs),
+    not the plain step an empty batch last chose: no request starts with a wasted plain round."""
+    eng = _engine(pair, tree=budget_lib.make_budget([None, TREE]), max_batch=1)
+    eng.warm_up(sampled=False)
+    for request in (_requests()[0], _requests()[3]):
+        sink = _Collect()
+        eng.submit(request, sink)
+        eng.run_until_idle()
+        assert sink.tokens == _alone(pair, request)
+    assert eng.rounds_by_shape == {"none": 0, budget_lib.describe(TREE): eng._last_step}
+
+
 def test_compile_room_names_the_map_limit():
     assert engine_lib.compile_room(10, limit=65530) is None
     problem = engine_lib.compile_room(200, limit=65530)
