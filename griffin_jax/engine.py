@@ -649,7 +649,8 @@ class Engine:
             if ran is not None:
                 self.rounds_by_shape[budget_lib.describe(self.shapes[ran[1]])] += rounds
                 self._learn_overhead(*ran, rounds, between + time.perf_counter() - started)
-            busy = any(not s.cancelled for s in self._slots) and not self._all_done()
+            # `_deliver` freed every row that ended: the rows left are decoding unless cancelled
+            busy = any(not s.cancelled for s in self._slots)
             self._step_ended = time.perf_counter() if busy else None
         except Exception as err:  # a failed round fails its requests, the engine goes on
             log.error("round failed: %s: %s", type(err).__name__, err)
