@@ -113,27 +113,17 @@ def admission_stall(model, args) -> dict:
     }  # fmt: skip
 
 
-def _metrics_text(url: str) -> str:
+def _metrics(url: str) -> dict[str, float]:
+    """Every sample of the server's metrics page (one fetch), by its name with labels."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        return resp.read().decode()
+        text = resp.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([^#\s]\S*) (\S+)$", text, re.M)}
 
 
-def _metric(url: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", _metrics_text(url), re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def _round_overheads(url: str) -> dict[str, float]:
-    """The engine's learnt loop time per round by batch bucket (ms; `Engine.round_overhead_ms`)."""
-    text = _metrics_text(url)
-    pattern = r'^griffin_round_overhead_milliseconds\{batch="(\d+)"\} (\S+)$'
-    return {b: float(v) for b, v in re.findall(pattern, text, re.M)}
-
-
-def _rounds_by_shape(url: str) -> dict[str, float]:
-    """Verification rounds so far by round shape (`Engine.rounds_by_shape`)."""
-    pattern = r'^griffin_rounds_by_shape_total\{shape="([^"]+)"\} (\S+)$'
-    return {s: float(v) for s, v in re.findall(pattern, _metrics_text(url), re.M)}
+def _by_label(metrics: dict[str, float], name: str, label: str) -> dict[str, float]:
+    """The samples of `name` by the value of its one label `label`."""
+    pattern = re.compile(rf'{re.escape(name)}\{{{label}="([^"]+)"\}}')
+    return {m.group(1): v for key, v in metrics.items() if (m := pattern.fullmatch(key))}
 
 
 def _one_request(client, prompt: str, args) -> dict:
@@ -174,10 +164,7 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
             if time.perf_counter() >= stop_at:
                 return
 
-    rounds0 = _metric(url, "griffin_verification_rounds_total")
-    shapes0 = _rounds_by_shape(url)
-    gen0 = _metric(url, "griffin_generation_tokens_total")
-    req0 = sum(_metric(url, f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
+    before = _metrics(url)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -185,11 +172,19 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    rounds = _metric(url, "griffin_verification_rounds_total") - rounds0
-    shapes = {k: v - shapes0.get(k, 0.0) for k, v in _rounds_by_shape(url).items()}
-    gen = _metric(url, "griffin_generation_tokens_total") - gen0
-    reqs = sum(_metric(url, f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
-    reqs -= req0
+    after = _metrics(url)
+
+    def grown(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    rounds = grown("griffin_verification_rounds_total")
+    gen = grown("griffin_generation_tokens_total")
+    reqs = sum(grown(f'griffin_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
+    shapes0 = _by_label(before, "griffin_rounds_by_shape_total", "shape")
+    shapes = {
+        k: v - shapes0.get(k, 0.0)
+        for k, v in _by_label(after, "griffin_rounds_by_shape_total", "shape").items()
+    }
     ttft = [r["ttft"] for r in results]
     itl = [r["itl"] for r in results if r["itl"] is not None]
     tokens = sum(r["tokens"] for r in results)
@@ -204,7 +199,8 @@ def _load(url: str, prompts: list[str], concurrency: int, seconds: float, args) 
         "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
         # tokens per verification round: prefill emits each request's first token
         "mean_accepted_length": (gen - reqs) / rounds if rounds else None,
-        "round_overhead_ms": _round_overheads(url),  # at the end of the point
+        # at the end of the point
+        "round_overhead_ms": _by_label(after, "griffin_round_overhead_milliseconds", "batch"),
         "rounds_by_shape": {k: int(v) for k, v in shapes.items() if v},
     }  # fmt: skip
 
