@@ -88,7 +88,7 @@ def export_hf(
     Returns:
       The folder.
     """
-    # any decode layout in (unrolled layers, fused projections), the stored one out
+    # any decode layout in (unrolled layers, fused projections, packed kernels), the stored one out
     params = unfuse_projections(stack_layers(params), cfg)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,9 +44,12 @@ from griffin_jax.config import _HARMLESS_KEYS, RopeConfig, UnsupportedConfigErro
 from griffin_jax.layers import (
     MASK_VALUE,
     Attention,
+    Dense,
     RMSNorm,
     SwiGLU,
     apply_rope,
+    dense,
+    kernel_of,
     rms_norm,
     rope_cos_sin,
 )
@@ -313,10 +316,10 @@ class _FusionMLP(nn.Module):
     def __call__(self, fused: jax.Array, emb: jax.Array) -> jax.Array:
         norm = RMSNorm(self.rms_eps, self.dtype, name="input_layernorm")
         h = jnp.concatenate([norm(fused), norm(emb)], axis=-1)  # [..., 2D], order [feat, emb]
-        up = nn.Dense(
+        up = Dense(
             self.d_ff, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="up_proj"
         )
-        down = nn.Dense(
+        down = Dense(
             fused.shape[-1],
             use_bias=False,
             dtype=self.dtype,
@@ -336,7 +339,7 @@ class _Fusion(nn.Module):
     @nn.compact
     def __call__(self, emb: jax.Array, feat: jax.Array) -> jax.Array:
         d = feat.shape[-1]
-        fc = nn.Dense(d, use_bias=True, dtype=self.dtype, param_dtype=self.dtype, name="fc")
+        fc = Dense(d, use_bias=True, dtype=self.dtype, param_dtype=self.dtype, name="fc")
         u = fc(jnp.concatenate([emb, feat], axis=-1))  # [..., D], input order [emb, feat]
         v = RMSNorm(self.rms_eps, self.dtype, name="post_attention_layernorm")(u)
         # The residual is the un-normalised fc output.
@@ -399,8 +402,8 @@ class DraftModel(nn.Module):
     def setup(self) -> None:
         c = self.dcfg
 
-        def dense(features: int, bias: bool) -> nn.Dense:
-            return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype)
+        def dense(features: int, bias: bool) -> Dense:
+            return Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype)
 
         if c.kind == "griffin":
             self.fc = _Fusion(c.d_ff, c.rms_eps, self.dtype)
@@ -454,9 +457,7 @@ def _split(out: jax.Array, dcfg: DraftConfig) -> tuple[jax.Array, jax.Array]:
 
 def param_dtype(params) -> jnp.dtype:
     """The draft params' float dtype (the d2t buffer of an EAGLE-3 draft is int32)."""
-    return (
-        params["fc"]["fc"]["kernel"].dtype if "fc" in params["fc"] else params["fc"]["kernel"].dtype
-    )
+    return kernel_of(params["fc"]["fc"] if "fc" in params["fc"] else params["fc"]).dtype
 
 
 def draft_forward(
@@ -577,9 +578,8 @@ def multi_stream_attention(
 
 
 def _dense(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
-    """x @ kernel (+ bias), as nn.Dense computes it, for a param subtree."""
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
-    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+    """x @ kernel (+ bias) in x's dtype, for a param subtree (packed or not)."""
+    return dense(p, x, dtype=x.dtype)
 
 
 def draft_forward_train(

@@ -27,9 +27,47 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from griffin_jax import cpu_matmul
 from griffin_jax.config import RopeConfig
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (the same param names, initialisers and product) that also runs the decode
+    layout's packed kernel (`pack_kernels`: `packed_kernel` in place of `kernel`)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.has_variable("params", cpu_matmul.PACKED):  # `pack_kernels`' layout
+            p = {cpu_matmul.PACKED: self.get_variable("params", cpu_matmul.PACKED)}
+        else:
+            shape = (x.shape[-1], self.features)
+            init = nn.initializers.lecun_normal()
+            p = {"kernel": self.param("kernel", init, shape, self.param_dtype)}
+        if self.use_bias:
+            init = nn.initializers.zeros_init()
+            p["bias"] = self.param("bias", init, (self.features,), self.param_dtype)
+        return dense(p, x, dtype=self.dtype)
+
+
+def dense(p, x: jax.Array, *, dtype: jnp.dtype | None = None) -> jax.Array:
+    """x @ kernel (+ bias) for a Dense param dict, packed or not, as `nn.Dense` computes it
+    (inputs promoted to one dtype, `dtype` when given)."""
+    bias = p.get("bias")
+    if cpu_matmul.PACKED in p:  # f32 products (packed kernels are f32), then nn.Dense's dtype
+        packed = p[cpu_matmul.PACKED]
+        out = dtype or jnp.result_type(x, packed, *([] if bias is None else [bias]))
+        y = cpu_matmul.matmul(x, packed).astype(out)
+        return y if bias is None else y + bias.astype(out)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, p["kernel"], bias, dtype=dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
 class RMSNorm(nn.Module):
@@ -264,10 +302,14 @@ def fuse_projections(params, *, free_parts: bool = False):
 
 
 def unfuse_projections(params, cfg):
-    """The stored (unfused) projections from either layout; `cfg` is the base's or the draft's
-    config (its head counts, head dim and d_ff give the parts' widths)."""
+    """The stored (unfused, unpacked) projections from either layout; `cfg` is the base's or
+    the draft's config (its head counts, head dim and d_ff give the parts' widths)."""
+    return _unfuse(unpack_kernels(params), cfg)
+
+
+def _unfuse(params, cfg):
     if isinstance(params, (tuple, list)):
-        return type(params)(unfuse_projections(p, cfg) for p in params)
+        return type(params)(_unfuse(p, cfg) for p in params)
     if not isinstance(params, dict):
         return params
     h = cfg.head_dim
@@ -275,7 +317,7 @@ def unfuse_projections(params, cfg):
         FUSED_QKV: (cfg.n_heads * h, cfg.n_kv_heads * h),  # then the rest (v)
         FUSED_GATE_UP: (cfg.d_ff,),
     }
-    out = {k: unfuse_projections(v, cfg) for k, v in params.items()}
+    out = {k: _unfuse(v, cfg) for k, v in params.items()}
     for fused, parts in _FUSED.items():
         if isinstance(out.get(fused), dict):
             cuts = list(itertools.accumulate(widths[fused]))
@@ -283,6 +325,52 @@ def unfuse_projections(params, cfg):
             for i, part in enumerate(parts):
                 out[part] = {name: pieces[i] for name, pieces in split.items()}
     return out
+
+
+def kernel_of(p) -> jax.Array:
+    """A Dense param dict's kernel as stored: [K, N], or packed [N / 32, K, 32]."""
+    return p["kernel"] if "kernel" in p else p[cpu_matmul.PACKED]
+
+
+def pack_kernels(params, *, free_parts: bool = False):
+    """The CPU decode layout's kernels: every Dense kernel `cpu_matmul.can_pack` takes (2-D,
+    f32, a whole number of 32-column panels; the lm_head's too) stored packed under
+    `packed_kernel` (`cpu_matmul.pack`), which `Dense`, `dense` and `model.head_logits` run
+    with `cpu_matmul.matmul`. A one-device layout, as `fuse_projections`' is (the sharding
+    rules refuse it); `unpack_kernels` gives the stored one back. With `free_parts` each plain
+    kernel's buffer is freed once its packed copy exists."""
+    if isinstance(params, (tuple, list)):
+        return type(params)(pack_kernels(p, free_parts=free_parts) for p in params)
+    if not isinstance(params, dict):
+        return params
+    out = {k: pack_kernels(v, free_parts=free_parts) for k, v in params.items()}
+    kernel = out.get("kernel")
+    if kernel is not None and cpu_matmul.can_pack(kernel):
+        out[cpu_matmul.PACKED] = cpu_matmul.pack(out.pop("kernel"))
+        if free_parts and isinstance(kernel, jax.Array):
+            kernel.delete()
+    return out
+
+
+def unpack_kernels(params):
+    """The inverse of `pack_kernels` (a no-op on plain kernels)."""
+    if isinstance(params, (tuple, list)):
+        return type(params)(unpack_kernels(p) for p in params)
+    if not isinstance(params, dict):
+        return params
+    out = {k: unpack_kernels(v) for k, v in params.items()}
+    if cpu_matmul.PACKED in out:
+        out["kernel"] = cpu_matmul.unpack(out.pop(cpu_matmul.PACKED))
+    return out
+
+
+def is_packed(params) -> bool:
+    """Whether any kernel in `params` is packed (`pack_kernels`)."""
+    if isinstance(params, dict):
+        return cpu_matmul.PACKED in params or any(is_packed(v) for v in params.values())
+    if isinstance(params, (tuple, list)):
+        return any(is_packed(p) for p in params)
+    return False
 
 
 def is_fused(params) -> bool:
@@ -303,8 +391,8 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        def dense(features: int, name: str) -> nn.Dense:
-            return nn.Dense(
+        def dense(features: int, name: str) -> Dense:
+            return Dense(
                 features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name
             )
 
@@ -384,8 +472,8 @@ class Attention(nn.Module):
         b, t, d = x.shape
         n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
 
-        def proj(features: int, bias: bool, name: str) -> nn.Dense:
-            return nn.Dense(
+        def proj(features: int, bias: bool, name: str) -> Dense:
+            return Dense(
                 features, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name
             )
 

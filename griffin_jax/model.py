@@ -16,7 +16,8 @@ dynamic slice feeding a matmul is materialised on CPU); unrolled, each weight is
 and is read in place. On the 2-core dev CPU that took a batch-1 decode of a 32M-parameter Llama
 from 3.69 to 3.06 ms/token (the memory-bandwidth floor is ~3.1). `forward` picks the path from
 the params' layout; the inference API unstacks once at load, and on one device also fuses each
-layer's q/k/v and gate/up kernels (`layers.fuse_projections`).
+layer's q/k/v and gate/up kernels (`layers.fuse_projections`) and, on a CPU, stores the f32
+kernels packed for `cpu_matmul`'s products (`layers.pack_kernels`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from griffin_jax import cpu_matmul
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import KVCache
-from griffin_jax.layers import Attention, RMSNorm, SwiGLU, fuse_projections, rms_norm
+from griffin_jax.layers import (
+    Attention,
+    Dense,
+    RMSNorm,
+    SwiGLU,
+    fuse_projections,
+    kernel_of,
+    pack_kernels,
+    rms_norm,
+)  # fmt: skip
 
 
 class SparseMoE(nn.Module):
@@ -47,7 +58,7 @@ class SparseMoE(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
-        router = nn.Dense(e, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="gate")
+        router = Dense(e, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="gate")
         logits = router(x).astype(jnp.float32)  # [B, T, E]
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_i = jax.lax.top_k(probs, cfg.n_experts_per_tok)  # [B, T, k]
@@ -63,7 +74,10 @@ class SparseMoE(nn.Module):
 
 
 def head_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
-    """hidden [..., D] @ kernel [D, V] -> f32 logits (the lm_head product, any kernel)."""
+    """hidden [..., D] @ kernel [D, V] -> f32 logits (the lm_head product, any kernel; a
+    packed one, [V / 32, D, 32], runs `cpu_matmul.matmul`)."""
+    if kernel.ndim == 3:
+        return cpu_matmul.matmul(hidden, kernel)
     # f32 accumulation and output even for bf16 activations.
     return jnp.einsum(
         "...D,DV->...V", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
@@ -78,6 +92,8 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
+        if self.has_variable("params", cpu_matmul.PACKED):  # `pack_kernels`' layout
+            return head_logits(hidden, self.get_variable("params", cpu_matmul.PACKED))
         init = nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, (hidden.shape[-1], self.vocab_size), self.dtype)
         return head_logits(hidden, kernel)
@@ -182,12 +198,17 @@ def unstack_layers(params, *, free_stacked: bool = False):
     return {**params, "layers": layers}
 
 
-def decode_layout(params, *, free: bool = False):
+def decode_layout(params, *, free: bool = False, pack: bool | None = None):
     """The one-device decode layout the inference API runs: the layers unrolled
-    (`unstack_layers`) and each layer's q/k/v and gate/up kernels fused
-    (`layers.fuse_projections`). With `free` the caller gives `params` up: each replaced buffer
-    is freed as soon as its successor exists."""
-    return fuse_projections(unstack_layers(params, free_stacked=free), free_parts=free)
+    (`unstack_layers`), each layer's q/k/v and gate/up kernels fused
+    (`layers.fuse_projections`) and, on a CPU, the f32 kernels packed for
+    `cpu_matmul.matmul` (`layers.pack_kernels`; `pack` None = `cpu_matmul.enabled()`). With
+    `free` the caller gives `params` up: each replaced buffer is freed as soon as its successor
+    exists."""
+    out = fuse_projections(unstack_layers(params, free_stacked=free), free_parts=free)
+    if pack is None:
+        pack = cpu_matmul.enabled()
+    return pack_kernels(out, free_parts=free) if pack else out
 
 
 def stack_layers(params):
@@ -227,7 +248,9 @@ def _forward_unrolled(
 
 def lm_head(params, hidden: jax.Array, *, cfg: ModelConfig) -> jax.Array:
     """Base lm_head on hidden [..., D] -> f32 logits [..., V] (no module needed)."""
-    w = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    if cfg.tie_embeddings:
+        return head_logits(hidden, params["embed_tokens"]["embedding"].T)
+    w = kernel_of(params["lm_head"])
     return head_logits(hidden, w)
 
 

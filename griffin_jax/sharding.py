@@ -260,13 +260,15 @@ def param_shardings(params: Any, mesh: Mesh, *, head_dim: int) -> Any:
     """A tree of NamedShardings with the structure of `params` (arrays or abstract).
 
     Raises:
-      ValueError: fused projections (`layers.fuse_projections`, a one-device layout).
+      ValueError: fused projections or packed kernels (`layers.fuse_projections`,
+        `pack_kernels`: the one-device decode layout).
     """
-    if layers.is_fused(params):
+    if layers.is_fused(params) or layers.is_packed(params):
         raise ValueError(
-            "params with fused q/k/v or gate/up projections (layers.fuse_projections, the "
-            "one-device decode layout) cannot be sharded by heads: shard the stored layout "
-            "(layers.unfuse_projections)"
+            "params with fused q/k/v or gate/up projections or packed kernels "
+            "(layers.fuse_projections / pack_kernels, the one-device decode layout) cannot be "
+            "sharded by heads: shard the stored layout (layers.unpack_kernels, "
+            "unfuse_projections)"
         )
 
     def one(path, leaf):

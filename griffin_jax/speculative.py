@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from griffin_jax import budget as budget_lib
-from griffin_jax import checks, sampling, sharding, steal, vanilla
+from griffin_jax import checks, cpu_matmul, sampling, sharding, steal, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import (
@@ -59,7 +59,7 @@ from griffin_jax.draft import (
     init_draft_cache,
 )
 from griffin_jax.kv_cache import KVCache, causal_mask, commit_path, init_cache
-from griffin_jax.layers import smallest_holding
+from griffin_jax.layers import kernel_of, smallest_holding
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
 
@@ -212,8 +212,9 @@ def resolve_head(draft_params, draft_head: DraftHead | None, dcfg: DraftConfig):
             "an EAGLE-3 draft drafts from its own vocabulary (its lm_head and d2t): "
             "draft_head must be None"
         )
-    kernel = draft_params["lm_head"]["kernel"]
-    ids = jnp.arange(kernel.shape[1], dtype=jnp.int32) + draft_params["d2t"].astype(jnp.int32)
+    kernel = kernel_of(draft_params["lm_head"])  # [D, V'], or packed [V' / 32, D, 32]
+    width = kernel.shape[0] * cpu_matmul.PANEL if kernel.ndim == 3 else kernel.shape[1]
+    ids = jnp.arange(width, dtype=jnp.int32) + draft_params["d2t"].astype(jnp.int32)
     return DraftHead(token_ids=ids, kernel=kernel)
 
 
@@ -234,7 +235,10 @@ def make_draft_head(base_params, cfg: ModelConfig, token_ids: Sequence[int]) -> 
     if cfg.tie_embeddings:
         kernel = jnp.take(base_params["embed_tokens"]["embedding"], ids, axis=0).T
     else:
-        kernel = jnp.take(base_params["lm_head"]["kernel"], ids, axis=1)
+        stored = kernel_of(base_params["lm_head"])
+        kernel = jnp.take(cpu_matmul.unpack(stored) if stored.ndim == 3 else stored, ids, axis=1)
+        if stored.ndim == 3 and cpu_matmul.can_pack(kernel):  # the base's layout, packed
+            kernel = cpu_matmul.pack(kernel)
     return DraftHead(token_ids=jnp.asarray(ids), kernel=kernel)
 
 

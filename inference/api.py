@@ -41,7 +41,7 @@ from griffin_jax import checks, sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
-from griffin_jax.layers import fuse_projections, is_fused
+from griffin_jax.layers import fuse_projections, is_fused, is_packed, pack_kernels
 from griffin_jax.model import (
     abstract_params,
     decode_layout,
@@ -196,8 +196,9 @@ class SpeculativeModel:
           unroll_layers: hold the base in the unrolled decode layout (`model.unstack_layers`:
             per-layer weights and KV buffers, ~15% faster decoding on CPU, one compiled copy of
             the layer per depth), on one device with each layer's q/k/v and gate/up products
-            fused, the draft's too (`layers.fuse_projections`); False keeps the stored layout
-            (stacked layers, `nn.scan`, unfused).
+            fused, the draft's too (`layers.fuse_projections`), and on a CPU the f32 kernels
+            packed for `cpu_matmul` (`layers.pack_kernels`); False keeps the stored layout
+            (stacked layers, `nn.scan`, unfused, XLA's products).
           draft_vocab: draft from the N most frequent tokens of the ranking stored next to the
             draft (`draft_vocab.safetensors`); 0 = the whole vocabulary; None = the tree file's
             setting (else 0). Lossless either way.
@@ -227,9 +228,11 @@ class SpeculativeModel:
         if draft_dir is not None:
             if mesh is None:
                 model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
-                model.draft_params = (
-                    fuse_projections(draft, free_parts=True) if unroll_layers else draft
-                )
+                if unroll_layers:  # the base's decode layout: fused, packed where it is
+                    draft = fuse_projections(draft, free_parts=True)
+                    if is_packed(model.base_params):
+                        draft = pack_kernels(draft, free_parts=True)
+                model.draft_params = draft
             else:
                 with sharding.host_device():
                     model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
@@ -308,6 +311,7 @@ class SpeculativeModel:
             dtype = self.base_params["embed_tokens"]["embedding"].dtype
             layout = "unrolled" if is_unstacked(self.base_params) else "stacked"
             layout += "+fused" if is_fused(self.base_params) else ""
+            layout += "+packed" if is_packed(self.base_params) else ""
             model = f"{self.cfg}|{self.dcfg}|{jnp.dtype(dtype).name}|{layout}|greedy={greedy}"
             mesh = "" if self.mesh is None else str(dict(self.mesh.shape))
             file_key = budget_lib.cost_key(model + mesh, self.shapes, batch)

@@ -62,7 +62,7 @@ from griffin_jax import checks, cli, speculative, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
-from griffin_jax.layers import FUSED_GATE_UP, FUSED_QKV
+from griffin_jax.layers import FUSED_GATE_UP, FUSED_QKV, dense, kernel_of
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import lm_head, unstack_layers
 from inference.api import (
@@ -257,6 +257,12 @@ def gemm_gflops(repeats: int, n: int = 1024) -> float:
     return 2 * n**3 / median_ms(matmul, a, repeats) / 1e6
 
 
+def in_width(p) -> int:
+    """K of a Dense param dict's kernel, plain [K, N] or packed [N / 32, K, 32]."""
+    kernel = kernel_of(p)
+    return kernel.shape[1] if kernel.ndim == 3 else kernel.shape[0]
+
+
 def count_params(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
@@ -268,10 +274,11 @@ _PRODUCT_ORDER = (
 )
 
 
-def forward_kernels(params) -> list[jax.Array]:
-    """Every layer's projection kernels of unrolled base params, in the forward's order."""
+def forward_kernels(params) -> list[dict]:
+    """Every layer's projections (Dense param dicts: a kernel, plain or packed) of unrolled
+    base params, in the forward's order."""
     return [
-        layer[block][name]["kernel"]
+        layer[block][name]
         for layer in params["layers"]
         for block, names in _PRODUCT_ORDER
         for name in names
@@ -292,13 +299,14 @@ def products_ms(model: SpeculativeModel, rows: int, repeats: int) -> float:
 
     @jax.jit
     def chain(x, kernels, head):
-        for kernel in kernels:
-            missing = kernel.shape[0] - x.shape[1]
-            x = x[:, : kernel.shape[0]] if missing <= 0 else jnp.pad(x, ((0, 0), (0, missing)))
-            x = 1 + jnp.tanh(x @ kernel)
+        for p in kernels:
+            width = in_width(p)
+            missing = width - x.shape[1]
+            x = x[:, :width] if missing <= 0 else jnp.pad(x, ((0, 0), (0, missing)))
+            x = 1 + jnp.tanh(dense({k: v for k, v in p.items() if k != "bias"}, x))
         return lm_head(head, x[:, : model.cfg.d_model], cfg=model.cfg)
 
-    x = jnp.ones((rows, model.cfg.d_model), kernels[0].dtype)
+    x = jnp.ones((rows, model.cfg.d_model), kernel_of(kernels[0]).dtype)
     return median_ms(lambda _: chain(x, kernels, head), None, repeats)
 
 

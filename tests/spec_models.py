@@ -157,3 +157,41 @@ def prefilled(
         cfg=cfg, dcfg=dcfg, greedy=True, shapes=shapes,
     )  # fmt: skip
     return state, knobs, shapes
+
+
+def prefill_and_step(params, cfg: ModelConfig, tokens, cap: int):
+    """A base forward over `tokens` [B, T] into an empty per-layer cache of `cap` slots, then a
+    one-token step at position T (each row's first token again): (logits, hidden, step logits).
+    For comparing two layouts of the same weights."""
+    from griffin_jax.kv_cache import causal_mask, init_cache
+
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    zero = jnp.zeros((b,), jnp.int32)
+    cache = init_cache(cfg, b, cap, per_layer=True)
+    logits, hidden, cache = _base_forward(
+        params, tokens, positions, cache, write_idx=zero, mask=causal_mask(zero, t, cap), cfg=cfg
+    )
+    length = jnp.full((b,), t, jnp.int32)
+    step, _, _ = _base_forward(
+        params, tokens[:, :1], length[:, None], cache, write_idx=length,
+        mask=causal_mask(length, 1, cap), cfg=cfg,
+    )  # fmt: skip
+    return logits, hidden, step
+
+
+def draft_from_start(params, dcfg, embedding, features, tokens, cap: int):
+    """A draft forward over `tokens` [B, T] and `features` into an empty cache of `cap` slots."""
+    from griffin_jax.kv_cache import causal_mask
+
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    zero = jnp.zeros((b,), jnp.int32)
+    cache = draft_lib.init_draft_cache(dcfg, b, cap)
+    return draft_lib.draft_forward(
+        params, embedding, features, tokens, positions, cache, write_idx=zero,
+        mask=causal_mask(zero, t, cap), dcfg=dcfg,
+    )  # fmt: skip
+
+
+_base_forward = jax.jit(base_lib.forward, static_argnames=("cfg",))

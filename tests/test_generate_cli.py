@@ -545,7 +545,7 @@ def test_reports_name_the_machine():
 
 @pytest.mark.parametrize("layout", ["stored", "decode"])
 def test_the_products_chain_runs_every_layer_kernel(pair, layout):
-    from griffin_jax.layers import is_fused, unfuse_projections
+    from griffin_jax.layers import is_fused, kernel_of, unfuse_projections
     from griffin_jax.model import decode_layout, unstack_layers
     from inference import profile_round
     from inference.api import SpeculativeModel
@@ -555,18 +555,20 @@ def test_the_products_chain_runs_every_layer_kernel(pair, layout):
     stored = unfuse_projections(model.base_params, model.cfg)
     params = decode_layout(stored) if layout == "decode" else unstack_layers(stored)
     assert is_fused(params) == (layout == "decode")
-    kernels = profile_round.forward_kernels(params)
+    projections = profile_round.forward_kernels(params)
+    kernels = [kernel_of(p) for p in projections]
     every = [
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(params["layers"])
-        if jax.tree_util.keystr(path).endswith("['kernel']")
+        if jax.tree_util.keystr(path).endswith(("['kernel']", "['packed_kernel']"))
     ]
     assert len(kernels) == len(every) > 0
     assert sum(k.size for k in kernels) == sum(k.size for k in every)
     # Each layer's products run in its forward's order: attention in, attention out, MLP in, out.
     d = params["embed_tokens"]["embedding"].shape[1]
     per_layer = len(kernels) // len(params["layers"])
-    assert kernels[per_layer - 1].shape[1] == d and kernels[0].shape[0] == d
+    assert profile_round.in_width(projections[0]) == d
+    assert kernels[per_layer - 1].size == d * profile_round.in_width(projections[per_layer - 1])
 
 
 def test_round_phases_follow_the_named_scopes():

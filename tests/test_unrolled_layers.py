@@ -10,13 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from spec_models import aligned_pair, base_config, draft_config, random_pair
+from spec_models import (
+    aligned_pair,
+    base_config,
+    draft_config,
+    draft_from_start,
+    prefill_and_step,
+    random_pair,
+)
 
 from convert.export_draft import export_draft
 from convert.export_hf import export_hf
 from griffin_jax import sharding, speculative, vanilla
 from griffin_jax.config import TreeConfig
-from griffin_jax.draft import draft_forward, init_draft_cache
 from griffin_jax.kv_cache import causal_mask, commit_path, init_cache, tree_mask_to_cache
 from griffin_jax.layers import fuse_projections, is_fused, unfuse_projections
 from griffin_jax.model import decode_layout, forward, is_unstacked, stack_layers, unstack_layers
@@ -205,21 +211,7 @@ def test_fused_projections_compute_what_the_stored_ones_compute(family):
     rng = np.random.default_rng(1)
     b, t, cap = 2, 7, 16
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    zero = jnp.zeros((b,), jnp.int32)
-    outs = []
-    for params in (unrolled, fused):
-        cache = init_cache(cfg, b, cap, per_layer=True)
-        logits, hidden, cache = _forward(
-            params, tokens, positions, cache, write_idx=zero, mask=causal_mask(zero, t, cap),
-            cfg=cfg,
-        )  # fmt: skip
-        length = jnp.full((b,), t, jnp.int32)
-        step, _, _ = _forward(
-            params, tokens[:, :1], length[:, None], cache, write_idx=length,
-            mask=causal_mask(length, 1, cap), cfg=cfg,
-        )  # fmt: skip
-        outs.append((logits, hidden, step))
+    outs = [prefill_and_step(params, cfg, tokens, cap) for params in (unrolled, fused)]
     for a, f in zip(*outs, strict=True):
         np.testing.assert_allclose(a, f, atol=ATOL)
 
@@ -230,13 +222,7 @@ def test_fused_projections_compute_what_the_stored_ones_compute(family):
         assert is_fused(fused_draft) and not is_fused(draft)
         feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
         emb = stacked["embed_tokens"]["embedding"]
-        got = []
-        for params in (draft, fused_draft):
-            dcache = init_draft_cache(dcfg, b, cap)
-            got.append(draft_forward(
-                params, emb, feats, tokens, positions, dcache, write_idx=zero,
-                mask=causal_mask(zero, t, cap), dcfg=dcfg,
-            ))  # fmt: skip
+        got = [draft_from_start(p, dcfg, emb, feats, tokens, cap) for p in (draft, fused_draft)]
         jax.tree.map(lambda a, f: np.testing.assert_allclose(a, f, atol=ATOL), *got)
 
 

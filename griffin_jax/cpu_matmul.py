@@ -1,0 +1,155 @@
+"""Products against packed kernels on a CPU: the decode layout's matmuls there.
+
+XLA's CPU backend hands a product of a few rows (a decode, a tree verification, a draft
+level) to a library that repacks the kernel on every call: for the default pair, 8 rows
+of the base's products cost ~1.7x one row, and 60 rows ran at ~60% of the machine's GEMM rate
+(README, "Where a round's time goes"). Weights do not change between calls, so the decode
+layout stores each kernel packed once (`pack`: [K, N] -> [N / 32, K, 32], each panel of 32
+columns contiguous) and `matmul` runs `csrc/packed_matmul.cc` on it as an XLA FFI call: every
+weight read once, in order, the panels shared between XLA's CPU threads.
+
+Every output element is one f32 sum over K in ascending order, whatever the number of rows,
+so a row's logits do not depend on how many rows share the product (a verification row
+equals the decode of the same token bit for bit in these products).
+
+The library is compiled from its source with the machine's C++ compiler (`$CXX`, else `c++` /
+`g++`) at first use, for this CPU (`-march=native`), into the user cache, keyed by the source,
+the compiler, the XLA FFI headers and the CPU; where none compiles (no compiler), the decode
+layout keeps plain kernels and XLA's products, with one warning. `GRIFFIN_CPU_MATMUL=xla`
+keeps XLA's products on purpose (`bench_vanilla` / `profile_round` compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from griffin_jax.cli import user_cache_dir
+
+log = logging.getLogger(__name__)
+
+PANEL = 32  # columns per packed panel
+PACKED = "packed_kernel"  # a Dense param dict's packed kernel, in place of "kernel"
+TARGET = "griffin_packed_matmul"  # the XLA FFI target
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "packed_matmul.cc"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_id() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep))) or platform.machine()
+
+
+def _build(compiler: str) -> pathlib.Path:
+    """The compiled library's path, compiling it first where the cache has none."""
+    include = jax.ffi.include_dir()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    digest = hashlib.sha256(
+        "\0".join(
+            [SOURCE.read_text(), version, " ".join(FLAGS), _cpu_id(), jax.__version__]
+        ).encode()
+    ).hexdigest()[:16]
+    folder = pathlib.Path(os.environ.get("GRIFFIN_CPU_MATMUL_DIR") or user_cache_dir() / "cpu")
+    path = folder / f"packed_matmul-{digest}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # concurrent builders: atomic rename
+        out = pathlib.Path(tmp) / path.name
+        cmd = [compiler, *FLAGS, "-w", "-I", include, str(SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, path)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The packed-product library, built and registered with XLA (None where it cannot be:
+    no compiler or a failed build, logged once)."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler found ($CXX, c++, g++, clang++): CPU products use XLA's")
+        return None
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning("packed CPU products unavailable, using XLA's: %s", err)
+        return None
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GriffinPackedMatmul), platform="cpu")
+    return lib
+
+
+def enabled() -> bool:
+    """Whether the decode layout packs kernels here: on a CPU backend, unless
+    `GRIFFIN_CPU_MATMUL=xla`, once the library builds."""
+    choice = os.environ.get("GRIFFIN_CPU_MATMUL", "")
+    if choice not in ("", "packed", "xla"):
+        raise ValueError(f"GRIFFIN_CPU_MATMUL={choice!r}: expected packed or xla")
+    return choice != "xla" and jax.default_backend() == "cpu" and library() is not None
+
+
+def can_pack(kernel) -> bool:
+    """A 2-D f32 kernel whose output width is a whole number of panels."""
+    return (
+        getattr(kernel, "ndim", 0) == 2
+        and kernel.dtype == jnp.float32
+        and kernel.shape[1] % PANEL == 0
+        and kernel.shape[1] > 0
+    )
+
+
+def pack(kernel: jax.Array) -> jax.Array:
+    """[..., K, N] -> [..., N / 32, K, 32] (`can_pack` kernels; leading axes: stacked layers)."""
+    *lead, k, n = kernel.shape
+    return jnp.swapaxes(jnp.reshape(kernel, (*lead, k, n // PANEL, PANEL)), -3, -2)
+
+
+def unpack(packed: jax.Array) -> jax.Array:
+    """[..., N / 32, K, 32] -> [..., K, N] (the inverse of `pack`)."""
+    *lead, p, k, _ = packed.shape
+    return jnp.reshape(jnp.swapaxes(packed, -3, -2), (*lead, k, p * PANEL))
+
+
+def matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
+    """x [..., K] @ the packed kernel -> f32 [..., N] (the decode layout's product on a CPU)."""
+    if library() is None:
+        raise RuntimeError("packed CPU products need the compiled library (cpu_matmul.enabled)")
+    p, k, _ = packed.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x [..., {x.shape[-1]}] against a packed kernel of K = {k}")
+    lead = x.shape[:-1]
+    rows = jnp.reshape(x.astype(jnp.float32), (-1, k))
+    call = jax.ffi.ffi_call(
+        TARGET,
+        jax.ShapeDtypeStruct((rows.shape[0], p * PANEL), jnp.float32),
+        vmap_method="sequential",  # under vmap: one call per element (the forwards do not vmap)
+    )
+    out = call(rows, packed.astype(jnp.float32))
+    return jnp.reshape(out, (*lead, p * PANEL))

@@ -1,0 +1,128 @@
+// y[R, N] = x[R, K] @ W for a kernel W [K, N] stored packed as [N / 32, K, 32]: panel p holds
+// columns 32p .. 32p+31 of every row k contiguously. (`griffin_jax/cpu_matmul.py` builds and
+// registers this as the XLA FFI target "griffin_packed_matmul" on the CPU.)
+//
+// Why packed: XLA's CPU libraries pack a product's weights on every call, so a product of a
+// few rows reads and writes them more than once; this reads each weight once, in order. Each
+// output element is one sum over k in ascending order whatever R or the row block, so a row's
+// result does not depend on how many rows share the product.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 32;  // columns per panel
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+// Rows [0, MR) of x (row stride ldx) times one panel (K x 32), into y (row stride ldy).
+template <int MR>
+inline void Block(int64_t k_dim, const float* x, int64_t ldx, const float* w, float* y,
+                  int64_t ldy) {
+  v16 lo[MR], hi[MR];
+  for (int m = 0; m < MR; ++m) {
+    lo[m] = v16{};
+    hi[m] = v16{};
+  }
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const v16 w0 = *reinterpret_cast<const v16*>(w + k * kPanel);
+    const v16 w1 = *reinterpret_cast<const v16*>(w + k * kPanel + 16);
+    for (int m = 0; m < MR; ++m) {
+      const float s = x[m * ldx + k];
+      lo[m] += s * w0;
+      hi[m] += s * w1;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    std::memcpy(y + m * ldy, &lo[m], sizeof(v16));
+    std::memcpy(y + m * ldy + 16, &hi[m], sizeof(v16));
+  }
+}
+
+constexpr int kRows = 8;  // row block of the main loop
+
+void Panel(int64_t rows, int64_t k_dim, int64_t n_dim, const float* x, const float* w,
+           float* y) {
+  int64_t m = 0;
+  for (; m + kRows <= rows; m += kRows) Block<kRows>(k_dim, x + m * k_dim, k_dim, w, y + m * n_dim, n_dim);
+  const float* xr = x + m * k_dim;
+  float* yr = y + m * n_dim;
+  switch (rows - m) {
+    case 1: Block<1>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 2: Block<2>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 3: Block<3>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 4: Block<4>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 5: Block<5>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 6: Block<6>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 7: Block<7>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    default: break;
+  }
+}
+
+// Panels are handed out in chunks from a shared counter. The calling thread takes chunks too
+// and then waits only for chunks another thread has started, so a helper task that reaches a
+// busy pool late finds nothing left and returns: no wait on a task that has not run.
+struct Work {
+  int64_t rows, k_dim, n_dim, panels, per_chunk, chunks;
+  const float* x;
+  const float* w;
+  float* y;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+
+  void RunChunks() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      const int64_t end = std::min(panels, (c + 1) * per_chunk);
+      for (int64_t p = c * per_chunk; p < end; ++p)
+        Panel(rows, k_dim, n_dim, x, w + p * k_dim * kPanel, y + p * kPanel);
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[1] != xd[1])
+    return ffi::Error::InvalidArgument("griffin_packed_matmul: expected x [R, K], w [N/32, K, 32]");
+  auto work = std::make_shared<Work>();
+  work->rows = xd[0];
+  work->k_dim = xd[1];
+  work->panels = wd[0];
+  work->n_dim = wd[0] * kPanel;
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  // The panels are split between the pool's threads (the caller among them); a product of one
+  // panel runs where it is.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t target = std::min<int64_t>(work->panels, 4 * threads);
+  work->per_chunk = (work->panels + target - 1) / target;
+  work->chunks = (work->panels + work->per_chunk - 1) / work->per_chunk;
+  if (work->chunks == 1) {
+    work->RunChunks();
+    return ffi::Error::Success();
+  }
+  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule([work] { work->RunChunks(); });
+  work->RunChunks();
+  while (work->finished.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

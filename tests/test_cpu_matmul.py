@@ -1,0 +1,218 @@
+"""The CPU decode layout's packed products (`griffin_jax.cpu_matmul`, `layers.pack_kernels`):
+the same products as XLA's, rows independent of their neighbours, every path that reads a
+kernel taking the packed form, and XLA's products wherever the library is not there."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from spec_models import (
+    base_config,
+    draft_config,
+    draft_from_start,
+    prefill_and_step,
+    random_pair,
+)
+
+from griffin_jax import cpu_matmul, sharding, speculative, vanilla
+from griffin_jax.config import TreeConfig
+from griffin_jax.layers import (
+    Dense,
+    fuse_projections,
+    is_packed,
+    pack_kernels,
+    unfuse_projections,
+    unpack_kernels,
+)
+from griffin_jax.model import decode_layout, unstack_layers
+
+pytestmark = pytest.mark.skipif(
+    not cpu_matmul.enabled(), reason="the packed-product library does not build here"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 60, 100])
+@pytest.mark.parametrize(("k", "n"), [(64, 32), (256, 384), (3, 8192), (704, 256)])
+def test_packed_product_is_xla_s_product(rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + k)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    got = jax.jit(cpu_matmul.matmul)(jnp.asarray(x), cpu_matmul.pack(jnp.asarray(w)))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    # f32 sums of K products of O(1) terms: round-off grows like sqrt(K) * eps * |terms|
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6 * np.sqrt(k) * 4)
+
+
+def test_a_row_s_result_does_not_depend_on_the_rows_beside_it():
+    """Each output is one sum over K in ascending order, so the decode of a token and its row
+    in a verification of 60 agree bit for bit (XLA's matrix-vector and matrix products need
+    not)."""
+    rng = np.random.default_rng(0)
+    w = cpu_matmul.pack(jnp.asarray(rng.standard_normal((256, 384)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((60, 256)), jnp.float32)
+    f = jax.jit(cpu_matmul.matmul)
+    whole = np.asarray(f(x, w))
+    for lo, hi in [(0, 1), (5, 6), (3, 11), (59, 60), (0, 17)]:
+        np.testing.assert_array_equal(np.asarray(f(x[lo:hi], w)), whole[lo:hi])
+
+
+def test_batch_dims_layout_round_trip_and_what_packs():
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)
+    packed = cpu_matmul.pack(w)
+    assert packed.shape == (3, 48, 32)
+    np.testing.assert_array_equal(cpu_matmul.unpack(packed), w)
+    x = jnp.asarray(rng.standard_normal((2, 5, 48)), jnp.float32)
+    np.testing.assert_allclose(cpu_matmul.matmul(x, packed), x @ w, rtol=1e-5, atol=1e-5)
+    under_vmap = jax.vmap(cpu_matmul.matmul, in_axes=(0, None))(x, packed)
+    np.testing.assert_allclose(under_vmap, x @ w, rtol=1e-5, atol=1e-5)
+    assert cpu_matmul.can_pack(w)
+    assert not cpu_matmul.can_pack(w[:, :80])  # not whole panels
+    assert not cpu_matmul.can_pack(w.astype(jnp.bfloat16))  # f32 only
+    assert not cpu_matmul.can_pack(jnp.zeros((2, 48, 96)))  # kernels are 2-D
+    with pytest.raises(ValueError, match="K = 48"):
+        cpu_matmul.matmul(x[..., :40], packed)
+
+
+def test_dense_runs_a_packed_kernel_as_nn_dense_runs_the_plain_one():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 4, 64)), jnp.float32)
+    module = Dense(96, use_bias=True)
+    params = module.init(jax.random.key(0), x)["params"]
+    params = {**params, "bias": jnp.asarray(rng.standard_normal(96), jnp.float32)}
+    plain = module.apply({"params": params}, x)
+    packed = module.apply({"params": pack_kernels(params)}, x)
+    assert sorted(pack_kernels(params)) == ["bias", cpu_matmul.PACKED]
+    np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-5)
+    import flax.linen as nn
+
+    reference = nn.Dense(96, use_bias=True).apply({"params": params}, x)
+    np.testing.assert_array_equal(plain, reference)  # the plain path is nn.Dense's product
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_packed_decode_layout_computes_what_the_stored_one_computes(family):
+    """Base forward (prefill, then a decode step) and draft forwards (GRIFFIN, EAGLE-3) on
+    packed kernels equal the plain decode layout within f32 round-off; the layout round-trips
+    to the stored one exactly; widths that are not whole panels (the draft's d_ff of 80) stay
+    plain beside packed ones."""
+    cfg = base_config(family, tie_embeddings=family == "qwen2")
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    plain = decode_layout(stacked, pack=False)
+    packed = decode_layout(stacked, pack=True)
+    assert is_packed(packed) and not is_packed(plain)
+    qkv = packed["layers"][0]["self_attn"]["qkv_proj"]
+    assert cpu_matmul.PACKED in qkv and "kernel" not in qkv
+    assert (cpu_matmul.PACKED in packed.get("lm_head", {})) == (not cfg.tie_embeddings)
+    back = unfuse_projections(packed, cfg)
+    jax.tree.map(np.testing.assert_array_equal, back, unstack_layers(stacked))
+    jax.tree.map(np.testing.assert_array_equal, unpack_kernels(packed), plain)
+
+    rng = np.random.default_rng(3)
+    b, t, cap = 2, 7, 16
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    outs = [prefill_and_step(params, cfg, tokens, cap) for params in (plain, packed)]
+    for a, p in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5)
+
+    for kind in ("griffin", "eagle3"):
+        dcfg = draft_config(cfg, kind)
+        _, draft = random_pair(cfg, dcfg)
+        draft = fuse_projections(draft)
+        packed_draft = pack_kernels(draft)
+        up = packed_draft["fc"]["mlp"]["up_proj"] if kind == "griffin" else None
+        if up is not None:
+            assert "kernel" in up  # 80 columns: not whole panels, stays plain
+        feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
+        emb = stacked["embed_tokens"]["embedding"]
+        got = [draft_from_start(p, dcfg, emb, feats, tokens, cap) for p in (draft, packed_draft)]
+        jax.tree.map(lambda a, p: np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5), *got)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_speculative_on_packed_kernels_equals_vanilla_on_them(pair, temperature):
+    """Greedy and seeded sampling on the packed layout, a draft vocabulary cut from the packed
+    lm_head included: the speculative tokens are vanilla decoding's on the same params."""
+    cfg, dcfg, base, draft = pair
+    base, draft = decode_layout(base), pack_kernels(fuse_projections(draft))
+    assert is_packed(base) and is_packed(draft)
+    prompts = [[5, 9, 2, 7, 11, 4], [30, 31, 32]]
+    kw = dict(max_new_tokens=24, temperature=temperature, top_p=0.9, seed=7)
+    want = vanilla.generate(base, cfg, prompts, **kw).output_ids
+    head = speculative.make_draft_head(base, cfg, list(range(0, cfg.vocab_size, 2))[:64])
+    assert head.kernel.ndim == 3  # packed as the base's lm_head is
+    for tree, draft_head in [(TreeConfig(top_k=3, depth=3, total_tokens=10), None),
+                             (TreeConfig(top_k=1, depth=4, total_tokens=6), head)]:  # fmt: skip
+        got = speculative.generate(
+            base, cfg, draft, dcfg, prompts, tree_cfg=tree, draft_head=draft_head, **kw
+        )
+        assert got.output_ids == want
+
+
+def test_xla_products_on_request_and_where_the_library_cannot_build(monkeypatch, caplog):
+    cfg = base_config("llama")
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    monkeypatch.setenv("GRIFFIN_CPU_MATMUL", "xla")
+    assert not cpu_matmul.enabled() and not is_packed(decode_layout(stacked))
+    monkeypatch.setenv("GRIFFIN_CPU_MATMUL", "fast")
+    with pytest.raises(ValueError, match="GRIFFIN_CPU_MATMUL"):
+        cpu_matmul.enabled()
+    monkeypatch.delenv("GRIFFIN_CPU_MATMUL")
+    # No compiler: one warning, XLA's products, nothing packed.
+    monkeypatch.setattr(cpu_matmul, "_compiler", lambda: None)
+    cpu_matmul.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="griffin_jax.cpu_matmul"):
+            assert not cpu_matmul.enabled()
+        assert "no C++ compiler" in caplog.text
+        assert not is_packed(decode_layout(stacked))
+        with pytest.raises(RuntimeError, match="compiled library"):
+            cpu_matmul.matmul(jnp.ones((1, 64)), jnp.ones((2, 64, 32)))
+    finally:
+        monkeypatch.undo()
+        cpu_matmul.library.cache_clear()
+        assert cpu_matmul.enabled()  # built again from the cache, registered again
+
+
+def test_a_failed_build_names_the_compiler_s_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("GRIFFIN_CPU_MATMUL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_matmul, "FLAGS", (*cpu_matmul.FLAGS, "-DGRIFFIN_NO_SUCH_FLAG=("))
+    monkeypatch.setattr(cpu_matmul, "SOURCE", tmp_path / "broken.cc")
+    (tmp_path / "broken.cc").write_text("this is not C++\n")
+    cpu_matmul.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="griffin_jax.cpu_matmul"):
+            assert cpu_matmul.library() is None
+        assert "packed CPU products unavailable" in caplog.text and "broken.cc" in caplog.text
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        monkeypatch.undo()
+        cpu_matmul.library.cache_clear()
+        assert cpu_matmul.enabled()
+
+
+def test_packed_kernels_are_not_sharded():
+    cfg = base_config("llama")
+    stacked, _ = random_pair(cfg, draft_config(cfg))
+    packed = pack_kernels(unstack_layers(stacked))  # unfused, packed
+    with pytest.raises(ValueError, match="packed kernels"):
+        sharding.param_shardings(packed, sharding.make_mesh("data=1"), head_dim=cfg.head_dim)
+
+
+def test_the_default_pair_decodes_the_same_tokens_on_both_products():
+    """The committed model, greedy: packed and XLA products give the same 48 tokens."""
+    from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel
+
+    model = SpeculativeModel.from_pretrained(
+        DEFAULT_MODEL_DIR / "base", DEFAULT_MODEL_DIR / "griffin", load_tokenizer=False
+    )
+    assert is_packed(model.base_params) and is_packed(model.draft_params)
+    prompts = [[0, 300, 301, 17, 480, 52, 9, 77], [0, 1200, 44, 45, 46]]
+    packed = model.generate(prompts, max_new_tokens=48).output_ids
+    model.base_params = unpack_kernels(model.base_params)
+    model.draft_params = unpack_kernels(model.draft_params)
+    assert model.generate(prompts, max_new_tokens=48).output_ids == packed
