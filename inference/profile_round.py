@@ -133,7 +133,7 @@ def hlo_phases(hlo_text: str) -> tuple[dict[str, str], set[str]]:
         name, rest = m.groups()
         op_name = re.search(r'op_name="([^"]*)"', rest)
         body = rest.split(", metadata=")[0]
-        if re.search(r"\b(while|conditional|call)\(", body):
+        if re.search(r"(?<![\w-])(while|conditional|call)\(", body):  # not custom-call
             containers.add(name)
         called = re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", body)
         for group in re.findall(r"branch_computations=\{([^}]*)\}", body):

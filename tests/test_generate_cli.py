@@ -574,13 +574,17 @@ def test_the_products_chain_runs_every_layer_kernel(pair, layout):
 def test_round_phases_follow_the_named_scopes():
     import jax.numpy as jnp
 
+    from griffin_jax import cpu_matmul
     from inference import profile_round
 
     w = jnp.eye(64) * 0.5
+    packed = cpu_matmul.pack(w) if cpu_matmul.enabled() else None
 
     def f(x):
         with jax.named_scope("verify"):
             x = jnp.tanh(x @ w)
+            if packed is not None:  # a custom call (the packed products): a thunk, no container
+                x = cpu_matmul.matmul(x, packed)
 
         def level(i, x):
             with jax.named_scope("draft/expand"):
@@ -597,6 +601,10 @@ def test_round_phases_follow_the_named_scopes():
     assert any(" while(" in line and f"%{name} " in line
                for name in containers for line in text.splitlines())  # fmt: skip
     assert {"verify", "draft/expand", "accept"} <= set(phases.values())
+    calls = [ln.split(" = ")[0].split()[-1].lstrip("%") for ln in text.splitlines()
+             if "custom-call(" in ln]  # fmt: skip
+    assert (len(calls) > 0) == (packed is not None)
+    assert all(phases[c] == "verify" and c not in containers for c in calls)
     _, out = profile_round.trace_phases(run, x, 4, text, "jit_f", loop_passes=3)
     for phase in ("verify", "draft/expand", "accept"):
         assert out["phases_ms"][phase] > 0, phase

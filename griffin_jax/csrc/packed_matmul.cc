@@ -23,48 +23,71 @@ namespace {
 constexpr int64_t kPanel = 32;  // columns per panel
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-// Rows [0, MR) of x (row stride ldx) times one panel (K x 32), into y (row stride ldy).
-template <int MR>
-inline void Block(int64_t k_dim, const float* x, int64_t ldx, const float* w, float* y,
-                  int64_t ldy) {
-  v16 lo[MR], hi[MR];
-  for (int m = 0; m < MR; ++m) {
-    lo[m] = v16{};
-    hi[m] = v16{};
-  }
+// Rows [0, MR) of x (row stride ldx) times NP panels (K x 32 each, `stride` floats apart),
+// into y (row stride ldy). Several panels at once keep 2 x MR x NP sums in flight: one row's
+// two sums alone would wait on each other's additions (latency), not on memory.
+template <int MR, int NP>
+inline void Block(int64_t k_dim, const float* x, int64_t ldx, const float* w, int64_t stride,
+                  float* y, int64_t ldy) {
+  v16 lo[MR][NP], hi[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) lo[m][j] = hi[m][j] = v16{};
   for (int64_t k = 0; k < k_dim; ++k) {
-    const v16 w0 = *reinterpret_cast<const v16*>(w + k * kPanel);
-    const v16 w1 = *reinterpret_cast<const v16*>(w + k * kPanel + 16);
-    for (int m = 0; m < MR; ++m) {
-      const float s = x[m * ldx + k];
-      lo[m] += s * w0;
-      hi[m] += s * w1;
+    for (int j = 0; j < NP; ++j) {
+      const v16 w0 = *reinterpret_cast<const v16*>(w + j * stride + k * kPanel);
+      const v16 w1 = *reinterpret_cast<const v16*>(w + j * stride + k * kPanel + 16);
+      for (int m = 0; m < MR; ++m) {
+        const float s = x[m * ldx + k];
+        lo[m][j] += s * w0;
+        hi[m][j] += s * w1;
+      }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    std::memcpy(y + m * ldy, &lo[m], sizeof(v16));
-    std::memcpy(y + m * ldy + 16, &hi[m], sizeof(v16));
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) {
+      std::memcpy(y + m * ldy + j * kPanel, &lo[m][j], sizeof(v16));
+      std::memcpy(y + m * ldy + j * kPanel + 16, &hi[m][j], sizeof(v16));
+    }
 }
 
 constexpr int kRows = 8;  // row block of the main loop
 
-void Panel(int64_t rows, int64_t k_dim, int64_t n_dim, const float* x, const float* w,
-           float* y) {
+// Every row of x times NP panels starting at w, into y's matching columns.
+template <int NP>
+void Panels(int64_t rows, int64_t k_dim, int64_t n_dim, const float* x, const float* w,
+            float* y) {
+  const int64_t stride = k_dim * kPanel;
   int64_t m = 0;
-  for (; m + kRows <= rows; m += kRows) Block<kRows>(k_dim, x + m * k_dim, k_dim, w, y + m * n_dim, n_dim);
+  for (; m + kRows <= rows; m += kRows)
+    Block<kRows, NP>(k_dim, x + m * k_dim, k_dim, w, stride, y + m * n_dim, n_dim);
   const float* xr = x + m * k_dim;
   float* yr = y + m * n_dim;
   switch (rows - m) {
-    case 1: Block<1>(k_dim, xr, k_dim, w, yr, n_dim); break;
-    case 2: Block<2>(k_dim, xr, k_dim, w, yr, n_dim); break;
-    case 3: Block<3>(k_dim, xr, k_dim, w, yr, n_dim); break;
-    case 4: Block<4>(k_dim, xr, k_dim, w, yr, n_dim); break;
-    case 5: Block<5>(k_dim, xr, k_dim, w, yr, n_dim); break;
-    case 6: Block<6>(k_dim, xr, k_dim, w, yr, n_dim); break;
-    case 7: Block<7>(k_dim, xr, k_dim, w, yr, n_dim); break;
+    case 1: Block<1, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
+    case 2: Block<2, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
+    case 3: Block<3, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
+    case 4: Block<4, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
+    case 5: Block<5, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
+    case 6: Block<6, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
+    case 7: Block<7, NP>(k_dim, xr, k_dim, w, stride, yr, n_dim); break;
     default: break;
   }
+}
+
+// Panels a block takes at once: 4 for one row, 2 for up to four, else 1.
+inline int64_t GroupOf(int64_t rows) { return rows == 1 ? 4 : rows <= 4 ? 2 : 1; }
+
+// Panels [p0, p1), in groups of `GroupOf(rows)`.
+void PanelRange(int64_t rows, int64_t k_dim, int64_t n_dim, const float* x, const float* w,
+                float* y, int64_t p0, int64_t p1) {
+  const int64_t group = GroupOf(rows);
+  const int64_t stride = k_dim * kPanel;
+  int64_t p = p0;
+  for (; group == 4 && p + 4 <= p1; p += 4)
+    Panels<4>(rows, k_dim, n_dim, x, w + p * stride, y + p * kPanel);
+  for (; group >= 2 && p + 2 <= p1; p += 2)
+    Panels<2>(rows, k_dim, n_dim, x, w + p * stride, y + p * kPanel);
+  for (; p < p1; ++p) Panels<1>(rows, k_dim, n_dim, x, w + p * stride, y + p * kPanel);
 }
 
 // Panels are handed out in chunks from a shared counter. The calling thread takes chunks too
@@ -80,9 +103,7 @@ struct Work {
 
   void RunChunks() {
     for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      const int64_t end = std::min(panels, (c + 1) * per_chunk);
-      for (int64_t p = c * per_chunk; p < end; ++p)
-        Panel(rows, k_dim, n_dim, x, w + p * k_dim * kPanel, y + p * kPanel);
+      PanelRange(rows, k_dim, n_dim, x, w, y, c * per_chunk, std::min(panels, (c + 1) * per_chunk));
       finished.fetch_add(1, std::memory_order_release);
     }
   }
@@ -106,7 +127,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // panel runs where it is.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t target = std::min<int64_t>(work->panels, 4 * threads);
-  work->per_chunk = (work->panels + target - 1) / target;
+  const int64_t group = GroupOf(work->rows);  // whole groups per chunk
+  work->per_chunk = ((work->panels + target - 1) / target + group - 1) / group * group;
   work->chunks = (work->panels + work->per_chunk - 1) / work->per_chunk;
   if (work->chunks == 1) {
     work->RunChunks();
