@@ -125,6 +125,15 @@ def can_pack(kernel) -> bool:
     )
 
 
+def kernel_shape(kernel: jax.Array) -> tuple[int, int]:
+    """(K, N) of a kernel, plain [K, N] or packed [N / 32, K, 32]."""
+    if kernel.ndim == 3:
+        p, k, _ = kernel.shape
+        return k, p * PANEL
+    k, n = kernel.shape
+    return k, n
+
+
 def pack(kernel: jax.Array) -> jax.Array:
     """[..., K, N] -> [..., N / 32, K, 32] (`can_pack` kernels; leading axes: stacked layers)."""
     *lead, k, n = kernel.shape

@@ -283,22 +283,21 @@ def fuse_projections(params, *, free_parts: bool = False):
     `params` and will not use it again) each part's device buffer is freed once its fused array
     exists: the peak extra memory is one layer's projections, not a second copy of them all.
     """
-    if isinstance(params, (tuple, list)):
-        return type(params)(fuse_projections(p, free_parts=free_parts) for p in params)
-    if not isinstance(params, dict):
-        return params
-    out = {k: fuse_projections(v, free_parts=free_parts) for k, v in params.items()}
-    for fused, parts in _FUSED.items():
-        if all(isinstance(out.get(p), dict) for p in parts):
-            pieces = [out.pop(p) for p in parts]
-            out[fused] = {
-                name: jnp.concatenate([piece[name] for piece in pieces], axis=-1)
-                for name in pieces[0]
-            }
-            for leaf in (x for piece in pieces for x in piece.values()):
-                if free_parts and isinstance(leaf, jax.Array):
-                    leaf.delete()
-    return out
+
+    def fuse(out: dict) -> dict:
+        for fused, parts in _FUSED.items():
+            if all(isinstance(out.get(p), dict) for p in parts):
+                pieces = [out.pop(p) for p in parts]
+                out[fused] = {
+                    name: jnp.concatenate([piece[name] for piece in pieces], axis=-1)
+                    for name in pieces[0]
+                }
+                for leaf in (x for piece in pieces for x in piece.values()):
+                    if free_parts and isinstance(leaf, jax.Array):
+                        leaf.delete()
+        return out
+
+    return _each_dict(params, fuse)
 
 
 def unfuse_projections(params, cfg):
@@ -308,23 +307,42 @@ def unfuse_projections(params, cfg):
 
 
 def _unfuse(params, cfg):
-    if isinstance(params, (tuple, list)):
-        return type(params)(_unfuse(p, cfg) for p in params)
-    if not isinstance(params, dict):
-        return params
     h = cfg.head_dim
     widths = {
         FUSED_QKV: (cfg.n_heads * h, cfg.n_kv_heads * h),  # then the rest (v)
         FUSED_GATE_UP: (cfg.d_ff,),
     }
-    out = {k: _unfuse(v, cfg) for k, v in params.items()}
-    for fused, parts in _FUSED.items():
-        if isinstance(out.get(fused), dict):
-            cuts = list(itertools.accumulate(widths[fused]))
-            split = {name: jnp.split(x, cuts, axis=-1) for name, x in out.pop(fused).items()}
-            for i, part in enumerate(parts):
-                out[part] = {name: pieces[i] for name, pieces in split.items()}
-    return out
+
+    def unfuse(out: dict) -> dict:
+        for fused, parts in _FUSED.items():
+            if isinstance(out.get(fused), dict):
+                cuts = list(itertools.accumulate(widths[fused]))
+                split = {name: jnp.split(x, cuts, axis=-1) for name, x in out.pop(fused).items()}
+                for i, part in enumerate(parts):
+                    out[part] = {name: pieces[i] for name, pieces in split.items()}
+        return out
+
+    return _each_dict(params, unfuse)
+
+
+def _each_dict(params, fn):
+    """`params` rebuilt bottom-up with `fn` applied to every dict (its values already
+    rebuilt; `fn` may change the fresh dict it gets and returns it). Tuples and lists keep
+    their type; leaves stay as they are. The walk behind the decode layout's transforms."""
+    if isinstance(params, (tuple, list)):
+        return type(params)(_each_dict(p, fn) for p in params)
+    if not isinstance(params, dict):
+        return params
+    return fn({k: _each_dict(v, fn) for k, v in params.items()})
+
+
+def _any_dict(params, test) -> bool:
+    """Whether `test` holds for any dict in `params` (nested dicts, tuples and lists)."""
+    if isinstance(params, dict):
+        return test(params) or any(_any_dict(v, test) for v in params.values())
+    if isinstance(params, (tuple, list)):
+        return any(_any_dict(p, test) for p in params)
+    return False
 
 
 def kernel_of(p) -> jax.Array:
@@ -339,47 +357,42 @@ def pack_kernels(params, *, free_parts: bool = False):
     with `cpu_matmul.matmul`. A one-device layout, as `fuse_projections`' is (the sharding
     rules refuse it); `unpack_kernels` gives the stored one back. With `free_parts` each plain
     kernel's buffer is freed once its packed copy exists."""
-    if isinstance(params, (tuple, list)):
-        return type(params)(pack_kernels(p, free_parts=free_parts) for p in params)
-    if not isinstance(params, dict):
-        return params
-    out = {k: pack_kernels(v, free_parts=free_parts) for k, v in params.items()}
-    kernel = out.get("kernel")
-    if kernel is not None and cpu_matmul.can_pack(kernel):
-        out[cpu_matmul.PACKED] = cpu_matmul.pack(out.pop("kernel"))
-        if free_parts and isinstance(kernel, jax.Array):
-            kernel.delete()
-    return out
+
+    def pack(out: dict) -> dict:
+        kernel = out.get("kernel")
+        if kernel is not None and cpu_matmul.can_pack(kernel):
+            out[cpu_matmul.PACKED] = cpu_matmul.pack(out.pop("kernel"))
+            if free_parts and isinstance(kernel, jax.Array):
+                kernel.delete()
+        return out
+
+    return _each_dict(params, pack)
 
 
 def unpack_kernels(params):
     """The inverse of `pack_kernels` (a no-op on plain kernels)."""
-    if isinstance(params, (tuple, list)):
-        return type(params)(unpack_kernels(p) for p in params)
-    if not isinstance(params, dict):
-        return params
-    out = {k: unpack_kernels(v) for k, v in params.items()}
-    if cpu_matmul.PACKED in out:
-        out["kernel"] = cpu_matmul.unpack(out.pop(cpu_matmul.PACKED))
-    return out
+
+    def unpack(out: dict) -> dict:
+        if cpu_matmul.PACKED in out:
+            out["kernel"] = cpu_matmul.unpack(out.pop(cpu_matmul.PACKED))
+        return out
+
+    return _each_dict(params, unpack)
+
+
+def plain_kernel(p) -> jax.Array:
+    """A Dense param dict's kernel as [K, N], unpacking a packed one."""
+    return p["kernel"] if "kernel" in p else cpu_matmul.unpack(p[cpu_matmul.PACKED])
 
 
 def is_packed(params) -> bool:
     """Whether any kernel in `params` is packed (`pack_kernels`)."""
-    if isinstance(params, dict):
-        return cpu_matmul.PACKED in params or any(is_packed(v) for v in params.values())
-    if isinstance(params, (tuple, list)):
-        return any(is_packed(p) for p in params)
-    return False
+    return _any_dict(params, lambda d: cpu_matmul.PACKED in d)
 
 
 def is_fused(params) -> bool:
     """Whether any projection in `params` is in the fused layout (`fuse_projections`)."""
-    if isinstance(params, dict):
-        return any(k in _FUSED or is_fused(v) for k, v in params.items())
-    if isinstance(params, (tuple, list)):
-        return any(is_fused(p) for p in params)
-    return False
+    return _any_dict(params, lambda d: any(k in _FUSED for k in d))
 
 
 class SwiGLU(nn.Module):

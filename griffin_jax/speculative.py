@@ -59,7 +59,7 @@ from griffin_jax.draft import (
     init_draft_cache,
 )
 from griffin_jax.kv_cache import KVCache, causal_mask, commit_path, init_cache
-from griffin_jax.layers import kernel_of, smallest_holding
+from griffin_jax.layers import kernel_of, plain_kernel, smallest_holding
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import head_logits, is_unstacked, lm_head
 
@@ -213,7 +213,7 @@ def resolve_head(draft_params, draft_head: DraftHead | None, dcfg: DraftConfig):
             "draft_head must be None"
         )
     kernel = kernel_of(draft_params["lm_head"])  # [D, V'], or packed [V' / 32, D, 32]
-    width = kernel.shape[0] * cpu_matmul.PANEL if kernel.ndim == 3 else kernel.shape[1]
+    _, width = cpu_matmul.kernel_shape(kernel)
     ids = jnp.arange(width, dtype=jnp.int32) + draft_params["d2t"].astype(jnp.int32)
     return DraftHead(token_ids=ids, kernel=kernel)
 
@@ -235,9 +235,9 @@ def make_draft_head(base_params, cfg: ModelConfig, token_ids: Sequence[int]) -> 
     if cfg.tie_embeddings:
         kernel = jnp.take(base_params["embed_tokens"]["embedding"], ids, axis=0).T
     else:
-        stored = kernel_of(base_params["lm_head"])
-        kernel = jnp.take(cpu_matmul.unpack(stored) if stored.ndim == 3 else stored, ids, axis=1)
-        if stored.ndim == 3 and cpu_matmul.can_pack(kernel):  # the base's layout, packed
+        head = base_params["lm_head"]
+        kernel = jnp.take(plain_kernel(head), ids, axis=1)
+        if cpu_matmul.PACKED in head and cpu_matmul.can_pack(kernel):  # the base's layout
             kernel = cpu_matmul.pack(kernel)
     return DraftHead(token_ids=jnp.asarray(ids), kernel=kernel)
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import checks, cli, speculative, vanilla
+from griffin_jax import checks, cli, cpu_matmul, speculative, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
@@ -257,12 +257,6 @@ def gemm_gflops(repeats: int, n: int = 1024) -> float:
     return 2 * n**3 / median_ms(matmul, a, repeats) / 1e6
 
 
-def in_width(p) -> int:
-    """K of a Dense param dict's kernel, plain [K, N] or packed [N / 32, K, 32]."""
-    kernel = kernel_of(p)
-    return kernel.shape[1] if kernel.ndim == 3 else kernel.shape[0]
-
-
 def count_params(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
@@ -300,7 +294,7 @@ def products_ms(model: SpeculativeModel, rows: int, repeats: int) -> float:
     @jax.jit
     def chain(x, kernels, head):
         for p in kernels:
-            width = in_width(p)
+            width, _ = cpu_matmul.kernel_shape(kernel_of(p))
             missing = width - x.shape[1]
             x = x[:, :width] if missing <= 0 else jnp.pad(x, ((0, 0), (0, missing)))
             x = 1 + jnp.tanh(dense({k: v for k, v in p.items() if k != "bias"}, x))

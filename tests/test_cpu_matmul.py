@@ -65,6 +65,7 @@ def test_batch_dims_layout_round_trip_and_what_packs():
     w = jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)
     packed = cpu_matmul.pack(w)
     assert packed.shape == (3, 48, 32)
+    assert cpu_matmul.kernel_shape(packed) == cpu_matmul.kernel_shape(w) == (48, 96)
     np.testing.assert_array_equal(cpu_matmul.unpack(packed), w)
     x = jnp.asarray(rng.standard_normal((2, 5, 48)), jnp.float32)
     np.testing.assert_allclose(cpu_matmul.matmul(x, packed), x @ w, rtol=1e-5, atol=1e-5)

@@ -545,6 +545,7 @@ def test_reports_name_the_machine():
 
 @pytest.mark.parametrize("layout", ["stored", "decode"])
 def test_the_products_chain_runs_every_layer_kernel(pair, layout):
+    from griffin_jax import cpu_matmul
     from griffin_jax.layers import is_fused, kernel_of, unfuse_projections
     from griffin_jax.model import decode_layout, unstack_layers
     from inference import profile_round
@@ -567,8 +568,8 @@ def test_the_products_chain_runs_every_layer_kernel(pair, layout):
     # Each layer's products run in its forward's order: attention in, attention out, MLP in, out.
     d = params["embed_tokens"]["embedding"].shape[1]
     per_layer = len(kernels) // len(params["layers"])
-    assert profile_round.in_width(projections[0]) == d
-    assert kernels[per_layer - 1].size == d * profile_round.in_width(projections[per_layer - 1])
+    shapes = [cpu_matmul.kernel_shape(k) for k in kernels]
+    assert shapes[0][0] == d and shapes[per_layer - 1][1] == d
 
 
 def test_round_phases_follow_the_named_scopes():
