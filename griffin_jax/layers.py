@@ -7,9 +7,11 @@ Numerics (STYLE R7), each matching transformers' Llama code:
 - Attention scores accumulated and soft-maxed in f32 with a `finfo(f32).min` mask value (not
   -inf, so that a fully masked pad row gives a uniform row instead of NaN), probabilities cast
   back to the query dtype (`eager_attention_forward` in f32; SDPA's f32 accumulation in bf16).
-  On a CPU every forward, and elsewhere one-token decodes, use the explicit einsums; forwards
-  of several tokens on a GPU or TPU go through `jax.nn.dot_product_attention` (cuDNN's fused
-  kernel on a GPU in bf16), equal within f32 round-off (`attention_implementation`).
+  On a CPU f32 forwards run the project's kernel (`cpu_kernels.attention`: the same maths, a
+  fully masked row gives 0), other CPU forwards and one-token decodes elsewhere the explicit
+  einsums; forwards of several tokens on a GPU or TPU go through
+  `jax.nn.dot_product_attention` (cuDNN's fused kernel on a GPU in bf16), equal within f32
+  round-off (`attention_implementation`).
 - Attention reads the smallest of a few key windows (`attention_spans`) that holds every slot
   the mask lets a query see, chosen on the device: the masked-out slots past it weigh exactly
   0, so only the summation order differs from reading the whole buffer.
@@ -27,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from griffin_jax import cpu_matmul
+from griffin_jax import cpu_kernels
 from griffin_jax.config import RopeConfig
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -44,8 +46,8 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.has_variable("params", cpu_matmul.PACKED):  # `pack_kernels`' layout
-            p = {cpu_matmul.PACKED: self.get_variable("params", cpu_matmul.PACKED)}
+        if self.has_variable("params", cpu_kernels.PACKED):  # `pack_kernels`' layout
+            p = {cpu_kernels.PACKED: self.get_variable("params", cpu_kernels.PACKED)}
         else:
             shape = (x.shape[-1], self.features)
             init = nn.initializers.lecun_normal()
@@ -60,10 +62,10 @@ def dense(p, x: jax.Array, *, dtype: jnp.dtype | None = None) -> jax.Array:
     """x @ kernel (+ bias) for a Dense param dict, packed or not, as `nn.Dense` computes it
     (inputs promoted to one dtype, `dtype` when given)."""
     bias = p.get("bias")
-    if cpu_matmul.PACKED in p:  # f32 products (packed kernels are f32), then nn.Dense's dtype
-        packed = p[cpu_matmul.PACKED]
+    if cpu_kernels.PACKED in p:  # f32 products (packed kernels are f32), then nn.Dense's dtype
+        packed = p[cpu_kernels.PACKED]
         out = dtype or jnp.result_type(x, packed, *([] if bias is None else [bias]))
-        y = cpu_matmul.matmul(x, packed).astype(out)
+        y = cpu_kernels.matmul(x, packed).astype(out)
         return y if bias is None else y + bias.astype(out)
     x, kernel, bias = nn.dtypes.promote_dtype(x, p["kernel"], bias, dtype=dtype)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
@@ -118,18 +120,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention_implementation(
-    q: jax.Array, *, backend: str | None = None
-) -> Literal["einsum", "xla", "cudnn"]:
-    """Which attention a forward of these queries uses (decided at trace time).
+    q: jax.Array, *, backend: str | None = None, k: jax.Array | None = None
+) -> Literal["cpu", "einsum", "xla", "cudnn"]:
+    """Which attention a forward of these queries (and keys `k`, default: of q's dtype) uses,
+    decided at trace time.
 
+    - "cpu": the project's kernel (`cpu_kernels.attention`) for every f32 forward on a CPU
+      backend with one device, decodes included: it reads the cache in place up to the last
+      slot a query may attend and computes each query's row the same way whatever the other
+      queries, so a verification row equals the decode of the same query bit for bit. (XLA's
+      attention below sliced and transposed the keys and values into fresh buffers in every
+      layer: ~0.6 ms of a 2.4 ms decode of the default base at 300 cached tokens, and a
+      60-token verification's two products ran at a third of the machine's GEMM rate.)
     - "einsum": the explicit GQA einsums of `_attend` (scores accumulated and soft-maxed in
-      f32, each KV head's queries as one [G*T, S] block). One-token decodes (T = 1) take it
-      everywhere: a decode reads the cache once, and nothing fused beats two small matmuls
-      there; on a CPU every forward does: with the scores laid out per KV head, the products
-      are plain batched matmuls and the softmax runs along their last axis, where
-      `dot_product_attention`'s portable path transposes its probabilities for the second
-      product (`python -m inference.bench_attention` times the two; README "Where a round's
-      time goes").
+      f32, each KV head's queries as one [G*T, S] block): one-token decodes (T = 1) off a CPU
+      (a decode reads the cache once, and nothing fused beats two small matmuls there) and
+      CPU forwards the kernel does not take (bf16, a head dim not a multiple of 16, several
+      devices, where the call would gather sharded operands); with the scores laid out per KV
+      head, the products are plain batched matmuls and the softmax runs along their last axis,
+      where `dot_product_attention`'s portable path transposes its probabilities for the second
+      product (`python -m inference.bench_attention` times them; README "Where a round's time
+      goes").
     - "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused kernel, for prefill, tree
       verification and draft levels (T > 1) on a GPU in bf16/f16 with a head dim cuDNN takes
       (a multiple of 8, <= 128). The boolean mask reaches cuDNN as an additive bias.
@@ -137,17 +148,23 @@ def attention_implementation(
       a TPU: the same maths as "einsum" with f32 logits; equal to it within f32 round-off
       (tested).
 
-    `GRIFFIN_ATTENTION=einsum|xla|cudnn` forces one (`bench_device` compares them). It is read
-    when a program is traced: set it before the first call (compiled programs keep their
+    `GRIFFIN_ATTENTION=cpu|einsum|xla|cudnn` forces one (`bench_device` and `bench_attention`
+    compare them; "cpu" falls back to "einsum" where the kernel cannot take the inputs). It is
+    read when a program is traced: set it before the first call (compiled programs keep their
     choice; `jax.clear_caches()` drops them).
     """
     forced = os.environ.get("GRIFFIN_ATTENTION", "")
-    if forced:
-        if forced not in ("einsum", "xla", "cudnn"):
-            raise ValueError(f"GRIFFIN_ATTENTION={forced!r}: expected einsum, xla or cudnn")
-        return forced  # type: ignore[return-value]
+    if forced and forced not in ("cpu", "einsum", "xla", "cudnn"):
+        raise ValueError(f"GRIFFIN_ATTENTION={forced!r}: expected cpu, einsum, xla or cudnn")
     backend = backend or jax.default_backend()
-    if q.shape[1] == 1 or backend == "cpu":
+    if forced in ("", "cpu") and backend == "cpu":
+        keys = q if k is None else k
+        if jax.device_count() == 1 and cpu_kernels.can_attend(q, keys):
+            return "cpu"
+        return "einsum"
+    if forced:
+        return "einsum" if forced == "cpu" else forced  # type: ignore[return-value]
+    if q.shape[1] == 1:
         return "einsum"
     head_dim = q.shape[-1]
     if (
@@ -208,6 +225,10 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     is the whole buffer's up to the summation order.
     """
     span = mask.shape[-1]
+    if attention_implementation(q, k=k) == "cpu":  # reads the buffer in place, to the last slot
+        if span < k.shape[1]:
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, k.shape[1] - span)))
+        return cpu_kernels.attention(q, k, v, mask).astype(q.dtype)
     if span < k.shape[1]:
         k, v = k[:, :span], v[:, :span]
     # A window narrower than the queries is rarely the one (T new slots are written): fewer
@@ -236,8 +257,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     """`gqa_attention` over exactly mask.shape[-1] == k.shape[1] slots."""
     b, t, n, h = q.shape
     kv = k.shape[2]
-    impl = attention_implementation(q)
-    if impl != "einsum":
+    impl = attention_implementation(q, k=k)
+    if impl not in ("einsum", "cpu"):  # "cpu" where `gqa_attention` could not take the kernel
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], implementation=impl
         ).astype(q.dtype)
@@ -347,21 +368,21 @@ def _any_dict(params, test) -> bool:
 
 def kernel_of(p) -> jax.Array:
     """A Dense param dict's kernel as stored: [K, N], or packed [N / 32, K, 32]."""
-    return p["kernel"] if "kernel" in p else p[cpu_matmul.PACKED]
+    return p["kernel"] if "kernel" in p else p[cpu_kernels.PACKED]
 
 
 def pack_kernels(params, *, free_parts: bool = False):
-    """The CPU decode layout's kernels: every Dense kernel `cpu_matmul.can_pack` takes (2-D,
+    """The CPU decode layout's kernels: every Dense kernel `cpu_kernels.can_pack` takes (2-D,
     f32, a whole number of 32-column panels; the lm_head's too) stored packed under
-    `packed_kernel` (`cpu_matmul.pack`), which `Dense`, `dense` and `model.head_logits` run
-    with `cpu_matmul.matmul`. A one-device layout, as `fuse_projections`' is (the sharding
+    `packed_kernel` (`cpu_kernels.pack`), which `Dense`, `dense` and `model.head_logits` run
+    with `cpu_kernels.matmul`. A one-device layout, as `fuse_projections`' is (the sharding
     rules refuse it); `unpack_kernels` gives the stored one back. With `free_parts` each plain
     kernel's buffer is freed once its packed copy exists."""
 
     def pack(out: dict) -> dict:
         kernel = out.get("kernel")
-        if kernel is not None and cpu_matmul.can_pack(kernel):
-            out[cpu_matmul.PACKED] = cpu_matmul.pack(out.pop("kernel"))
+        if kernel is not None and cpu_kernels.can_pack(kernel):
+            out[cpu_kernels.PACKED] = cpu_kernels.pack(out.pop("kernel"))
             if free_parts and isinstance(kernel, jax.Array):
                 kernel.delete()
         return out
@@ -373,8 +394,8 @@ def unpack_kernels(params):
     """The inverse of `pack_kernels` (a no-op on plain kernels)."""
 
     def unpack(out: dict) -> dict:
-        if cpu_matmul.PACKED in out:
-            out["kernel"] = cpu_matmul.unpack(out.pop(cpu_matmul.PACKED))
+        if cpu_kernels.PACKED in out:
+            out["kernel"] = cpu_kernels.unpack(out.pop(cpu_kernels.PACKED))
         return out
 
     return _each_dict(params, unpack)
@@ -382,12 +403,12 @@ def unpack_kernels(params):
 
 def plain_kernel(p) -> jax.Array:
     """A Dense param dict's kernel as [K, N], unpacking a packed one."""
-    return p["kernel"] if "kernel" in p else cpu_matmul.unpack(p[cpu_matmul.PACKED])
+    return p["kernel"] if "kernel" in p else cpu_kernels.unpack(p[cpu_kernels.PACKED])
 
 
 def is_packed(params) -> bool:
     """Whether any kernel in `params` is packed (`pack_kernels`)."""
-    return _any_dict(params, lambda d: cpu_matmul.PACKED in d)
+    return _any_dict(params, lambda d: cpu_kernels.PACKED in d)
 
 
 def is_fused(params) -> bool:

@@ -17,7 +17,7 @@ and is read in place. On the 2-core dev CPU that took a batch-1 decode of a 32M-
 from 3.69 to 3.06 ms/token (the memory-bandwidth floor is ~3.1). `forward` picks the path from
 the params' layout; the inference API unstacks once at load, and on one device also fuses each
 layer's q/k/v and gate/up kernels (`layers.fuse_projections`) and, on a CPU, stores the f32
-kernels packed for `cpu_matmul`'s products (`layers.pack_kernels`).
+kernels packed for `cpu_kernels`'s products (`layers.pack_kernels`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from griffin_jax import cpu_matmul
+from griffin_jax import cpu_kernels
 from griffin_jax.config import ModelConfig
 from griffin_jax.kv_cache import KVCache
 from griffin_jax.layers import (
@@ -75,9 +75,9 @@ class SparseMoE(nn.Module):
 
 def head_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
     """hidden [..., D] @ kernel [D, V] -> f32 logits (the lm_head product, any kernel; a
-    packed one, [V / 32, D, 32], runs `cpu_matmul.matmul`)."""
+    packed one, [V / 32, D, 32], runs `cpu_kernels.matmul`)."""
     if kernel.ndim == 3:
-        return cpu_matmul.matmul(hidden, kernel)
+        return cpu_kernels.matmul(hidden, kernel)
     # f32 accumulation and output even for bf16 activations.
     return jnp.einsum(
         "...D,DV->...V", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
@@ -92,8 +92,8 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        if self.has_variable("params", cpu_matmul.PACKED):  # `pack_kernels`' layout
-            return head_logits(hidden, self.get_variable("params", cpu_matmul.PACKED))
+        if self.has_variable("params", cpu_kernels.PACKED):  # `pack_kernels`' layout
+            return head_logits(hidden, self.get_variable("params", cpu_kernels.PACKED))
         init = nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, (hidden.shape[-1], self.vocab_size), self.dtype)
         return head_logits(hidden, kernel)
@@ -202,12 +202,12 @@ def decode_layout(params, *, free: bool = False, pack: bool | None = None):
     """The one-device decode layout the inference API runs: the layers unrolled
     (`unstack_layers`), each layer's q/k/v and gate/up kernels fused
     (`layers.fuse_projections`) and, on a CPU, the f32 kernels packed for
-    `cpu_matmul.matmul` (`layers.pack_kernels`; `pack` None = `cpu_matmul.enabled()`). With
+    `cpu_kernels.matmul` (`layers.pack_kernels`; `pack` None = `cpu_kernels.enabled()`). With
     `free` the caller gives `params` up: each replaced buffer is freed as soon as its successor
     exists."""
     out = fuse_projections(unstack_layers(params, free_stacked=free), free_parts=free)
     if pack is None:
-        pack = cpu_matmul.enabled()
+        pack = cpu_kernels.enabled()
     return pack_kernels(out, free_parts=free) if pack else out
 
 

@@ -197,7 +197,7 @@ class SpeculativeModel:
             per-layer weights and KV buffers, ~15% faster decoding on CPU, one compiled copy of
             the layer per depth), on one device with each layer's q/k/v and gate/up products
             fused, the draft's too (`layers.fuse_projections`), and on a CPU the f32 kernels
-            packed for `cpu_matmul` (`layers.pack_kernels`); False keeps the stored layout
+            packed for `cpu_kernels` (`layers.pack_kernels`); False keeps the stored layout
             (stacked layers, `nn.scan`, unfused, XLA's products).
           draft_vocab: draft from the N most frequent tokens of the ranking stored next to the
             draft (`draft_vocab.safetensors`); 0 = the whole vocabulary; None = the tree file's

@@ -10,6 +10,8 @@ and the window a forward reads (`layers.attention_spans`) follows from P + W as 
 
   python -m inference.bench_attention --widths 1 2 8 60 --context 100:256 --context 200:512 \\
       --context 900:2048 --out docs/bench_attention.json
+
+compares the CPU kernel with XLA's einsums by default (`--implementations cpu einsum`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from griffin_jax.kv_cache import causal_mask, init_cache
 from griffin_jax.model import forward
 from inference.api import DEFAULT_MODEL_DIR, SpeculativeModel
 
-IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+IMPLEMENTATIONS = ("cpu", "einsum", "xla", "cudnn")
 
 
 def _context(text: str) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=[1, 2, 8, 60],
                    help="new tokens per forward")  # fmt: skip
     p.add_argument("--context", action="append", default=[], help="CACHED:CAPACITY slots")
-    p.add_argument("--implementations", nargs="+", default=["einsum", "xla"],
+    p.add_argument("--implementations", nargs="+", default=["cpu", "einsum"],
                    choices=IMPLEMENTATIONS)  # fmt: skip
     p.add_argument("--repeats", type=int, default=60)
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report")

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import checks, cli, cpu_matmul, speculative, vanilla
+from griffin_jax import checks, cli, cpu_kernels, speculative, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
@@ -294,7 +294,7 @@ def products_ms(model: SpeculativeModel, rows: int, repeats: int) -> float:
     @jax.jit
     def chain(x, kernels, head):
         for p in kernels:
-            width, _ = cpu_matmul.kernel_shape(kernel_of(p))
+            width, _ = cpu_kernels.kernel_shape(kernel_of(p))
             missing = width - x.shape[1]
             x = x[:, :width] if missing <= 0 else jnp.pad(x, ((0, 0), (0, missing)))
             x = 1 + jnp.tanh(dense({k: v for k, v in p.items() if k != "bias"}, x))

@@ -195,3 +195,22 @@ def draft_from_start(params, dcfg, embedding, features, tokens, cap: int):
 
 
 _base_forward = jax.jit(base_lib.forward, static_argnames=("cfg",))
+
+
+def attention_reference(q, k, v, mask) -> np.ndarray:
+    """float64 softmax attention of q [B, T, N, H] over k, v [B, S, K, H], each query over the
+    slots its mask row [B, T, S] lets it see (0 where it sees none)."""
+    b, t, n, h = q.shape
+    group = n // k.shape[2]
+    out = np.zeros((b, t, n, h))
+    for row in range(b):
+        for i in range(t):
+            seen = np.flatnonzero(mask[row, i])
+            if not len(seen):
+                continue
+            for head in range(n):
+                keys = k[row, seen, head // group].astype(np.float64)
+                scores = keys @ q[row, i, head].astype(np.float64) / np.sqrt(h)
+                weights = np.exp(scores - scores.max())
+                out[row, i, head] = weights @ v[row, seen, head // group] / weights.sum()
+    return out

@@ -3,7 +3,10 @@
 The reference is a float64 numpy softmax over the attended slots only. Slots past the expected
 window hold NaN keys and values: reading a larger window than the smallest one that holds the
 last attended slot turns the output NaN, reading a smaller one drops an attended slot (whose
-value is made large, so the output moves far past round-off).
+value is made large, so the output moves far past round-off). The windows are the einsum
+path's (`GRIFFIN_ATTENTION=einsum`: GPU/TPU forwards, bf16 on a CPU); the numeric tests run the
+CPU kernel too (`cpu_kernels.attention`), which reads each KV head's buffer up to the last slot
+its queries may attend, so it too must never touch the NaN slots.
 """
 
 from __future__ import annotations
@@ -12,10 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from spec_models import attention_reference as reference
 
 from griffin_jax import layers
 
 CAPACITY, N, KV, H = 448, 4, 2, 16
+
+
+@pytest.fixture(params=["einsum", "cpu"])
+def implementation(request, monkeypatch):
+    monkeypatch.setenv("GRIFFIN_ATTENTION", request.param)
+    return request.param
+
+
+@pytest.fixture
+def einsum(monkeypatch):
+    monkeypatch.setenv("GRIFFIN_ATTENTION", "einsum")
 
 
 def test_windows_double_and_end_at_the_capacity():
@@ -28,25 +43,11 @@ def test_windows_double_and_end_at_the_capacity():
     assert layers.attention_spans(1100) == (128, 256, 512, 1100)
 
 
-def _reference(q, k, v, mask):
-    b, t, n, h = q.shape
-    group = n // k.shape[2]
-    out = np.zeros((b, t, n, h))
-    for row in range(b):
-        for i in range(t):
-            seen = np.flatnonzero(mask[row, i])
-            for head in range(n):
-                keys = k[row, seen, head // group].astype(np.float64)
-                scores = keys @ q[row, i, head].astype(np.float64) / np.sqrt(h)
-                weights = np.exp(scores - scores.max())
-                weights /= weights.sum()
-                out[row, i, head] = weights @ v[row, seen, head // group].astype(np.float64)
-    return out
-
-
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("last", [1, 127, 128, 129, 255, 256, 257, CAPACITY])
-def test_attention_reads_exactly_the_smallest_window_holding_the_attended_slots(queries, last):
+def test_attention_reads_exactly_the_smallest_window_holding_the_attended_slots(
+    queries, last, implementation
+):
     rng = np.random.default_rng(last * 10 + queries)
     window = next(s for s in layers.attention_spans(CAPACITY) if s >= last)
     q = rng.normal(size=(2, queries, N, H)).astype(np.float32)
@@ -61,20 +62,20 @@ def test_attention_reads_exactly_the_smallest_window_holding_the_attended_slots(
     mask[0, :, last - 1] = True  # row 0 attends the last slot; row 1 ends earlier
     mask[1, :, max(last - 9, 1) :] = False
     out = jax.jit(layers.gqa_attention)(q, k, v, jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, mask), rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), rtol=2e-5, atol=2e-4)
 
 
-def test_a_whole_window_mask_reads_the_whole_buffer():
+def test_a_whole_window_mask_reads_the_whole_buffer(implementation):
     rng = np.random.default_rng(0)
     q = rng.normal(size=(1, 2, N, H)).astype(np.float32)
     k = rng.normal(size=(1, CAPACITY, KV, H)).astype(np.float32)
     v = rng.normal(size=(1, CAPACITY, KV, H)).astype(np.float32)
     mask = np.ones((1, 2, 300), bool)  # a mask over the first 300 slots of a larger buffer
     out = jax.jit(layers.gqa_attention)(q, k, v, jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, mask), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), rtol=2e-5, atol=2e-5)
 
 
-def test_only_windows_as_wide_as_the_queries_are_branches():
+def test_only_windows_as_wide_as_the_queries_are_branches(einsum):
     q1, q300 = jnp.zeros((1, 1, N, H)), jnp.zeros((1, 300, N, H))
     kv = jnp.zeros((1, 300, KV, H))
     decode = jax.make_jaxpr(layers.gqa_attention)(q1, kv, kv, jnp.ones((1, 1, 300), bool))
@@ -83,7 +84,7 @@ def test_only_windows_as_wide_as_the_queries_are_branches():
     assert "cond[" not in str(prefill)  # a prefill over its own 300 slots reads them all
 
 
-def test_a_buffer_under_256_slots_has_no_window_choice():
+def test_a_buffer_under_256_slots_has_no_window_choice(einsum):
     q1, kv = jnp.zeros((1, 1, N, H)), jnp.zeros((1, 200, KV, H))
     decode = jax.make_jaxpr(layers.gqa_attention)(q1, kv, kv, jnp.ones((1, 1, 200), bool))
     assert "cond[" not in str(decode)

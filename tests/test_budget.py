@@ -704,6 +704,43 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
         assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True), bad
 
 
+def test_round_costs_weigh_shapes_within_a_pass_and_take_more_passes_while_unsure(
+    pair, monkeypatch
+):
+    # A pass in which the whole machine ran slow scales every shape of it alike: the ratios
+    # to the pass's first shape are kept, so a slow pass for one shape and a fast one for
+    # another cannot skew their ratio as plain per-shape medians could.
+    passes = [[1.0, 2.0, 0.1], [2.0, 4.0, 0.3], [1.1, 2.2, 0.2], [3.0, 6.0, 0.2]]
+    got = speculative.pass_medians(passes)
+    assert got[1] / got[0] == pytest.approx(2.0) and got[0] == pytest.approx(1.55)
+    assert got[2] == pytest.approx(0.2)  # the catch-up: its own median
+    skewed = [[1.0, 2.0, 0.1], [2.0, 2.6, 0.1], [1.0, 4.0, 0.1]]  # per-shape medians: 2.6x
+    assert speculative.pass_medians(skewed)[1] / speculative.pass_medians(skewed)[0] == 2.0
+    assert speculative.cost_spread(passes[:2]) == float("inf")  # unknown under 3 passes
+    assert speculative.cost_spread(passes) == 0.0  # equal ratios in every pass
+    noisy = [[1.0, r, 0.1] for r in (2.0, 2.4, 1.6, 2.2, 1.8)]
+    assert speculative.cost_spread(noisy) > 0.05
+    # measure_round_costs: `repeats` passes while the ratios agree, more (up to
+    # `max_repeats`) while they do not; fewer than 3 repeats never add passes.
+    cfg, dcfg, base, draft = pair
+    for ratios, repeats, want in [
+        ([2.0] * 12, 3, 3),
+        ([2.0, 3.0, 2.5] * 4, 3, 7),
+        ([2.0, 3.0], 1, 1),
+    ]:
+        timings = iter(ratios)
+
+        def one_pass(fn, timings=timings, **kw):  # the pass's figures, not a real timing
+            return type("Timed", (), {"result": [1.0, next(timings), 0.1]})()
+
+        monkeypatch.setattr(speculative.steal, "timed", one_pass)
+        speculative.measure_round_costs(
+            base, cfg, draft, dcfg, budget.make_budget([None, TREE]), batch=1, greedy=True,
+            prompt_len=8, max_new=16, repeats=repeats, max_repeats=7, segment=2,
+        )  # fmt: skip
+        assert len(ratios) - len(list(timings)) == want
+
+
 def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
     """`Shapes.prompt_pending`: prefill runs no draft, plain rounds queue behind the prompt,
     and the first catch-up leaves the trunk and level-1 inputs an eager prefill leaves

@@ -1,4 +1,4 @@
-"""The CPU decode layout's packed products (`griffin_jax.cpu_matmul`, `layers.pack_kernels`):
+"""The CPU decode layout's packed products (`griffin_jax.cpu_kernels`, `layers.pack_kernels`):
 the same products as XLA's, rows independent of their neighbours, every path that reads a
 kernel taking the packed form, and XLA's products wherever the library is not there."""
 
@@ -18,7 +18,7 @@ from spec_models import (
     random_pair,
 )
 
-from griffin_jax import cpu_matmul, sharding, speculative, vanilla
+from griffin_jax import cpu_kernels, layers, sharding, speculative, vanilla
 from griffin_jax.config import TreeConfig
 from griffin_jax.layers import (
     Dense,
@@ -31,7 +31,7 @@ from griffin_jax.layers import (
 from griffin_jax.model import decode_layout, unstack_layers
 
 pytestmark = pytest.mark.skipif(
-    not cpu_matmul.enabled(), reason="the packed-product library does not build here"
+    not cpu_kernels.enabled(), reason="the packed-product library does not build here"
 )
 
 
@@ -41,7 +41,7 @@ def test_packed_product_is_xla_s_product(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + k)
     w = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    got = jax.jit(cpu_matmul.matmul)(jnp.asarray(x), cpu_matmul.pack(jnp.asarray(w)))
+    got = jax.jit(cpu_kernels.matmul)(jnp.asarray(x), cpu_kernels.pack(jnp.asarray(w)))
     want = x.astype(np.float64) @ w.astype(np.float64)
     # f32 sums of K products of O(1) terms: round-off grows like sqrt(K) * eps * |terms|
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6 * np.sqrt(k) * 4)
@@ -52,9 +52,9 @@ def test_a_row_s_result_does_not_depend_on_the_rows_beside_it():
     in a verification of 60 agree bit for bit (XLA's matrix-vector and matrix products need
     not)."""
     rng = np.random.default_rng(0)
-    w = cpu_matmul.pack(jnp.asarray(rng.standard_normal((256, 384)), jnp.float32))
+    w = cpu_kernels.pack(jnp.asarray(rng.standard_normal((256, 384)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((60, 256)), jnp.float32)
-    f = jax.jit(cpu_matmul.matmul)
+    f = jax.jit(cpu_kernels.matmul)
     whole = np.asarray(f(x, w))
     for lo, hi in [(0, 1), (5, 6), (3, 11), (59, 60), (0, 17)]:
         np.testing.assert_array_equal(np.asarray(f(x[lo:hi], w)), whole[lo:hi])
@@ -63,20 +63,20 @@ def test_a_row_s_result_does_not_depend_on_the_rows_beside_it():
 def test_batch_dims_layout_round_trip_and_what_packs():
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)
-    packed = cpu_matmul.pack(w)
+    packed = cpu_kernels.pack(w)
     assert packed.shape == (3, 48, 32)
-    assert cpu_matmul.kernel_shape(packed) == cpu_matmul.kernel_shape(w) == (48, 96)
-    np.testing.assert_array_equal(cpu_matmul.unpack(packed), w)
+    assert cpu_kernels.kernel_shape(packed) == cpu_kernels.kernel_shape(w) == (48, 96)
+    np.testing.assert_array_equal(cpu_kernels.unpack(packed), w)
     x = jnp.asarray(rng.standard_normal((2, 5, 48)), jnp.float32)
-    np.testing.assert_allclose(cpu_matmul.matmul(x, packed), x @ w, rtol=1e-5, atol=1e-5)
-    under_vmap = jax.vmap(cpu_matmul.matmul, in_axes=(0, None))(x, packed)
+    np.testing.assert_allclose(cpu_kernels.matmul(x, packed), x @ w, rtol=1e-5, atol=1e-5)
+    under_vmap = jax.vmap(cpu_kernels.matmul, in_axes=(0, None))(x, packed)
     np.testing.assert_allclose(under_vmap, x @ w, rtol=1e-5, atol=1e-5)
-    assert cpu_matmul.can_pack(w)
-    assert not cpu_matmul.can_pack(w[:, :80])  # not whole panels
-    assert not cpu_matmul.can_pack(w.astype(jnp.bfloat16))  # f32 only
-    assert not cpu_matmul.can_pack(jnp.zeros((2, 48, 96)))  # kernels are 2-D
+    assert cpu_kernels.can_pack(w)
+    assert not cpu_kernels.can_pack(w[:, :80])  # not whole panels
+    assert not cpu_kernels.can_pack(w.astype(jnp.bfloat16))  # f32 only
+    assert not cpu_kernels.can_pack(jnp.zeros((2, 48, 96)))  # kernels are 2-D
     with pytest.raises(ValueError, match="K = 48"):
-        cpu_matmul.matmul(x[..., :40], packed)
+        cpu_kernels.matmul(x[..., :40], packed)
 
 
 def test_dense_runs_a_packed_kernel_as_nn_dense_runs_the_plain_one():
@@ -87,7 +87,7 @@ def test_dense_runs_a_packed_kernel_as_nn_dense_runs_the_plain_one():
     params = {**params, "bias": jnp.asarray(rng.standard_normal(96), jnp.float32)}
     plain = module.apply({"params": params}, x)
     packed = module.apply({"params": pack_kernels(params)}, x)
-    assert sorted(pack_kernels(params)) == ["bias", cpu_matmul.PACKED]
+    assert sorted(pack_kernels(params)) == ["bias", cpu_kernels.PACKED]
     np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-5)
     import flax.linen as nn
 
@@ -107,8 +107,8 @@ def test_packed_decode_layout_computes_what_the_stored_one_computes(family):
     packed = decode_layout(stacked, pack=True)
     assert is_packed(packed) and not is_packed(plain)
     qkv = packed["layers"][0]["self_attn"]["qkv_proj"]
-    assert cpu_matmul.PACKED in qkv and "kernel" not in qkv
-    assert (cpu_matmul.PACKED in packed.get("lm_head", {})) == (not cfg.tie_embeddings)
+    assert cpu_kernels.PACKED in qkv and "kernel" not in qkv
+    assert (cpu_kernels.PACKED in packed.get("lm_head", {})) == (not cfg.tie_embeddings)
     back = unfuse_projections(packed, cfg)
     jax.tree.map(np.testing.assert_array_equal, back, unstack_layers(stacked))
     jax.tree.map(np.testing.assert_array_equal, unpack_kernels(packed), plain)
@@ -158,42 +158,46 @@ def test_xla_products_on_request_and_where_the_library_cannot_build(monkeypatch,
     cfg = base_config("llama")
     stacked, _ = random_pair(cfg, draft_config(cfg))
     monkeypatch.setenv("GRIFFIN_CPU_MATMUL", "xla")
-    assert not cpu_matmul.enabled() and not is_packed(decode_layout(stacked))
+    assert not cpu_kernels.enabled() and not is_packed(decode_layout(stacked))
     monkeypatch.setenv("GRIFFIN_CPU_MATMUL", "fast")
     with pytest.raises(ValueError, match="GRIFFIN_CPU_MATMUL"):
-        cpu_matmul.enabled()
+        cpu_kernels.enabled()
     monkeypatch.delenv("GRIFFIN_CPU_MATMUL")
     # No compiler: one warning, XLA's products, nothing packed.
-    monkeypatch.setattr(cpu_matmul, "_compiler", lambda: None)
-    cpu_matmul.library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    cpu_kernels.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="griffin_jax.cpu_matmul"):
-            assert not cpu_matmul.enabled()
+        with caplog.at_level(logging.WARNING, logger="griffin_jax.cpu_kernels"):
+            assert not cpu_kernels.enabled()
         assert "no C++ compiler" in caplog.text
         assert not is_packed(decode_layout(stacked))
         with pytest.raises(RuntimeError, match="compiled library"):
-            cpu_matmul.matmul(jnp.ones((1, 64)), jnp.ones((2, 64, 32)))
+            cpu_kernels.matmul(jnp.ones((1, 64)), jnp.ones((2, 64, 32)))
+        q = jnp.ones((1, 3, 4, 32))  # attention: XLA's einsums
+        assert layers.attention_implementation(q) == "einsum"
+        with pytest.raises(RuntimeError, match="compiled library"):
+            cpu_kernels.attention(q, q[:, :, :2], q[:, :, :2], jnp.ones((1, 3, 3), bool))
     finally:
         monkeypatch.undo()
-        cpu_matmul.library.cache_clear()
-        assert cpu_matmul.enabled()  # built again from the cache, registered again
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.enabled()  # built again from the cache, registered again
 
 
 def test_a_failed_build_names_the_compiler_s_error(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("GRIFFIN_CPU_MATMUL_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_matmul, "FLAGS", (*cpu_matmul.FLAGS, "-DGRIFFIN_NO_SUCH_FLAG=("))
-    monkeypatch.setattr(cpu_matmul, "SOURCE", tmp_path / "broken.cc")
+    monkeypatch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-DGRIFFIN_NO_SUCH_FLAG=("))
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (tmp_path / "broken.cc",))
     (tmp_path / "broken.cc").write_text("this is not C++\n")
-    cpu_matmul.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="griffin_jax.cpu_matmul"):
-            assert cpu_matmul.library() is None
-        assert "packed CPU products unavailable" in caplog.text and "broken.cc" in caplog.text
+        with caplog.at_level(logging.WARNING, logger="griffin_jax.cpu_kernels"):
+            assert cpu_kernels.library() is None
+        assert "CPU kernels are unavailable" in caplog.text and "broken.cc" in caplog.text
         assert not list(tmp_path.glob("*.so"))
     finally:
         monkeypatch.undo()
-        cpu_matmul.library.cache_clear()
-        assert cpu_matmul.enabled()
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.enabled()
 
 
 def test_packed_kernels_are_not_sharded():

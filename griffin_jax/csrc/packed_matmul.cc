@@ -8,12 +8,10 @@
 // result does not depend on how many rows share the product.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -90,53 +88,25 @@ void PanelRange(int64_t rows, int64_t k_dim, int64_t n_dim, const float* x, cons
   for (; p < p1; ++p) Panels<1>(rows, k_dim, n_dim, x, w + p * stride, y + p * kPanel);
 }
 
-// Panels are handed out in chunks from a shared counter. The calling thread takes chunks too
-// and then waits only for chunks another thread has started, so a helper task that reaches a
-// busy pool late finds nothing left and returns: no wait on a task that has not run.
-struct Work {
-  int64_t rows, k_dim, n_dim, panels, per_chunk, chunks;
-  const float* x;
-  const float* w;
-  float* y;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-
-  void RunChunks() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      PanelRange(rows, k_dim, n_dim, x, w, y, c * per_chunk, std::min(panels, (c + 1) * per_chunk));
-      finished.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[1] != xd[1])
     return ffi::Error::InvalidArgument("griffin_packed_matmul: expected x [R, K], w [N/32, K, 32]");
-  auto work = std::make_shared<Work>();
-  work->rows = xd[0];
-  work->k_dim = xd[1];
-  work->panels = wd[0];
-  work->n_dim = wd[0] * kPanel;
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->y = y->typed_data();
-  // The panels are split between the pool's threads (the caller among them); a product of one
-  // panel runs where it is.
+  const int64_t rows = xd[0], k_dim = xd[1], panels = wd[0], n_dim = wd[0] * kPanel;
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  // The panels are split between the pool's threads (the caller among them), in whole groups
+  // of `GroupOf(rows)`; a product of one panel runs where it is.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t target = std::min<int64_t>(work->panels, 4 * threads);
-  const int64_t group = GroupOf(work->rows);  // whole groups per chunk
-  work->per_chunk = ((work->panels + target - 1) / target + group - 1) / group * group;
-  work->chunks = (work->panels + work->per_chunk - 1) / work->per_chunk;
-  if (work->chunks == 1) {
-    work->RunChunks();
-    return ffi::Error::Success();
-  }
-  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule([work] { work->RunChunks(); });
-  work->RunChunks();
-  while (work->finished.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const int64_t target = std::min<int64_t>(panels, 4 * threads);
+  const int64_t group = GroupOf(rows);
+  const int64_t per_chunk = ((panels + target - 1) / target + group - 1) / group * group;
+  griffin::RunChunks(pool, (panels + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    PanelRange(rows, k_dim, n_dim, xs, ws, ys, c * per_chunk, std::min(panels, (c + 1) * per_chunk));
+  });
   return ffi::Error::Success();
 }
 

@@ -1,4 +1,5 @@
-"""Products against packed kernels on a CPU: the decode layout's matmuls there.
+"""The project's own CPU kernels: products against packed kernels (the decode layout's
+matmuls there) and grouped-query attention over a KV buffer.
 
 XLA's CPU backend hands a product of a few rows (a decode, a tree verification, a draft
 level) to a library that repacks the kernel on every call: for the default pair, 8 rows
@@ -12,7 +13,13 @@ Every output element is one f32 sum over K in ascending order, whatever the numb
 so a row's logits do not depend on how many rows share the product (a verification row
 equals the decode of the same token bit for bit in these products).
 
-The library is compiled from its source with the machine's C++ compiler (`$CXX`, else `c++` /
+`attention` (`csrc/attention.cc`) is every f32 forward's attention on a CPU
+(`layers.attention_implementation`): XLA's sliced and transposed the cache's keys and values
+into fresh buffers in every layer before two small library products; this reads the buffer in
+place up to the last slot a query may attend. A row's output is computed the same way whatever
+the other rows, so a verification row equals the decode of the same query bit for bit here too.
+
+The library is compiled from its sources with the machine's C++ compiler (`$CXX`, else `c++` /
 `g++`) at first use, for this CPU (`-march=native`), into the user cache, keyed by the source,
 the compiler, the XLA FFI headers and the CPU; where none compiles (no compiler), the decode
 layout keeps plain kernels and XLA's products, with one warning. `GRIFFIN_CPU_MATMUL=xla`
@@ -34,6 +41,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from griffin_jax.cli import user_cache_dir
 
@@ -41,8 +49,11 @@ log = logging.getLogger(__name__)
 
 PANEL = 32  # columns per packed panel
 PACKED = "packed_kernel"  # a Dense param dict's packed kernel, in place of "kernel"
-TARGET = "griffin_packed_matmul"  # the XLA FFI target
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "packed_matmul.cc"
+TARGET = "griffin_packed_matmul"  # the XLA FFI targets
+ATTENTION_TARGET = "griffin_attention"
+SOURCES = tuple(
+    pathlib.Path(__file__).parent / "csrc" / n for n in ("packed_matmul.cc", "attention.cc")
+)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -71,17 +82,23 @@ def _build(compiler: str) -> pathlib.Path:
     ).stdout
     digest = hashlib.sha256(
         "\0".join(
-            [SOURCE.read_text(), version, " ".join(FLAGS), _cpu_id(), jax.__version__]
+            [
+                *(src.read_text() for src in SOURCES),
+                version,
+                " ".join(FLAGS),
+                _cpu_id(),
+                jax.__version__,
+            ]
         ).encode()
     ).hexdigest()[:16]
     folder = pathlib.Path(os.environ.get("GRIFFIN_CPU_MATMUL_DIR") or user_cache_dir() / "cpu")
-    path = folder / f"packed_matmul-{digest}.so"
+    path = folder / f"griffin_kernels-{digest}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # concurrent builders: atomic rename
         out = pathlib.Path(tmp) / path.name
-        cmd = [compiler, *FLAGS, "-w", "-I", include, str(SOURCE), "-o", str(out)]
+        cmd = [compiler, *FLAGS, "-w", "-I", include, *map(str, SOURCES), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -91,18 +108,23 @@ def _build(compiler: str) -> pathlib.Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The packed-product library, built and registered with XLA (None where it cannot be:
-    no compiler or a failed build, logged once)."""
+    """The kernels' library, built and registered with XLA (None where it cannot be: no
+    compiler or a failed build, logged once)."""
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler found ($CXX, c++, g++, clang++): CPU products use XLA's")
+        log.warning(
+            "no C++ compiler found ($CXX, c++, g++, clang++): CPU products and attention use XLA's"
+        )
         return None
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        log.warning("packed CPU products unavailable, using XLA's: %s", err)
+        log.warning("the project's CPU kernels are unavailable, using XLA's: %s", err)
         return None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GriffinPackedMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(
+        ATTENTION_TARGET, jax.ffi.pycapsule(lib.GriffinAttention), platform="cpu"
+    )
     return lib
 
 
@@ -149,7 +171,7 @@ def unpack(packed: jax.Array) -> jax.Array:
 def matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
     """x [..., K] @ the packed kernel -> f32 [..., N] (the decode layout's product on a CPU)."""
     if library() is None:
-        raise RuntimeError("packed CPU products need the compiled library (cpu_matmul.enabled)")
+        raise RuntimeError("packed CPU products need the compiled library (cpu_kernels.enabled)")
     p, k, _ = packed.shape
     if x.shape[-1] != k:
         raise ValueError(f"x [..., {x.shape[-1]}] against a packed kernel of K = {k}")
@@ -162,3 +184,41 @@ def matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
     )
     out = call(rows, packed.astype(jnp.float32))
     return jnp.reshape(out, (*lead, p * PANEL))
+
+
+def can_attend(q: jax.Array, k: jax.Array) -> bool:
+    """Whether `attention` takes these: f32 queries and keys, a head dim of whole 16-float
+    vectors, and the library built."""
+    return (
+        q.dtype == jnp.float32
+        and k.dtype == jnp.float32
+        and q.shape[-1] % 16 == 0
+        and library() is not None
+    )
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention on a CPU (`csrc/attention.cc`; `can_attend` inputs).
+
+    Args:
+      q: [B, T, N, H] f32 queries (RoPE applied).
+      k, v: [B, S, K, H] f32 keys / values (N % K == 0): the whole buffer, read in place up to
+        the last slot any of a KV head's queries may attend.
+      mask: [B, T, S] bool, True = may attend.
+    Returns:
+      [B, T, N, H] f32: softmax(q k^T / sqrt(H)) v over each query's visible slots (scores and
+      sums in f32; 0 for a query that may attend nothing).
+    """
+    if library() is None:
+        raise RuntimeError("CPU attention needs the compiled library (cpu_kernels.can_attend)")
+    b, t, n, h = q.shape
+    if k.shape[0] != b or k.shape[3] != h or n % k.shape[2] or v.shape != k.shape:
+        raise ValueError(f"q {q.shape} against k {k.shape}, v {v.shape}")
+    if mask.shape != (b, t, k.shape[1]):
+        raise ValueError(f"mask {mask.shape}: expected {(b, t, k.shape[1])}")
+    call = jax.ffi.ffi_call(
+        ATTENTION_TARGET,
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(q, k, v, mask.astype(jnp.bool_), scale=np.float32(1.0 / np.sqrt(h)))

@@ -1,0 +1,327 @@
+// Grouped-query attention of queries q [B, T, N, H] over a KV buffer k, v [B, S, KV, H] under
+// a mask [B, T, S] (true = may attend), out [B, T, N, H], all f32 but the mask. The XLA FFI
+// target "griffin_attention" on the CPU (`griffin_jax/cpu_kernels.py` builds and registers it).
+//
+// Why: XLA's CPU attention over a cache slices and transposes the keys and values into fresh
+// buffers for every layer, and runs the two products as small separate library calls; this
+// reads the buffer in place, up to the last slot a query may attend, scores, soft-maxes and
+// sums in one pass per group of query rows.
+//
+// Each output row is computed the same way whatever T, the other rows or the buffer's size:
+// scores are FMA chains over h in ascending order; the softmax's max and sum run over slots
+// from 0 in 16-slot lanes (slots a row may not attend weigh exactly 0); the weighted sum of
+// values is an FMA chain over slots in ascending order. So a verification row equals the
+// decode of the same query bit for bit.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "chunks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kSlots = 32;  // slots a score block covers (two vectors)
+constexpr int kGroup = 8;       // query rows scored and summed together
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+
+inline v16 Load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void Store(float* p, v16 x) { std::memcpy(p, &x, sizeof(v16)); }
+inline v16 Splat(float x) { return v16{} + x; }
+
+// e^x for x <= 0 (scores less their row's max): 2^n * p(r) with x = n ln 2 + r, |r| <= ln2 / 2,
+// p a degree-6 polynomial (~2 ulp); exactly 0 below -87 (e^-87 ~ 1.6e-38, f32's normal floor).
+inline v16 Exp(v16 x) {
+  const v16 lo = Splat(-87.0f);
+  const v16 y = x < lo ? lo : x;
+  const v16 shift = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 t = y * Splat(1.44269504f) + shift;
+  const v16 n = t - shift;
+  v16 r = y - n * Splat(0.693145752f);
+  r = r - n * Splat(1.42860677e-6f);
+  v16 p = Splat(1.9875691500e-4f);
+  p = p * r + Splat(1.3981999507e-3f);
+  p = p * r + Splat(8.3334519073e-3f);
+  p = p * r + Splat(4.1665795894e-2f);
+  p = p * r + Splat(1.6666665459e-1f);
+  p = p * r + Splat(5.0000001201e-1f);
+  p = p * (r * r) + r + Splat(1.0f);
+  const i16 bits = ((reinterpret_cast<const i16&>(t) - 0x4B400000) + 127) << 23;
+  const v16 e = p * reinterpret_cast<const v16&>(bits);
+  return x < lo ? v16{} : e;
+}
+
+// kt[h][s] = k[s][h] for slots [0, last) and every h (H % 16 == 0; rows of k `ldk` apart, kt's
+// `ld` apart, zeros for slots [last, ld)), in 16 x 16 tiles: four rounds of two-vector
+// shuffles swap ever smaller blocks (8, 4, 2, 1 lanes) across the diagonal.
+void Transpose(const float* k, int64_t ldk, int64_t last, int64_t h_dim, float* kt, int64_t ld) {
+  typedef int32_t m16 __attribute__((vector_size(64)));
+  for (int64_t s = 0; s < ld; s += kLanes) {
+    for (int64_t h0 = 0; h0 < h_dim; h0 += kLanes) {
+      v16 r[kLanes];
+      for (int i = 0; i < kLanes; ++i)
+        r[i] = s + i < last ? Load(k + (s + i) * ldk + h0) : v16{};
+#define SWAP_BLOCKS(B)                                                        \
+  {                                                                           \
+    m16 lo, hi;                                                               \
+    for (int l = 0; l < kLanes; ++l) {                                        \
+      lo[l] = (l & B) ? kLanes + l - B : l;                                   \
+      hi[l] = (l & B) ? kLanes + l : l + B;                                   \
+    }                                                                         \
+    for (int i = 0; i < kLanes; ++i)                                          \
+      if (!(i & B)) {                                                         \
+        const v16 a = r[i], b = r[i + B];                                     \
+        r[i] = __builtin_shuffle(a, b, lo);                                   \
+        r[i + B] = __builtin_shuffle(a, b, hi);                               \
+      }                                                                       \
+  }
+      SWAP_BLOCKS(8) SWAP_BLOCKS(4) SWAP_BLOCKS(2) SWAP_BLOCKS(1)
+#undef SWAP_BLOCKS
+      for (int j = 0; j < kLanes; ++j) Store(kt + (h0 + j) * ld + s, r[j]);
+    }
+  }
+}
+
+// One past the last slot mask row `m` (S slots) may attend; 0 for none.
+inline int64_t End(const bool* m, int64_t s_dim) {
+  int64_t s = s_dim;
+  while (s >= 8) {
+    uint64_t word;
+    std::memcpy(&word, m + s - 8, 8);
+    if (word) break;
+    s -= 8;
+  }
+  while (s > 0 && !m[s - 1]) --s;
+  return s;
+}
+
+// Scores of MR query rows (q, H apart) against slots [0, s_pad) of the transposed keys kt
+// [H, ld], times `scale`, into sc (rows ld apart).
+template <int MR>
+void Scores(const float* q, int64_t h_dim, const float* kt, int64_t ld, int64_t s_pad, float scale,
+            float* sc) {
+  for (int64_t s0 = 0; s0 < s_pad; s0 += kSlots) {
+    v16 lo[MR], hi[MR];
+    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = v16{};
+    for (int64_t h = 0; h < h_dim; ++h) {
+      const v16 k0 = Load(kt + h * ld + s0), k1 = Load(kt + h * ld + s0 + kLanes);
+      for (int m = 0; m < MR; ++m) {
+        const float x = q[m * h_dim + h];
+        lo[m] += x * k0;
+        hi[m] += x * k1;
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      Store(sc + m * ld + s0, lo[m] * scale);
+      Store(sc + m * ld + s0 + kLanes, hi[m] * scale);
+    }
+  }
+}
+
+typedef int8_t b16 __attribute__((vector_size(16), aligned(1)));
+
+// Lanes of slots s .. s+15 a row may attend: mask[s + i] and s + i < end (mask holds end
+// bytes or more).
+inline i16 Visible(const bool* mask, int64_t s, int64_t end) {
+  b16 bytes{};
+  if (s + kLanes <= end) {
+    std::memcpy(&bytes, mask + s, kLanes);
+  } else if (s < end) {
+    std::memcpy(&bytes, mask + s, end - s);
+  }
+  return __builtin_convertvector(bytes, i16) != 0;
+}
+
+// A row's scores -> unnormalised weights e^(score - max) over the slots it may attend (0
+// elsewhere, and from `end` on); returns the sum of the weights.
+float Weights(float* sc, const bool* mask, int64_t end, int64_t s_pad) {
+  const v16 none = Splat(-__builtin_inff());
+  v16 top = none;
+  for (int64_t s = 0; s < end; s += kLanes) {
+    const v16 x = Load(sc + s);
+    top = Visible(mask, s, end) && x > top ? x : top;
+  }
+  float m = top[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, top[i]);
+  v16 total{};
+  for (int64_t s = 0; s < s_pad; s += kLanes) {
+    const v16 w = Exp(Visible(mask, s, end) ? Load(sc + s) - m : none);
+    Store(sc + s, w);
+    total += w;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < kLanes; ++i) sum += total[i];
+  return sum;
+}
+
+// Rows' outputs (outs[m], H wide) = weights [MR, ld] @ values (rows `ldv` apart) over slots
+// [0, end), each divided by its row's weight sum (0 where a row attends nothing).
+template <int MR>
+void Values(const float* w, int64_t ld, int64_t end, const float* v, int64_t ldv, int64_t h_dim,
+            const float* sums, float* const* outs) {
+  float inv[MR];
+  for (int m = 0; m < MR; ++m) inv[m] = sums[m] > 0.0f ? 1.0f / sums[m] : 0.0f;
+  for (int64_t h0 = 0; h0 < h_dim; h0 += 2 * kLanes) {
+    const bool two = h0 + 2 * kLanes <= h_dim;
+    v16 lo[MR], hi[MR];
+    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = v16{};
+    for (int64_t s = 0; s < end; ++s) {
+      const float* vs = v + s * ldv + h0;
+      const v16 v0 = Load(vs);
+      const v16 v1 = two ? Load(vs + kLanes) : v16{};
+      for (int m = 0; m < MR; ++m) {
+        const float x = w[m * ld + s];
+        lo[m] += x * v0;
+        hi[m] += x * v1;
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      Store(outs[m] + h0, lo[m] * inv[m]);
+      if (two) Store(outs[m] + h0 + kLanes, hi[m] * inv[m]);
+    }
+  }
+}
+
+// One group of MR query rows (q: MR x H, contiguous) against slots [0, ends[m]) of its own
+// mask row each: scores into sc (rows ld apart), weights, then the outputs.
+template <int MR>
+void Group(const float* q, int64_t h_dim, const float* kt, int64_t ld, float scale, float* sc,
+           const bool* const* masks, const int64_t* ends, const float* v, int64_t ldv,
+           float* const* outs) {
+  int64_t end = 0;
+  for (int m = 0; m < MR; ++m) end = std::max(end, ends[m]);
+  const int64_t pad = (end + kSlots - 1) / kSlots * kSlots;
+  Scores<MR>(q, h_dim, kt, ld, pad, scale, sc);
+  float sums[MR];
+  for (int m = 0; m < MR; ++m) sums[m] = Weights(sc + m * ld, masks[m], ends[m], pad);
+  Values<MR>(sc, ld, end, v, ldv, h_dim, sums, outs);
+}
+
+struct Work {
+  int64_t b_dim, t_dim, n_dim, kv_dim, h_dim, s_dim;
+  int64_t rows;        // query rows per (batch row, KV head): G * T, query-major
+  int64_t per_chunk;   // row groups per chunk
+  int64_t per_head;    // chunks per (batch row, KV head)
+  float scale;
+  const float *q, *k, *v;
+  const bool* mask;
+  float* out;
+
+  // Chunk c: row groups of one (batch row, KV head) pair.
+  void RunChunk(int64_t c) {
+    const int64_t head = c / per_head, first = (c % per_head) * per_chunk * kGroup;
+    Run(head / kv_dim, head % kv_dim, first, std::min(rows, first + per_chunk * kGroup));
+  }
+
+  // Query rows [r0, r1) of batch row b and KV head j.
+  void Run(int64_t b, int64_t j, int64_t r0, int64_t r1) {
+    const int64_t g_dim = n_dim / kv_dim;
+    thread_local std::vector<int64_t> ends;
+    ends.assign(r1 - r0, 0);
+    int64_t last = 0;
+    for (int64_t r = r0, t = -1, e = 0; r < r1; ++r) {
+      if (r / g_dim != t) {  // the G rows of one query share its mask row
+        t = r / g_dim;
+        e = End(mask + (b * t_dim + t) * s_dim, s_dim);
+      }
+      ends[r - r0] = e;
+      last = std::max(last, e);
+    }
+    const int64_t ld = (last + kSlots - 1) / kSlots * kSlots;
+    thread_local std::vector<float> kt, sc, qs;
+    kt.resize(h_dim * ld);
+    sc.resize(kGroup * std::max<int64_t>(ld, kSlots));
+    qs.resize(kGroup * h_dim);
+    const int64_t ldv = kv_dim * h_dim;
+    const float* kb = k + (b * s_dim * kv_dim + j) * h_dim;
+    Transpose(kb, ldv, last, h_dim, kt.data(), ld);
+    const float* vb = v + (b * s_dim * kv_dim + j) * h_dim;
+    for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+      const int mr = static_cast<int>(std::min<int64_t>(kGroup, r1 - g0));
+      const bool* masks[kGroup];
+      float* outs[kGroup];
+      for (int m = 0; m < mr; ++m) {
+        const int64_t r = g0 + m, t = r / g_dim, n = j * g_dim + r % g_dim;
+        const int64_t at = ((b * t_dim + t) * n_dim + n) * h_dim;
+        std::memcpy(qs.data() + m * h_dim, q + at, h_dim * sizeof(float));
+        masks[m] = mask + (b * t_dim + t) * s_dim;
+        outs[m] = out + at;
+      }
+      const int64_t* e = ends.data() + (g0 - r0);
+      const float* qd = qs.data();
+      float* scd = sc.data();
+      switch (mr) {
+#define GROUP_CASE(M) \
+  case M: Group<M>(qd, h_dim, kt.data(), ld, scale, scd, masks, e, vb, ldv, outs); break;
+        GROUP_CASE(1) GROUP_CASE(2) GROUP_CASE(3) GROUP_CASE(4)
+        GROUP_CASE(5) GROUP_CASE(6) GROUP_CASE(7) GROUP_CASE(8)
+#undef GROUP_CASE
+        default: break;
+      }
+    }
+  }
+};
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || vd.size() != 4 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) ||
+      kd[0] != qd[0] || kd[3] != qd[3] || qd[2] % kd[2] != 0 || qd[3] % kLanes != 0 ||
+      md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[1])
+    return ffi::Error::InvalidArgument(
+        "griffin_attention: expected q [B, T, N, H], k and v [B, S, KV, H] (N % KV == 0, "
+        "H % 16 == 0), mask [B, T, S]");
+  Work work;
+  work.b_dim = qd[0];
+  work.t_dim = qd[1];
+  work.n_dim = qd[2];
+  work.h_dim = qd[3];
+  work.s_dim = kd[1];
+  work.kv_dim = kd[2];
+  work.scale = scale;
+  work.q = q.typed_data();
+  work.k = k.typed_data();
+  work.v = v.typed_data();
+  work.mask = mask.typed_data();
+  work.out = out->typed_data();
+  work.rows = work.t_dim * (work.n_dim / work.kv_dim);
+  const int64_t heads = work.b_dim * work.kv_dim;
+  const int64_t groups = (work.rows + kGroup - 1) / kGroup;
+  // Chunks: whole (batch row, KV head) pairs where there are enough of them for the pool's
+  // threads, else row groups of one pair (each chunk transposes its pair's keys once). Calls
+  // under ~4M query-row x slot pairs run where they are: on a 2-core VM a split ran 5-20%
+  // slower than one thread from a decode up to a 256-token prefill.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t cost = heads * work.rows * work.s_dim;
+  const int64_t target = cost < (int64_t{1} << 22) ? 1 : 2 * threads;
+  const int64_t split = heads >= target ? 1 : std::min(groups, (target + heads - 1) / heads);
+  work.per_chunk = (groups + split - 1) / split;
+  work.per_head = (groups + work.per_chunk - 1) / work.per_chunk;
+  const int64_t chunks = heads * work.per_head;
+  if (target == 1) {
+    for (int64_t c = 0; c < chunks; ++c) work.RunChunk(c);
+  } else {
+    griffin::RunChunks(pool, chunks, [&](int64_t c) { work.RunChunk(c); });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
