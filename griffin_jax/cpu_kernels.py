@@ -54,6 +54,7 @@ ATTENTION_TARGET = "griffin_attention"
 SOURCES = tuple(
     pathlib.Path(__file__).parent / "csrc" / n for n in ("packed_matmul.cc", "attention.cc")
 )
+HEADERS = (pathlib.Path(__file__).parent / "csrc" / "chunks.h",)  # in the build's digest
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -83,7 +84,7 @@ def _build(compiler: str) -> pathlib.Path:
     digest = hashlib.sha256(
         "\0".join(
             [
-                *(src.read_text() for src in SOURCES),
+                *(src.read_text() for src in (*SOURCES, *HEADERS)),
                 version,
                 " ".join(FLAGS),
                 _cpu_id(),

@@ -124,34 +124,33 @@ void Scores(const float* q, int64_t h_dim, const float* kt, int64_t ld, int64_t 
   }
 }
 
-typedef int8_t b16 __attribute__((vector_size(16), aligned(1)));
-
-// Lanes of slots s .. s+15 a row may attend: mask[s + i] and s + i < end (mask holds end
-// bytes or more).
-inline i16 Visible(const bool* mask, int64_t s, int64_t end) {
-  b16 bytes{};
-  if (s + kLanes <= end) {
-    std::memcpy(&bytes, mask + s, kLanes);
-  } else if (s < end) {
-    std::memcpy(&bytes, mask + s, end - s);
-  }
-  return __builtin_convertvector(bytes, i16) != 0;
+// A mask row as scores' offsets: 0 for slots [0, pad) the row may attend, -inf elsewhere
+// (from `end` on, and past the buffer's S slots).
+void Offsets(const bool* mask, int64_t end, int64_t pad, float* bias) {
+  const float none = -__builtin_inff();
+  for (int64_t s = 0; s < end; ++s) bias[s] = mask[s] ? 0.0f : none;
+  for (int64_t s = end; s < pad; ++s) bias[s] = none;
 }
 
-// A row's scores -> unnormalised weights e^(score - max) over the slots it may attend (0
-// elsewhere, and from `end` on); returns the sum of the weights.
-float Weights(float* sc, const bool* mask, int64_t end, int64_t s_pad) {
+// A row's scores -> unnormalised weights e^(score - max) over the slots its offsets (`bias`)
+// let it attend, 0 elsewhere; returns the sum of the weights (0 where it attends nothing).
+float Weights(float* sc, const float* bias, int64_t pad) {
   const v16 none = Splat(-__builtin_inff());
   v16 top = none;
-  for (int64_t s = 0; s < end; s += kLanes) {
-    const v16 x = Load(sc + s);
-    top = Visible(mask, s, end) && x > top ? x : top;
+  for (int64_t s = 0; s < pad; s += kLanes) {
+    const v16 x = Load(bias + s) == 0.0f ? Load(sc + s) : none;  // a select: NaN-safe
+    Store(sc + s, x);
+    top = x > top ? x : top;
   }
   float m = top[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, top[i]);
+  if (m == -__builtin_inff()) {
+    std::fill(sc, sc + pad, 0.0f);
+    return 0.0f;
+  }
   v16 total{};
-  for (int64_t s = 0; s < s_pad; s += kLanes) {
-    const v16 w = Exp(Visible(mask, s, end) ? Load(sc + s) - m : none);
+  for (int64_t s = 0; s < pad; s += kLanes) {
+    const v16 w = Exp(Load(sc + s) - m);
     Store(sc + s, w);
     total += w;
   }
@@ -189,17 +188,27 @@ void Values(const float* w, int64_t ld, int64_t end, const float* v, int64_t ldv
 }
 
 // One group of MR query rows (q: MR x H, contiguous) against slots [0, ends[m]) of its own
-// mask row each: scores into sc (rows ld apart), weights, then the outputs.
+// mask row each: scores into sc (rows ld apart), weights, then the outputs. `bias` holds
+// room for MR offset rows (ld apart); rows of one query share theirs.
 template <int MR>
 void Group(const float* q, int64_t h_dim, const float* kt, int64_t ld, float scale, float* sc,
-           const bool* const* masks, const int64_t* ends, const float* v, int64_t ldv,
-           float* const* outs) {
+           float* bias, const bool* const* masks, const int64_t* ends, const float* v,
+           int64_t ldv, float* const* outs) {
   int64_t end = 0;
   for (int m = 0; m < MR; ++m) end = std::max(end, ends[m]);
   const int64_t pad = (end + kSlots - 1) / kSlots * kSlots;
   Scores<MR>(q, h_dim, kt, ld, pad, scale, sc);
+  const float* rows[MR];
+  for (int m = 0; m < MR; ++m) {
+    if (m > 0 && masks[m] == masks[m - 1]) {
+      rows[m] = rows[m - 1];
+    } else {
+      Offsets(masks[m], ends[m], pad, bias + m * ld);
+      rows[m] = bias + m * ld;
+    }
+  }
   float sums[MR];
-  for (int m = 0; m < MR; ++m) sums[m] = Weights(sc + m * ld, masks[m], ends[m], pad);
+  for (int m = 0; m < MR; ++m) sums[m] = Weights(sc + m * ld, rows[m], pad);
   Values<MR>(sc, ld, end, v, ldv, h_dim, sums, outs);
 }
 
@@ -234,9 +243,10 @@ struct Work {
       last = std::max(last, e);
     }
     const int64_t ld = (last + kSlots - 1) / kSlots * kSlots;
-    thread_local std::vector<float> kt, sc, qs;
+    thread_local std::vector<float> kt, sc, qs, bias;
     kt.resize(h_dim * ld);
     sc.resize(kGroup * std::max<int64_t>(ld, kSlots));
+    bias.resize(sc.size());
     qs.resize(kGroup * h_dim);
     const int64_t ldv = kv_dim * h_dim;
     const float* kb = k + (b * s_dim * kv_dim + j) * h_dim;
@@ -256,9 +266,10 @@ struct Work {
       const int64_t* e = ends.data() + (g0 - r0);
       const float* qd = qs.data();
       float* scd = sc.data();
+      float* bd = bias.data();
       switch (mr) {
 #define GROUP_CASE(M) \
-  case M: Group<M>(qd, h_dim, kt.data(), ld, scale, scd, masks, e, vb, ldv, outs); break;
+  case M: Group<M>(qd, h_dim, kt.data(), ld, scale, scd, bd, masks, e, vb, ldv, outs); break;
         GROUP_CASE(1) GROUP_CASE(2) GROUP_CASE(3) GROUP_CASE(4)
         GROUP_CASE(5) GROUP_CASE(6) GROUP_CASE(7) GROUP_CASE(8)
 #undef GROUP_CASE
