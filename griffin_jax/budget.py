@@ -193,15 +193,17 @@ def make_budget(
     padded = np.full(max(64, 1 << (len(sched) - 1).bit_length()), -1, np.int32)
     padded[: len(sched)] = sched
     n_levels = max(max(levels(s) for s in shapes), 1)
+    # Host (numpy) arrays: a call's jit transfers them with its other arguments, where a jnp
+    # array each was a dispatch of its own (~5% of a batch-1 generation's host time here).
     return Budget(
         shapes=shapes,
-        costs=jnp.asarray(costs, jnp.float32),
-        catch_up=jnp.float32(catch_up),
-        schedule=jnp.asarray(padded),
-        prior=jnp.full((2, n_levels), PRIOR, jnp.float32),
-        prior_weight=jnp.zeros((2,), jnp.float32),
-        start_wait=jnp.int32(probe_every),
-        start_streak=jnp.int32(0),
+        costs=np.asarray(costs, np.float32),
+        catch_up=np.float32(catch_up),
+        schedule=padded,
+        prior=np.full((2, n_levels), PRIOR, np.float32),
+        prior_weight=np.zeros((2,), np.float32),
+        start_wait=np.int32(probe_every),
+        start_streak=np.int32(0),
         probe_every=probe_every,
         probe_growth=probe_growth,
     )
@@ -571,10 +573,10 @@ class History:
             weight[c] = HISTORY_WEIGHT
         wait, streak = self.wait[int(sampled)] or (budget.probe_every, 0)
         return budget.replace(
-            prior=jnp.asarray(prior, jnp.float32),
-            prior_weight=jnp.asarray(weight, jnp.float32),
-            start_wait=jnp.int32(wait),
-            start_streak=jnp.int32(streak),
+            prior=prior.astype(np.float32),
+            prior_weight=weight.astype(np.float32),
+            start_wait=np.int32(wait),
+            start_streak=np.int32(streak),
         )
 
 

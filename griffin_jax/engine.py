@@ -10,8 +10,9 @@ Settings are per row and traced (temperature, top-p, top-k, seed, max_new_tokens
 greedy row and a sampled row share a round and nothing recompiles. Sampling is position-keyed
 (`sampling.py`), so a request's tokens do not depend on what else is in the batch.
 
-Attention reads only the occupied slots of the caches (`layers.gqa_attention` picks one of a
-few windows inside each program), so short requests do not pay for `max_model_len`. The
+Attention reads only the occupied slots of the caches (`layers.gqa_attention`: the CPU kernel
+reads up to the last attended slot, other paths pick one of a few windows inside each
+program), so short requests do not pay for `max_model_len`. The
 compiled programs are bounded: prefill per prompt-length bucket, the rounds per (batch bucket,
 round shape, greedy or mixed), one row move. With several round shapes (the adaptive budget) a
 shape first asked for is compiled in a background thread while the rounds run a compiled one

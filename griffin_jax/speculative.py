@@ -357,8 +357,9 @@ def prefill_chunk(
 
     Nothing is sampled; `prefill(..., prefix=...)` of the prompt's last part follows. The trunk
     pairs f_p with x_{p+1}, so the chunk's last position pairs with `next_tokens`, the prompt's
-    token after the chunk. Attention reads the occupied slots only (`layers.gqa_attention`'s
-    windows), so a chunk early in a long prompt does not pay for the whole cache.
+    token after the chunk. Attention reads the occupied slots only (`layers.gqa_attention`: the
+    CPU kernel or the windows), so a chunk early in a long prompt does not pay for the whole
+    cache.
 
     Args:
       prefix: what earlier chunks wrote (None: the prompt's first chunk).
@@ -930,7 +931,7 @@ def make_knobs(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        max_new=jnp.int32(max_new_tokens),
+        max_new=np.int32(max_new_tokens),
         eos_ids=vanilla.eos_array(eos_ids),
     )
 
@@ -1015,11 +1016,11 @@ def generate(
         # placed: unplaced ones recompile the round
         knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
     state = prefill(base_params, draft_params, *inputs, **static)
-    limit = jnp.int32(1 if on_round is not None or loop == "host" else 1 << 30)
+    limit = np.int32(1 if on_round is not None or loop == "host" else 1 << 30)
     for _ in range(max_new_tokens):  # every call runs >= 1 round, each emits >= 1 token
         if on_round is not None:
             on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
-        if jax.device_get(jnp.all(state.done)):
+        if np.all(jax.device_get(state.done)):
             break
         state = run_segment(
             state, base_params, draft_params, knobs, budget, draft_head, limit, index=None,

@@ -62,11 +62,11 @@ class SamplingKnobs:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def as_arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return (
-            jnp.asarray(self.temperature if not self.greedy else 1.0, jnp.float32),
-            jnp.asarray(self.top_p, jnp.float32),
-            jnp.asarray(self.top_k, jnp.int32),
+    def as_arrays(self) -> tuple[np.float32, np.float32, np.int32]:
+        return (  # host arrays: transferred with a call's other arguments
+            np.float32(self.temperature if not self.greedy else 1.0),
+            np.float32(self.top_p),
+            np.int32(self.top_k),
         )
 
 
@@ -112,11 +112,11 @@ def row_seeds(seed: int | Sequence[int], batch: int) -> np.ndarray:
     return np.asarray(seed, np.int64).astype(np.uint32)
 
 
-def eos_array(eos_ids: Sequence[int]) -> jax.Array:
+def eos_array(eos_ids: Sequence[int]) -> np.ndarray:
     """EOS ids as int32 [E], E rounded up to a multiple of 4 and padded with -1 (compared only)."""
     ids = sorted({int(i) for i in eos_ids})
     e = max(4, -(-len(ids) // 4) * 4)
-    return jnp.asarray(ids + [-1] * (e - len(ids)), jnp.int32)
+    return np.asarray(ids + [-1] * (e - len(ids)), np.int32)
 
 
 # ----------------------------------------------------------------------------- jitted pieces
