@@ -51,10 +51,10 @@ PANEL = 32  # columns per packed panel
 PACKED = "packed_kernel"  # a Dense param dict's packed kernel, in place of "kernel"
 TARGET = "griffin_packed_matmul"  # the XLA FFI targets
 ATTENTION_TARGET = "griffin_attention"
-SOURCES = tuple(
-    pathlib.Path(__file__).parent / "csrc" / n for n in ("packed_matmul.cc", "attention.cc")
-)
-HEADERS = (pathlib.Path(__file__).parent / "csrc" / "chunks.h",)  # in the build's digest
+TOP_K_TARGET = "griffin_top_k_log_softmax"
+_CSRC = pathlib.Path(__file__).parent / "csrc"
+SOURCES = tuple(_CSRC / n for n in ("packed_matmul.cc", "attention.cc", "top_k.cc"))
+HEADERS = tuple(_CSRC / n for n in ("chunks.h", "simd.h"))  # in the build's digest
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -125,6 +125,9 @@ def library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GriffinPackedMatmul), platform="cpu")
     jax.ffi.register_ffi_target(
         ATTENTION_TARGET, jax.ffi.pycapsule(lib.GriffinAttention), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        TOP_K_TARGET, jax.ffi.pycapsule(lib.GriffinTopKLogSoftmax), platform="cpu"
     )
     return lib
 
@@ -223,3 +226,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
         vmap_method="sequential",
     )
     return call(q, k, v, mask.astype(jnp.bool_), scale=np.float32(1.0 / np.sqrt(h)))
+
+
+def top_log_probs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest of `jax.nn.log_softmax(logits)` along the last axis and their indices
+    (descending, ties to the smaller index, as `jax.lax.top_k`): a draft tree level's children.
+
+    On one CPU device with the library built (`GRIFFIN_TOP_K=xla` declines it), one kernel
+    (`csrc/top_k.cc`): the row's max, its sum of e^(x - max) and the k largest in three passes,
+    the values (x - max) - log(sum) as `log_softmax` orders them. Its e^x is not XLA's, so a
+    value may differ from XLA's by an ulp or so, and two logits that XLA's log-probabilities
+    round to one value keep their logits' order here. Elsewhere XLA's `log_softmax` and
+    `top_k`.
+    """
+    choice = os.environ.get("GRIFFIN_TOP_K", "")
+    if choice not in ("", "cpu", "xla"):
+        raise ValueError(f"GRIFFIN_TOP_K={choice!r}: expected cpu or xla")
+    logits = logits.astype(jnp.float32)
+    usable = jax.default_backend() == "cpu" and jax.device_count() == 1
+    if choice == "xla" or not usable or library() is None or logits.shape[-1] < k:
+        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+    *lead, v = logits.shape
+    rows = jnp.reshape(logits, (-1, v))
+    call = jax.ffi.ffi_call(
+        TOP_K_TARGET,
+        (
+            jax.ShapeDtypeStruct((rows.shape[0], k), jnp.float32),
+            jax.ShapeDtypeStruct((rows.shape[0], k), jnp.int32),
+        ),
+        vmap_method="sequential",
+    )
+    values, indices = call(rows, k=np.int64(k))
+    return jnp.reshape(values, (*lead, k)), jnp.reshape(indices, (*lead, k))

@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from griffin_jax import cpu_kernels
 from griffin_jax.checks import num_candidates
 from griffin_jax.kv_cache import tree_mask_to_cache
 
@@ -150,8 +151,7 @@ def build_tree(
             parents_flat = jax.lax.dynamic_update_slice_in_dim(
                 parents_flat, sel + offset + 1, 1 + i * k, axis=1
             )
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            child_lp, child_tok = jax.lax.top_k(logp, k)  # [B, K, K]
+            child_lp, child_tok = cpu_kernels.top_log_probs(logits, k)  # [B, K, K]
             cum = (child_lp + s_prev[:, :, None]).reshape(b, k * k)  # [B, K*K]
             child_tok = ids(child_tok.reshape(b, k * k))
             s_next, sel_next = jax.lax.top_k(cum, k)  # [B, K] ties -> smaller index

@@ -177,6 +177,8 @@ def test_xla_products_on_request_and_where_the_library_cannot_build(monkeypatch,
         assert layers.attention_implementation(q) == "einsum"
         with pytest.raises(RuntimeError, match="compiled library"):
             cpu_kernels.attention(q, q[:, :, :2], q[:, :, :2], jnp.ones((1, 3, 3), bool))
+        logits = jnp.arange(8.0)[None]  # a tree level's children: XLA's top_k
+        assert cpu_kernels.top_log_probs(logits, 2)[1].tolist() == [[7, 6]]
     finally:
         monkeypatch.undo()
         cpu_kernels.library.cache_clear()
