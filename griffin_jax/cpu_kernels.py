@@ -190,15 +190,17 @@ def matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
     return jnp.reshape(out, (*lead, p * PANEL))
 
 
+def on_one_cpu(backend: str | None = None) -> bool:
+    """Whether the kernels below run here: a CPU backend (`backend`, default JAX's) with one
+    device (a call would gather sharded operands) and the library built."""
+    backend = backend or jax.default_backend()
+    return backend == "cpu" and jax.device_count() == 1 and library() is not None
+
+
 def can_attend(q: jax.Array, k: jax.Array) -> bool:
-    """Whether `attention` takes these: f32 queries and keys, a head dim of whole 16-float
-    vectors, and the library built."""
-    return (
-        q.dtype == jnp.float32
-        and k.dtype == jnp.float32
-        and q.shape[-1] % 16 == 0
-        and library() is not None
-    )
+    """Whether `attention` takes these: f32 queries and keys and a head dim of whole 16-float
+    vectors (where `on_one_cpu`)."""
+    return q.dtype == jnp.float32 and k.dtype == jnp.float32 and q.shape[-1] % 16 == 0
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -214,7 +216,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
       sums in f32; 0 for a query that may attend nothing).
     """
     if library() is None:
-        raise RuntimeError("CPU attention needs the compiled library (cpu_kernels.can_attend)")
+        raise RuntimeError("CPU attention needs the compiled library (cpu_kernels.on_one_cpu)")
     b, t, n, h = q.shape
     if k.shape[0] != b or k.shape[3] != h or n % k.shape[2] or v.shape != k.shape:
         raise ValueError(f"q {q.shape} against k {k.shape}, v {v.shape}")
@@ -243,8 +245,7 @@ def top_log_probs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if choice not in ("", "cpu", "xla"):
         raise ValueError(f"GRIFFIN_TOP_K={choice!r}: expected cpu or xla")
     logits = logits.astype(jnp.float32)
-    usable = jax.default_backend() == "cpu" and jax.device_count() == 1
-    if choice == "xla" or not usable or library() is None or logits.shape[-1] < k:
+    if choice == "xla" or not on_one_cpu() or logits.shape[-1] < k:
         return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
     *lead, v = logits.shape
     rows = jnp.reshape(logits, (-1, v))

@@ -160,7 +160,7 @@ def attention_implementation(
     backend = backend or jax.default_backend()
     if forced in ("", "cpu") and backend == "cpu":
         keys = q if k is None else k
-        if jax.device_count() == 1 and cpu_kernels.can_attend(q, keys):
+        if cpu_kernels.on_one_cpu(backend) and cpu_kernels.can_attend(q, keys):
             return "cpu"
         return "einsum"
     if forced:

@@ -27,7 +27,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using griffin::Exp;
-using griffin::i16;
 using griffin::kLanes;
 using griffin::Load;
 using griffin::Splat;

@@ -9,17 +9,21 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "chunks.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 32;  // columns per panel
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+using griffin::kLanes;
+using griffin::Load;
+using griffin::Store;
+using griffin::v16;
+
+constexpr int64_t kPanel = 32;  // columns per panel (two vectors)
 
 // Rows [0, MR) of x (row stride ldx) times NP panels (K x 32 each, `stride` floats apart),
 // into y (row stride ldy). Several panels at once keep 2 x MR x NP sums in flight: one row's
@@ -32,8 +36,8 @@ inline void Block(int64_t k_dim, const float* x, int64_t ldx, const float* w, in
     for (int j = 0; j < NP; ++j) lo[m][j] = hi[m][j] = v16{};
   for (int64_t k = 0; k < k_dim; ++k) {
     for (int j = 0; j < NP; ++j) {
-      const v16 w0 = *reinterpret_cast<const v16*>(w + j * stride + k * kPanel);
-      const v16 w1 = *reinterpret_cast<const v16*>(w + j * stride + k * kPanel + 16);
+      const v16 w0 = Load(w + j * stride + k * kPanel);
+      const v16 w1 = Load(w + j * stride + k * kPanel + kLanes);
       for (int m = 0; m < MR; ++m) {
         const float s = x[m * ldx + k];
         lo[m][j] += s * w0;
@@ -43,8 +47,8 @@ inline void Block(int64_t k_dim, const float* x, int64_t ldx, const float* w, in
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NP; ++j) {
-      std::memcpy(y + m * ldy + j * kPanel, &lo[m][j], sizeof(v16));
-      std::memcpy(y + m * ldy + j * kPanel + 16, &hi[m][j], sizeof(v16));
+      Store(y + m * ldy + j * kPanel, lo[m][j]);
+      Store(y + m * ldy + j * kPanel + kLanes, hi[m][j]);
     }
 }
 
