@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_jax import cli
+from griffin_jax import cli, cpu_kernels
 from griffin_jax.config import TreeConfig
 
 PRIOR = 0.8  # level-1 acceptance assumed before any round of a row was drafted
@@ -591,23 +591,29 @@ def cache_path() -> pathlib.Path:
 
 
 def cost_key(model: str, shapes: Sequence[Shape], batch: int) -> str:
-    """Cache key: this machine (platform, device kind and count, CPU count), model, shapes,
-    batch, and the code that runs the rounds (`code_digest`): costs measured before a change
-    of the rounds' programs or of JAX would misprice the shapes until measured again."""
+    """Cache key: this machine (platform, device kind and count, CPU count; on a CPU its model
+    and the project's kernels in use, `cpu_kernels.configuration`), model, shapes, batch, and
+    the code that runs the rounds (`code_digest`): costs measured before a change of the
+    rounds' programs, of the kernels or of JAX would misprice the shapes until measured
+    again."""
     dev = jax.devices()[0]
     machine = f"{platform.machine()}|{dev.platform}|{dev.device_kind}|{jax.device_count()}"
     machine += f"|cpus={os.cpu_count()}"
+    if dev.platform == "cpu":
+        machine += f"|{cpu_kernels.configuration()}"
     parts = [machine, model, ";".join(describe(s) for s in shapes), f"b={batch}", code_digest()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 @functools.cache
 def code_digest() -> str:
-    """A digest of this package's sources and the JAX and jaxlib versions."""
+    """A digest of this package's sources (the CPU kernels' too) and the JAX and jaxlib
+    versions."""
     import jaxlib
 
     h = hashlib.sha256(f"jax={jax.__version__}|jaxlib={jaxlib.__version__}".encode())
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+    here = pathlib.Path(__file__).parent
+    for path in sorted([*here.glob("*.py"), *here.glob("csrc/*")]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -1,5 +1,5 @@
 """The project's own CPU kernels: products against packed kernels (the decode layout's
-matmuls there) and grouped-query attention over a KV buffer.
+matmuls there), grouped-query attention over a KV buffer, and a tree level's top-k.
 
 XLA's CPU backend hands a product of a few rows (a decode, a tree verification, a draft
 level) to a library that repacks the kernel on every call: for the default pair, 8 rows
@@ -7,11 +7,22 @@ of the base's products cost ~1.7x one row, and 60 rows ran at ~60% of the machin
 (README, "Where a round's time goes"). Weights do not change between calls, so the decode
 layout stores each kernel packed once (`pack`: [K, N] -> [N / 32, K, 32], each panel of 32
 columns contiguous) and `matmul` runs `csrc/packed_matmul.cc` on it as an XLA FFI call: every
-weight read once, in order, the panels shared between XLA's CPU threads.
+weight read once, in order, the panels shared between threads.
 
 Every output element is one f32 sum over K in ascending order, whatever the number of rows,
 so a row's logits do not depend on how many rows share the product (a verification row
 equals the decode of the same token bit for bit in these products).
+
+On a CPU with AMX (Intel Sapphire Rapids and later; `tiles_ready`), a kernel whose values are
+all bf16 numbers (a bf16 checkpoint read as f32: every committed one) is stored as bf16 tiles
+instead (`pack`: [N / 16, K / 2, 32]) and runs `csrc/amx_matmul.cc`: each f32 input is split
+exactly into three bf16 parts, so every tile product is exact and the sums are f32 ones, an
+f32 product to f32 round-off at several times the vector units' rate, reading half the
+weight bytes. Rows stay independent there too.
+
+The kernels split large calls between the calling thread and the library's helper threads
+(`csrc/chunks.h`), which poll for work for a moment after each call instead of sleeping, as
+XLA's pool's threads do (`GRIFFIN_CPU_THREADS=xla` uses XLA's pool).
 
 `attention` (`csrc/attention.cc`) is every f32 forward's attention on a CPU
 (`layers.attention_implementation`): XLA's sliced and transposed the cache's keys and values
@@ -23,7 +34,9 @@ The library is compiled from its sources with the machine's C++ compiler (`$CXX`
 `g++`) at first use, for this CPU (`-march=native`), into the user cache, keyed by the source,
 the compiler, the XLA FFI headers and the CPU; where none compiles (no compiler), the decode
 layout keeps plain kernels and XLA's products, with one warning. `GRIFFIN_CPU_MATMUL=xla`
-keeps XLA's products on purpose (`bench_vanilla` / `profile_round` compare the two).
+keeps XLA's products on purpose (`bench_vanilla` / `profile_round` compare the two),
+`GRIFFIN_CPU_MATMUL=packed` f32 panels where AMX tiles would be used, and
+`GRIFFIN_CPU_MATMUL=amx` insists on tiles (an error on a CPU without AMX).
 """
 
 from __future__ import annotations
@@ -52,8 +65,13 @@ PACKED = "packed_kernel"  # a Dense param dict's packed kernel, in place of "ker
 TARGET = "griffin_packed_matmul"  # the XLA FFI targets
 ATTENTION_TARGET = "griffin_attention"
 TOP_K_TARGET = "griffin_top_k_log_softmax"
+AMX_TARGET = "griffin_amx_matmul"
+TILE = 16  # output columns per AMX tile
+TILE_STEP = 32  # K values per AMX tile product
 _CSRC = pathlib.Path(__file__).parent / "csrc"
-SOURCES = tuple(_CSRC / n for n in ("packed_matmul.cc", "attention.cc", "top_k.cc"))
+SOURCES = tuple(
+    _CSRC / n for n in ("packed_matmul.cc", "amx_matmul.cc", "attention.cc", "top_k.cc")
+)
 HEADERS = tuple(_CSRC / n for n in ("chunks.h", "simd.h"))  # in the build's digest
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 
@@ -129,16 +147,51 @@ def library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target(
         TOP_K_TARGET, jax.ffi.pycapsule(lib.GriffinTopKLogSoftmax), platform="cpu"
     )
+    jax.ffi.register_ffi_target(AMX_TARGET, jax.ffi.pycapsule(lib.GriffinAmxMatmul), platform="cpu")
     return lib
+
+
+def _matmul_choice() -> str:
+    choice = os.environ.get("GRIFFIN_CPU_MATMUL", "")
+    if choice not in ("", "amx", "packed", "xla"):
+        raise ValueError(f"GRIFFIN_CPU_MATMUL={choice!r}: expected amx, packed or xla")
+    return choice
 
 
 def enabled() -> bool:
     """Whether the decode layout packs kernels here: on a CPU backend, unless
     `GRIFFIN_CPU_MATMUL=xla`, once the library builds."""
-    choice = os.environ.get("GRIFFIN_CPU_MATMUL", "")
-    if choice not in ("", "packed", "xla"):
-        raise ValueError(f"GRIFFIN_CPU_MATMUL={choice!r}: expected packed or xla")
-    return choice != "xla" and jax.default_backend() == "cpu" and library() is not None
+    return _matmul_choice() != "xla" and jax.default_backend() == "cpu" and library() is not None
+
+
+@functools.cache
+def _tiles_granted() -> bool:
+    lib = library()
+    return lib is not None and lib.GriffinAmxReady() == 1
+
+
+def tiles_ready() -> bool:
+    """Whether `pack` stores bf16-valued kernels as AMX tiles here: `enabled`, the CPU has
+    AMX-TILE and AMX-BF16 and Linux grants this process the tile data, unless
+    `GRIFFIN_CPU_MATMUL=packed` (f32 panels throughout). `GRIFFIN_CPU_MATMUL=amx` insists:
+    a CPU without AMX is then an error."""
+    choice = _matmul_choice()
+    if choice in ("packed", "xla") or not enabled():
+        return False
+    if choice == "amx" and not _tiles_granted():
+        raise RuntimeError("GRIFFIN_CPU_MATMUL=amx: this CPU or process has no AMX tiles")
+    return _tiles_granted()
+
+
+def configuration() -> str:
+    """What sets the kernels' speed here, for caches of measured costs: the CPU (`_cpu_id`),
+    the choices of `GRIFFIN_CPU_MATMUL`, `GRIFFIN_ATTENTION`, `GRIFFIN_TOP_K` and
+    `GRIFFIN_CPU_THREADS`, and whether the library built and AMX tiles run (a digest)."""
+    names = ("GRIFFIN_CPU_MATMUL", "GRIFFIN_ATTENTION", "GRIFFIN_TOP_K", "GRIFFIN_CPU_THREADS")
+    choices = "|".join(f"{n}={os.environ.get(n, '')}" for n in names)
+    built = library() is not None
+    state = f"{_cpu_id()}|{choices}|built={built}|tiles={built and _tiles_granted()}"
+    return hashlib.sha256(state.encode()).hexdigest()[:12]
 
 
 def can_pack(kernel) -> bool:
@@ -151,43 +204,76 @@ def can_pack(kernel) -> bool:
     )
 
 
+def bf16_valued(kernel) -> bool:
+    """Whether every value of a concrete f32 array is a bf16 number (its low 16 bits 0): the
+    weights of a bf16 checkpoint, read as f32."""
+    if isinstance(kernel, jax.core.Tracer) or kernel.dtype != jnp.float32:
+        return False
+    bits = np.asarray(kernel).view(np.uint32)
+    return not np.any(bits & np.uint32(0xFFFF))
+
+
+def can_tile(kernel) -> bool:
+    """A `can_pack` kernel `pack` may store as AMX tiles: K a multiple of 32 and bf16 values."""
+    return can_pack(kernel) and kernel.shape[0] % TILE_STEP == 0 and bf16_valued(kernel)
+
+
 def kernel_shape(kernel: jax.Array) -> tuple[int, int]:
-    """(K, N) of a kernel, plain [K, N] or packed [N / 32, K, 32]."""
+    """(K, N) of a kernel, plain [K, N], packed [N / 32, K, 32] or tiled [N / 16, K / 2, 32]."""
     if kernel.ndim == 3:
         p, k, _ = kernel.shape
-        return k, p * PANEL
+        return (2 * k, p * TILE) if kernel.dtype == jnp.bfloat16 else (k, p * PANEL)
     k, n = kernel.shape
     return k, n
 
 
 def pack(kernel: jax.Array) -> jax.Array:
-    """[..., K, N] -> [..., N / 32, K, 32] (`can_pack` kernels; leading axes: stacked layers)."""
+    """A `can_pack` kernel [..., K, N] (leading axes: stacked layers) in the layout `matmul`
+    runs: where `tiles_ready` and `can_tile`, bf16 AMX tiles [..., N / 16, K / 2, 32] (tile t,
+    pair p: rows 2p and 2p + 1 of columns 16t .. 16t + 15, interleaved); else f32 panels
+    [..., N / 32, K, 32]."""
     *lead, k, n = kernel.shape
+    if tiles_ready() and can_tile(kernel):
+        pairs = jnp.reshape(kernel, (*lead, k // 2, 2, n // TILE, TILE))
+        tiles = jnp.moveaxis(pairs, -2, -4)  # [..., N / 16, K / 2, 2, 16]
+        return jnp.reshape(
+            jnp.swapaxes(tiles, -1, -2), (*lead, n // TILE, k // 2, 2 * TILE)
+        ).astype(jnp.bfloat16)
     return jnp.swapaxes(jnp.reshape(kernel, (*lead, k, n // PANEL, PANEL)), -3, -2)
 
 
 def unpack(packed: jax.Array) -> jax.Array:
-    """[..., N / 32, K, 32] -> [..., K, N] (the inverse of `pack`)."""
+    """A packed kernel (`pack`, either layout) -> f32 [..., K, N]."""
+    if packed.dtype == jnp.bfloat16:
+        *lead, t, k2, _ = packed.shape
+        parts = jnp.reshape(packed.astype(jnp.float32), (*lead, t, k2, TILE, 2))
+        n = len(lead)  # [..., t, p, n, j] -> [..., p, j, t, n]
+        order = (*range(n), n + 1, n + 3, n, n + 2)
+        return jnp.reshape(jnp.transpose(parts, order), (*lead, 2 * k2, t * TILE))
     *lead, p, k, _ = packed.shape
     return jnp.reshape(jnp.swapaxes(packed, -3, -2), (*lead, k, p * PANEL))
 
 
 def matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
-    """x [..., K] @ the packed kernel -> f32 [..., N] (the decode layout's product on a CPU)."""
+    """x [..., K] @ a packed kernel (`pack`) -> f32 [..., N] (the decode layout's product on
+    a CPU): `csrc/amx_matmul.cc` for tiles, `csrc/packed_matmul.cc` for panels."""
     if library() is None:
         raise RuntimeError("packed CPU products need the compiled library (cpu_kernels.enabled)")
-    p, k, _ = packed.shape
+    k, n = kernel_shape(packed)
     if x.shape[-1] != k:
         raise ValueError(f"x [..., {x.shape[-1]}] against a packed kernel of K = {k}")
+    tiled = packed.dtype == jnp.bfloat16
+    if tiled and not _tiles_granted():
+        raise RuntimeError("an AMX-tiled kernel needs a CPU and process with AMX (tiles_ready)")
     lead = x.shape[:-1]
     rows = jnp.reshape(x.astype(jnp.float32), (-1, k))
     call = jax.ffi.ffi_call(
-        TARGET,
-        jax.ShapeDtypeStruct((rows.shape[0], p * PANEL), jnp.float32),
+        AMX_TARGET if tiled else TARGET,
+        jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32),
         vmap_method="sequential",  # under vmap: one call per element (the forwards do not vmap)
     )
-    out = call(rows, packed.astype(jnp.float32))
-    return jnp.reshape(out, (*lead, p * PANEL))
+    out = call(rows, packed if tiled else packed.astype(jnp.float32))
+    return jnp.reshape(out, (*lead, n))
 
 
 def on_one_cpu(backend: str | None = None) -> bool:

@@ -63,7 +63,7 @@ def dense(p, x: jax.Array, *, dtype: jnp.dtype | None = None) -> jax.Array:
     """x @ kernel (+ bias) for a Dense param dict, packed or not, as `nn.Dense` computes it
     (inputs promoted to one dtype, `dtype` when given)."""
     bias = p.get("bias")
-    if cpu_kernels.PACKED in p:  # f32 products (packed kernels are f32), then nn.Dense's dtype
+    if cpu_kernels.PACKED in p:  # f32 products (of f32 kernels, packed), then nn.Dense's dtype
         packed = p[cpu_kernels.PACKED]
         out = dtype or jnp.result_type(x, packed, *([] if bias is None else [bias]))
         y = cpu_kernels.matmul(x, packed).astype(out)
@@ -368,14 +368,15 @@ def _any_dict(params, test) -> bool:
 
 
 def kernel_of(p) -> jax.Array:
-    """A Dense param dict's kernel as stored: [K, N], or packed [N / 32, K, 32]."""
+    """A Dense param dict's kernel as stored: [K, N], or packed (`cpu_kernels.pack`)."""
     return p["kernel"] if "kernel" in p else p[cpu_kernels.PACKED]
 
 
 def pack_kernels(params, *, free_parts: bool = False):
     """The CPU decode layout's kernels: every Dense kernel `cpu_kernels.can_pack` takes (2-D,
     f32, a whole number of 32-column panels; the lm_head's too) stored packed under
-    `packed_kernel` (`cpu_kernels.pack`), which `Dense`, `dense` and `model.head_logits` run
+    `packed_kernel` (`cpu_kernels.pack`: f32 panels, or AMX tiles for bf16-valued kernels on
+    a CPU with AMX), which `Dense`, `dense` and `model.head_logits` run
     with `cpu_kernels.matmul`. A one-device layout, as `fuse_projections`' is (the sharding
     rules refuse it); `unpack_kernels` gives the stored one back. With `free_parts` each plain
     kernel's buffer is freed once its packed copy exists."""

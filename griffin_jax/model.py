@@ -75,7 +75,7 @@ class SparseMoE(nn.Module):
 
 def head_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
     """hidden [..., D] @ kernel [D, V] -> f32 logits (the lm_head product, any kernel; a
-    packed one, [V / 32, D, 32], runs `cpu_kernels.matmul`)."""
+    packed one (`cpu_kernels.pack`, 3-D) runs `cpu_kernels.matmul`)."""
     if kernel.ndim == 3:
         return cpu_kernels.matmul(hidden, kernel)
     # f32 accumulation and output even for bf16 activations.

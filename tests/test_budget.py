@@ -692,6 +692,13 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
     assert budget.load_or_measure_costs(key, measure, path=path) == (costs, False)
     assert len(calls) == 1
     assert budget.cost_key("m", SHAPES, 4) != key and budget.cost_key("n", SHAPES, 2) != key
+    # nor costs of other kernels on this CPU (their choice of products, attention, threads)
+    for name, value in [("GRIFFIN_CPU_MATMUL", "xla"), ("GRIFFIN_ATTENTION", "einsum"),
+                        ("GRIFFIN_CPU_THREADS", "xla")]:  # fmt: skip
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            assert budget.cost_key("m", SHAPES, 2) != key, name
+    assert budget.cost_key("m", SHAPES, 2) == key
     # costs measured by other code (another version of the rounds, of JAX) are not reused
     assert budget.code_digest() == budget.code_digest() and len(budget.code_digest()) == 16
     monkeypatch.setattr(budget, "code_digest", lambda: "another version")

@@ -285,13 +285,15 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   work.rows = work.t_dim * (work.n_dim / work.kv_dim);
   const int64_t heads = work.b_dim * work.kv_dim;
   const int64_t groups = (work.rows + kGroup - 1) / kGroup;
-  // Chunks: whole (batch row, KV head) pairs where there are enough of them for the pool's
+  // Chunks: whole (batch row, KV head) pairs where there are enough of them for the
   // threads, else row groups of one pair (each chunk transposes its pair's keys once). Calls
-  // under ~4M query-row x slot pairs run where they are: on a 2-core VM a split ran 5-20%
-  // slower than one thread from a decode up to a 256-token prefill.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // under 16K query-row x slot pairs (a decode's, up to ~2,000 slots for 8 heads) run where
+  // they are. On a 2-core VM a 60-query verification's attention at 360 slots took 3.1 ms on
+  // one thread and 1.5 ms split with the spinning helpers (`chunks.h`); split on XLA's pool,
+  // whose threads wake late, it had run 5-20% slower than one thread.
+  const int64_t threads = griffin::Threads(pool);
   const int64_t cost = heads * work.rows * work.s_dim;
-  const int64_t target = cost < (int64_t{1} << 22) ? 1 : 2 * threads;
+  const int64_t target = cost < (int64_t{1} << 14) ? 1 : 2 * threads;
   const int64_t split = heads >= target ? 1 : std::min(groups, (target + heads - 1) / heads);
   work.per_chunk = (groups + split - 1) / split;
   work.per_head = (groups + work.per_chunk - 1) / work.per_chunk;

@@ -1,5 +1,5 @@
 // y[R, N] = x[R, K] @ W for a kernel W [K, N] stored packed as [N / 32, K, 32]: panel p holds
-// columns 32p .. 32p+31 of every row k contiguously. (`griffin_jax/cpu_matmul.py` builds and
+// columns 32p .. 32p+31 of every row k contiguously. (`griffin_jax/cpu_kernels.py` builds and
 // registers this as the XLA FFI target "griffin_packed_matmul" on the CPU.)
 //
 // Why packed: XLA's CPU libraries pack a product's weights on every call, so a product of a
@@ -102,9 +102,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
-  // The panels are split between the pool's threads (the caller among them), in whole groups
-  // of `GroupOf(rows)`; a product of one panel runs where it is.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // The panels are split between the threads (the caller and chunks.h's helpers), in whole
+  // groups of `GroupOf(rows)`; a product of one panel runs where it is.
+  const int64_t threads = griffin::Threads(pool);
   const int64_t target = std::min<int64_t>(panels, 4 * threads);
   const int64_t group = GroupOf(rows);
   const int64_t per_chunk = ((panels + target - 1) / target + group - 1) / group * group;
