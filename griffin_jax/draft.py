@@ -48,8 +48,8 @@ from griffin_jax.layers import (
     RMSNorm,
     SwiGLU,
     apply_rope,
+    compute_dtype,
     dense,
-    kernel_of,
     rms_norm,
     rope_cos_sin,
 )
@@ -457,7 +457,7 @@ def _split(out: jax.Array, dcfg: DraftConfig) -> tuple[jax.Array, jax.Array]:
 
 def param_dtype(params) -> jnp.dtype:
     """The draft params' float dtype (the d2t buffer of an EAGLE-3 draft is int32)."""
-    return kernel_of(params["fc"]["fc"] if "fc" in params["fc"] else params["fc"]).dtype
+    return compute_dtype(params["fc"]["fc"] if "fc" in params["fc"] else params["fc"])
 
 
 def draft_forward(

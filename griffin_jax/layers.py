@@ -372,6 +372,12 @@ def kernel_of(p) -> jax.Array:
     return p["kernel"] if "kernel" in p else p[cpu_kernels.PACKED]
 
 
+def compute_dtype(p) -> jnp.dtype:
+    """The dtype a Dense param dict's product computes in: its kernel's, f32 for a packed one
+    (`pack_kernels` packs f32 kernels only, and AMX tiles store them as bf16)."""
+    return p["kernel"].dtype if "kernel" in p else jnp.dtype(jnp.float32)
+
+
 def pack_kernels(params, *, free_parts: bool = False):
     """The CPU decode layout's kernels: every Dense kernel `cpu_kernels.can_pack` takes (2-D,
     f32, a whole number of 32-column panels; the lm_head's too) stored packed under

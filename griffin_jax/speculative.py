@@ -212,7 +212,7 @@ def resolve_head(draft_params, draft_head: DraftHead | None, dcfg: DraftConfig):
             "an EAGLE-3 draft drafts from its own vocabulary (its lm_head and d2t): "
             "draft_head must be None"
         )
-    kernel = kernel_of(draft_params["lm_head"])  # [D, V'], or packed [V' / 32, D, 32]
+    kernel = kernel_of(draft_params["lm_head"])  # [D, V'], or packed (`cpu_kernels.pack`)
     _, width = cpu_kernels.kernel_shape(kernel)
     ids = jnp.arange(width, dtype=jnp.int32) + draft_params["d2t"].astype(jnp.int32)
     return DraftHead(token_ids=ids, kernel=kernel)

@@ -6,7 +6,10 @@ times batch-1 greedy decoding of `--new-tokens` tokens after a warm-up, both in 
 prefill included. It also measures this machine's memory bandwidth (a large numpy copy) and
 reports ms/token against the floor of reading every weight once per token. Ours runs in the
 decode layout the inference API uses on one device (`model.decode_layout`); `--scan` times
-the stored stacked layout (`nn.scan` over layers, unfused) as well.
+the stored stacked layout (`nn.scan` over layers, unfused) as well. `--bf16-values` rounds the
+random weights to bf16 numbers first (kept in f32 on both sides, as a bf16 checkpoint loads),
+which on a CPU with AMX runs our products on AMX tiles (`griffin_jax.cpu_kernels`); the report
+names the products ours ran (`products`).
 
 Needs torch (the `test` or `torch` extra).
 """
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scan", action="store_true", help="also time the scanned layout")
+    p.add_argument(
+        "--bf16-values", action="store_true", help="round the random weights to bf16 numbers"
+    )
     args = p.parse_args(argv)
     for flag in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "prompt_len",
                  "new_tokens", "repeats"):  # fmt: skip
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--prompt-len + --new-tokens must be <= {MAX_POSITIONS} (the model's positions)"
         )
 
+    import jax
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         eos_token_id=None, bos_token_id=None, attn_implementation="eager",
     )  # fmt: skip
     hf = LlamaForCausalLM(hf_cfg).eval()
+    if args.bf16_values:
+        with torch.no_grad():
+            for w in hf.parameters():
+                w.copy_(w.to(torch.bfloat16).to(torch.float32))
     n_params = sum(t.numel() for t in hf.parameters())
     weight_bytes = 4 * n_params
     prompt = np.random.default_rng(0).integers(0, args.vocab, args.prompt_len).tolist()
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         hf.save_pretrained(tmp)
         cfg, stacked = load_hf(pathlib.Path(tmp), dtype="float32")
     unrolled = decode_layout(stacked)
+    packed = [x.dtype.name for x in jax.tree.leaves(unrolled) if x.ndim == 3]
+    products = "amx tiles" if "bfloat16" in packed else "f32 panels" if packed else "xla"
 
     def run_ours(params=unrolled):
         t0 = time.perf_counter()
@@ -120,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "same_greedy_tokens": same,
+        "products": products,
         "ours_tokens_per_s": args.new_tokens / ours_t,
         "transformers_tokens_per_s": args.new_tokens / hf_t,
         "ratio": hf_t / ours_t,

@@ -62,7 +62,7 @@ from griffin_jax import checks, cli, cpu_kernels, speculative, vanilla
 from griffin_jax import tree as tree_lib
 from griffin_jax.config import TreeConfig
 from griffin_jax.kv_cache import causal_mask
-from griffin_jax.layers import FUSED_GATE_UP, FUSED_QKV, dense, kernel_of
+from griffin_jax.layers import FUSED_GATE_UP, FUSED_QKV, compute_dtype, dense, kernel_of
 from griffin_jax.model import forward as base_forward
 from griffin_jax.model import lm_head, unstack_layers
 from inference.api import (
@@ -300,7 +300,7 @@ def products_ms(model: SpeculativeModel, rows: int, repeats: int) -> float:
             x = 1 + jnp.tanh(dense({k: v for k, v in p.items() if k != "bias"}, x))
         return lm_head(head, x[:, : model.cfg.d_model], cfg=model.cfg)
 
-    x = jnp.ones((rows, model.cfg.d_model), kernel_of(kernels[0]).dtype)
+    x = jnp.ones((rows, model.cfg.d_model), compute_dtype(kernels[0]))
     return median_ms(lambda _: chain(x, kernels, head), None, repeats)
 
 

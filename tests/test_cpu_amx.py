@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from spec_models import aligned_pair, base_config, draft_config
+from spec_models import (
+    aligned_pair,
+    base_config,
+    draft_config,
+    draft_from_start,
+    prefill_and_step,
+    random_pair,
+)
 
 from griffin_jax import cpu_kernels, speculative, vanilla
 from griffin_jax.config import TreeConfig
@@ -133,6 +140,35 @@ def test_packed_on_request_and_amx_insisted_on(monkeypatch):
     assert not cpu_kernels.tiles_ready() and cpu_kernels.pack(w).dtype == jnp.float32
     with pytest.raises(RuntimeError, match="AMX"):  # tiles packed elsewhere do not run here
         cpu_kernels.matmul(jnp.ones((1, 64)), jnp.ones((4, 32, 32), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tiled_layout_computes_what_the_plain_one_computes(family):
+    """Base and draft forwards (GRIFFIN, EAGLE-3) on tiled kernels equal the plain decode
+    layout's within f32 round-off: the tiles are f32 products, and a tiled model computes in
+    f32 although its kernels are stored as bf16."""
+    cfg = base_config(family, tie_embeddings=family == "qwen2")
+    stacked, _ = jax.tree.map(bf16_valued, random_pair(cfg, draft_config(cfg)))
+    plain, tiles = decode_layout(stacked, pack=False), decode_layout(stacked, pack=True)
+    assert jnp.dtype(jnp.bfloat16) in {leaf.dtype for leaf in jax.tree.leaves(tiles)}
+    rng = np.random.default_rng(3)
+    b, t, cap = 2, 7, 16
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    outs = [prefill_and_step(params, cfg, tokens, cap) for params in (plain, tiles)]
+    for a, p in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5)
+    for kind in ("griffin", "eagle3"):
+        dcfg = draft_config(cfg, kind, d_ff=96)
+        _, draft = jax.tree.map(bf16_valued, random_pair(cfg, dcfg))
+        draft = fuse_projections(draft)
+        tiled_draft = pack_kernels(draft)
+        assert jnp.dtype(jnp.bfloat16) in {leaf.dtype for leaf in jax.tree.leaves(tiled_draft)}
+        feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
+        emb = stacked["embed_tokens"]["embedding"]
+        got = [draft_from_start(p, dcfg, emb, feats, tokens, cap) for p in (draft, tiled_draft)]
+        for a, p in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
+            assert p.dtype == a.dtype
+            np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
