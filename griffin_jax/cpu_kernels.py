@@ -65,12 +65,15 @@ PACKED = "packed_kernel"  # a Dense param dict's packed kernel, in place of "ker
 TARGET = "griffin_packed_matmul"  # the XLA FFI targets
 ATTENTION_TARGET = "griffin_attention"
 TOP_K_TARGET = "griffin_top_k_log_softmax"
+ARGMAX_TARGET = "griffin_argmax"
+TAKE_ROWS_TARGET = "griffin_take_rows"
 AMX_TARGET = "griffin_amx_matmul"
 TILE = 16  # output columns per AMX tile
 TILE_STEP = 32  # K values per AMX tile product
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 SOURCES = tuple(
-    _CSRC / n for n in ("packed_matmul.cc", "amx_matmul.cc", "attention.cc", "top_k.cc")
+    _CSRC / n
+    for n in ("packed_matmul.cc", "amx_matmul.cc", "attention.cc", "top_k.cc", "take_rows.cc")
 )
 HEADERS = tuple(_CSRC / n for n in ("chunks.h", "simd.h"))  # in the build's digest
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
@@ -148,6 +151,10 @@ def library() -> ctypes.CDLL | None:
         TOP_K_TARGET, jax.ffi.pycapsule(lib.GriffinTopKLogSoftmax), platform="cpu"
     )
     jax.ffi.register_ffi_target(AMX_TARGET, jax.ffi.pycapsule(lib.GriffinAmxMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(lib.GriffinArgmax), platform="cpu")
+    jax.ffi.register_ffi_target(
+        TAKE_ROWS_TARGET, jax.ffi.pycapsule(lib.GriffinTakeRows), platform="cpu"
+    )
     return lib
 
 
@@ -316,6 +323,59 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return call(q, k, v, mask.astype(jnp.bool_), scale=np.float32(1.0 / np.sqrt(h)))
 
 
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`jnp.take(table, ids, axis=0)` (an embedding lookup: ids [...] -> [..., D]). On one CPU
+    device with the library built and an f32 table, a copy of the rows on the calling thread
+    (`csrc/take_rows.cc`: XLA split a few-row lookup between its pool's threads and waited
+    for one to wake); elsewhere `jnp.take`. The same values either way, NaN rows for ids
+    outside [-V, V); differentiable in `table` as `jnp.take` is (its tangent is `jnp.take`'s)."""
+    if table.dtype != jnp.float32 or table.ndim != 2 or not on_one_cpu():
+        return jnp.take(table, ids, axis=0)
+    return _take_rows(table, ids.astype(jnp.int32))
+
+
+@jax.custom_jvp
+def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    flat = jnp.reshape(ids, (-1,))
+    call = jax.ffi.ffi_call(
+        TAKE_ROWS_TARGET,
+        jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), jnp.float32),
+        vmap_method="sequential",
+    )
+    return jnp.reshape(call(table, flat), (*ids.shape, table.shape[1]))
+
+
+@_take_rows.defjvp
+def _take_rows_jvp(primals, tangents):
+    table, ids = primals
+    return _take_rows(table, ids), jnp.take(tangents[0], ids, axis=0)
+
+
+def _selects_here(logits: jax.Array) -> bool:
+    """Whether `top_log_probs` / `argmax` run their kernels: f32 logits on one CPU device with
+    the library built, unless `GRIFFIN_TOP_K=xla`."""
+    choice = os.environ.get("GRIFFIN_TOP_K", "")
+    if choice not in ("", "cpu", "xla"):
+        raise ValueError(f"GRIFFIN_TOP_K={choice!r}: expected cpu or xla")
+    return choice != "xla" and logits.dtype == jnp.float32 and on_one_cpu()
+
+
+def argmax(logits: jax.Array) -> jax.Array | None:
+    """int32 [...]: the first index of each row's maximum over the last axis of f32 logits
+    (`csrc/top_k.cc`'s "griffin_argmax"; NaNs never win, a row of NaNs gives V - 1), or None
+    where the kernel does not run here (`_selects_here`): the caller computes it with XLA."""
+    if not _selects_here(logits) or logits.shape[-1] < 1:
+        return None
+    *lead, v = logits.shape
+    rows = jnp.reshape(logits, (-1, v))
+    call = jax.ffi.ffi_call(
+        ARGMAX_TARGET,
+        jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32),
+        vmap_method="sequential",
+    )
+    return jnp.reshape(call(rows), lead)
+
+
 def top_log_probs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k largest of `jax.nn.log_softmax(logits)` along the last axis and their indices
     (descending, ties to the smaller index, as `jax.lax.top_k`): a draft tree level's children.
@@ -327,11 +387,8 @@ def top_log_probs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     round to one value keep their logits' order here. Elsewhere XLA's `log_softmax` and
     `top_k`.
     """
-    choice = os.environ.get("GRIFFIN_TOP_K", "")
-    if choice not in ("", "cpu", "xla"):
-        raise ValueError(f"GRIFFIN_TOP_K={choice!r}: expected cpu or xla")
     logits = logits.astype(jnp.float32)
-    if choice == "xla" or not on_one_cpu() or logits.shape[-1] < k:
+    if not _selects_here(logits) or logits.shape[-1] < k:
         return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
     *lead, v = logits.shape
     rows = jnp.reshape(logits, (-1, v))

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from griffin_jax import cpu_kernels
 from griffin_jax.config import _HARMLESS_KEYS, RopeConfig, UnsupportedConfigError
 from griffin_jax.layers import (
     MASK_VALUE,
@@ -494,7 +495,7 @@ def draft_forward(
     dtype = dtype or param_dtype(params)
     if dcfg.own_embedding:
         embedding = params["embed_tokens"]["embedding"]
-    emb = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
+    emb = cpu_kernels.take_rows(embedding, tokens).astype(dtype)  # [B, T, D]
     token_feature, next_feature, k, v = DraftModel(dcfg, dtype).apply(
         {"params": module_params(params)},
         emb,

@@ -256,7 +256,7 @@ def lm_head(params, hidden: jax.Array, *, cfg: ModelConfig) -> jax.Array:
 
 def embed(params, tokens: jax.Array) -> jax.Array:
     """Base token embedding lookup [B, T] -> [B, T, D] (the drafts share it)."""
-    return jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0)
+    return cpu_kernels.take_rows(params["embed_tokens"]["embedding"], tokens)
 
 
 def forward(

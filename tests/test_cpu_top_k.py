@@ -1,6 +1,7 @@
 """A draft tree level's children on a CPU (`cpu_kernels.top_log_probs`, `csrc/top_k.cc`): the
 k largest log-probabilities of each row and their indices, as `jax.lax.top_k` of
-`jax.nn.log_softmax` gives them (ties to the smaller index), and XLA's path where asked."""
+`jax.nn.log_softmax` gives them (ties to the smaller index), and XLA's path where asked; and
+greedy targets' argmax on the same library (`cpu_kernels.argmax` under `sampling.argmax`)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,41 @@ def test_xla_s_path_on_request(monkeypatch):
     monkeypatch.setenv("GRIFFIN_TOP_K", "fast")
     with pytest.raises(ValueError, match="GRIFFIN_TOP_K"):
         traced()
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 8192), (3, 17), (2, 1), (4, 1024), (7, 8191), (0, 9)])
+def test_argmax_is_the_first_index_of_the_maximum(shape, monkeypatch):
+    """`sampling.argmax` on the kernel: numpy's argmax (first maximum) on random rows with
+    ties, rows of equal values, and rows whose maximum is -inf; the XLA form agrees."""
+    from griffin_jax import sampling
+
+    rng = np.random.default_rng(sum(shape))
+    x = np.round(rng.standard_normal(shape) * 2).astype(np.float32)  # many ties
+    if x.size:
+        x.reshape(-1, shape[-1])[0] = 1.5  # all equal: index 0
+        x.reshape(-1, shape[-1])[-1] = -np.inf
+    f = jax.jit(sampling.argmax)
+    assert "griffin_argmax" in str(jax.make_jaxpr(sampling.argmax)(jnp.asarray(x)))
+    got = np.asarray(f(jnp.asarray(x)))
+    assert got.dtype == np.int32 and got.shape == shape[:-1]
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    monkeypatch.setenv("GRIFFIN_TOP_K", "xla")  # XLA's form: the same indices
+    np.testing.assert_array_equal(got, np.asarray(sampling.argmax(jnp.asarray(x))))
+
+
+def test_argmax_of_nan_rows_stays_in_range_and_xla_s_form_on_request(monkeypatch):
+    from griffin_jax import sampling
+
+    x = np.zeros((3, 40), np.float32)
+    x[0] = np.nan
+    x[1, 7], x[1, 30] = np.nan, 2.0  # NaNs never win over numbers on the kernel
+    x[2, 33] = 1.0
+    got = np.asarray(sampling.argmax(jnp.asarray(x)))
+    assert got.tolist() == [39, 30, 33]
+    monkeypatch.setenv("GRIFFIN_TOP_K", "xla")
+    assert "griffin_argmax" not in str(jax.make_jaxpr(sampling.argmax)(jnp.asarray(x)))
+    assert np.asarray(sampling.argmax(jnp.asarray(x)))[2] == 33
+    monkeypatch.delenv("GRIFFIN_TOP_K")
+    bf16 = jnp.asarray(x[2:], jnp.bfloat16)  # f32 logits only: XLA's form for others
+    assert "griffin_argmax" not in str(jax.make_jaxpr(sampling.argmax)(bf16))
+    assert sampling.argmax(bf16).tolist() == [33]

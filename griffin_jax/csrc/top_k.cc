@@ -8,6 +8,10 @@
 // a level for 10 rows of 8,192 (the level's lm_head product 0.31 ms). One pass per row finds
 // the max, one sums e^(x - max), and one keeps the k largest, skipping each 16-value block
 // none of whose values beats the k-th so far.
+//
+// Also "griffin_argmax": each row's first index of its maximum (greedy targets, acceptance).
+// XLA's CPU backend ran `sampling.argmax`'s max as a YNNPACK reduction that took ~120 us for
+// the 5 x 8,192 logits of a verification, and its first-index pass another ~45 us.
 
 #include <algorithm>
 #include <cmath>
@@ -28,20 +32,25 @@ using griffin::Load;
 using griffin::Splat;
 using griffin::v16;
 
+// The largest value of x [V] (-inf for a row of NaNs and -infs: NaNs never win).
+float RowMax(const float* x, int64_t v_dim) {
+  const int64_t whole = v_dim / kLanes * kLanes;
+  float top = -__builtin_inff();
+  v16 m = Splat(-__builtin_inff());
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    const v16 y = Load(x + i);
+    m = y > m ? y : m;
+  }
+  for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
+  for (int64_t i = whole; i < v_dim; ++i) top = std::max(top, x[i]);
+  return top;
+}
+
 // Row x [V] -> its k largest values and their indices (descending, ties to the smaller index)
 // as log-probabilities: (x - max) - log(sum e^(x - max)), the order of `jax.nn.log_softmax`.
 void Row(const float* x, int64_t v_dim, int64_t k, float* values, int32_t* indices) {
   const int64_t whole = v_dim / kLanes * kLanes;
-  float top = -__builtin_inff();
-  {
-    v16 m = Splat(-__builtin_inff());
-    for (int64_t i = 0; i < whole; i += kLanes) {
-      const v16 y = Load(x + i);
-      m = y > m ? y : m;
-    }
-    for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
-    for (int64_t i = whole; i < v_dim; ++i) top = std::max(top, x[i]);
-  }
+  const float top = RowMax(x, v_dim);
   float sum = 0.0f;
   {
     v16 total{};
@@ -121,4 +130,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinTopKLogSoftmax, TopKLogSoftmax,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+namespace {
+
+// Each row's first index of its largest value: one pass for the max, then the first index
+// holding it (a row of NaNs gives V - 1, an index in range, as `sampling.argmax` promises).
+ffi::Error Argmax(ffi::Buffer<ffi::F32> logits, ffi::ResultBuffer<ffi::S32> index) {
+  const auto d = logits.dimensions();
+  if (d.size() != 2 || d[1] < 1)
+    return ffi::Error::InvalidArgument("griffin_argmax: expected logits [R, V] with V >= 1");
+  const int64_t rows = d[0], v_dim = d[1];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = logits.typed_data() + r * v_dim;
+    const float top = RowMax(x, v_dim);
+    int64_t i = 0;
+    while (i < v_dim - 1 && !(x[i] == top)) ++i;
+    index->typed_data()[r] = static_cast<int32_t>(i);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinArgmax, Argmax,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
