@@ -71,10 +71,10 @@ def test_a_row_s_result_does_not_depend_on_the_rows_or_threads_beside_it():
     """A verification row equals the decode of the same token bit for bit: the same tile
     products over K whatever the row count, the row block, or how the chunks are split
     between threads (100 rows x 704 x 1,408 splits by columns; 60 x 256 x 256, one column
-    group, splits by row blocks)."""
+    group, by columns and row blocks; 300 rows, a prefill's, by row blocks alone)."""
     rng = np.random.default_rng(0)
     f = jax.jit(cpu_kernels.matmul)
-    for k, n, rows in [(704, 1408, 100), (256, 256, 60), (256, 8192, 33)]:
+    for k, n, rows in [(704, 1408, 100), (256, 256, 60), (256, 8192, 33), (704, 256, 300)]:
         w = tiled(bf16_valued(rng.standard_normal((k, n))))
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
         whole = np.asarray(f(x, w))

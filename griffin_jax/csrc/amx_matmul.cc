@@ -17,6 +17,7 @@
 // share the product.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -135,18 +136,29 @@ inline float Float(uint32_t u) {
 
 // x's rows split into three bf16 parts, each [rows_pad, K] (rows past R are 0), in this
 // thread's scratch: each thread splits the rows for itself, since tile loads of parts another
-// core has just written ran at half speed (the lines cross between the cores' caches).
+// core has just written ran at half speed (the lines cross between the cores' caches). A
+// thread that takes several chunks of one call with the same rows splits them once (`call`
+// numbers the products).
 struct Parts {
   const uint16_t* hi;
   const uint16_t* mid;
   const uint16_t* lo;
 };
 
-Parts Split(const float* x, int64_t rows, int64_t rows_pad, int64_t k_dim) {
+std::atomic<uint64_t> g_calls{0};
+
+Parts Split(uint64_t call, const float* x, int64_t rows, int64_t rows_pad, int64_t k_dim) {
   thread_local std::vector<uint16_t> scratch;
+  thread_local uint64_t last_call = ~uint64_t{0};
+  thread_local const float* last_x = nullptr;
   const int64_t plane = rows_pad * k_dim;
-  if (static_cast<int64_t>(scratch.size()) < 3 * plane) scratch.resize(3 * plane);
   uint16_t* hi = scratch.data();
+  if (call == last_call && x == last_x && static_cast<int64_t>(scratch.size()) >= 3 * plane)
+    return {hi, hi + plane, hi + 2 * plane};
+  if (static_cast<int64_t>(scratch.size()) < 3 * plane) scratch.resize(3 * plane);
+  last_call = call;
+  last_x = x;
+  hi = scratch.data();
   uint16_t* mid = hi + plane;
   uint16_t* lo = mid + plane;
   for (int64_t i = 0; i < rows * k_dim; ++i) {
@@ -186,24 +198,30 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const auto* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* ys = y->typed_data();
   // Chunks: runs of 64-column groups, and runs of row blocks too where there are fewer
-  // groups than threads (a product of 256 columns is one group).
+  // groups than threads (a product of 256 columns is one group); a product of many rows (a
+  // prefill) in runs of row blocks alone, each thread reading every weight once.
   const int64_t groups = (tiles + kGroup - 1) / kGroup;
   const int64_t threads = griffin::Threads(pool);
   int64_t col_chunks = 1, row_chunks = 1;
   if (rows * k_dim * n_dim >= kSplitWork) {
-    col_chunks = std::min(groups, kChunksPerThread * threads);
-    if (col_chunks < threads) row_chunks = std::min(blocks, threads);
+    if (blocks >= 4 * threads) {
+      row_chunks = kChunksPerThread * threads;
+    } else {
+      col_chunks = std::min(groups, kChunksPerThread * threads);
+      if (col_chunks < threads) row_chunks = std::min(blocks, threads);
+    }
   }
   const int64_t per_col = (groups + col_chunks - 1) / col_chunks;
   const int64_t per_row = (blocks + row_chunks - 1) / row_chunks;
   col_chunks = (groups + per_col - 1) / per_col;
   row_chunks = (blocks + per_row - 1) / per_row;
+  const uint64_t call = g_calls.fetch_add(1, std::memory_order_relaxed);
   griffin::RunChunks(pool, col_chunks * row_chunks, [&](int64_t c) {
     const int64_t g0 = c % col_chunks * per_col, g1 = std::min(groups, g0 + per_col);
     const int64_t m0 = c / col_chunks * per_row * block;
     const int64_t m1 = std::min(rows, m0 + per_row * block);
     const int64_t pad = (m1 - m0 + block - 1) / block * block;
-    const Parts parts = Split(xs + m0 * k_dim, m1 - m0, pad, k_dim);
+    const Parts parts = Split(call, xs + m0 * k_dim, m1 - m0, pad, k_dim);
     Configure(static_cast<int>(block));
     alignas(64) float tail[kTileRows * kGroup * kTileCols];
     for (int64_t g = g0; g < g1; ++g) {
