@@ -298,11 +298,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   work.per_chunk = (groups + split - 1) / split;
   work.per_head = (groups + work.per_chunk - 1) / work.per_chunk;
   const int64_t chunks = heads * work.per_head;
-  if (target == 1) {
-    for (int64_t c = 0; c < chunks; ++c) work.RunChunk(c);
-  } else {
-    griffin::RunChunks(pool, chunks, [&](int64_t c) { work.RunChunk(c); });
-  }
+  griffin::RunChunks(pool, chunks, [&](int64_t c) { work.RunChunk(c); }, target > 1);
   return ffi::Error::Success();
 }
 

@@ -145,11 +145,12 @@ inline int64_t Threads(xla::ffi::ThreadPool& pool) {
 
 // Runs run(0) .. run(count - 1), on this thread and on the helpers (or up to count - 1 of
 // XLA's pool threads); returns once every one has finished. `run` may refer to the caller's
-// stack: it is never called after this returns (a late helper finds no chunk left).
+// stack: it is never called after this returns (a late helper finds no chunk left). With
+// `split` false (a call too small to share) every chunk runs here, in order.
 inline void RunChunks(xla::ffi::ThreadPool& pool, int64_t count,
-                      std::function<void(int64_t)> run) {
-  if (count <= 1) {
-    if (count == 1) run(0);
+                      std::function<void(int64_t)> run, bool split = true) {
+  if (count <= 1 || !split) {
+    for (int64_t c = 0; c < count; ++c) run(c);
     return;
   }
   auto chunks = std::make_shared<Chunks>();
