@@ -68,6 +68,14 @@ TOP_K_TARGET = "griffin_top_k_log_softmax"
 ARGMAX_TARGET = "griffin_argmax"
 TAKE_ROWS_TARGET = "griffin_take_rows"
 AMX_TARGET = "griffin_amx_matmul"
+_HANDLERS = {  # FFI target -> the library's handler symbol
+    TARGET: "GriffinPackedMatmul",
+    ATTENTION_TARGET: "GriffinAttention",
+    TOP_K_TARGET: "GriffinTopKLogSoftmax",
+    ARGMAX_TARGET: "GriffinArgmax",
+    TAKE_ROWS_TARGET: "GriffinTakeRows",
+    AMX_TARGET: "GriffinAmxMatmul",
+}
 TILE = 16  # output columns per AMX tile
 TILE_STEP = 32  # K values per AMX tile product
 _CSRC = pathlib.Path(__file__).parent / "csrc"
@@ -143,18 +151,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("the project's CPU kernels are unavailable, using XLA's: %s", err)
         return None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GriffinPackedMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(
-        ATTENTION_TARGET, jax.ffi.pycapsule(lib.GriffinAttention), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(
-        TOP_K_TARGET, jax.ffi.pycapsule(lib.GriffinTopKLogSoftmax), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(AMX_TARGET, jax.ffi.pycapsule(lib.GriffinAmxMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(lib.GriffinArgmax), platform="cpu")
-    jax.ffi.register_ffi_target(
-        TAKE_ROWS_TARGET, jax.ffi.pycapsule(lib.GriffinTakeRows), platform="cpu"
-    )
+    for target, symbol in _HANDLERS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib
 
 
