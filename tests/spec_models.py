@@ -194,6 +194,24 @@ def draft_from_start(params, dcfg, embedding, features, tokens, cap: int):
     )  # fmt: skip
 
 
+def assert_forwards_close(a, b, cfg: ModelConfig, tokens, cap: int, **tol) -> None:
+    """Two layouts of one base compute the same `prefill_and_step` outputs, within `tol`
+    (`np.testing.assert_allclose`'s rtol / atol)."""
+    got = [prefill_and_step(params, cfg, tokens, cap) for params in (a, b)]
+    for x, y in zip(*got, strict=True):
+        np.testing.assert_allclose(x, y, **tol)
+
+
+def assert_draft_forwards_close(a, b, dcfg, embedding, features, tokens, cap: int, **tol) -> None:
+    """Two layouts of one draft compute the same `draft_from_start` outputs, in the same dtypes,
+    within `tol`."""
+    got = [draft_from_start(p, dcfg, embedding, features, tokens, cap) for p in (a, b)]
+    assert jax.tree.structure(got[0]) == jax.tree.structure(got[1])
+    for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_allclose(x, y, **tol)
+
+
 _base_forward = jax.jit(base_lib.forward, static_argnames=("cfg",))
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from spec_models import (
     aligned_pair,
+    assert_draft_forwards_close,
+    assert_forwards_close,
     base_config,
     draft_config,
-    draft_from_start,
-    prefill_and_step,
     random_pair,
 )
 
@@ -154,9 +154,7 @@ def test_tiled_layout_computes_what_the_plain_one_computes(family):
     rng = np.random.default_rng(3)
     b, t, cap = 2, 7, 16
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-    outs = [prefill_and_step(params, cfg, tokens, cap) for params in (plain, tiles)]
-    for a, p in zip(*outs, strict=True):
-        np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5)
+    assert_forwards_close(plain, tiles, cfg, tokens, cap, rtol=1e-5, atol=5e-5)
     for kind in ("griffin", "eagle3"):
         dcfg = draft_config(cfg, kind, d_ff=96)
         _, draft = jax.tree.map(bf16_valued, random_pair(cfg, dcfg))
@@ -165,10 +163,9 @@ def test_tiled_layout_computes_what_the_plain_one_computes(family):
         assert jnp.dtype(jnp.bfloat16) in {leaf.dtype for leaf in jax.tree.leaves(tiled_draft)}
         feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
         emb = stacked["embed_tokens"]["embedding"]
-        got = [draft_from_start(p, dcfg, emb, feats, tokens, cap) for p in (draft, tiled_draft)]
-        for a, p in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
-            assert p.dtype == a.dtype
-            np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5)
+        assert_draft_forwards_close(
+            draft, tiled_draft, dcfg, emb, feats, tokens, cap, rtol=1e-5, atol=5e-5
+        )
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from spec_models import (
+    assert_draft_forwards_close,
+    assert_forwards_close,
     base_config,
     draft_config,
-    draft_from_start,
-    prefill_and_step,
     random_pair,
 )
 
@@ -116,9 +116,7 @@ def test_packed_decode_layout_computes_what_the_stored_one_computes(family):
     rng = np.random.default_rng(3)
     b, t, cap = 2, 7, 16
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-    outs = [prefill_and_step(params, cfg, tokens, cap) for params in (plain, packed)]
-    for a, p in zip(*outs, strict=True):
-        np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5)
+    assert_forwards_close(plain, packed, cfg, tokens, cap, rtol=1e-5, atol=5e-5)
 
     for kind in ("griffin", "eagle3"):
         dcfg = draft_config(cfg, kind)
@@ -130,8 +128,9 @@ def test_packed_decode_layout_computes_what_the_stored_one_computes(family):
             assert "kernel" in up  # 80 columns: not whole panels, stays plain
         feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
         emb = stacked["embed_tokens"]["embedding"]
-        got = [draft_from_start(p, dcfg, emb, feats, tokens, cap) for p in (draft, packed_draft)]
-        jax.tree.map(lambda a, p: np.testing.assert_allclose(a, p, rtol=1e-5, atol=5e-5), *got)
+        assert_draft_forwards_close(
+            draft, packed_draft, dcfg, emb, feats, tokens, cap, rtol=1e-5, atol=5e-5
+        )
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

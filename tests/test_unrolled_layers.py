@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from spec_models import (
     aligned_pair,
+    assert_draft_forwards_close,
+    assert_forwards_close,
     base_config,
     draft_config,
-    draft_from_start,
-    prefill_and_step,
     random_pair,
 )
 
@@ -211,9 +211,7 @@ def test_fused_projections_compute_what_the_stored_ones_compute(family):
     rng = np.random.default_rng(1)
     b, t, cap = 2, 7, 16
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-    outs = [prefill_and_step(params, cfg, tokens, cap) for params in (unrolled, fused)]
-    for a, f in zip(*outs, strict=True):
-        np.testing.assert_allclose(a, f, atol=ATOL)
+    assert_forwards_close(unrolled, fused, cfg, tokens, cap, atol=ATOL)
 
     for kind in ("griffin", "eagle3"):
         dcfg = draft_config(cfg, kind)
@@ -222,8 +220,7 @@ def test_fused_projections_compute_what_the_stored_ones_compute(family):
         assert is_fused(fused_draft) and not is_fused(draft)
         feats = jnp.asarray(rng.standard_normal((b, t, dcfg.feature_dim)), jnp.float32)
         emb = stacked["embed_tokens"]["embedding"]
-        got = [draft_from_start(p, dcfg, emb, feats, tokens, cap) for p in (draft, fused_draft)]
-        jax.tree.map(lambda a, f: np.testing.assert_allclose(a, f, atol=ATOL), *got)
+        assert_draft_forwards_close(draft, fused_draft, dcfg, emb, feats, tokens, cap, atol=ATOL)
 
 
 def test_fused_layout_exports_the_stored_one_frees_its_parts_and_is_not_sharded(tmp_path):
