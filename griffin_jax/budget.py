@@ -46,6 +46,11 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   steps here), 6-11% of the time of a 500-step stretch at batch 8 (a probe there is ~4 plain
   steps of rounds, more with the trunk's catch-up); growing 4-fold, 3.
 
+A batch the policy would decode plainly throughout (plain decoding chosen for its first round,
+no probe falling due before it ends) runs the plain decoder's own program instead of this one
+(`speculative.plain_throughout`): the same tokens and the same record, without the cost of
+carrying a draft it does not run.
+
 Correctness does not depend on the choice: every shape commits exactly what the base would
 decode (greedy argmax or the position-keyed draw, `sampling.py`), so greedy output equals
 vanilla greedy and seeded sampling equals seeded vanilla sampling whatever is chosen (tested

@@ -176,6 +176,7 @@ class SpecResult:
     level_trials: np.ndarray | None = None
     probe_wait: int | None = None
     plain_streak: int = 0
+    plain_program: bool = False  # the plain decoder's program ran the batch (`plain_throughout`)
 
     @property
     def new_tokens(self) -> int:
@@ -774,14 +775,90 @@ def draft_tree(
 def _with_choice(
     state: SpecState, budget: budget_lib.Budget, knobs: Knobs, shapes: Shapes
 ) -> SpecState:
-    with jax.named_scope("budget"):
-        slots = catch_up_slots(jnp.max(state.pending_len), shapes.pending)
-        index = budget_lib.choose(
-            budget, state.hits, state.trials, ~state.done, state.plain_streak, state.probe_wait,
-            state.step, state.next_shape, remaining=knobs.max_new - state.num_out,
-            catch_up_slots=slots,
-        )  # fmt: skip
+    index = _choice(
+        budget, knobs, shapes, state.hits, state.trials, ~state.done, state.plain_streak,
+        state.probe_wait, state.step, state.next_shape, state.num_out, state.pending_len,
+    )  # fmt: skip
     return state.replace(next_shape=index)
+
+
+def _choice(
+    budget, knobs, shapes, hits, trials, active, streak, wait, step, current, num_out, pending
+) -> jax.Array:  # fmt: skip
+    """The budget's shape index for the next round (`budget.choose`), from the state's parts."""
+    with jax.named_scope("budget"):
+        slots = catch_up_slots(jnp.max(pending), shapes.pending)
+        return budget_lib.choose(
+            budget, hits, trials, active, streak, wait, step, current,
+            remaining=knobs.max_new - num_out, catch_up_slots=slots,
+        )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("greedy", "shapes"))
+def _opening_choice(budget, knobs: Knobs, lengths: jax.Array, *, greedy, shapes: Shapes):
+    """The shape `prefill` chooses for the first round of a fresh batch whose rows all run
+    (each row's first token is not a stop token): int32 scalar."""
+    b = lengths.shape[0]
+    hits, trials = budget_lib.init_stats(budget, b, knobs.temperature, greedy=greedy)
+    ones = jnp.ones((b,), jnp.int32)
+    return _choice(
+        budget, knobs, shapes, hits, trials, jnp.ones((b,), bool), budget.start_streak,
+        budget.start_wait, jnp.int32(0), jnp.int32(0), ones,
+        lengths if shapes.prompt_pending else 0 * ones,
+    )  # fmt: skip
+
+
+def plain_throughout(
+    budget: budget_lib.Budget, knobs: Knobs, lengths: np.ndarray, *, max_new_tokens: int,
+    greedy: bool | None, shapes: Shapes,
+) -> bool:  # fmt: skip
+    """Whether the adaptive program would run every round of this batch as a plain decode step,
+    so that the plain decoder's own program (`vanilla.generate`) can run it instead: the same
+    tokens (greedy argmax, or the same position-keyed draws) without the adaptive program's
+    cost of carrying a draft it does not run (~3% of a plain step here, batch 1).
+
+    True when the budget chooses plain decoding for the first round (`_opening_choice`) and
+    nothing can change that before the batch ends: no probe falls due (the plain streak stays
+    below the probe wait over the at most max_new_tokens - 1 rounds; a probe spans requests,
+    `budget.History`), the pending buffer never fills (which starts a new plain segment whose
+    first round weighs the rows again), and no schedule forces a shape. A plain round changes
+    no statistics, so the program's later rounds keep the first one's choice (`keep_plain`).
+    """
+    shapes_ = budget.shapes
+    if len(shapes_) < 2 or None not in shapes_:
+        return False
+    # Computed first, whatever the rest says: the first call of a shape compiles it, as it
+    # compiles the prefill (a warm-up call, not a later timed one).
+    index = _opening_choice(budget, knobs, jnp.asarray(lengths), greedy=greedy, shapes=shapes)
+    if np.any(np.asarray(budget.schedule) >= 0):
+        return False
+    streak, wait = int(budget.start_streak), int(budget.start_wait)
+    if streak < 0 or streak + max_new_tokens - 2 >= wait:  # inside a probe, or one falls due
+        return False
+    if shapes.prompt_pending and int(np.max(lengths)) + max_new_tokens - 1 >= shapes.pending:
+        return False
+    return shapes_[int(index)] is None
+
+
+def _plain_result(
+    res: vanilla.VanillaResult, budget: budget_lib.Budget, n_rows: int
+) -> SpecResult:  # fmt: skip
+    """A SpecResult for a batch the plain decoder ran (`plain_throughout`): every round a plain
+    step, no draft statistics, the plain streak grown by the batch's decode steps."""
+    plain = budget.shapes.index(None)
+    rounds = [max(len(ids) - 1, 0) for ids in res.output_ids]
+    zeros = np.zeros((n_rows, budget.prior.shape[1]), np.float32)
+    return SpecResult(
+        output_ids=res.output_ids,
+        accept_lengths=[[0] * r for r in rounds],
+        rounds=rounds,
+        round_shapes=[[plain] * r for r in rounds],
+        level_hits=zeros,
+        level_trials=zeros.copy(),
+        probe_wait=int(budget.start_wait),
+        plain_streak=int(budget.start_streak) + max(rounds, default=0),
+        plain_program=True,
+    )
 
 
 @functools.partial(
@@ -980,7 +1057,9 @@ def generate(
       on_round: called after every round with (out_tokens [B, N], num_out [B]) on the host, for
         streaming; it implies the host loop and costs one extra transfer per round.
       loop: "device" (every round in one device loop, one `run_segment` call; the default)
-        or "host" (one round per `run_segment` call, reading back `done`).
+        or "host" (one round per `run_segment` call, reading back `done`). With the device
+        loop and no on_round, a batch the adaptive budget would decode plainly throughout
+        runs the plain decoder's program instead (`plain_throughout`; `SpecResult.plain_program`).
       mesh: run sharded on this mesh (`griffin_jax.sharding`): params not yet placed by the
         rules are placed (a no-op for loaded sharded params), tokens go over `data`.
       draft_head: draft from a token subset (`make_draft_head`); None = the whole vocabulary.
@@ -1001,11 +1080,18 @@ def generate(
     )  # fmt: skip
     tokens, lengths = vanilla.pad_prompts(prompts, [shapes.prompt_bucket])
     greedy = sampling_knobs.greedy
-    knobs = make_knobs(
-        sampling_knobs, max_new_tokens=max_new_tokens,
-        eos_ids=cfg.eos_token_ids if eos_ids is None else eos_ids,
-    )  # fmt: skip
+    stop_ids = cfg.eos_token_ids if eos_ids is None else eos_ids
+    knobs = make_knobs(sampling_knobs, max_new_tokens=max_new_tokens, eos_ids=stop_ids)
     static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh)
+    plain = on_round is None and loop == "device"  # a streamed or host loop: the rounds
+    if plain and plain_throughout(
+        budget, knobs, lengths, max_new_tokens=max_new_tokens, greedy=greedy, shapes=shapes
+    ):
+        res = vanilla.generate(
+            base_params, cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, eos_ids=stop_ids, mesh=mesh,
+        )  # fmt: skip
+        return _plain_result(res, budget, len(prompts))
     seeds = jnp.asarray(vanilla.row_seeds(seed, len(prompts)))
     inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs, seeds, budget, draft_head)
     if mesh is not None:
@@ -1017,19 +1103,25 @@ def generate(
         knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
     state = prefill(base_params, draft_params, *inputs, **static)
     limit = np.int32(1 if on_round is not None or loop == "host" else 1 << 30)
-    for _ in range(max_new_tokens):  # every call runs >= 1 round, each emits >= 1 token
-        if on_round is not None:
-            on_round(np.asarray(state.out_tokens), np.asarray(state.num_out))
-        if np.all(jax.device_get(state.done)):
-            break
+    if on_round is not None:
+        on_round(*jax.device_get((state.out_tokens, state.num_out)))
+    # The segment is dispatched behind the prefill without waiting for it (a segment whose
+    # rows are all done runs no round), and each segment's results come back in one transfer:
+    # a batch-1 call of the device loop has one host sync, as vanilla's has.
+    for _ in range(max_new_tokens):  # a segment with a running row emits >= 1 token per row
         state = run_segment(
             state, base_params, draft_params, knobs, budget, draft_head, limit, index=None,
             **static,
         )  # fmt: skip
-    out, num_out, log, shape_log, rounds, hits, trials, wait, streak = jax.device_get((
-        state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
-        state.own_hits, state.own_trials, state.probe_wait, state.plain_streak,
-    ))  # fmt: skip
+        fetched = jax.device_get((
+            state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
+            state.own_hits, state.own_trials, state.probe_wait, state.plain_streak, state.done,
+        ))  # fmt: skip
+        if on_round is not None:
+            on_round(fetched[0], fetched[1])
+        if np.all(fetched[-1]):
+            break
+    out, num_out, log, shape_log, rounds, hits, trials, wait, streak, _ = fetched
     return SpecResult(
         output_ids=[out[i, : num_out[i]].tolist() for i in range(len(prompts))],
         accept_lengths=[log[i, : rounds[i]].tolist() for i in range(len(prompts))],

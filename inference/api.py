@@ -118,6 +118,7 @@ class GenerationOutput:
     accept_lengths: list[list[int]]  # accepted draft tokens per round per row ([] for vanilla)
     seconds: float  # wall time, prefill included
     round_shapes: list[list[str]] = dataclasses.field(default_factory=list)  # tree per round
+    plain_program: bool = False  # the plain decoder's program ran it (the budget chose no draft)
 
     @property
     def new_tokens(self) -> int:
@@ -383,7 +384,40 @@ class SpeculativeModel:
         return GenerationOutput(
             res.output_ids, res.rounds, res.accept_lengths, time.perf_counter() - t0,
             round_shapes=[[names[i] for i in row] for row in res.round_shapes],
+            plain_program=res.plain_program,
         )  # fmt: skip
+
+    def warm_up(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 512,
+        seed: int | Sequence[int] = 0,
+        eos_ids: Sequence[int] | None = None,
+        on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> None:
+        """Compiles every program a `generate` call of this shape may run, so that a later
+        call compiles nothing, then makes that call once (the adaptive budget learns from it as
+        from any). With the adaptive budget a call runs either the speculative program or, for
+        a batch the budget would decode plainly throughout, the plain decoder's
+        (`speculative.plain_throughout`), and which one depends on what earlier calls taught
+        the budget: both are compiled first, the speculative one by a call whose forced
+        schedule (plain rounds) the budget does not learn from."""
+        knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                     max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids)  # fmt: skip
+        if self.adaptive and self.has_draft:
+            tree = self.budget(len(input_ids), greedy=temperature == 0)
+            speculative.generate(
+                self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
+                tree_cfg=tree.replace(schedule=np.zeros_like(tree.schedule)), on_round=on_round,
+                mesh=self.mesh, draft_head=self.draft_head(), **knobs,
+            )  # fmt: skip
+            self.vanilla_generate(input_ids, **knobs)
+        runner = self.generate if self.has_draft else self.vanilla_generate
+        runner(input_ids, on_round=on_round, **knobs)
 
     def vanilla_generate(
         self,

@@ -135,11 +135,13 @@ def run_methods(
     batch: int = 1,
     turn: int = 0,
     max_steal: float = steal.MAX_STEAL,
+    warm_ups: dict[str, Any] | None = None,
     **knobs,
 ) -> dict[str, dict[str, Any]]:
     """Times every method on the prompts in batches of `batch`, interleaved batch by batch.
 
-    Each method first warms up every (batch size, prompt-length bucket) shape. The methods then
+    Each method first warms up every (batch size, prompt-length bucket) shape (by its entry in
+    `warm_ups`, e.g. `SpeculativeModel.warm_up`, else by a call of its own). The methods then
     take turns on each batch (right-padded; row b of batch i samples with seed + i * batch + b),
     so a drift in machine speed during the run hits them alike; which method goes first rotates
     from batch to batch (batch i starts with method number (turn + i) mod the count), so none
@@ -156,11 +158,12 @@ def run_methods(
     shapes = {}
     for chunk in chunks:
         shapes.setdefault((len(chunk), vanilla.prompt_bucket(max(map(len, chunk)))), chunk)
-    for generate in methods.values():
+    for name, generate in methods.items():
         for chunk in shapes.values():
-            generate(chunk, seed=seed, **knobs)
+            (warm_ups or {}).get(name, generate)(chunk, seed=seed, **knobs)
     acc = {name: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepts": [], "shapes": [],
-                  "batch_seconds": [], "steal": [], "redone": 0} for name in methods}  # fmt: skip
+                  "batch_seconds": [], "steal": [], "redone": 0, "plain_program": 0}
+           for name in methods}  # fmt: skip
     names = list(methods)
     for i, chunk in enumerate(chunks):
         start = (turn + i) % len(names)
@@ -177,6 +180,7 @@ def run_methods(
             a["seconds"] += res.seconds
             a["batch_seconds"].append(res.seconds)
             a["rounds"] += sum(res.rounds)
+            a["plain_program"] += int(getattr(res, "plain_program", False))
             for row in res.accept_lengths:
                 a["accepts"].extend(row)
             for row in res.round_shapes:
@@ -186,7 +190,8 @@ def run_methods(
         row = {"new_tokens": a["tokens"], "seconds": a["seconds"], "rounds": a["rounds"],
                "tokens_per_s": a["tokens"] / a["seconds"],
                "batch_seconds": a["batch_seconds"], "redone": a["redone"],
-               "max_steal_kept": max(a["steal"], default=0.0)}  # fmt: skip
+               "max_steal_kept": max(a["steal"], default=0.0),
+               "plain_program_calls": a["plain_program"]}  # fmt: skip
         if a["accepts"]:
             lens = np.asarray(a["accepts"])
             row["tau"] = float(lens.mean() + 1)
@@ -206,7 +211,8 @@ def median_of_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[
     same tokens), tokens/s as the median over passes, each draft's speedup as the median of
     its per-pass speedups over that pass's vanilla (both timed in the same pass), and every
     pass's seconds per batch (`batch_seconds[pass][batch]`); calls redone for stolen CPU
-    time are summed over the passes."""
+    time and calls the plain decoder's program ran (`SpeculativeModel.generate`) are summed over
+    the passes."""
     out = {name: dict(row) for name, row in passes[0].items()}
     for name, row in out.items():
         runs = [p[name]["tokens_per_s"] for p in passes]
@@ -214,6 +220,7 @@ def median_of_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[
         row["tokens_per_s_passes"] = runs
         row["batch_seconds"] = [p[name]["batch_seconds"] for p in passes]
         row["redone"] = sum(p[name]["redone"] for p in passes)
+        row["plain_program_calls"] = sum(p[name]["plain_program_calls"] for p in passes)
         row["max_steal_kept"] = max(p[name]["max_steal_kept"] for p in passes)
         if name != "vanilla":
             ratios = [p[name]["tokens_per_s"] / p["vanilla"]["tokens_per_s"] for p in passes]
@@ -334,12 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             methods = {"vanilla": base.vanilla_generate}
             methods.update({name: m.generate for name, m in models.items()})
-            passes = [
-                run_methods(
-                    methods, prompts, batch=args.batch, turn=p, max_steal=args.max_steal, **knobs
-                )
-                for p in range(args.repeats)
-            ]
+            warm_ups = {name: m.warm_up for name, m in models.items()}
+            run = dict(batch=args.batch, max_steal=args.max_steal, warm_ups=warm_ups, **knobs)
+            passes = [run_methods(methods, prompts, turn=p, **run) for p in range(args.repeats)]
             results = median_of_passes(passes)
             row: dict[str, Any] = {"bench": bench.parent.name, "temperature": temperature,
                                    "questions": len(prompts), "vanilla": results.pop("vanilla"),

@@ -178,13 +178,14 @@ class Streamer:
 COMPARE_PASSES = 2  # --compare: timed runs per side after the first
 
 
-def timed(run, on_round=None) -> tuple[GenerationOutput, float]:
-    """Runs once to compile (same shapes and the same loop kind), then again for the measurement.
+def timed(run, on_round=None, warm=None) -> tuple[GenerationOutput, float]:
+    """Runs once to compile (same shapes and the same loop kind; by `warm`, taking the same
+    callback, when given), then again for the measurement.
 
     Returns the measured result and the compile estimate (first wall time minus the second).
     """
     t0 = time.perf_counter()
-    run(_ignore_round if on_round is not None else None)
+    (warm or run)(_ignore_round if on_round is not None else None)
     first = time.perf_counter() - t0
     result = run(on_round)
     return result, max(first - result.seconds, 0.0)
@@ -247,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     lead = jax.process_index() == 0  # with --distributed, process 0 reports
     stream = lead and not args.json and not args.compare and len(prompts) == 1
     streamer = Streamer(model.tokenizer) if stream else None
-    result, compile_s = timed(lambda cb: runner(input_ids, on_round=cb, **knobs), streamer)
+    warm = None if args.vanilla else lambda cb: model.warm_up(input_ids, on_round=cb, **knobs)
+    result, compile_s = timed(
+        lambda cb: runner(input_ids, on_round=cb, **knobs), streamer, warm=warm
+    )
     if stream:
         streamer(np.asarray([result.output_ids[0]]), np.asarray([len(result.output_ids[0])]))
         print()

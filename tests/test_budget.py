@@ -332,6 +332,51 @@ def test_generation_starts_from_its_own_kind_of_history(pair, small_pending):
         assert [shapes[0] for shapes in res.round_shapes] == [first] * len(PROMPTS), temperature
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_batch_decoded_plainly_throughout_runs_the_plain_program(
+    pair, small_pending, temperature
+):  # fmt: skip
+    """When the budget would run every round of a batch as a plain step, the plain decoder's
+    program runs it, with the same tokens and the same record as the adaptive program's: round
+    shapes, accepted lengths, draft statistics, and the probe wait and plain streak that
+    `History` carries to the next request. A probe falling due, a draft worth running or a
+    forced schedule keep the adaptive program."""
+    cfg, dcfg, base, draft = pair
+    sampled = temperature > 0
+    costs = [1.0, 1.4, 1.8, 2.6]
+    hist = budget.History(4)
+    hist.observe([[0.0] * 4], [[30.0] * 4], [sampled], probe_wait=100, plain_streak=50)
+    b = hist.apply(budget.make_budget(SHAPES, costs=costs), sampled=sampled)
+    run = dict(max_new_tokens=20, temperature=temperature, seed=3)
+    plain = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, **run)
+    # the host loop always runs the adaptive program
+    adaptive = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, loop="host",
+                                    **run)  # fmt: skip
+    assert plain.plain_program and not adaptive.plain_program
+    want = vanilla.generate(base, cfg, PROMPTS, **run).output_ids
+    assert plain.output_ids == adaptive.output_ids == want
+    for field in ("accept_lengths", "rounds", "round_shapes", "probe_wait", "plain_streak"):
+        assert getattr(plain, field) == getattr(adaptive, field), field
+    assert plain.plain_streak == 50 + max(len(ids) for ids in want) - 1
+    np.testing.assert_array_equal(plain.level_hits, adaptive.level_hits)
+    np.testing.assert_array_equal(plain.level_trials, adaptive.level_trials)
+
+    good = budget.History(4)
+    good.observe([[30.0] * 4], [[30.0] * 4], [sampled], probe_wait=100, plain_streak=50)
+    others = {
+        "a probe falls due": b.replace(start_streak=np.int32(100 - 18)),
+        "inside a probe": b.replace(start_streak=np.int32(-1)),
+        "a good draft": good.apply(budget.make_budget(SHAPES, costs=costs), sampled=sampled),
+        "a schedule": b.replace(schedule=np.asarray([0] * 64, np.int32)),
+    }
+    for why, other in others.items():
+        res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=other, **run)
+        assert not res.plain_program, why
+        assert res.output_ids == want, why
+    one = b.replace(start_streak=np.int32(100 - 19))  # the last choice sees a streak of 99
+    assert speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=one, **run).plain_program
+
+
 def test_keep_plain_is_the_policy_when_no_statistics_changed():
     """What plain rounds after a segment's first use instead of `choose`: the same pick
     whenever the last choice was plain (a due probe, the schedule), for any streak and wait."""
