@@ -1083,8 +1083,8 @@ def generate(
     stop_ids = cfg.eos_token_ids if eos_ids is None else eos_ids
     knobs = make_knobs(sampling_knobs, max_new_tokens=max_new_tokens, eos_ids=stop_ids)
     static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, mesh=mesh)
-    plain = on_round is None and loop == "device"  # a streamed or host loop: the rounds
-    if plain and plain_throughout(
+    by_round = on_round is not None or loop == "host"  # these run the rounds one by one
+    if not by_round and plain_throughout(
         budget, knobs, lengths, max_new_tokens=max_new_tokens, greedy=greedy, shapes=shapes
     ):
         res = vanilla.generate(
@@ -1102,7 +1102,7 @@ def generate(
         # placed: unplaced ones recompile the round
         knobs, budget, draft_head = inputs[2], inputs[4], inputs[5]
     state = prefill(base_params, draft_params, *inputs, **static)
-    limit = np.int32(1 if on_round is not None or loop == "host" else 1 << 30)
+    limit = np.int32(1 if by_round else 1 << 30)
     if on_round is not None:
         on_round(*jax.device_get((state.out_tokens, state.num_out)))
     # The segment is dispatched behind the prefill without waiting for it (a segment whose
