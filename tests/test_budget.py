@@ -377,6 +377,35 @@ def test_a_batch_decoded_plainly_throughout_runs_the_plain_program(
     assert speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=one, **run).plain_program
 
 
+def test_warm_up_compiles_both_programs_a_call_may_run(pair, small_pending):
+    """Whether a call runs the adaptive program or the plain decoder's depends on what earlier
+    calls taught the budget: after `SpeculativeModel.warm_up` neither compiles anything."""
+    from inference.api import SpeculativeModel
+
+    cfg, dcfg, base, draft = pair
+    model = SpeculativeModel(base, cfg, draft_params=draft, dcfg=dcfg, tree_cfg=TREE)
+    model.adaptive = True
+    model._costs[(len(PROMPTS), False)] = [1.0, 1.4, 2.6, 0.01]  # no start-up measurement
+    run = dict(temperature=1.0, max_new_tokens=20, seed=5)
+
+    def taught(streak: int) -> None:  # a poor draft, the probe wait 100, this plain streak
+        model.history().observe([[0.0] * 4], [[30.0] * 4], [True], probe_wait=100,
+                                plain_streak=streak)  # fmt: skip
+
+    taught(0)  # the warm-up's own call runs the plain decoder's program
+    jax.clear_caches()
+    model.warm_up(PROMPTS, **run)
+    programs = (vanilla.generate_device_jit, speculative.prefill, speculative.run_segment,
+                speculative._opening_choice)  # fmt: skip
+    sizes = [f._cache_size() for f in programs]
+    want = model.vanilla_generate(PROMPTS, **run).output_ids
+    for streak, plain in ((0, True), (99, False), (0, True)):  # 99: a probe falls due
+        taught(streak)
+        out = model.generate(PROMPTS, **run)
+        assert out.plain_program == plain and out.output_ids == want, streak
+        assert [f._cache_size() for f in programs] == sizes, streak
+
+
 def test_keep_plain_is_the_policy_when_no_statistics_changed():
     """What plain rounds after a segment's first use instead of `choose`: the same pick
     whenever the last choice was plain (a due probe, the schedule), for any streak and wait."""
