@@ -804,7 +804,7 @@ def _opening_choice(budget, knobs: Knobs, lengths: jax.Array, *, greedy, shapes:
     return _choice(
         budget, knobs, shapes, hits, trials, jnp.ones((b,), bool), budget.start_streak,
         budget.start_wait, jnp.int32(0), jnp.int32(0), ones,
-        lengths if shapes.prompt_pending else 0 * ones,
+        lengths if shapes.prompt_pending else jnp.zeros_like(ones),
     )  # fmt: skip
 
 

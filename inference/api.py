@@ -368,12 +368,9 @@ class SpeculativeModel:
             )
         tree = self.budget(len(input_ids), greedy=temperature == 0)
         t0 = time.perf_counter()
-        res = speculative.generate(
-            self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
-            tree_cfg=tree, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids,
-            on_round=on_round, mesh=self.mesh,
-            draft_head=self.draft_head(),
+        res = self._speculative(
+            input_ids, tree, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids, on_round=on_round,
         )  # fmt: skip
         if self.adaptive:
             self.history().observe(
@@ -387,37 +384,27 @@ class SpeculativeModel:
             plain_program=res.plain_program,
         )  # fmt: skip
 
-    def warm_up(
-        self,
-        input_ids: Sequence[Sequence[int]],
-        *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 512,
-        seed: int | Sequence[int] = 0,
-        eos_ids: Sequence[int] | None = None,
-        on_round: Callable[[np.ndarray, np.ndarray], None] | None = None,
-    ) -> None:
-        """Compiles every program a `generate` call of this shape may run, so that a later
-        call compiles nothing, then makes that call once (the adaptive budget learns from it as
-        from any). With the adaptive budget a call runs either the speculative program or, for
-        a batch the budget would decode plainly throughout, the plain decoder's
-        (`speculative.plain_throughout`), and which one depends on what earlier calls taught
-        the budget: both are compiled first, the speculative one by a call whose forced
-        schedule (plain rounds) the budget does not learn from."""
-        knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                     max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids)  # fmt: skip
+    def _speculative(self, input_ids, tree, **knobs) -> speculative.SpecResult:
+        """`speculative.generate` with this model's params, mesh and draft head."""
+        return speculative.generate(
+            self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids, tree_cfg=tree,
+            mesh=self.mesh, draft_head=self.draft_head(), **knobs,
+        )  # fmt: skip
+
+    def warm_up(self, input_ids: Sequence[Sequence[int]], **knobs: Any) -> None:
+        """Compiles every program a `generate` call of this shape may run (`knobs`: generate's
+        keywords), so that a later call compiles nothing, then makes that call once (the
+        adaptive budget learns from it as from any). With the adaptive budget a call runs either
+        the speculative program or, for a batch the budget would decode plainly throughout, the
+        plain decoder's (`speculative.plain_throughout`), and which one depends on what earlier
+        calls taught the budget: both are compiled first, the speculative one by a call whose
+        forced schedule (plain rounds) the budget does not learn from."""
         if self.adaptive and self.has_draft:
-            tree = self.budget(len(input_ids), greedy=temperature == 0)
-            speculative.generate(
-                self.base_params, self.cfg, self.draft_params, self.dcfg, input_ids,
-                tree_cfg=tree.replace(schedule=np.zeros_like(tree.schedule)), on_round=on_round,
-                mesh=self.mesh, draft_head=self.draft_head(), **knobs,
-            )  # fmt: skip
+            tree = self.budget(len(input_ids), greedy=knobs.get("temperature", 0.0) == 0)
+            self._speculative(input_ids, tree.replace(schedule=np.zeros_like(tree.schedule)),
+                              **knobs)  # fmt: skip
             self.vanilla_generate(input_ids, **knobs)
-        runner = self.generate if self.has_draft else self.vanilla_generate
-        runner(input_ids, on_round=on_round, **knobs)
+        (self.generate if self.has_draft else self.vanilla_generate)(input_ids, **knobs)
 
     def vanilla_generate(
         self,

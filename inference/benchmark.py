@@ -180,7 +180,7 @@ def run_methods(
             a["seconds"] += res.seconds
             a["batch_seconds"].append(res.seconds)
             a["rounds"] += sum(res.rounds)
-            a["plain_program"] += int(getattr(res, "plain_program", False))
+            a["plain_program"] += int(getattr(res, "plain_program", False))  # any result kind
             for row in res.accept_lengths:
                 a["accepts"].extend(row)
             for row in res.round_shapes:
