@@ -863,6 +863,47 @@ def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
     np.testing.assert_allclose(lazy.root_feature, eager.root_feature, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("opening", ["plain", "drafting", "probe"])
+def test_a_pending_prompt_prefill_runs_the_trunk_when_the_first_round_drafts(opening):
+    """With `Shapes.prompt_pending` the prefill leaves the prompt's trunk to the first catch-up
+    only when its first round decodes plainly or starts a probe (whose catch-up forwards only
+    the prompt's latest positions); a drafting first round gets the trunk, the level-1 inputs
+    and an empty pending buffer as an eager prefill leaves them."""
+    cfg, dcfg = base_config("llama"), draft_config(base_config("llama"))
+    base, draft = random_pair(cfg, dcfg)
+    if opening == "probe":  # plain decoding is best, but a probe is due
+        forced = budget.make_budget(SHAPES, [1.0, 50.0, 60.0, 70.0])
+        forced = forced.replace(start_streak=forced.start_wait)
+    else:
+        forced = budget.make_budget(SHAPES, schedule=[0 if opening == "plain" else 2] * 5)
+    first = {"plain": 0, "drafting": 2, "probe": 1}[opening]
+    lengths = np.asarray([len(p) for p in PROMPTS])
+    states = {
+        lazy: prefilled(
+            base, draft, cfg, dcfg, PROMPTS, forced, max_new=40, eos_ids=[-1],
+            prompt_pending=lazy,
+        )[0]
+        for lazy in (False, True)
+    }  # fmt: skip
+    eager, lazy = states[False], states[True]
+    assert int(lazy.next_shape) == int(eager.next_shape) == first
+    if opening != "drafting":
+        np.testing.assert_array_equal(lazy.trunk_len, 0)
+        np.testing.assert_array_equal(lazy.pending_len, lengths)
+        return
+    np.testing.assert_array_equal(lazy.pending_len, 0)
+    np.testing.assert_array_equal(lazy.trunk_len, eager.trunk_len)
+    np.testing.assert_array_equal(lazy.trunk_len, lengths)
+    for row, n in enumerate(lengths):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(
+                getattr(lazy.draft_cache, name)[row, :n], getattr(eager.draft_cache, name)[row, :n],
+                rtol=1e-6, atol=1e-6,
+            )  # fmt: skip
+    np.testing.assert_allclose(lazy.root_logprobs, eager.root_logprobs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lazy.root_feature, eager.root_feature, rtol=1e-6, atol=1e-6)
+
+
 def test_catch_up_slots_are_the_fewest_sizes_that_hold_the_longest_row():
     """What a probe's catch-up is priced by (`budget.probe_cap`): the program `_catch_up` runs."""
     assert speculative.catch_up_sizes(512) == [16, 128, 256, 512]
