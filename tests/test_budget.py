@@ -931,9 +931,11 @@ def test_catch_up_forwards_exactly_the_pending_positions(monkeypatch, pending, p
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, state.pending_tokens.shape), jnp.int32)
     n = jnp.asarray(pending, jnp.int32)
     earlier = jnp.asarray([0, 3, 0, 2], jnp.int32)  # skipped by an earlier probe
-    before = state.replace(
-        pending_features=feats, pending_tokens=toks, pending_len=n, trunk_skipped=earlier
-    )
+    before = state.replace(  # n pending: committed past the trunk and what it left out
+        pending_features=feats, pending_tokens=toks, trunk_skipped=earlier,
+        cache=state.cache.replace(length=state.trunk_len + earlier + n),
+    )  # fmt: skip
+    np.testing.assert_array_equal(before.pending_len, n)
     after = speculative._catch_up(
         before, base, draft, None, cfg=cfg, dcfg=dcfg, shapes=shapes, probing=jnp.bool_(probing)
     )  # fmt: skip
