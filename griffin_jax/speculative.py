@@ -32,8 +32,8 @@ rather than a draft forward over a whole prompt, and a long plain streak runs no
 but a short one every Q rounds. The shape of each round is chosen on the device
 (`budget.choose`), inside the round.
 With plain rounds among the shapes, `generate` leaves the prompt's trunk pending too
-(`Shapes.prompt_pending`) when the first round decodes plainly: a batch that never drafts never
-runs the draft at all; one whose first round drafts runs it in the prefill.
+(`Shapes.prompt_pending`) when the first round decodes plainly or probes: a batch that never
+drafts never runs the draft at all; one whose first round drafts runs it in the prefill.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class SpecState:
     def pending_len(self) -> jax.Array:
         """[B] int32 positions waiting in the pending buffer for the draft trunk: the committed
         ones neither in the trunk nor left out of it. Derived, not carried: a plain round
-        carrying a count of its own cost ~30 us more here (batch 1), ~3% of a plain step."""
+        carrying a count of its own cost ~35 us more here (batch 1), ~5% of a plain step."""
         return self.cache.length - self.trunk_len - self.trunk_skipped
 
 
@@ -485,10 +485,7 @@ def prefill(
         # runs it, where the catch-up's over a larger program size, attending over the whole
         # draft cache, cost ~1.5 ms more a batch-1 call here (~4% of a 96-token one). Not for
         # a probe, whose catch-up forwards only the prompt's latest positions (`_catch_up`).
-        first = _choice(
-            budget, knobs, shapes, hits, trials, ~done, budget.start_streak, budget.start_wait,
-            jnp.int32(0), jnp.int32(0), jnp.ones((b,), jnp.int32), lengths,
-        )  # fmt: skip
+        first = _first_choice(budget, knobs, ~done, lengths, greedy=greedy, shapes=shapes)
         eager = jnp.asarray([s is not None for s in budget.shapes])[first]
         eager &= ~budget_lib.probe_due(budget.start_streak, budget.start_wait)
         with jax.named_scope("prefill/draft_trunk"):
@@ -822,13 +819,20 @@ def _opening_choice(budget, knobs: Knobs, lengths: jax.Array, *, greedy, shapes:
     token is not a stop token), the prompt's trunk still pending: int32 scalar. A drafting
     choice makes the prefill run the trunk, and its final choice may then draft deeper (no
     catch-up left to pay); a plain one is its final choice."""
-    b = lengths.shape[0]
-    hits, trials = budget_lib.init_stats(budget, b, knobs.temperature, greedy=greedy)
-    ones = jnp.ones((b,), jnp.int32)
+    return _first_choice(
+        budget, knobs, jnp.ones(lengths.shape, bool), lengths, greedy=greedy, shapes=shapes
+    )
+
+
+def _first_choice(budget, knobs: Knobs, active, lengths, *, greedy, shapes: Shapes):
+    """The budget's choice for a fresh batch's first round (fresh statistics, the budget's
+    start streak and wait), the prompts pending when `shapes.prompt_pending`."""
+    hits, trials = budget_lib.init_stats(budget, lengths.shape[0], knobs.temperature,
+                                         greedy=greedy)  # fmt: skip
+    ones = jnp.ones(lengths.shape, jnp.int32)
     return _choice(
-        budget, knobs, shapes, hits, trials, jnp.ones((b,), bool), budget.start_streak,
-        budget.start_wait, jnp.int32(0), jnp.int32(0), ones,
-        lengths if shapes.prompt_pending else jnp.zeros_like(ones),
+        budget, knobs, shapes, hits, trials, active, budget.start_streak, budget.start_wait,
+        jnp.int32(0), jnp.int32(0), ones, lengths if shapes.prompt_pending else 0 * ones,
     )  # fmt: skip
 
 
