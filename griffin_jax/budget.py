@@ -48,8 +48,8 @@ that maximises the expected committed tokens per millisecond over the batch's ru
 
 A batch the policy would decode plainly throughout (plain decoding chosen for its first round,
 no probe falling due before it ends) runs the plain decoder's own program instead of this one
-(`speculative.plain_throughout`): the same tokens and the same record, without the cost of
-carrying a draft it does not run.
+(`speculative.plain_throughout`): the same tokens and the same record, without the adaptive
+program's heavier launch.
 
 Correctness does not depend on the choice: every shape commits exactly what the base would
 decode (greedy argmax or the position-keyed draw, `sampling.py`), so greedy output equals
