@@ -53,6 +53,7 @@ from griffin_jax.layers import (
     dense,
     rms_norm,
     rope_cos_sin,
+    rows_at,
 )
 
 DraftKind = Literal["griffin", "eagle2", "eagle3"]
@@ -354,12 +355,13 @@ class _DraftLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache_k, cache_v, write_idx, mask):
+    def __call__(self, x, positions, cache_k, cache_v, write_idx, mask, query_at=None):
         c = self.dcfg
         a, cache_k, cache_v = Attention.of(c, self.dtype)(
-            x, positions, cache_k, cache_v, write_idx, mask
+            x, positions, cache_k, cache_v, write_idx, mask, query_at
         )
-        a = x + a  # no input norm: the attention input and the residual are both x
+        # No input norm: the attention input and the residual are both x.
+        a = rows_at(x, query_at) + a
         h = RMSNorm(c.rms_eps, self.dtype, name="post_attention_layernorm")(a)
         m = SwiGLU(c.d_ff, c.out_dim, self.dtype, name="mlp")(h)
         return _repeat_residual(a, c) + m, cache_k, cache_v
@@ -377,7 +379,7 @@ class _Eagle3Layer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, emb, feat, positions, cache_k, cache_v, write_idx, mask):
+    def __call__(self, emb, feat, positions, cache_k, cache_v, write_idx, mask, query_at=None):
         c = self.dcfg
         x = jnp.concatenate(
             [
@@ -387,8 +389,8 @@ class _Eagle3Layer(nn.Module):
             axis=-1,
         )  # [..., 2D], order [emb, feat]
         attn = Attention.of(c, self.dtype, out_dim=c.d_model)
-        a, cache_k, cache_v = attn(x, positions, cache_k, cache_v, write_idx, mask)
-        a = feat + a
+        a, cache_k, cache_v = attn(x, positions, cache_k, cache_v, write_idx, mask, query_at)
+        a = rows_at(feat, query_at) + a
         h = RMSNorm(c.rms_eps, self.dtype, name="post_attention_layernorm")(a)
         return a + SwiGLU(c.d_ff, c.d_model, self.dtype, name="mlp")(h), cache_k, cache_v
 
@@ -424,11 +426,11 @@ class DraftModel(nn.Module):
             return self.fc(emb, feat)
         return self.fc(jnp.concatenate([emb, feat], axis=-1))  # EAGLE-2: [emb, feat]
 
-    def __call__(self, emb, feat, positions, cache_k, cache_v, write_idx, mask):
+    def __call__(self, emb, feat, positions, cache_k, cache_v, write_idx, mask, query_at=None):
         c = self.dcfg
         if c.kind != "eagle3":
             out, k, v = self.layers_0(
-                self.fuse(emb, feat), positions, cache_k, cache_v, write_idx, mask
+                self.fuse(emb, feat), positions, cache_k, cache_v, write_idx, mask, query_at
             )
             return (*_split(out, c), k, v)
         if feat.shape[-1] == c.feature_dim:  # base features: project 3T -> D
@@ -438,7 +440,7 @@ class DraftModel(nn.Module):
                 f"EAGLE-3 draft features must be {c.feature_dim} (base) or {c.d_model} (draft) "
                 f"wide, got {feat.shape[-1]}"
             )
-        out, k, v = self.midlayer(emb, feat, positions, cache_k, cache_v, write_idx, mask)
+        out, k, v = self.midlayer(emb, feat, positions, cache_k, cache_v, write_idx, mask, query_at)
         return self.norm(out), out, k, v
 
     def init_all(self, emb, feat, positions, cache_k, cache_v, write_idx, mask):
@@ -473,6 +475,7 @@ def draft_forward(
     mask: jax.Array,
     dcfg: DraftConfig,
     dtype=None,
+    outputs_at: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, DraftCache]:
     """Runs the draft on T new (feature, token) pairs against its cache.
 
@@ -488,9 +491,14 @@ def draft_forward(
       write_idx: [B] int32.
       mask: [B, T, S] bool, True = may attend (causal prefix plus the tree mask; S = capacity).
       dtype: computation dtype (default: the params').
+      outputs_at: [B, Q] int32 indices into T, or None (all T): the positions whose outputs
+        are wanted. Every position's K/V is written either way; only these run the attention,
+        the MLP and the heads (the draft is one layer, so no later layer needs the others'
+        outputs). The trunk reads one output a row (the next tree's level-1 inputs): over a
+        prompt or a catch-up that spares most of its work.
     Returns:
-      token_feature [B, T, D] (apply the base lm_head for logits), next_feature [B, T, D] (the
-      next draft input), and the cache with the new entries written.
+      token_feature [B, T or Q, D] (apply the base lm_head for logits), next_feature [B, T or
+      Q, D] (the next draft input), and the cache with the new entries written.
     """
     dtype = dtype or param_dtype(params)
     if dcfg.own_embedding:
@@ -505,6 +513,7 @@ def draft_forward(
         cache.v,
         write_idx,
         mask,
+        outputs_at,
     )
     return token_feature, next_feature, DraftCache(k=k, v=v)
 

@@ -445,6 +445,13 @@ class SwiGLU(nn.Module):
         return dense(self.out_dim, "down_proj")(jax.nn.silu(gate) * up)
 
 
+def rows_at(x: jax.Array, at: jax.Array | None) -> jax.Array:
+    """x [B, T, ...] at positions at [B, Q] of each row: [B, Q, ...] (x itself when None)."""
+    if at is None:
+        return x
+    return jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes new[b] into cache[b, start[b]:start[b]+T] for every row b.
 
@@ -500,6 +507,7 @@ class Attention(nn.Module):
         cache_v: jax.Array,
         write_idx: jax.Array,
         mask: jax.Array,
+        query_at: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Runs attention.
 
@@ -508,8 +516,11 @@ class Attention(nn.Module):
           cache_k, cache_v: [B, S, K, H] this layer's buffers.
           write_idx: [B] int32 first slot the T new entries go to.
           mask: [B, T, S] bool, True = may attend (after the write).
+          query_at: [B, Q] int32 indices into T, or None (all T): only these positions query
+            (all T keys/values are written). A one-layer draft whose caller reads one output
+            a row (its trunk) skips the other T - Q positions' attention and what follows.
         Returns:
-          (output [B, T, D], cache_k, cache_v) with the new entries written.
+          (output [B, T or Q, D], cache_k, cache_v) with the new entries written.
         """
         b, t, d = x.shape
         n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
@@ -534,6 +545,7 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         cache_k = write_rows(cache_k, k, write_idx)
         cache_v = write_rows(cache_v, v, write_idx)
+        q, mask = rows_at(q, query_at), rows_at(mask, query_at)  # [B, Q, N, H], [B, Q, S]
         out = gqa_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
         o_proj = proj(self.out_dim or d, False, "o_proj")
-        return o_proj(out.reshape(b, t, n * h)), cache_k, cache_v
+        return o_proj(out.reshape(b, q.shape[1], n * h)), cache_k, cache_v

@@ -309,12 +309,21 @@ def _draft_step(
     return step
 
 
-def _root_inputs(step_out, last: jax.Array, head: DraftHead | None, *, base_params, cfg):
-    """Level-1 inputs of the tree from the draft output at per-row index `last`."""
-    token_feature, next_feature = step_out
-    rows = jnp.arange(last.shape[0])
-    logits = _draft_logits(base_params, token_feature[rows, last], head, cfg=cfg)  # [B, V']
-    return jax.nn.log_softmax(logits, axis=-1), next_feature[rows, last]
+def _trunk_forward(
+    base_params, draft_params, head: DraftHead | None, features, tokens, positions, dcache, *,
+    write_idx, mask, last: jax.Array, cfg: ModelConfig, dcfg: DraftConfig,
+):  # fmt: skip
+    """The draft trunk over T new (feature, token) pairs: (dcache, root_logprobs [B, V'],
+    root_feature [B, D]), the next tree's level-1 inputs from the output at per-row index
+    `last` [B]. Only that position runs past the K/V projections (`draft_forward`'s
+    `outputs_at`), which halves the trunk over a prompt here (batch 4, 256 slots: 4.8 ms
+    against 9.3) and spares a quarter of a one-row 8-token trunk (0.20 ms against 0.28)."""
+    token_feature, next_feature, dcache = draft_forward(
+        draft_params, base_params["embed_tokens"]["embedding"], features, tokens, positions,
+        dcache, write_idx=write_idx, mask=mask, dcfg=dcfg, outputs_at=last[:, None],
+    )  # fmt: skip
+    logits = _draft_logits(base_params, token_feature[:, 0], head, cfg=cfg)  # [B, V']
+    return dcache, jax.nn.log_softmax(logits, axis=-1), next_feature[:, 0]
 
 
 def _build_tree(
@@ -458,15 +467,10 @@ def prefill(
     pair_tokens = pair_tokens.at[rows, last].set(root)
 
     def trunk(dcache):
-        token_feature, next_feature, dcache = draft_forward(
-            draft_params, base_params["embed_tokens"]["embedding"], hidden, pair_tokens,
-            positions, dcache, write_idx=start, mask=causal_mask(start, t, spans[1]),
-            dcfg=dcfg,
+        return _trunk_forward(
+            base_params, draft_params, draft_head, hidden, pair_tokens, positions, dcache,
+            write_idx=start, mask=causal_mask(start, t, spans[1]), last=last, cfg=cfg, dcfg=dcfg,
         )  # fmt: skip
-        root_lp, root_feat = _root_inputs(
-            (token_feature, next_feature), last, draft_head, base_params=base_params, cfg=cfg
-        )
-        return dcache, root_lp, root_feat
 
     pending_features = jnp.zeros((b, shapes.pending, hidden.shape[-1]), hidden.dtype)
     pending_tokens = jnp.zeros((b, shapes.pending), jnp.int32)
@@ -610,18 +614,14 @@ def _catch_up(
     def forward(q: int):
         def run(carry):
             at = jnp.minimum(skip[:, None] + jnp.arange(q)[None, :], shapes.pending - 1)
-            token_feature, next_feature, dcache = draft_forward(
-                draft_params, base_params["embed_tokens"]["embedding"],
+            return _trunk_forward(
+                base_params, draft_params, draft_head,
                 jnp.take_along_axis(state.pending_features, at[:, :, None], axis=1),
                 jnp.take_along_axis(state.pending_tokens, at, axis=1),
                 (trunk + skipped)[:, None] + jnp.arange(q)[None, :], carry[0],
-                write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity), dcfg=dcfg,
+                write_idx=trunk, mask=causal_mask(trunk, q, shapes.draft_capacity),
+                last=jnp.maximum(n - 1, 0), cfg=cfg, dcfg=dcfg,
             )  # fmt: skip
-            lp, feat = _root_inputs(
-                (token_feature, next_feature), jnp.maximum(n - 1, 0), draft_head,
-                base_params=base_params, cfg=cfg,
-            )  # fmt: skip
-            return dcache, lp, feat
 
         return run
 
@@ -745,14 +745,11 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
     with jax.named_scope("draft/trunk"):
         trunk = state.trunk_len
         features = jnp.take_along_axis(hidden, best_nodes[:, :, None], axis=1)  # [B, A, D]
-        token_feature, next_feature, dcache = draft_forward(
-            draft_params, base_params["embed_tokens"]["embedding"], features, emitted,
+        dcache, root_lp, root_feat = _trunk_forward(
+            base_params, draft_params, draft_head, features, emitted,
             (trunk + state.trunk_skipped)[:, None] + slot[None, :], dcache, write_idx=trunk,
-            mask=causal_mask(trunk, a_len, shapes.draft_capacity), dcfg=dcfg,
-        )  # fmt: skip
-        root_lp, root_feat = _root_inputs(
-            (token_feature, next_feature), accept_len, draft_head, base_params=base_params,
-            cfg=cfg,
+            mask=causal_mask(trunk, a_len, shapes.draft_capacity), last=accept_len, cfg=cfg,
+            dcfg=dcfg,
         )  # fmt: skip
     return state.replace(
         cache=cache,

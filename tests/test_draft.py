@@ -10,6 +10,7 @@ query attends to in both modes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,40 @@ def test_incremental_forward_with_cache_matches_torch(kind, kv, bias, theta):
         outs.append((tok, nxt))
     _check(outs[1], want[:2])
     _check(outs[1], [x[:, t0:] for x in full[:2]])  # the cache changes nothing
+
+
+@pytest.mark.parametrize("kind,kv,bias,theta", VARIANTS)
+def test_outputs_at_some_positions_match_torch_there(kind, kv, bias, theta):
+    """`outputs_at` (the trunk reads one output a row): the reference's outputs at those
+    positions, every position's K/V as the full forward writes them, and the attention and
+    MLP work of the other positions left out (the compiled forward's FLOPs)."""
+    ref, dcfg, params, embedding = _build(kind, kv, bias, theta)
+    b, t, capacity = 2, 12, 16
+    feats, ids = _inputs(b, t, dcfg.feature_dim, dcfg.vocab_size, seed=5)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(feats), torch.from_numpy(ids))
+    at = np.asarray([[11, 3], [0, 7]], np.int32)  # per row, any order
+    write_idx = jnp.zeros((b,), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    args = (
+        params, embedding, jnp.asarray(feats), jnp.asarray(ids, jnp.int32), positions,
+        init_draft_cache(dcfg, b, capacity),
+    )  # fmt: skip
+    kw = dict(write_idx=write_idx, mask=causal_mask(write_idx, t, capacity), dcfg=dcfg)
+    *outs, cache = draft_forward(*args, outputs_at=jnp.asarray(at), **kw)
+    assert outs[0].shape[:2] == (b, 2)
+    rows = np.arange(b)[:, None]
+    _check(outs, [x[rows, at] for x in want[:2]])
+    _, _, full_cache = draft_forward(*args, **kw)
+    np.testing.assert_array_equal(np.asarray(cache.k), np.asarray(full_cache.k))
+    np.testing.assert_array_equal(np.asarray(cache.v), np.asarray(full_cache.v))
+
+    def flops(outputs_at) -> float:
+        fn = jax.jit(functools.partial(draft.draft_forward, outputs_at=outputs_at, **kw))
+        return fn.lower(*args).compile().cost_analysis()["flops"]
+
+    one = jnp.asarray(at[:, :1])
+    assert flops(one) < 0.75 * flops(None)
 
 
 def _tree_cache_mask(prefix: int, tree_mask: np.ndarray, capacity: int) -> jnp.ndarray:
