@@ -7,7 +7,8 @@ the same prompts, with every piece compiled first and timed as the median of `--
   trunk), chained on its donated state from a real prefill of each prompt;
 - `verify_ms`: the base forward over the tree's M tokens alone (the same cache and masks);
 - `trunk_ms` / `level_ms`: one draft forward over the A = depth + 2 path slots (the trunk update
-  after acceptance) and over the K nodes of one tree level (with its lm_head), alone;
+  after acceptance: every slot's K/V, the outputs and lm_head at one, as the round runs it)
+  and over the K nodes of one tree level (with its lm_head), alone;
 - `decode_ms`: a one-token base decode at the same cache length (the unit of "decodes");
 - `gemm_gflops`: the f32 matmul rate of this machine (a 1024^3 product), and from it
   `verify_floor_ms` = 2 x M x base parameters / that rate;
@@ -372,11 +373,22 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
         logits, next_feature, dcache = step(feats, tokens, pos, carry[0], at, mask)
         return dcache, (logits, next_feature)  # outputs kept: nothing is pruned
 
-    for name, width in (("trunk_ms", tree.path_len), ("level_ms", tree.top_k)):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def trunk_forward_at(carry, params, feats, tokens, pos, at, mask):
+        # As the round runs it: the K/V of every slot, the outputs at the last one only.
+        dcache, logprobs, feature = speculative._trunk_forward(
+            params[0], params[1], params[2], feats, tokens, pos, carry[0], write_idx=at,
+            mask=mask, last=jnp.full(at.shape, tokens.shape[1] - 1), cfg=cfg, dcfg=dcfg,
+        )  # fmt: skip
+        return dcache, (logprobs, feature)
+
+    for name, width, forward in (
+        ("trunk_ms", tree.path_len, trunk_forward_at), ("level_ms", tree.top_k, draft_forward_at)
+    ):  # fmt: skip
         # The round's root feature stands in for the input features (real values, not zeros).
         feats = jnp.broadcast_to(state.root_feature[:, None], (1, width, dcfg.d_model))
         fn = functools.partial(
-            draft_forward_at, params=(base, draft, head), feats=feats,
+            forward, params=(base, draft, head), feats=feats,
             tokens=t.draft_tokens[:, :width], pos=trunk[:, None] + jnp.arange(width)[None],
             at=trunk, mask=causal_mask(trunk, width, shapes.draft_capacity),
         )  # fmt: skip
