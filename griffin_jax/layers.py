@@ -446,10 +446,12 @@ class SwiGLU(nn.Module):
 
 
 def rows_at(x: jax.Array, at: jax.Array | None) -> jax.Array:
-    """x [B, T, ...] at positions at [B, Q] of each row: [B, Q, ...] (x itself when None)."""
+    """x [B, T, ...] at positions at [B, Q] of each row: [B, Q, ...] (x itself when None). The
+    base's logits at a prefill's last positions, the draft's queries where its trunk is read."""
     if at is None:
         return x
-    return jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+    at = at.astype(jnp.int32).reshape(at.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, at, axis=1)
 
 
 def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

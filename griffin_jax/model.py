@@ -40,6 +40,7 @@ from griffin_jax.layers import (
     kernel_of,
     pack_kernels,
     rms_norm,
+    rows_at,
 )  # fmt: skip
 
 
@@ -157,7 +158,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         x, out = self.layers(x, (cache_k, cache_v), positions, write_idx, mask)
         hidden = self.norm(x)
-        logits = self.head(select_positions(hidden, logits_at))
+        logits = self.head(rows_at(hidden, logits_at))
         if not self.feature_layers:
             cache_k, cache_v = out
             return logits, hidden, cache_k, cache_v
@@ -219,13 +220,6 @@ def stack_layers(params):
     return {**params, "layers": layers}
 
 
-def select_positions(hidden: jax.Array, at: jax.Array | None) -> jax.Array:
-    """hidden [B, T, D] at the positions `at` [B, P] of each row ([B, P, D]); None = all."""
-    if at is None:
-        return hidden
-    return jnp.take_along_axis(hidden, at[:, :, None].astype(jnp.int32), axis=1)
-
-
 def _forward_unrolled(
     params, tokens, positions, cache, write_idx, mask, cfg, dtype, feature_layers=(),
     logits_at=None,
@@ -242,7 +236,7 @@ def _forward_unrolled(
         vs.append(v)
     hidden = rms_norm(x, params["norm"]["weight"].astype(dtype), eps=cfg.rms_eps)
     features = jnp.concatenate(inputs, axis=-1) if feature_layers else hidden
-    logits = lm_head(params, select_positions(hidden, logits_at), cfg=cfg)
+    logits = lm_head(params, rows_at(hidden, logits_at), cfg=cfg)
     return logits, features, tuple(ks), tuple(vs)
 
 

@@ -377,8 +377,8 @@ def profile_prompt(model: SpeculativeModel, prompt: list[int], repeats: int) -> 
     def trunk_forward_at(carry, params, feats, tokens, pos, at, mask):
         # As the round runs it: the K/V of every slot, the outputs at the last one only.
         dcache, logprobs, feature = speculative._trunk_forward(
-            params[0], params[1], params[2], feats, tokens, pos, carry[0], write_idx=at,
-            mask=mask, last=jnp.full(at.shape, tokens.shape[1] - 1), cfg=cfg, dcfg=dcfg,
+            *params, feats, tokens, pos, carry[0], write_idx=at, mask=mask,
+            last=jnp.full(at.shape, tokens.shape[1] - 1), cfg=cfg, dcfg=dcfg,
         )  # fmt: skip
         return dcache, (logprobs, feature)
 
