@@ -23,6 +23,18 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   base's distribution gave the walk, not the draws' 0/1 luck). A level never tried borrows the
   estimate of the level above it; a fresh row starts from what earlier requests of its kind
   (greedy or sampled) showed (`History`), else from an optimistic prior so that it drafts.
+- Level 1 of the next round is better known than that: the draft has already run the trunk
+  and holds its level-1 distribution, and the probability of its top token predicts whether
+  the base accepts it (on held-out code here: 48% accepted below 0.2, 88% at 0.4-0.6, 99% above
+  0.6; the draft is underconfident). So the drafting shapes are weighed with p_1 taken from a
+  calibration of that confidence (`conf_acceptance`: CONF_BINS bins, each the level-1 hits over
+  trials the rounds entering it with that confidence showed, `update_conf`, over earlier
+  requests' (`History`), over the bin's centre), which scales every level's reach; whether to
+  draft at all stays the running estimates' call (after plain rounds the draft's outputs are
+  stale, and a probe, not one confident round, is what brings drafting back). Replaying the
+  greedy chain's acceptance at every position of 80 held-out, 40 out-of-corpus and 80 prose
+  prompts, this picked shapes that cost 3.0%, 0.1% and 0.4% less time than the running
+  estimates alone (measured round costs, History carried over the prompts).
 - A drafting shape must beat plain decoding by PLAIN_MARGIN to run (near a tie speculation
   can only lose), and another drafting shape must beat the current one by HYSTERESIS.
 - Resuming drafting first runs the draft trunk over the positions queued while it did not
@@ -91,6 +103,9 @@ PLAIN_MARGIN = 0.05  # a drafting shape must promise this much more tokens per m
 HISTORY_WEIGHT = 8.0  # pseudo-trials behind a fresh row's prior learnt from earlier requests
 HISTORY_MEMORY = 16.0  # a finished row with this many trials at a level moves history halfway
 HISTORY_STALE = 16  # finished rows of a class that did not try a level before history forgets it
+CONF_BINS = 10  # bins of the draft's level-1 confidence (its top probability), [0, 1] in tenths
+CONF_PRIOR_WEIGHT = 2.0  # pseudo-trials behind each bin's prior (acceptance = the bin's centre)
+CONF_MEMORY = 256.0  # trials per bin history keeps (older ones fade as new ones arrive)
 
 Shape = TreeConfig | None  # None: a plain decode step (no draft)
 
@@ -143,6 +158,9 @@ class Budget:
       for measuring one shape inside the adaptive program.
     prior, prior_weight, start_wait, start_streak: what earlier requests taught
       (`History.apply`).
+    conf_prior: the level-1 acceptance of each bin of the draft's confidence, as hit and
+      trial pseudo-counts per class (the bin's centre at CONF_PRIOR_WEIGHT trials,
+      plus what earlier requests showed: `History.apply`).
     finish: the rows end together (`speculative.generate`'s fixed batch): the policy weighs a
       shape by when the slowest row would finish under it, not by the batch's token rate (a
       server refills a finished row, so the rate is what counts there).
@@ -156,6 +174,9 @@ class Budget:
     prior_weight: jax.Array  # [2] f32 pseudo-trials behind it (0 = no history: PRIOR)
     start_wait: jax.Array  # [] int32 the probe wait a fresh batch starts with
     start_streak: jax.Array  # [] int32 and the plain streak (probes span short requests)
+    # [2, 2, CONF_BINS] f32 pseudo-counts behind each confidence bin's level-1 acceptance:
+    # (greedy, sampled) x (hits, trials) (`conf_acceptance`)
+    conf_prior: jax.Array
     probe_every: int = flax.struct.field(pytree_node=False, default=PROBE_EVERY)
     probe_growth: int = flax.struct.field(pytree_node=False, default=PROBE_GROWTH)
     finish: bool = flax.struct.field(pytree_node=False, default=False)
@@ -209,6 +230,7 @@ def make_budget(
         prior_weight=np.zeros((2,), np.float32),
         start_wait=np.int32(probe_every),
         start_streak=np.int32(0),
+        conf_prior=conf_prior(np.zeros((2, 2, CONF_BINS))),
         probe_every=probe_every,
         probe_growth=probe_growth,
     )
@@ -274,6 +296,52 @@ def update_stats(
     )
 
 
+def conf_prior(learnt: np.ndarray) -> np.ndarray:
+    """[2, 2, CONF_BINS] f32 `Budget.conf_prior`: counts learnt from earlier requests
+    ((greedy, sampled) x (hits, trials) per bin) over each bin's centre at CONF_PRIOR_WEIGHT
+    trials."""
+    centres = (np.arange(CONF_BINS) + 0.5) / CONF_BINS
+    base = np.stack([centres, np.ones(CONF_BINS)]) * CONF_PRIOR_WEIGHT  # [2, bins]
+    return (base[None] + learnt).astype(np.float32)
+
+
+def draft_confidence(root_logprobs: jax.Array) -> jax.Array:
+    """[B] the draft's level-1 confidence: the probability of its top token (log-probs
+    [B, V'] of the trunk's last output, `SpecState.root_logprobs`)."""
+    return jnp.exp(jnp.max(root_logprobs.astype(jnp.float32), axis=-1))
+
+
+def conf_bin(conf: jax.Array) -> jax.Array:
+    """[B] int32 the confidence bin of each row."""
+    return jnp.clip(jnp.floor(conf * CONF_BINS), 0, CONF_BINS - 1).astype(jnp.int32)
+
+
+def update_conf(
+    conf_counts: jax.Array, conf: jax.Array, hit: jax.Array, tried: jax.Array,
+    active: jax.Array,
+) -> jax.Array:  # fmt: skip
+    """Per-row counts [B, 2, CONF_BINS] (level-1 hits, trials) after a drafting round: the bin
+    of the confidence `conf` [B] the round drafted level 1 with gains the level's outcome
+    (`reach_stats`' column 0: `hit` [B] of `tried` [B]). Rows not running keep theirs. No
+    decay: how well the draft's confidence predicts acceptance is the draft's and the text
+    kind's, not the passage's."""
+    at = conf_bin(conf)[:, None, None] == jnp.arange(CONF_BINS)[None, None, :]
+    outcome = jnp.stack([hit, tried], axis=1)[:, :, None]  # [B, 2, 1]
+    return conf_counts + jnp.where(at & active[:, None, None], outcome, 0.0)
+
+
+def conf_acceptance(
+    budget: Budget, conf: jax.Array, conf_counts: jax.Array, sampled: jax.Array
+) -> jax.Array:
+    """[B] the chance level 1 is accepted in a round the draft enters with confidence `conf`
+    [B]: the row's own counts in that bin ([B, 2, CONF_BINS], `update_conf`) over the class's
+    prior (`Budget.conf_prior`; `sampled` [B] bool picks the class)."""
+    at = conf_bin(conf)[:, None, None] == jnp.arange(CONF_BINS)[None, None, :]
+    prior = jnp.where(sampled[:, None, None], budget.conf_prior[1], budget.conf_prior[0])
+    counts = jnp.sum(jnp.where(at, conf_counts + prior, 0.0), axis=2)  # [B, 2]
+    return counts[:, 0] / jnp.maximum(counts[:, 1], 1e-9)
+
+
 def level_acceptance(hits: jax.Array, trials: jax.Array) -> jax.Array:
     """[B, L] per-level acceptance estimates (each level's prior is the level above's estimate)."""
 
@@ -296,9 +364,15 @@ def round_tokens(
     hits: jax.Array, trials: jax.Array, shapes: Sequence[Shape]
 ) -> tuple[jax.Array, jax.Array]:
     """([B, S], [B, S]) the mean and the variance of the tokens one round of each shape
-    commits, per row: 1 + A, A the accepted levels, P(A >= i) = reach_i, so
-    E[A] = sum_i reach_i and E[A^2] = sum_i (2i - 1) reach_i."""
-    reach = jnp.cumprod(level_acceptance(hits, trials), axis=1)  # P(path reaches level i)
+    commits, per row, from the rows' counts (`level_acceptance`)."""
+    return tokens_from_acceptance(level_acceptance(hits, trials), shapes)
+
+
+def tokens_from_acceptance(p: jax.Array, shapes: Sequence[Shape]) -> tuple[jax.Array, jax.Array]:
+    """([B, S], [B, S]) the mean and the variance of the tokens one round of each shape
+    commits, from per-level acceptance p [B, L]: 1 + A, A the accepted levels,
+    P(A >= i) = reach_i, so E[A] = sum_i reach_i and E[A^2] = sum_i (2i - 1) reach_i."""
+    reach = jnp.cumprod(p, axis=1)  # P(path reaches level i)
     odd = 2.0 * jnp.arange(1, reach.shape[1] + 1, dtype=reach.dtype) - 1.0
     zero = jnp.zeros_like(reach[:, :1])
     first = jnp.concatenate([zero, jnp.cumsum(reach, axis=1)], 1)
@@ -359,6 +433,8 @@ def choose(
     current: jax.Array,
     remaining: jax.Array | None = None,
     catch_up_slots: jax.Array | int = 0,
+    first_level: jax.Array | None = None,
+    first_known: jax.Array | None = None,
 ) -> jax.Array:
     """The shape index of the next round (int32 scalar; see the module docstring).
 
@@ -383,14 +459,27 @@ def choose(
     lose them (a symmetric hysteresis kept a row drafting at a break-even acceptance for tens
     of rounds). Among drafting shapes the current one is kept unless another's rate beats it
     by HYSTERESIS (in the server's engine a change of shape costs a host round trip).
+
+    `first_level` [B]: the chance the next round's level 1 is accepted, from the confidence
+    the draft enters it with (`conf_acceptance`), where `first_known` [B] (the row's trunk
+    caught up, so its level-1 outputs are this round's). Without `budget.finish` the drafting
+    shapes are weighed with it in place of the row's running level-1 estimate; whether to draft
+    at all stays the running estimates' call (after plain rounds the draft's outputs are stale).
+    A fixed batch (`budget.finish`) weighs its remaining rounds, which one round's confidence
+    says little of: it ignores them.
     """
     if len(budget.shapes) == 1:
         return jnp.int32(0)
-    mean, var = round_tokens(hits, trials, budget.shapes)  # [B, S]
+    p = level_acceptance(hits, trials)
+    mean, var = tokens_from_acceptance(p, budget.shapes)  # [B, S]
     plain = jnp.asarray([s is None for s in budget.shapes])
     cost = budget.costs
-    rounds = None if remaining is None else finish_rounds(mean, var, remaining, active)
-    if rounds is not None:  # the catch-up, spread over the rounds left under each shape
+    # The rounds left matter to a fixed batch, and to spread a catch-up over (none when the
+    # caller knows nothing is pending: a static 0, after a drafting round).
+    spread = not (isinstance(catch_up_slots, int) and catch_up_slots == 0)
+    needed = remaining is not None and (budget.finish or spread)
+    rounds = finish_rounds(mean, var, remaining, active) if needed else None
+    if rounds is not None and spread:  # the catch-up, spread over the rounds left under each shape
         charge = jnp.where(plain, 0.0, budget.catch_up * jnp.asarray(catch_up_slots, cost.dtype))
         cost = cost + charge / jnp.maximum(rounds, 1.0)
     if budget.finish:  # the share of the batch's remaining rounds one round does
@@ -399,8 +488,19 @@ def choose(
         gain = jnp.sum(jnp.where(active[:, None], mean, 0), 0)
     score = gain / cost * jnp.where(plain, 1 + PLAIN_MARGIN, 1.0)
     best = jnp.argmax(score).astype(jnp.int32)
+    draft_score = score
+    if first_level is not None and not budget.finish:
+        known = jnp.ones(first_level.shape, bool) if first_known is None else first_known
+        # Every level's reach is level 1's chance times the rest, so the accepted draft tokens
+        # scale with level 1's chance (one product where a second cumulative sum was ~5
+        # fusions more a round, each a few us here).
+        ratio = jnp.where(known, first_level / jnp.maximum(p[:, 0], 1e-6), 1.0)
+        mean_now = 1.0 + (mean - 1.0) * ratio[:, None]
+        draft_score = jnp.sum(jnp.where(active[:, None], mean_now, 0), 0) / cost
+        drafting = jnp.argmax(jnp.where(plain, -jnp.inf, draft_score)).astype(jnp.int32)
+        best = jnp.where(plain[best], best, drafting)
     keep = (~plain[best]) & (~plain[current]) & (score[current] >= jnp.max(score * plain))
-    keep &= score[best] <= (1 + HYSTERESIS) * score[current]
+    keep &= draft_score[best] <= (1 + HYSTERESIS) * draft_score[current]
     best = jnp.where(keep, current, best)
     return _probe_or_forced(budget, best, plain_streak, probe_wait, round_index)
 
@@ -529,6 +629,8 @@ class History:
         self.level = np.full((2, max(n_levels, 1)), np.nan)
         self.age = np.zeros((2, max(n_levels, 1)), np.int64)  # rows since a level was tried
         self.wait: list[tuple[int, int] | None] = [None, None]
+        # level-1 (hits, trials) per bin of the draft's confidence, per class (`conf_acceptance`)
+        self.conf = np.zeros((2, 2, CONF_BINS))
 
     @classmethod
     def for_shapes(cls, shapes: Sequence[Shape]) -> History:
@@ -536,13 +638,21 @@ class History:
         return cls(max(levels(s) for s in shapes))
 
     def observe(
-        self, hits, trials, sampled, *, probe_wait: int | None = None, plain_streak: int = 0
-    ) -> None:
+        self, hits, trials, sampled, *, probe_wait: int | None = None, plain_streak: int = 0,
+        conf_counts=None,
+    ) -> None:  # fmt: skip
         """Learns from finished rows' own counts ([B, L], no prior in them: `SpecState.own_hits`
-        / `own_trials`; `sampled` [B] bool: their class) and, for a batch of one class, the
-        probe wait and plain streak it ended with."""
+        / `own_trials`; `sampled` [B] bool: their class), their level-1 counts per confidence
+        bin ([B, 2, CONF_BINS], `SpecState.conf_counts`; each bin keeps at most CONF_MEMORY
+        trials, the older ones scaled down) and, for a batch of one class, the probe wait and
+        plain streak it ended with."""
         hits, trials = np.asarray(hits, np.float64), np.asarray(trials, np.float64)
         sampled = np.broadcast_to(np.asarray(sampled, bool), hits.shape[:1])
+        if conf_counts is not None:
+            counts = np.asarray(conf_counts, np.float64)
+            for c in range(2):
+                new = self.conf[c] + counts[sampled == bool(c)].sum(0)
+                self.conf[c] = new * np.minimum(1.0, CONF_MEMORY / np.maximum(new[1], 1e-9))
         n = min(hits.shape[1], self.level.shape[1])
         for row in range(hits.shape[0]):
             c = int(sampled[row])
@@ -560,7 +670,8 @@ class History:
     def apply(self, budget: Budget, *, sampled: bool) -> Budget:
         """The budget with this history as its prior (a level not yet seen, or not tried by
         the last HISTORY_STALE rows of the class, borrows the one above, as
-        `level_acceptance` does) and start wait."""
+        `level_acceptance` does), its confidence calibration over the bins' centres, and
+        start wait."""
         prior = np.array(budget.prior, np.float64)
         weight = np.array(budget.prior_weight, np.float64)
         n = min(prior.shape[1], self.level.shape[1])
@@ -582,6 +693,7 @@ class History:
             prior_weight=weight.astype(np.float32),
             start_wait=np.int32(wait),
             start_streak=np.int32(streak),
+            conf_prior=conf_prior(self.conf),
         )
 
 

@@ -872,9 +872,11 @@ class Engine:
                 self._call(slot, Update(new, reason, int(rounds[row]), accepted))
         with self._lock:
             if ended and self.history is not None:
-                hits, trials = jax.device_get((s.own_hits[:n], s.own_trials[:n]))
+                hits, trials, conf = jax.device_get(
+                    (s.own_hits[:n], s.own_trials[:n], s.conf_counts[:n])
+                )
                 sampled = [self._slots[row].request.temperature > 0 for row in ended]
-                self.history.observe(hits[ended], trials[ended], sampled)
+                self.history.observe(hits[ended], trials[ended], sampled, conf_counts=conf[ended])
             for row in sorted(ended, reverse=True):
                 self._free(row)
         return ran

@@ -124,6 +124,9 @@ class SpecState:
     # (`budget.History` learns from these, never from its own prior fed back).
     own_hits: jax.Array  # [B, L] f32
     own_trials: jax.Array  # [B, L] f32
+    # [B, 2, CONF_BINS] f32 level-1 (hits, trials) per bin of the draft's confidence entering
+    # the round (`budget.update_conf`; no prior in them)
+    conf_counts: jax.Array
     plain_streak: jax.Array  # [] int32 plain rounds in a row (< 0: probe rounds left)
     probe_wait: jax.Array  # [] int32 the plain streak the next probe waits for
     step: jax.Array  # [] int32 rounds run (indexes `Budget.schedule`)
@@ -181,6 +184,7 @@ class SpecResult:
     # in them), the policy's probe wait and plain streak: what `budget.History` learns from.
     level_hits: np.ndarray | None = None
     level_trials: np.ndarray | None = None
+    conf_counts: np.ndarray | None = None  # [B, 2, CONF_BINS] (`SpecState.conf_counts`)
     probe_wait: int | None = None
     plain_streak: int = 0
     plain_program: bool = False  # the plain decoder's program ran the batch (`plain_throughout`)
@@ -523,12 +527,13 @@ def prefill(
         trials=trials,
         own_hits=jnp.zeros_like(hits),
         own_trials=jnp.zeros_like(trials),
+        conf_counts=jnp.zeros((b, 2, budget_lib.CONF_BINS), jnp.float32),
         plain_streak=budget.start_streak,
         probe_wait=budget.start_wait,
         step=jnp.int32(0),
         next_shape=jnp.int32(0),
     )
-    return sharding.constrain(_with_choice(state, budget, knobs, shapes), mesh)
+    return sharding.constrain(_with_choice(state, budget, knobs, shapes, greedy), mesh)
 
 
 def _emit(state: SpecState, emitted, n_new, knobs: Knobs, shape_index) -> SpecState:
@@ -724,6 +729,10 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         own_hits, own_trials = budget_lib.update_stats(
             state.own_hits, state.own_trials, level_hit, level_tried, active
         )
+        conf_counts = budget_lib.update_conf(
+            state.conf_counts, budget_lib.draft_confidence(state.root_logprobs),
+            level_hit[:, 0], level_tried[:, 0], active,
+        )  # fmt: skip
     path_tokens = tree.path_tokens()[rows, acc.best_path]  # [B, A] root first
     slot = jnp.arange(a_len)
     # Emitted this round: the accepted draft tokens, then the bonus; past it, filler.
@@ -762,6 +771,7 @@ def _tree_round(state, base_params, draft_params, knobs, draft_head, shape_index
         trials=trials,
         own_hits=own_hits,
         own_trials=own_trials,
+        conf_counts=conf_counts,
     )
 
 
@@ -789,24 +799,55 @@ def draft_tree(
 
 
 def _with_choice(
-    state: SpecState, budget: budget_lib.Budget, knobs: Knobs, shapes: Shapes
-) -> SpecState:
+    state: SpecState, budget: budget_lib.Budget, knobs: Knobs, shapes: Shapes, greedy,
+    *, caught_up: bool = False,
+) -> SpecState:  # fmt: skip
+    """The state with the budget's choice for the next round. caught_up (static): nothing is
+    pending for the draft trunk (after a drafting round: its catch-up ran before it), which
+    spares the choice the pending count and the catch-up's price (a dozen fusions a round)."""
     index = _choice(
         budget, knobs, shapes, state.hits, state.trials, ~state.done, state.plain_streak,
-        state.probe_wait, state.step, state.next_shape, state.num_out, state.pending_len,
+        state.probe_wait, state.step, state.next_shape, state.num_out,
+        None if caught_up else state.pending_len,
+        first=_first_level(state, budget, knobs, greedy, caught_up=caught_up),
     )  # fmt: skip
     return state.replace(next_shape=index)
 
 
+def _first_level(
+    state: SpecState, budget: budget_lib.Budget, knobs: Knobs, greedy, *, caught_up: bool = False
+):  # fmt: skip
+    """([B] f32, [B] bool or None) the chance each row's next round accepts level 1, from the
+    draft's confidence entering it (`budget.conf_acceptance`), and whether that is known: the
+    row's trunk has caught up (a plain round's or a pending prompt's positions leave its
+    level-1 outputs stale; None: every row's has)."""
+    if len(budget.shapes) == 1:
+        return None
+    b = state.root.shape[0]
+    if greedy is None:
+        sampled = jnp.broadcast_to(jnp.asarray(knobs.temperature) > 0, (b,))
+    else:
+        sampled = jnp.full((b,), not greedy)
+    level = budget_lib.conf_acceptance(
+        budget, budget_lib.draft_confidence(state.root_logprobs), state.conf_counts, sampled
+    )
+    return level, None if caught_up else state.pending_len == 0
+
+
 def _choice(
-    budget, knobs, shapes, hits, trials, active, streak, wait, step, current, num_out, pending
+    budget, knobs, shapes, hits, trials, active, streak, wait, step, current, num_out, pending,
+    first=None,
 ) -> jax.Array:  # fmt: skip
-    """The budget's shape index for the next round (`budget.choose`), from the state's parts."""
+    """The budget's shape index for the next round (`budget.choose`), from the state's parts;
+    `pending` [B] or None (nothing pending); `first`: `_first_level`'s pair, or None (fresh
+    rows: their draft has not run)."""
     with jax.named_scope("budget"):
-        slots = catch_up_slots(jnp.max(pending), shapes.pending)
+        slots = 0 if pending is None else catch_up_slots(jnp.max(pending), shapes.pending)
+        level, known = (None, None) if first is None else first
         return budget_lib.choose(
             budget, hits, trials, active, streak, wait, step, current,
-            remaining=knobs.max_new - num_out, catch_up_slots=slots,
+            remaining=knobs.max_new - num_out, catch_up_slots=slots, first_level=level,
+            first_known=known,
         )  # fmt: skip
 
 
@@ -1012,13 +1053,13 @@ def _shape_segment(
         s = body_fn(s, base_params, draft_params, knobs, draft_head, index, **static)
         s = s.replace(plain_streak=streak, probe_wait=wait)
         if shape is not None:
-            return _with_choice(s, budget, knobs, shapes), n + 1
+            return _with_choice(s, budget, knobs, shapes, greedy, caught_up=True), n + 1
         # A plain round changes no statistics: the segment's first round weighs the rows (one
         # may have been admitted or finished), the later ones only watch for a probe.
         with jax.named_scope("budget"):
             nxt = jax.lax.cond(
                 n == 0,
-                lambda: _with_choice(s, budget, knobs, shapes).next_shape,
+                lambda: _with_choice(s, budget, knobs, shapes, greedy).next_shape,
                 lambda: budget_lib.keep_plain(
                     budget, s.plain_streak, s.probe_wait, s.step, s.next_shape
                 ),
@@ -1143,13 +1184,14 @@ def generate(
         )  # fmt: skip
         fetched = jax.device_get((
             state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
-            state.own_hits, state.own_trials, state.probe_wait, state.plain_streak, state.done,
+            state.own_hits, state.own_trials, state.conf_counts, state.probe_wait,
+            state.plain_streak, state.done,
         ))  # fmt: skip
         if on_round is not None:
             on_round(fetched[0], fetched[1])
         if np.all(fetched[-1]):
             break
-    out, num_out, log, shape_log, rounds, hits, trials, wait, streak, _ = fetched
+    out, num_out, log, shape_log, rounds, hits, trials, conf_counts, wait, streak, _ = fetched
     return SpecResult(
         output_ids=[out[i, : num_out[i]].tolist() for i in range(len(prompts))],
         accept_lengths=[log[i, : rounds[i]].tolist() for i in range(len(prompts))],
@@ -1157,6 +1199,7 @@ def generate(
         round_shapes=[shape_log[i, : rounds[i]].tolist() for i in range(len(prompts))],
         level_hits=np.asarray(hits),
         level_trials=np.asarray(trials),
+        conf_counts=np.asarray(conf_counts),
         probe_wait=int(wait),
         plain_streak=int(streak),
     )

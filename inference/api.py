@@ -375,7 +375,7 @@ class SpeculativeModel:
         if self.adaptive:
             self.history().observe(
                 res.level_hits, res.level_trials, temperature > 0, probe_wait=res.probe_wait,
-                plain_streak=res.plain_streak,
+                plain_streak=res.plain_streak, conf_counts=res.conf_counts,
             )  # fmt: skip
         names = [budget_lib.describe(s) for s in self.shapes]
         return GenerationOutput(

@@ -167,6 +167,154 @@ def test_resuming_drafting_pays_the_catch_up_over_the_rounds_left(finish):
         assert _choose(b, *stats, slots=256) == 1
 
 
+def _choose_now(b, hits, trials, level, *, known=(True,), current=0, active=(True,),
+                remaining=None, slots=0):  # fmt: skip
+    """`choose` with the next round's level-1 chance `level` [B] (the draft's confidence)."""
+    return int(
+        _choose_jit(
+            b,
+            hits,
+            trials,
+            jnp.asarray(active),
+            jnp.int32(0),
+            jnp.int32(budget.PROBE_EVERY),
+            jnp.int32(0),
+            jnp.int32(current),
+            remaining=None if remaining is None else jnp.asarray(remaining, jnp.int32),
+            catch_up_slots=jnp.int32(slots),
+            first_level=jnp.asarray(level, jnp.float32),
+            first_known=jnp.asarray(known),
+        )  # fmt: skip
+    )
+
+
+def test_the_drafts_confidence_picks_the_drafting_shape_not_whether_to_draft():
+    b = budget.make_budget((None, SHAPES[1], TREE), costs=[1.0, 1.4, 2.4])
+    # A confident draft this round: level 1 nearly sure, so the deep tree pays...
+    fair = _stats([0.7] * 4)
+    assert _choose(b, *fair) == 1
+    assert _choose_now(b, *fair, [0.99]) == 2
+    # ...a doubtful one: only the one-level tree still does.
+    better = _stats([0.8] * 4)
+    assert _choose(b, *better) == 2
+    assert _choose_now(b, *better, [0.3]) == 1
+    # Unknown (the trunk not caught up after plain rounds): the running estimate decides.
+    assert _choose_now(b, *fair, [0.99], known=(False,)) == 1
+    # Whether to draft at all stays the running estimates' call: a confident draft whose rows
+    # keep missing does not bring drafting back, nor does a doubtful one stop it.
+    bad, good = _stats([0.05] * 4), _stats([0.9] * 4)
+    assert _choose_now(b, *bad, [0.99]) == 0
+    assert _choose_now(b, *good, [0.05]) != 0
+    assert _choose_now(b, *bad, [0.99], current=2) == 0  # nor keeps a drafting shape going
+    # A fixed batch weighs its remaining rounds, which one round's confidence says little of.
+    finish = b.replace(finish=True)
+    for level in (0.05, 0.99):
+        assert _choose_now(finish, *fair, [level], remaining=(40,)) == _choose(
+            finish, *fair, remaining=(40,)
+        )
+    # The chance scales every level's reach: with the running estimate itself, no change.
+    for stats in (fair, better, good):
+        p1 = float(budget.level_acceptance(*stats)[0, 0])
+        for current in range(3):
+            assert _choose_now(b, *stats, [p1], current=current) == _choose(
+                b, *stats, current=current
+            )
+
+
+def test_a_static_zero_catch_up_skips_the_rounds_left_but_chooses_alike():
+    """After a drafting round nothing is pending: the choice passes a static 0 and skips the
+    rounds-left estimate (`finish_rounds`), which only spreads a catch-up; a fixed batch
+    still weighs by it."""
+    for finish in (False, True):
+        b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6]).replace(finish=finish)
+        for accept in (0.05, 0.5, 0.7, 0.9):
+            hits, trials = _stats([accept] * 4)
+            both = tuple(jnp.concatenate([x, x * 0.5]) for x in (hits, trials))
+            args = (b, *both, jnp.ones(2, bool), jnp.int32(0), jnp.int32(8), jnp.int32(0))
+            remaining = jnp.asarray([40, 12], jnp.int32)
+            for current in range(4):
+                traced = _choose_jit(*args, jnp.int32(current), remaining=remaining,
+                                     catch_up_slots=jnp.int32(0))  # fmt: skip
+                static = budget.choose(*args, jnp.int32(current), remaining=remaining,
+                                       catch_up_slots=0)  # fmt: skip
+                assert int(traced) == int(static)
+
+
+def test_conf_acceptance_reads_the_rows_bin_over_its_class_prior():
+    b = budget.make_budget(SHAPES)
+    conf = jnp.asarray([0.05, 0.55, 0.999, 0.55])
+    zero = jnp.zeros((4, 2, budget.CONF_BINS))
+    sampled = jnp.asarray([False, False, False, True])
+    # nothing learnt: each bin's centre
+    np.testing.assert_allclose(
+        budget.conf_acceptance(b, conf, zero, sampled), [0.05, 0.55, 0.95, 0.55], rtol=1e-6
+    )
+    # a row's own counts move its bin only: 8 hits in 8 trials at bin 5 (0.5 <= conf < 0.6)
+    counts = zero.at[:, :, 5].set(8.0)
+    w = budget.CONF_PRIOR_WEIGHT
+    np.testing.assert_allclose(
+        budget.conf_acceptance(b, conf, counts, sampled),
+        [0.05, (0.55 * w + 8) / (w + 8), 0.95, (0.55 * w + 8) / (w + 8)],
+        rtol=1e-6,
+    )
+    # history's calibration per class: greedy rows hit 90% at bin 5, sampled ones 10%
+    hist = budget.History(b.max_levels)
+    learnt = np.zeros((2, 2, budget.CONF_BINS))
+    learnt[0, :, 5] = [90.0, 100.0]
+    learnt[1, :, 5] = [10.0, 100.0]
+    rows = np.stack([learnt[0], learnt[1]])
+    hist.observe(np.zeros((2, 4)), np.zeros((2, 4)), [False, True], conf_counts=rows)
+    level = budget.conf_acceptance(hist.apply(b, sampled=False), conf, zero, sampled)
+    np.testing.assert_allclose(
+        level, [0.05, (0.55 * w + 90) / (w + 100), 0.95, (0.55 * w + 10) / (w + 100)], rtol=1e-6
+    )
+
+
+def test_update_conf_counts_level_one_in_the_bin_the_round_entered_with():
+    counts = jnp.zeros((3, 2, budget.CONF_BINS))
+    conf = jnp.asarray([0.0, 0.42, 1.0])  # bins 0, 4 and the last (1.0 is clipped into it)
+    hit, tried = jnp.asarray([1.0, 0.25, 0.0]), jnp.asarray([1.0, 1.0, 1.0])
+    out = budget.update_conf(counts, conf, hit, tried, jnp.asarray([True, True, False]))
+    expect = np.zeros((3, 2, budget.CONF_BINS))
+    expect[0, :, 0] = [1.0, 1.0]
+    expect[1, :, 4] = [0.25, 1.0]  # a sampled row counts the chance it had
+    np.testing.assert_allclose(out, expect)  # the finished row keeps its counts
+    again = budget.update_conf(out, conf, hit, tried, jnp.ones(3, bool))
+    np.testing.assert_allclose(again[:2], 2 * expect[:2])  # counts add up, no decay
+
+
+def test_history_keeps_a_bounded_memory_of_the_calibration():
+    hist = budget.History(4)
+    row = np.zeros((1, 2, budget.CONF_BINS))
+    row[0, :, 3] = [0.0, 200.0]  # 200 misses
+    hist.observe(np.zeros((1, 4)), np.zeros((1, 4)), [False], conf_counts=row)
+    row[0, :, 3] = [200.0, 200.0]  # then 200 hits: the older trials fade to keep CONF_MEMORY
+    hist.observe(np.zeros((1, 4)), np.zeros((1, 4)), [False], conf_counts=row)
+    hits, trials = hist.conf[0, :, 3]
+    assert trials == pytest.approx(budget.CONF_MEMORY)
+    assert hits / trials == pytest.approx(0.5)
+    assert (hist.conf[1] == 0).all()  # the sampled class learnt nothing
+
+
+def test_generation_counts_level_one_by_the_drafts_confidence(pair, small_pending):
+    """Every drafting round adds its level-1 outcome to the bin of the confidence the draft
+    entered it with; plain rounds add nothing. An aligned draft is always right."""
+    cfg = base_config("llama")
+    dcfg = draft_config(cfg)
+    base, draft = aligned_pair(cfg, dcfg)
+    sched = [0, 1, 2, 0, 0, 3, 1] * 8
+    b = budget.make_budget(SHAPES, schedule=sched)
+    res = speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=b, max_new_tokens=24)
+    counts = np.asarray(res.conf_counts)  # [B, 2, bins]
+    for row, shapes in enumerate(res.round_shapes):
+        drafted = sum(1 for s in shapes if SHAPES[s] is not None)
+        assert counts[row, 1].sum() == pytest.approx(drafted)
+        np.testing.assert_allclose(counts[row, 0], counts[row, 1])  # every level 1 accepted
+    hist = budget.History.for_shapes(SHAPES)
+    hist.observe(res.level_hits, res.level_trials, False, conf_counts=res.conf_counts)
+    np.testing.assert_allclose(hist.conf[0], counts.sum(0))
+
+
 def _simulated_finish(accept: float, n_levels: int, rows: int, remaining: int, runs: int):
     """Mean over `runs` of the rounds until every one of `rows` rows committed `remaining`
     tokens, each level accepted with chance `accept` once the one above was."""
