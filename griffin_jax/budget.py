@@ -230,7 +230,7 @@ def make_budget(
         prior_weight=np.zeros((2,), np.float32),
         start_wait=np.int32(probe_every),
         start_streak=np.int32(0),
-        conf_prior=conf_prior(np.zeros((2, 2, CONF_BINS))),
+        conf_prior=conf_pseudo_counts(np.zeros((2, 2, CONF_BINS))),
         probe_every=probe_every,
         probe_growth=probe_growth,
     )
@@ -296,7 +296,7 @@ def update_stats(
     )
 
 
-def conf_prior(learnt: np.ndarray) -> np.ndarray:
+def conf_pseudo_counts(learnt: np.ndarray) -> np.ndarray:
     """[2, 2, CONF_BINS] f32 `Budget.conf_prior`: counts learnt from earlier requests
     ((greedy, sampled) x (hits, trials) per bin) over each bin's centre at CONF_PRIOR_WEIGHT
     trials."""
@@ -693,7 +693,7 @@ class History:
             prior_weight=weight.astype(np.float32),
             start_wait=np.int32(wait),
             start_streak=np.int32(streak),
-            conf_prior=conf_prior(self.conf),
+            conf_prior=conf_pseudo_counts(self.conf),
         )
 
 
