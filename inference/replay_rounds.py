@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     traces = []
     for prompt in prompts:
         out = model.vanilla_generate([prompt], max_new_tokens=n_new + deepest + 1).output_ids[0]
-        if len(out) < n_new + deepest + 1:  # a stop token came first: a shorter replay
+        if len(out) < n_new + deepest + 1:  # a stop token came first: left out
             continue
         traces.append((prompt, out, *chain_acceptance(
             model.base_params, model.cfg, model.draft_params, model.dcfg, prompt, out,
