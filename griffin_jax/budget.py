@@ -246,13 +246,19 @@ def init_stats(
     budget's prior as pseudo-counts (none without history), the greedy or the sampled one by
     the static `greedy`, or per row by its temperature (scalar or [B]) when it is None (a
     greedy program's temperature is a placeholder)."""
-    if greedy is None:
-        sampled = jnp.broadcast_to(jnp.asarray(temperature) > 0, (batch,)).astype(jnp.int32)
-    else:
-        sampled = jnp.full((batch,), int(not greedy), jnp.int32)
+    sampled = sampled_rows(batch, temperature, greedy=greedy).astype(jnp.int32)
     weight = budget.prior_weight[sampled][:, None]  # [B, 1]
     trials = jnp.broadcast_to(weight, (batch, budget.prior.shape[1]))
     return budget.prior[sampled] * weight, trials
+
+
+def sampled_rows(batch: int, temperature: jax.Array | float, *, greedy: bool | None) -> jax.Array:
+    """[B] bool each row's class (sampled, else greedy): by the static `greedy`, or per row by
+    its temperature (scalar or [B]) when it is None (a greedy program's temperature is a
+    placeholder)."""
+    if greedy is None:
+        return jnp.broadcast_to(jnp.asarray(temperature) > 0, (batch,))
+    return jnp.full((batch,), not greedy)
 
 
 def reach_stats(
@@ -316,6 +322,11 @@ def conf_bin(conf: jax.Array) -> jax.Array:
     return jnp.clip(jnp.floor(conf * CONF_BINS), 0, CONF_BINS - 1).astype(jnp.int32)
 
 
+def _in_bin(conf: jax.Array) -> jax.Array:
+    """[B, 1, CONF_BINS] bool: each row's confidence bin, against the counts' [B, 2, bins]."""
+    return conf_bin(conf)[:, None, None] == jnp.arange(CONF_BINS)[None, None, :]
+
+
 def update_conf(
     conf_counts: jax.Array, conf: jax.Array, hit: jax.Array, tried: jax.Array,
     active: jax.Array,
@@ -325,9 +336,8 @@ def update_conf(
     (`reach_stats`' column 0: `hit` [B] of `tried` [B]). Rows not running keep theirs. No
     decay: how well the draft's confidence predicts acceptance is the draft's and the text
     kind's, not the passage's."""
-    at = conf_bin(conf)[:, None, None] == jnp.arange(CONF_BINS)[None, None, :]
     outcome = jnp.stack([hit, tried], axis=1)[:, :, None]  # [B, 2, 1]
-    return conf_counts + jnp.where(at & active[:, None, None], outcome, 0.0)
+    return conf_counts + jnp.where(_in_bin(conf) & active[:, None, None], outcome, 0.0)
 
 
 def conf_acceptance(
@@ -336,9 +346,8 @@ def conf_acceptance(
     """[B] the chance level 1 is accepted in a round the draft enters with confidence `conf`
     [B]: the row's own counts in that bin ([B, 2, CONF_BINS], `update_conf`) over the class's
     prior (`Budget.conf_prior`; `sampled` [B] bool picks the class)."""
-    at = conf_bin(conf)[:, None, None] == jnp.arange(CONF_BINS)[None, None, :]
     prior = jnp.where(sampled[:, None, None], budget.conf_prior[1], budget.conf_prior[0])
-    counts = jnp.sum(jnp.where(at, conf_counts + prior, 0.0), axis=2)  # [B, 2]
+    counts = jnp.sum(jnp.where(_in_bin(conf), conf_counts + prior, 0.0), axis=2)  # [B, 2]
     return counts[:, 0] / jnp.maximum(counts[:, 1], 1e-9)
 
 

@@ -823,11 +823,7 @@ def _first_level(
     level-1 outputs stale; None: every row's has)."""
     if len(budget.shapes) == 1:
         return None
-    b = state.root.shape[0]
-    if greedy is None:
-        sampled = jnp.broadcast_to(jnp.asarray(knobs.temperature) > 0, (b,))
-    else:
-        sampled = jnp.full((b,), not greedy)
+    sampled = budget_lib.sampled_rows(state.root.shape[0], knobs.temperature, greedy=greedy)
     level = budget_lib.conf_acceptance(
         budget, budget_lib.draft_confidence(state.root_logprobs), state.conf_counts, sampled
     )

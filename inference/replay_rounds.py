@@ -83,7 +83,7 @@ def _chain_from_every_position(base_params, draft_params, head, seq, *, cfg, dcf
     tokens, probs = [], []
     for i in range(levels):
         column = jnp.argmax(lp, -1)
-        probs.append(jnp.exp(jnp.max(lp, -1)))
+        probs.append(budget_lib.draft_confidence(lp))
         tok = (column if head is None else head.token_ids[column]).astype(jnp.int32)
         tokens.append(tok)
         if i == levels - 1:
@@ -144,12 +144,14 @@ def ceiling_ms(accepted: np.ndarray, levels: Sequence[int], costs: Sequence[floa
     return float(best[0])
 
 
-def calibration(accepted: np.ndarray, conf: np.ndarray, bins: int = 10) -> list[list[dict]]:
-    """Per level, per confidence bin: rounds that reached the level and the share accepted."""
+def calibration(accepted: np.ndarray, conf: np.ndarray) -> list[list[dict]]:
+    """Per level, per confidence bin (`budget.conf_bin`'s): rounds that reached the level and
+    the share accepted."""
+    bins = budget_lib.CONF_BINS
     out = []
     for level in range(conf.shape[1]):
         reached = accepted >= level
-        which = np.clip((conf[reached, level] * bins).astype(int), 0, bins - 1)
+        which = np.asarray(budget_lib.conf_bin(jnp.asarray(conf[reached, level])))
         hit = accepted[reached] >= level + 1
         out.append([
             {"bin": b / bins, "rounds": int(np.sum(which == b)),
