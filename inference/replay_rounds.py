@@ -14,7 +14,9 @@ with the draft's top-token probability at each level, and from them:
   lists them; default: the model's measured start-up costs);
 - `auto`: the rounds `SpeculativeModel.generate` with `tree="auto"` ran on the same prompts (its
   last of `--passes` passes, history carried over as in a server), priced the same way, and
-  whether each of them accepted what the replay says (`mismatched_rounds`);
+  whether each of them accepted what the replay says (`mismatched_rounds`), and how often the
+  shape changed between two rounds of a prompt (`changes`, priced at `--change-cost` ms each:
+  what leaving one shape's loop for another's costs, which the per-round prices leave out);
 - `ceiling`: the least time any choice of shapes could take knowing every A_k (a dynamic
   program over positions).
 
@@ -161,6 +163,11 @@ def calibration(accepted: np.ndarray, conf: np.ndarray) -> list[list[dict]]:
     return out
 
 
+def shape_changes(shapes: Sequence[str]) -> int:
+    """How often consecutive rounds of one prompt ran different shapes."""
+    return sum(a != b for a, b in zip(shapes, shapes[1:], strict=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(
         prog="python -m inference.replay_rounds", description=__doc__,
@@ -173,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--passes", type=int, default=2, help="auto's passes (history warms up)")
     p.add_argument("--costs", default=None, help="ms a round of each auto shape, comma-separated")
+    p.add_argument("--change-cost", type=float, default=0.0, help="ms a shape change adds")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/replay/report.json"))
     args = p.parse_args(argv)
     cli.positive(args.num_questions, "--num-questions")
     cli.positive(args.passes, "--passes")
+    if not (np.isfinite(args.change_cost) and args.change_cost >= 0):
+        raise checks.InputError(f"--change-cost must be >= 0 (ms), got {args.change_cost}")
     if args.max_new_tokens < 2:
         raise checks.InputError(f"--max-new-tokens must be >= 2, got {args.max_new_tokens}")
     cli.output_file(args.out, "--out")
@@ -214,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         if lv:
             rounds = sum(rounds_of(t[2], lv, n_new) for t in traces)
             fixed[name] = {"rounds": rounds, "ms": rounds * c}
-    auto_rounds, mismatched = {}, 0
+    auto_rounds, mismatched, changes = {}, 0, 0
     for _ in range(args.passes):
-        auto_rounds, mismatched = dict.fromkeys(names, 0), 0
+        auto_rounds, mismatched, changes = dict.fromkeys(names, 0), 0, 0
         for prompt, _, accepted, _ in traces:
             res = model.generate([prompt], max_new_tokens=n_new)
+            changes += shape_changes(res.round_shapes[0])
             k = 0
             for shape, a in zip(res.round_shapes[0], res.accept_lengths[0], strict=True):
                 auto_rounds[shape] += 1
@@ -227,21 +238,23 @@ def main(argv: list[str] | None = None) -> int:
                 mismatched += not cut and a != (min(int(accepted[k]), lv) if lv else 0)
                 k += a + 1
     auto_ms = sum(auto_rounds[n] * c for n, c in zip(names, costs, strict=True))
+    auto_ms += changes * args.change_cost
     ceiling = sum(ceiling_ms(t[2], levels, costs, n_new) for t in traces)
     all_a = np.concatenate([t[2] for t in traces])
     all_conf = np.concatenate([t[3] for t in traces])
     report = {
         "bench": str(args.bench), "prompts": len(traces), "max_new_tokens": n_new,
         "shapes": names, "costs_ms": costs, "fixed": fixed,
-        "auto": {"rounds": auto_rounds, "ms": auto_ms, "mismatched_rounds": mismatched},
+        "auto": {"rounds": auto_rounds, "ms": auto_ms, "mismatched_rounds": mismatched,
+                 "changes": changes, "change_cost_ms": args.change_cost},
         "ceiling_ms": ceiling, "calibration": calibration(all_a, all_conf),
         "command": " ".join(sys.argv),
     }  # fmt: skip
     best = min(v["ms"] for v in fixed.values())
     for name, v in fixed.items():
         print(f"fixed {name}: {v['rounds']} rounds, {v['ms']:.1f} ms ({best / v['ms']:.3f})")
-    print(f"auto: {auto_rounds}, {auto_ms:.1f} ms ({best / auto_ms:.3f}), "
-          f"{mismatched} rounds off the replay")  # fmt: skip
+    print(f"auto: {auto_rounds}, {changes} changes of shape, {auto_ms:.1f} ms "
+          f"({best / auto_ms:.3f}), {mismatched} rounds off the replay")  # fmt: skip
     print(f"ceiling: {ceiling:.1f} ms ({best / ceiling:.3f})")
     cli.write_report(args.out, report)
     print(json.dumps({"report": str(args.out)}))

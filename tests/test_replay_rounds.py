@@ -8,7 +8,7 @@ from spec_models import aligned_pair, base_config, draft_config
 
 from griffin_jax import speculative, vanilla
 from griffin_jax.config import TreeConfig
-from inference.replay_rounds import ceiling_ms, chain_acceptance, rounds_of
+from inference.replay_rounds import ceiling_ms, chain_acceptance, rounds_of, shape_changes
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 38))]
 LEVELS = 4
@@ -65,3 +65,9 @@ def test_the_ceiling_knows_each_rounds_outcome():
     assert ceiling_ms(accepted, [3], [2.0], 12) == 12.0
     # both: the chain where it is accepted (roots 1 and 8), plain steps where it would miss
     assert ceiling_ms(accepted, [0, 3], [1.0, 2.0], 12) == 1 + 2 + 1 + 1 + 1 + 2
+
+
+def test_shape_changes_count_the_boundaries_between_runs_of_one_shape():
+    assert shape_changes([]) == 0
+    assert shape_changes(["(1,3,5)"]) == 0
+    assert shape_changes(["(1,3,5)", "(1,3,5)", "(1,6,8)", "(1,6,8)", "(1,3,5)", "none"]) == 3
