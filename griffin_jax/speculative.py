@@ -820,8 +820,9 @@ def _first_level(
     """([B] f32, [B] bool or None) the chance each row's next round accepts level 1, from the
     draft's confidence entering it (`budget.conf_acceptance`), and whether that is known: the
     row's trunk has caught up (a plain round's or a pending prompt's positions leave its
-    level-1 outputs stale; None: every row's has)."""
-    if len(budget.shapes) == 1:
+    level-1 outputs stale; None: every row's has). None where `budget.choose` would not read
+    it: a fixed tree, or a fixed batch (`Budget.finish`)."""
+    if len(budget.shapes) == 1 or budget.finish:
         return None
     sampled = budget_lib.sampled_rows(state.root.shape[0], knobs.temperature, greedy=greedy)
     level = budget_lib.conf_acceptance(
