@@ -79,7 +79,12 @@ _keep_plain_jit = jax.jit(budget.keep_plain)
 
 
 def _choose(b, hits, trials, *, streak=0, wait=budget.PROBE_EVERY, step=0, current=0,
-            active=(True,), remaining=None, slots=0):  # fmt: skip
+            active=(True,), remaining=None, slots=0, level=None, known=(True,)):  # fmt: skip
+    """`choose`; `level` [B]: the next round's level-1 chance (the draft's confidence), known
+    where `known`."""
+    first = {}
+    if level is not None:
+        first = dict(first_level=jnp.asarray(level, jnp.float32), first_known=jnp.asarray(known))
     return int(
         _choose_jit(
             b,
@@ -92,6 +97,7 @@ def _choose(b, hits, trials, *, streak=0, wait=budget.PROBE_EVERY, step=0, curre
             jnp.int32(current),
             remaining=None if remaining is None else jnp.asarray(remaining, jnp.int32),
             catch_up_slots=jnp.int32(slots),
+            **first,
         )  # fmt: skip
     )
 
@@ -167,56 +173,35 @@ def test_resuming_drafting_pays_the_catch_up_over_the_rounds_left(finish):
         assert _choose(b, *stats, slots=256) == 1
 
 
-def _choose_now(b, hits, trials, level, *, known=(True,), current=0, active=(True,),
-                remaining=None, slots=0):  # fmt: skip
-    """`choose` with the next round's level-1 chance `level` [B] (the draft's confidence)."""
-    return int(
-        _choose_jit(
-            b,
-            hits,
-            trials,
-            jnp.asarray(active),
-            jnp.int32(0),
-            jnp.int32(budget.PROBE_EVERY),
-            jnp.int32(0),
-            jnp.int32(current),
-            remaining=None if remaining is None else jnp.asarray(remaining, jnp.int32),
-            catch_up_slots=jnp.int32(slots),
-            first_level=jnp.asarray(level, jnp.float32),
-            first_known=jnp.asarray(known),
-        )  # fmt: skip
-    )
-
-
 def test_the_drafts_confidence_picks_the_drafting_shape_not_whether_to_draft():
     b = budget.make_budget((None, SHAPES[1], TREE), costs=[1.0, 1.4, 2.4])
     # A confident draft this round: level 1 nearly sure, so the deep tree pays...
     fair = _stats([0.7] * 4)
     assert _choose(b, *fair) == 1
-    assert _choose_now(b, *fair, [0.99]) == 2
+    assert _choose(b, *fair, level=[0.99]) == 2
     # ...a doubtful one: only the one-level tree still does.
     better = _stats([0.8] * 4)
     assert _choose(b, *better) == 2
-    assert _choose_now(b, *better, [0.3]) == 1
+    assert _choose(b, *better, level=[0.3]) == 1
     # Unknown (the trunk not caught up after plain rounds): the running estimate decides.
-    assert _choose_now(b, *fair, [0.99], known=(False,)) == 1
+    assert _choose(b, *fair, level=[0.99], known=(False,)) == 1
     # Whether to draft at all stays the running estimates' call: a confident draft whose rows
     # keep missing does not bring drafting back, nor does a doubtful one stop it.
     bad, good = _stats([0.05] * 4), _stats([0.9] * 4)
-    assert _choose_now(b, *bad, [0.99]) == 0
-    assert _choose_now(b, *good, [0.05]) != 0
-    assert _choose_now(b, *bad, [0.99], current=2) == 0  # nor keeps a drafting shape going
+    assert _choose(b, *bad, level=[0.99]) == 0
+    assert _choose(b, *good, level=[0.05]) != 0
+    assert _choose(b, *bad, level=[0.99], current=2) == 0  # nor keeps a drafting shape going
     # A fixed batch weighs its remaining rounds, which one round's confidence says little of.
     finish = b.replace(finish=True)
     for level in (0.05, 0.99):
-        assert _choose_now(finish, *fair, [level], remaining=(40,)) == _choose(
+        assert _choose(finish, *fair, level=[level], remaining=(40,)) == _choose(
             finish, *fair, remaining=(40,)
         )
     # The chance scales every level's reach: with the running estimate itself, no change.
     for stats in (fair, better, good):
         p1 = float(budget.level_acceptance(*stats)[0, 0])
         for current in range(3):
-            assert _choose_now(b, *stats, [p1], current=current) == _choose(
+            assert _choose(b, *stats, level=[p1], current=current) == _choose(
                 b, *stats, current=current
             )
 
