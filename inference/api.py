@@ -227,36 +227,67 @@ class SpeculativeModel:
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
         model = cls(params, cfg, tokenizer=tokenizer, mesh=mesh)
         if draft_dir is not None:
-            if mesh is None:
-                model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
-                if unroll_layers:  # the base's decode layout: fused, packed where it is
-                    draft = fuse_projections(draft, free_parts=True)
-                    if is_packed(model.base_params):
-                        draft = pack_kernels(draft, free_parts=True)
-                model.draft_params = draft
-            else:
-                with sharding.host_device():
-                    model.dcfg, draft = load_draft(draft_dir, cfg, dtype=_dtype(dtype))
-                model.draft_params = sharding.shard_params(
-                    draft, mesh, head_dim=model.dcfg.head_dim
-                )
-            stored = read_tree_file(draft_dir)
-            model.vocab_ranking = _read_vocab_ranking(draft_dir)
-            sizes = dict(
-                top_k=top_k, depth=depth, total_tokens=total_tokens, draft_vocab=draft_vocab
-            )
-            model.tree_cfg = resolved = resolve_tree(
-                stored, vocab_size=model.dcfg.draft_vocab, tree=tree, **sizes
-            )
-            model.adaptive = resolve_auto(
-                stored, tree, sizes_given=any(v is not None for v in sizes.values())
-            )
-            if resolved.total_tokens == -1:
-                model.tree_cfg = dataclasses.replace(
-                    resolved, total_tokens=model.auto_total_tokens(resolved)
-                )
-            model.draft_head()  # validates the draft vocabulary setting now
+            model._load_draft(
+                draft_dir, dtype=_dtype(dtype), tree=tree, top_k=top_k, depth=depth,
+                total_tokens=total_tokens, draft_vocab=draft_vocab,
+            )  # fmt: skip
         return model
+
+    def with_draft(
+        self,
+        draft_model_path: str | pathlib.Path,
+        *,
+        total_tokens: int | None = None,
+        depth: int | None = None,
+        top_k: int | None = None,
+        draft_vocab: int | None = None,
+        tree: str | None = None,
+    ) -> SpeculativeModel:
+        """A model with this one's base (the same parameter arrays, config, tokenizer and
+        mesh: nothing of the base is loaded or copied again) and the draft at
+        `draft_model_path`, sized as `from_pretrained`'s arguments of the same names say.
+        Several drafts or tree settings over one base then share its memory, and a benchmark
+        that alternates them times every method on the same weights (with a copy each, the
+        copy a call ran on moved its time by 1-3% here)."""
+        model = type(self)(self.base_params, self.cfg, tokenizer=self.tokenizer, mesh=self.mesh)
+        dtype = jax.tree_util.tree_leaves(self.base_params)[0].dtype
+        model._load_draft(
+            resolve_path(draft_model_path), dtype=dtype, tree=tree, top_k=top_k, depth=depth,
+            total_tokens=total_tokens, draft_vocab=draft_vocab,
+        )  # fmt: skip
+        return model
+
+    def _load_draft(
+        self, draft_dir: pathlib.Path, *, dtype: Any, tree: str | None, **sizes: int | None
+    ) -> None:
+        """Loads the draft at `draft_dir` for this model's base, in the base's layout (fused,
+        and packed for `cpu_kernels` where the base is; sharded on its mesh), and resolves
+        the tree from `sizes` (`from_pretrained`'s top_k, depth, total_tokens, draft_vocab)
+        over the draft's tree file."""
+        if self.mesh is None:
+            self.dcfg, draft = load_draft(draft_dir, self.cfg, dtype=dtype)
+            if is_fused(self.base_params):  # the base's decode layout: fused, packed where it is
+                draft = fuse_projections(draft, free_parts=True)
+                if is_packed(self.base_params):
+                    draft = pack_kernels(draft, free_parts=True)
+            self.draft_params = draft
+        else:
+            with sharding.host_device():
+                self.dcfg, draft = load_draft(draft_dir, self.cfg, dtype=dtype)
+            self.draft_params = sharding.shard_params(draft, self.mesh, head_dim=self.dcfg.head_dim)
+        stored = read_tree_file(draft_dir)
+        self.vocab_ranking = _read_vocab_ranking(draft_dir)
+        self.tree_cfg = resolved = resolve_tree(
+            stored, vocab_size=self.dcfg.draft_vocab, tree=tree, **sizes
+        )
+        self.adaptive = resolve_auto(
+            stored, tree, sizes_given=any(v is not None for v in sizes.values())
+        )
+        if resolved.total_tokens == -1:
+            self.tree_cfg = dataclasses.replace(
+                resolved, total_tokens=self.auto_total_tokens(resolved)
+            )
+        self.draft_head()  # validates the draft vocabulary setting now
 
     def draft_head(self) -> speculative.DraftHead | None:
         """The lm_head restricted to `tree_cfg.draft_vocab` tokens (None: the whole vocabulary).

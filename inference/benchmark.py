@@ -2,8 +2,9 @@
 
 Runs every question (first turn) of MT-bench-format files (`question.jsonl`: one object per line
 with `turns`) at batch 1 (or `--batch N`: N prompts right-padded per call), for vanilla decoding
-and for each draft given, at each temperature, all in one process on the same machine, and
-writes a JSON report plus a PNG plot.
+and for each draft given, at each temperature, all in one process on the same machine and on
+one copy of the base's weights (`SpeculativeModel.with_draft`), and writes a JSON report plus
+a PNG plot.
 
 Conventions (README "Definitions"): every timed call runs after a warm-up of the same shapes
 (prompt-length bucket, tree sizes), prefill included. tau = tokens committed per verification
@@ -322,10 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     models = {}
     for name, (folder, _) in drafts.items():
-        m = SpeculativeModel.from_pretrained(
-            args.base, folder, dtype=args.dtype, load_tokenizer=False, mesh=args.mesh,
-            **trees[name],
-        )  # fmt: skip
+        # every draft over the one base: all methods time the same weights (`with_draft`)
+        m = base.with_draft(folder, **trees[name])
         models[name] = m
         mode = "adaptive over " if m.adaptive else ""
         print(f"{name}: {m.dcfg.kind} draft, tree {mode}{m.tree_cfg}", file=sys.stderr)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from spec_models import aligned_pair, base_config, draft_config
 
@@ -312,6 +313,29 @@ def test_api_generate_equals_vanilla_generate(pair):
     plain = model.vanilla_generate(ids, max_new_tokens=10)
     assert spec.output_ids == plain.output_ids
     assert spec.tau > 1.0  # the aligned draft is accepted
+
+
+def test_with_draft_shares_the_base_and_loads_the_draft_as_from_pretrained_does(pair):
+    base, draft = pair
+    plain = SpeculativeModel.from_pretrained(base, with_draft=False)
+    alone = SpeculativeModel.from_pretrained(base, draft, depth=2)
+    shared = plain.with_draft(draft, depth=2)
+    # the same arrays, not a copy: one base in memory for every draft over it
+    assert shared.base_params is plain.base_params and shared.tokenizer is plain.tokenizer
+    assert shared.dcfg == alone.dcfg and shared.tree_cfg == alone.tree_cfg
+    assert not shared.adaptive and not plain.has_draft  # the draft went to the new model only
+    loaded = jax.tree_util.tree_leaves_with_path(alone.draft_params)
+    got = dict(jax.tree_util.tree_leaves_with_path(shared.draft_params))
+    assert len(got) == len(loaded)  # the same layout (fused, packed where the base is)
+    for path, leaf in loaded:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(leaf))
+    ids = [plain.tokenizer("def g(y):")["input_ids"]]
+    assert shared.generate(ids, max_new_tokens=8).output_ids == (
+        alone.generate(ids, max_new_tokens=8).output_ids
+    )
+    assert plain.with_draft(draft, tree="auto").adaptive
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        plain.with_draft(base.parent / "missing")
 
 
 def test_api_auto_tree_size_picks_a_candidate(pair):
