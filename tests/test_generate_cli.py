@@ -336,6 +336,13 @@ def test_with_draft_shares_the_base_and_loads_the_draft_as_from_pretrained_does(
     assert plain.with_draft(draft, tree="auto").adaptive
     with pytest.raises(ModelLoadError, match="no such model folder"):
         plain.with_draft(base.parent / "missing")
+    # the draft takes the base's dtype
+    half = SpeculativeModel.from_pretrained(
+        base, with_draft=False, dtype="bfloat16", load_tokenizer=False
+    ).with_draft(draft)
+    floats = {x.dtype for x in jax.tree_util.tree_leaves(half.draft_params)
+              if np.issubdtype(x.dtype, np.floating) or x.dtype == jax.numpy.bfloat16}  # fmt: skip
+    assert floats == {np.dtype(jax.numpy.bfloat16)}
 
 
 def test_api_auto_tree_size_picks_a_candidate(pair):
