@@ -893,17 +893,24 @@ def plain_throughout(
     shapes_ = budget.shapes
     if len(shapes_) < 2 or None not in shapes_:
         return False
-    # Computed first, whatever the rest says: the first call of a shape compiles it, as it
-    # compiles the prefill (a warm-up call, not a later timed one).
-    index = _opening_choice(budget, knobs, jnp.asarray(lengths), greedy=greedy, shapes=shapes)
+    opening = functools.partial(
+        _opening_choice, budget, knobs, jnp.asarray(lengths), greedy=greedy, shapes=shapes
+    )
     if np.any(np.asarray(budget.schedule) >= 0):
+        # A forced schedule is what `SpeculativeModel.warm_up` compiles the adaptive program
+        # with: the opening choice compiles there too (not read, no host sync), so that a later
+        # call that needs it compiles nothing.
+        opening()
         return False
+    # The opening choice is a device call and a host sync (~0.35 ms at batch 1 here): only
+    # when nothing else rules the plain program out (while the policy drafts, the probe wait
+    # is `probe_every` rounds: any longer call has a probe due).
     streak, wait = int(budget.start_streak), int(budget.start_wait)
     if streak < 0 or streak + max_new_tokens - 2 >= wait:  # inside a probe, or one falls due
         return False
     if shapes.prompt_pending and int(np.max(lengths)) + max_new_tokens - 1 >= shapes.pending:
         return False
-    return shapes_[int(index)] is None
+    return shapes_[int(opening())] is None
 
 
 def _plain_result(
@@ -1217,7 +1224,8 @@ def measure_round_costs(
     repeats: int = 5,
     max_repeats: int = 15,
     spread: float = 0.015,
-    segment: int = 16,
+    segment: int = 20,
+    short: int = 4,
     max_steal: float = steal.MAX_STEAL,
 ) -> list[float]:
     """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows,
@@ -1226,14 +1234,22 @@ def measure_round_costs(
 
     Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
-    buffers sized for `max_new` new tokens: `segment` rounds of each shape in one call ended by
-    a host read, so what a call costs beyond its rounds (dispatch, host read) is spread over
-    them. Each shape's rounds start from a fresh prefill (at the prompt's length, whatever the
-    shapes timed before committed); shapes are interleaved over `repeats` passes; medians.
-    The catch-up: the first drafting shape's first round on the state the plain shape's rounds
-    left (`segment` + 1 of them pending: the PENDING-slot program a probe after a plain streak
-    runs) less a round of that shape alone, both one-round calls, over the catch-up's slots (the
-    policy prices a catch-up of other sizes, such as a batch's lazily left prompt, by them).
+    buffers sized for `max_new` new tokens. A round's cost is its marginal time inside a call:
+    a call of `segment` rounds less one of `short` rounds, over the rounds between, each call
+    ended by a host read and started after a first round of its own on a fresh prefill (at
+    the prompt's length, whatever the shapes timed before committed). What a call costs
+    beyond its rounds (dispatch, the segments' entries, the host read: ~2 ms at batch 1 here,
+    the price of ~2.5 plain rounds) is paid once per `generate` call whatever the policy
+    picks, so it is no round's: spread over 16-round calls it had priced a plain round ~15%
+    high and a (1,0,2) round at 1.26 plain rounds where generation paid 1.37, and the policy
+    drafted where plain decoding was faster (sampled out-of-corpus code, 0.93x vanilla). A
+    pass in which noise made the longer call no dearer than the shorter prices the shape at
+    the longer call's mean instead. Shapes are interleaved over `repeats` passes; medians.
+    The catch-up: the first drafting shape's first round on the state the plain shape's longer
+    call left (`segment` + 1 plain rounds pending: the PENDING-slot program a probe after a
+    plain streak runs) less a round of that shape alone, both one-round calls, over the
+    catch-up's slots (the policy prices a catch-up of other sizes, such as a batch's lazily
+    left prompt, by them).
     A pass during which more than `max_steal` of the CPUs' time was stolen (`steal.timed`) is
     run again. Sampling rounds are timed at temperature 1.
 
@@ -1245,6 +1261,8 @@ def measure_round_costs(
     `repeats`, and with several processes (all must run the same programs), the passes stay
     `repeats`.
     """
+    if not 1 <= short < segment:
+        raise ValueError(f"round costs: need 1 <= short ({short}) < segment ({segment})")
     budget = prepare_budget(budget, vocab_size=draft_vocab_size(cfg, dcfg, draft_head))
     budget = budget.replace(finish=batch > 1)  # as `generate` has it
     shapes = plan_shapes([prompt_len] * batch, max_new, budget.shapes)
@@ -1283,14 +1301,20 @@ def measure_round_costs(
     def one_pass() -> list[float]:
         ms, catch_up = [], 0.0
         for index in range(len(budget.shapes)):
-            # Every shape from the prompt's length: rounds of a good draft commit several tokens
-            # (this synthetic prompt's do: ~3.4 a round of the default chain), so shapes timed
-            # one after another on one state ran at ever longer caches, the last past a key
-            # window's edge (`layers.attention_spans`) and priced ~12% high.
-            state = prefill(base_params, draft_params, *inputs, forced[index], draft_head, **static)
-            state, _ = timed(state, index, 1)  # the shape's first round, apart from the segment
-            state, seconds = timed(state, index, segment)
-            ms.append(seconds * 1e3 / segment)
+            seconds = {}
+            for n in (short, segment):
+                # Every call from the prompt's length: rounds of a good draft commit several
+                # tokens (this synthetic prompt's do: ~3.4 a round of the default chain), so
+                # shapes timed one after another on one state ran at ever longer caches, the
+                # last past a key window's edge (`layers.attention_spans`) and priced ~12% high.
+                state = prefill(
+                    base_params, draft_params, *inputs, forced[index], draft_head, **static
+                )  # fmt: skip
+                state, _ = timed(state, index, 1)  # the shape's first round, apart from the call
+                state, seconds[n] = timed(state, index, n)
+            extra = seconds[segment] - seconds[short]
+            per_round = extra / (segment - short) if extra > 0 else seconds[segment] / segment
+            ms.append(per_round * 1e3)
             if index == plain:  # `segment` + 1 plain rounds pending
                 catch_up = catch_up_ms(state)
         return [*ms, catch_up]

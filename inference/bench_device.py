@@ -259,13 +259,14 @@ def measure_draft_level(base, draft, cfg, dcfg, dtype, head, nodes: int, repeats
 
 def measure_rounds(base, draft, cfg, dcfg, head, draft_vocab: int, repeats: int, sizes) -> dict:
     """ms per round of each tree (`speculative.measure_round_costs`: `run_segment` programs
-    on a batch-1 128-token prompt, segments of 8 rounds, medians of interleaved passes)."""
+    on a batch-1 128-token prompt, the marginal time of a round in 16-round calls, medians of
+    interleaved passes)."""
     trees = [TreeConfig(top_k=k, depth=d, total_tokens=m, draft_vocab=draft_vocab)
              for k, d, m in sizes]  # fmt: skip
     t0 = time.perf_counter()
     costs = speculative.measure_round_costs(
         base, cfg, draft, dcfg, speculative.budget_lib.make_budget(trees), batch=1,
-        greedy=True, draft_head=head, repeats=repeats, segment=8,
+        greedy=True, draft_head=head, repeats=repeats, segment=16,
     )  # fmt: skip
     return {
         "ms": {f"{k},{d},{m}": c for (k, d, m), c in zip(sizes, costs[:-1], strict=True)},

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -510,6 +512,38 @@ def test_a_batch_decoded_plainly_throughout_runs_the_plain_program(
     assert speculative.generate(base, cfg, draft, dcfg, PROMPTS, tree_cfg=one, **run).plain_program
 
 
+def test_the_opening_choice_runs_only_when_it_decides_the_program(monkeypatch):
+    """`plain_throughout` reads the budget's opening choice (a device call and a host sync)
+    only when nothing cheaper rules the plain program out; a forced schedule (the warm-up's)
+    still runs it, unread, so that it compiles there."""
+    hist = budget.History(4)
+    hist.observe([[0.0] * 4], [[30.0] * 4], [True], probe_wait=100, plain_streak=50)
+    b = hist.apply(budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6]), sampled=True)
+    lengths = np.asarray([len(p) for p in PROMPTS])
+    shapes = speculative.plan_shapes(lengths, 20, SHAPES, prompt_pending=True)
+    knobs = speculative.make_knobs(vanilla.SamplingKnobs(1.0, 1.0, 0), max_new_tokens=20,
+                                   eos_ids=[1])  # fmt: skip
+    calls = []
+    real = speculative._opening_choice
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speculative, "_opening_choice", spy)
+    for why, other, plain, reads in [
+        ("plain throughout", b, True, 1),
+        ("a probe falls due", b.replace(start_streak=np.int32(100 - 18)), False, 0),
+        ("inside a probe", b.replace(start_streak=np.int32(-1)), False, 0),
+        ("drafting: the wait is probe_every", budget.make_budget(SHAPES), False, 0),
+        ("a schedule (the warm-up's)", b.replace(schedule=np.zeros(64, np.int32)), False, 1),
+    ]:
+        calls.clear()
+        got = speculative.plain_throughout(other, knobs, lengths, max_new_tokens=20, greedy=False,
+                                           shapes=shapes)  # fmt: skip
+        assert (got, len(calls)) == (plain, reads), why
+
+
 def test_warm_up_compiles_both_programs_a_call_may_run(pair, small_pending):
     """Whether a call runs the adaptive program or the plain decoder's depends on what earlier
     calls taught the budget: after `SpeculativeModel.warm_up` neither compiles anything."""
@@ -854,21 +888,53 @@ def test_round_costs_time_every_shape_from_the_prompts_length(pair, monkeypatch)
     def spy(state, *args, **kwargs):
         shape, step, before = int(state.next_shape), int(state.step), np.asarray(state.cache.length)
         out = real(state, *args, **kwargs)  # donates `state`
-        calls.append((shape, step, before, np.asarray(out.cache.length) - before))
+        calls.append((shape, step, before, np.asarray(out.cache.length) - before, int(args[5])))
         return out
 
     monkeypatch.setattr(speculative, "run_segment", spy)
     speculative.measure_round_costs(
         base, cfg, draft, dcfg, budget.make_budget(CHAINS), batch=2, greedy=True, prompt_len=16,
-        max_new=64, repeats=1, segment=4,
+        max_new=64, repeats=1, segment=4, short=1,
     )  # fmt: skip
-    fresh = [(shape, length) for shape, step, length, _ in calls if step == 0]
-    assert sorted({shape for shape, _ in fresh}) == list(range(len(CHAINS)))
+    fresh = [(shape, length) for shape, step, length, _, _ in calls if step == 0]
+    # two calls a shape and a pass (the marginal round: 4 rounds less 1), each from a prefill
+    per_shape = collections.Counter(shape for shape, _ in fresh)
+    assert sorted(per_shape) == list(range(len(CHAINS)))
+    assert all(n >= 4 and n % 2 == 0 for n in per_shape.values())  # the warm-up pass and one
     assert all((length == 16).all() for _, length in fresh)
     # the deepest chain's segments commit more than a token a round: timed after the others
     # on one state, it would have started later still
-    deep = [grew for shape, step, _, grew in calls if step == 1 and shape == len(CHAINS) - 1]
+    deep = [grew for shape, step, _, grew, limit in calls
+            if step == 1 and shape == len(CHAINS) - 1 and limit == 4]  # fmt: skip
     assert deep and all((grew > 4).any() for grew in deep)
+
+
+def test_round_costs_leave_out_what_a_call_costs_beyond_its_rounds(pair, monkeypatch):
+    # A generation pays its call's dispatch and host read once, whatever the policy picks: a
+    # round's price is its marginal time, the longer call less the shorter. Spread over the
+    # call's rounds instead, it priced cheap shapes high against dear ones (plain decoding
+    # at 1/1.26 of a (1,0,2) round where generation paid 1/1.37).
+    cfg, dcfg, base, draft = pair
+    b = budget.make_budget([None, TREE])
+    kw = dict(batch=1, greedy=True, prompt_len=16, max_new=32, repeats=3, segment=6, short=2)
+    real = speculative.run_segment
+    delay = 0.06  # s a call: 10 ms a round if spread over the longer call's 6
+
+    def slow_call(*args, **kwargs):
+        time.sleep(delay)
+        return real(*args, **kwargs)
+
+    for _ in range(3):  # differences of timings: a loaded machine (CI) may need another try
+        plain = speculative.measure_round_costs(base, cfg, draft, dcfg, b, **kw)
+        with monkeypatch.context() as patch:
+            patch.setattr(speculative, "run_segment", slow_call)
+            slow = speculative.measure_round_costs(base, cfg, draft, dcfg, b, **kw)
+        added = [(s - p) * 1e-3 for s, p in zip(slow[:2], plain[:2], strict=True)]
+        if all(abs(a) < 0.25 * delay / kw["segment"] for a in added):
+            break
+    assert all(abs(a) < 0.25 * delay / kw["segment"] for a in added), (plain, slow)
+    with pytest.raises(ValueError, match="short"):
+        speculative.measure_round_costs(base, cfg, draft, dcfg, b, **{**kw, "short": 6})
 
 
 def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypatch):
@@ -951,6 +1017,7 @@ def test_round_costs_weigh_shapes_within_a_pass_and_take_more_passes_while_unsur
         speculative.measure_round_costs(
             base, cfg, draft, dcfg, budget.make_budget([None, TREE]), batch=1, greedy=True,
             prompt_len=8, max_new=16, repeats=repeats, max_repeats=7, segment=2,
+            short=1,
         )  # fmt: skip
         assert len(ratios) - len(list(timings)) == want
 

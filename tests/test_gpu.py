@@ -70,7 +70,7 @@ def test_seeded_sampling_and_the_adaptive_budget_on_device():
     shapes = (None, TreeConfig(top_k=2, depth=0, total_tokens=3), tree)
     costs = speculative.measure_round_costs(
         base, cfg, draft, dcfg, budget.make_budget(shapes), batch=len(PROMPTS), greedy=False,
-        prompt_len=16, max_new=64, repeats=1, segment=4,
+        prompt_len=16, max_new=64, repeats=1, segment=4, short=1,
     )  # fmt: skip
     assert len(costs) == len(shapes) + 1 and all(c > 0 for c in costs[:-1])
     budgets = [
