@@ -154,6 +154,11 @@ class Budget:
     catch_up: [] f32 ms per slot of the draft trunk's catch-up forward at that batch size
       (what resuming drafting after plain rounds adds; 0: not measured, `probe_cap` then
       counts a catch-up as one round of the probe's shape).
+    probe_call: [] f32 ms a probe adds to a call beyond its rounds: a batch that would decode
+      plainly throughout runs the plain decoder's program (`speculative.plain_throughout`), one
+      with a probe due runs the adaptive program, whose call costs that much more (its dispatch,
+      segments and host read: the last figure of `speculative.measure_round_costs`). 0 where
+      every round runs in the adaptive program anyway (the server's engine).
     schedule: [R] int32 forced shape index per round (-1 = the policy's choice); for tests and
       for measuring one shape inside the adaptive program.
     prior, prior_weight, start_wait, start_streak: what earlier requests taught
@@ -169,6 +174,7 @@ class Budget:
     shapes: tuple[Shape, ...] = flax.struct.field(pytree_node=False)
     costs: jax.Array
     catch_up: jax.Array
+    probe_call: jax.Array
     schedule: jax.Array
     prior: jax.Array  # [2, L] f32 level acceptance a fresh row starts from (greedy, sampled)
     prior_weight: jax.Array  # [2] f32 pseudo-trials behind it (0 = no history: PRIOR)
@@ -194,10 +200,11 @@ def make_budget(
     probe_every: int = PROBE_EVERY,
     probe_growth: int = PROBE_GROWTH,
     catch_up: float = 0.0,
+    probe_call: float = 0.0,
 ) -> Budget:
     """A Budget; `costs` default to equal costs (then the deepest tree always wins).
-    `catch_up`: ms per catch-up slot (`Budget.catch_up`; the last figure of
-    `speculative.measure_round_costs`)."""
+    `catch_up`: ms per catch-up slot (`Budget.catch_up`), `probe_call`: ms a probe adds to a
+    call (`Budget.probe_call`): the last two figures of `speculative.measure_round_costs`."""
     shapes = tuple(shapes)
     if not shapes:
         raise ValueError("a budget needs at least one round shape")
@@ -207,6 +214,8 @@ def make_budget(
         raise ValueError(f"costs: expected {len(shapes)} positive finite values, got {costs}")
     if not (np.isfinite(catch_up) and catch_up >= 0):
         raise ValueError(f"catch_up: expected a finite value >= 0 (ms per slot), got {catch_up}")
+    if not (np.isfinite(probe_call) and probe_call >= 0):
+        raise ValueError(f"probe_call: expected a finite value >= 0 (ms), got {probe_call}")
     if not (isinstance(probe_every, int) and probe_every >= 1):
         raise ValueError(f"probe_every: a positive number of rounds expected, got {probe_every}")
     if not (isinstance(probe_growth, int) and probe_growth >= 1):
@@ -225,6 +234,7 @@ def make_budget(
         shapes=shapes,
         costs=np.asarray(costs, np.float32),
         catch_up=np.float32(catch_up),
+        probe_call=np.float32(probe_call),
         schedule=padded,
         prior=np.full((2, n_levels), PRIOR, np.float32),
         prior_weight=np.zeros((2,), np.float32),
@@ -569,13 +579,16 @@ def probe_cap(budget: Budget, catch_up_slots: jax.Array | int = 0) -> jax.Array:
     positions the plain rounds (and a batch's lazily left prompt) queued (a probe forwards at
     most `speculative.CATCH_UP_SHORT` a row), `catch_up_slots` slots of the catch-up forward
     that started it, priced at `Budget.catch_up`; unmeasured, one more round of the probe's
-    shape. The server's engine adds two host syncs, not counted."""
+    shape. And `Budget.probe_call`: a call with a probe due runs the adaptive program where
+    one without would run the plain decoder's (at batch 1 here ~2 ms a call, ~2.5 plain
+    rounds; sampled calls of 96 tokens with a probe ran 5-20% slower than vanilla's, those
+    without at its speed). The server's engine adds two host syncs, not counted."""
     if None not in budget.shapes:  # nothing to probe from
         return jnp.int32(budget.probe_every)
     plain = budget.costs[budget.shapes.index(None)]
     probe = budget.costs[probe_shape(budget)]
     catch_up = jnp.where(budget.catch_up > 0, budget.catch_up * catch_up_slots, probe)
-    rounds = (PROBE_ROUNDS * probe + catch_up) / (PROBE_SHARE * plain)
+    rounds = (PROBE_ROUNDS * probe + catch_up + budget.probe_call) / (PROBE_SHARE * plain)
     return jnp.maximum(jnp.ceil(rounds).astype(jnp.int32), budget.probe_every)
 
 
@@ -749,7 +762,7 @@ def load_or_measure_costs(
 ) -> tuple[list[float], bool]:
     """(costs, measured_now): read from the cache file, else measured and written there.
     `costs`: what `measure` returns, `speculative.measure_round_costs`'s list (ms per round of
-    each shape, then ms per catch-up slot).
+    each shape, then ms per catch-up slot and ms a probe adds to a call).
 
     An unreadable or malformed cache file is replaced (it only holds measurements); a cache
     that cannot be written is skipped. With several processes (`jax.distributed`) process 0's
@@ -766,9 +779,15 @@ def load_or_measure_costs(
         table = {}
     entry = table.get(key)
     costs = None
-    if isinstance(entry, list) and entry and all(isinstance(c, (int, float)) for c in entry):
-        # round costs > 0, then the catch-up's ms per slot >= 0
-        if all(np.isfinite(c) and c > 0 for c in entry[:-1]) and 0 <= entry[-1] < np.inf:
+    if (
+        isinstance(entry, list)
+        and len(entry) >= 3
+        and all(isinstance(c, (int, float)) for c in entry)
+    ):
+        # round costs > 0, then the catch-up's ms per slot and a probe's ms a call, >= 0
+        if all(np.isfinite(c) and c > 0 for c in entry[:-2]) and all(
+            0 <= c < np.inf for c in entry[-2:]
+        ):
             costs = [float(c) for c in entry]
     costs = from_process_zero(costs)
     if costs is not None:

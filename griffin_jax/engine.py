@@ -455,8 +455,10 @@ class Engine:
             budgets = {b: tree(b) for b in self.buckets}
         else:
             budgets = dict.fromkeys(self.buckets, tree)
+        # Every round here runs in the adaptive program: a probe adds no call of its own.
         self.budgets = {
-            b: speculative.prepare_budget(t, vocab_size=vocab) for b, t in budgets.items()
+            b: speculative.prepare_budget(t, vocab_size=vocab).replace(probe_call=np.float32(0))
+            for b, t in budgets.items()
         }
         shapes_all = self.budgets[max_batch].shapes
         if any(self.budgets[b].shapes != shapes_all for b in self.buckets):

@@ -1230,7 +1230,9 @@ def measure_round_costs(
 ) -> list[float]:
     """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows,
     then milliseconds per slot of the draft trunk's catch-up (`Budget.catch_up`; 0 without a
-    plain shape): [S + 1] floats.
+    plain shape) and the milliseconds a call of the program costs beyond its rounds
+    (`Budget.probe_call`: the shorter call less its rounds, for the cheapest drafting shape,
+    the one a probe runs; >= 0): [S + 2] floats.
 
     Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
@@ -1299,7 +1301,7 @@ def measure_round_costs(
     plain = kinds.index(True) if True in kinds and False in kinds else None
 
     def one_pass() -> list[float]:
-        ms, catch_up = [], 0.0
+        ms, catch_up, call = [], 0.0, {}
         for index in range(len(budget.shapes)):
             seconds = {}
             for n in (short, segment):
@@ -1315,9 +1317,12 @@ def measure_round_costs(
             extra = seconds[segment] - seconds[short]
             per_round = extra / (segment - short) if extra > 0 else seconds[segment] / segment
             ms.append(per_round * 1e3)
+            call[index] = max(seconds[short] - short * per_round, 0.0) * 1e3
             if index == plain:  # `segment` + 1 plain rounds pending
                 catch_up = catch_up_ms(state)
-        return [*ms, catch_up]
+        drafting = [i for i, k in enumerate(kinds) if not k]
+        probe = min(drafting, key=lambda i: ms[i]) if drafting else 0
+        return [*ms, catch_up, call[probe]]
 
     def catch_up_ms(state: SpecState) -> float:
         """The first drafting shape's first round on the state the plain shape's rounds left,
@@ -1345,15 +1350,16 @@ def measure_round_costs(
 
 
 def pass_medians(passes: list[list[float]]) -> list[float]:
-    """Each shape's cost from passes of [S round costs, catch-up]: the median over passes of
-    its ratio to the pass's first shape, times that shape's median (the catch-up: its plain
-    median). The policy weighs shapes against each other: a pass in which the whole machine ran
-    slow (a shared VM) moves every shape of it alike and leaves the ratios be, where plain
-    medians could take two shapes from passes of different speeds."""
+    """Each shape's cost from passes of [S round costs, catch-up, call]: the median over
+    passes of its ratio to the pass's first shape, times that shape's median (the catch-up and
+    the call: their plain medians). The policy weighs shapes against each other: a pass in
+    which the whole machine ran slow (a shared VM) moves every shape of it alike and leaves the
+    ratios be, where plain medians could take two shapes from passes of different speeds."""
     table = np.asarray(passes, np.float64)
     first = np.median(table[:, 0])
-    ratios = np.median(table[:, :-1] / table[:, :1], axis=0)
-    return [*(float(r * first) for r in ratios), float(np.median(table[:, -1]))]
+    ratios = np.median(table[:, :-2] / table[:, :1], axis=0)
+    rest = np.median(table[:, -2:], axis=0)  # the catch-up and the call
+    return [*(float(r * first) for r in ratios), *(float(x) for x in rest)]
 
 
 def cost_spread(passes: list[list[float]]) -> float:
@@ -1363,7 +1369,7 @@ def cost_spread(passes: list[list[float]]) -> float:
     if len(passes) < 3:
         return float("inf")
     table = np.asarray(passes, np.float64)
-    ratios = table[:, :-1] / table[:, :1]
+    ratios = table[:, :-2] / table[:, :1]
     centre = np.median(ratios, axis=0)
     mad = np.median(np.abs(ratios - centre), axis=0) * 1.4826
     return float(np.max(mad / centre / np.sqrt(len(passes))))

@@ -336,9 +336,9 @@ class SpeculativeModel:
 
     def round_costs(self, batch: int, *, greedy: bool) -> list[float]:
         """ms per round of each of `shapes` at `batch` rows on this machine, then ms per slot
-        of the draft trunk's catch-up: measured once (`speculative.measure_round_costs`) and
-        kept in the cost cache file (`budget.cache_path()`, keyed by machine, model, shapes,
-        batch and code version)."""
+        of the draft trunk's catch-up and ms a probe adds to a call: measured once
+        (`speculative.measure_round_costs`) and kept in the cost cache file
+        (`budget.cache_path()`, keyed by machine, model, shapes, batch and code version)."""
         key = (batch, greedy)
         if key not in self._costs:
             dtype = self.base_params["embed_tokens"]["embedding"].dtype
@@ -369,8 +369,8 @@ class SpeculativeModel:
         """What `speculative.generate` gets as `tree_cfg` for a batch of this size."""
         if not self.adaptive:
             return self.tree_cfg
-        *costs, catch_up = self.round_costs(batch, greedy=greedy)
-        budget = budget_lib.make_budget(self.shapes, costs, catch_up=catch_up)
+        *costs, catch_up, call = self.round_costs(batch, greedy=greedy)
+        budget = budget_lib.make_budget(self.shapes, costs, catch_up=catch_up, probe_call=call)
         return self.history().apply(budget, sampled=not greedy)
 
     def history(self) -> budget_lib.History:

@@ -269,7 +269,7 @@ def measure_rounds(base, draft, cfg, dcfg, head, draft_vocab: int, repeats: int,
         greedy=True, draft_head=head, repeats=repeats, segment=16,
     )  # fmt: skip
     return {
-        "ms": {f"{k},{d},{m}": c for (k, d, m), c in zip(sizes, costs[:-1], strict=True)},
+        "ms": {f"{k},{d},{m}": c for (k, d, m), c in zip(sizes, costs[:-2], strict=True)},
         "seconds": time.perf_counter() - t0,
     }
 

@@ -393,6 +393,14 @@ def test_failing_probes_back_off_to_a_bounded_share_of_the_time(growth):
         assert int(wait) == min(growth * cap, int(np.ceil(want))), slots
     with pytest.raises(ValueError, match="catch_up"):
         budget.make_budget(SHAPES, costs=costs, catch_up=-1.0)
+    # A call with a probe due runs the adaptive program where the plain decoder's could have
+    # run it: what that call costs more is the probe's too.
+    called = budget.make_budget(SHAPES, costs=costs, catch_up=0.0137, probe_call=2.5)
+    want = (budget.PROBE_ROUNDS * 3.5 + 0.0137 * 16 + 2.5) / (budget.PROBE_SHARE * 1.0)
+    assert int(budget.probe_cap(called, 16)) == int(np.ceil(want))
+    assert int(budget.probe_cap(called, 16)) > int(budget.probe_cap(priced, 16))
+    with pytest.raises(ValueError, match="probe_call"):
+        budget.make_budget(SHAPES, costs=costs, probe_call=-1.0)
     picks = _simulate(b, _stats([0.05] * 4), 4000)
     starts = [i for i in range(1, len(picks)) if picks[i] in (1, 3) and picks[i - 1] == 0]
     assert {picks[i] for i in starts} == {1}
@@ -552,7 +560,7 @@ def test_warm_up_compiles_both_programs_a_call_may_run(pair, small_pending):
     cfg, dcfg, base, draft = pair
     model = SpeculativeModel(base, cfg, draft_params=draft, dcfg=dcfg, tree_cfg=TREE)
     model.adaptive = True
-    model._costs[(len(PROMPTS), False)] = [1.0, 1.4, 2.6, 0.01]  # no start-up measurement
+    model._costs[(len(PROMPTS), False)] = [1.0, 1.4, 2.6, 0.01, 0.0]  # no start-up measurement
     run = dict(temperature=1.0, max_new_tokens=20, seed=5)
 
     def taught(streak: int) -> None:  # a poor draft, the probe wait 100, this plain streak
@@ -933,6 +941,8 @@ def test_round_costs_leave_out_what_a_call_costs_beyond_its_rounds(pair, monkeyp
         if all(abs(a) < 0.25 * delay / kw["segment"] for a in added):
             break
     assert all(abs(a) < 0.25 * delay / kw["segment"] for a in added), (plain, slow)
+    # ... and is the last figure's, what a call costs beyond its rounds (`Budget.probe_call`)
+    assert slow[-1] - plain[-1] > 0.5 * delay * 1e3, (plain, slow)
     with pytest.raises(ValueError, match="short"):
         speculative.measure_round_costs(base, cfg, draft, dcfg, b, **{**kw, "short": 6})
 
@@ -949,7 +959,7 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
             base, cfg, draft, dcfg, b, batch=2, greedy=True, prompt_len=16, max_new=32,
             repeats=1, segment=16,
         )  # fmt: skip
-        assert len(costs) == 3 and all(c > 0 for c in costs[:2])
+        assert len(costs) == 4 and all(c > 0 for c in costs[:2]) and costs[3] >= 0
         if costs[1] / 1280 < costs[2] < costs[1]:
             break
     assert costs[1] / 1280 < costs[2] < costs[1]
@@ -979,7 +989,8 @@ def test_round_costs_are_measured_per_shape_and_cached(pair, tmp_path, monkeypat
     path.write_text("{not json")  # a damaged cache is measured again and rewritten
     assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True)
     assert json.loads(path.read_text())[key] == costs
-    for bad in ([1.0, 0.0, 0.1], [1.0, 2.0, -0.1], [1.0, 2.0, float("nan")], "x", []):
+    for bad in ([1.0, 0.0, 0.1, 0.0], [1.0, 2.0, -0.1, 0.0], [1.0, 2.0, 0.1, -1.0],
+                [1.0, 2.0, float("nan"), 0.0], [1.0, 2.0], "x", []):  # fmt: skip
         path.write_text(json.dumps({key: bad}))
         assert budget.load_or_measure_costs(key, measure, path=path) == (costs, True), bad
 
@@ -990,15 +1001,16 @@ def test_round_costs_weigh_shapes_within_a_pass_and_take_more_passes_while_unsur
     # A pass in which the whole machine ran slow scales every shape of it alike: the ratios
     # to the pass's first shape are kept, so a slow pass for one shape and a fast one for
     # another cannot skew their ratio as plain per-shape medians could.
-    passes = [[1.0, 2.0, 0.1], [2.0, 4.0, 0.3], [1.1, 2.2, 0.2], [3.0, 6.0, 0.2]]
+    passes = [[1.0, 2.0, 0.1, 2.0], [2.0, 4.0, 0.3, 3.0], [1.1, 2.2, 0.2, 1.0],
+              [3.0, 6.0, 0.2, 2.2]]  # fmt: skip
     got = speculative.pass_medians(passes)
     assert got[1] / got[0] == pytest.approx(2.0) and got[0] == pytest.approx(1.55)
-    assert got[2] == pytest.approx(0.2)  # the catch-up: its own median
-    skewed = [[1.0, 2.0, 0.1], [2.0, 2.6, 0.1], [1.0, 4.0, 0.1]]  # per-shape medians: 2.6x
+    assert got[2:] == pytest.approx([0.2, 2.1])  # the catch-up and the call: their own medians
+    skewed = [[1.0, 2.0, 0.1, 1.0], [2.0, 2.6, 0.1, 1.0], [1.0, 4.0, 0.1, 1.0]]  # medians: 2.6x
     assert speculative.pass_medians(skewed)[1] / speculative.pass_medians(skewed)[0] == 2.0
     assert speculative.cost_spread(passes[:2]) == float("inf")  # unknown under 3 passes
     assert speculative.cost_spread(passes) == 0.0  # equal ratios in every pass
-    noisy = [[1.0, r, 0.1] for r in (2.0, 2.4, 1.6, 2.2, 1.8)]
+    noisy = [[1.0, r, 0.1, 1.0] for r in (2.0, 2.4, 1.6, 2.2, 1.8)]
     assert speculative.cost_spread(noisy) > 0.05
     # measure_round_costs: `repeats` passes while the ratios agree, more (up to
     # `max_repeats`) while they do not; fewer than 3 repeats never add passes.
@@ -1011,7 +1023,7 @@ def test_round_costs_weigh_shapes_within_a_pass_and_take_more_passes_while_unsur
         timings = iter(ratios)
 
         def one_pass(fn, timings=timings, **kw):  # the pass's figures, not a real timing
-            return type("Timed", (), {"result": [1.0, next(timings), 0.1]})()
+            return type("Timed", (), {"result": [1.0, next(timings), 0.1, 1.0]})()
 
         monkeypatch.setattr(speculative.steal, "timed", one_pass)
         speculative.measure_round_costs(

@@ -160,7 +160,7 @@ def test_generate_without_model_arguments_runs_the_default_pair_adaptively():
     assert [budget_lib.describe(s) for s in model.shapes] == names
     # Costs under which drafting pays (the measurement is tested in test_budget and
     # test_generate_cli), so that tree rounds run, not only plain steps.
-    model._costs[(1, True)] = [2.0, 2.2, 2.6, 3.0, 0.01]  # and 0.01 ms per catch-up slot
+    model._costs[(1, True)] = [2.0, 2.2, 2.6, 3.0, 0.01, 0.0]  # and 0.01 ms per catch-up slot
     text = _heldout_texts()[1]
     start = text.index("def ")
     prompt = model.tokenizer(text[start : start + 300])["input_ids"]

@@ -151,7 +151,7 @@ def test_tree_auto_runs_the_adaptive_budget(pair, capsys, tmp_path, monkeypatch)
     monkeypatch.setenv("GRIFFIN_COST_CACHE", str(tmp_path / "costs.json"))
     # The measurement itself is tested in test_budget; here a short one keeps the test quick.
     measure = speculative.measure_round_costs
-    short = dict(repeats=1, segment=4, prompt_len=16, max_new=32)
+    short = dict(repeats=1, segment=4, short=1, prompt_len=16, max_new=32)
     monkeypatch.setattr(
         speculative, "measure_round_costs", lambda *a, **kw: measure(*a, **{**kw, **short})
     )
@@ -165,7 +165,8 @@ def test_tree_auto_runs_the_adaptive_budget(pair, capsys, tmp_path, monkeypatch)
     assert len(spec["round_shapes"]) == spec["rounds"] == len(spec["accept_lengths"])
     assert set(spec["round_shapes"]) <= {"none", "3,0,4", "3,3,10"}
     (costs,) = json.loads((tmp_path / "costs.json").read_text()).values()
-    assert len(costs) == 4 and all(c > 0 for c in costs[:3]) and costs[3] >= 0  # + catch-up
+    # the three shapes, then the catch-up and the call
+    assert len(costs) == 5 and all(c > 0 for c in costs[:3]) and min(costs[3:]) >= 0
     model = SpeculativeModel.from_pretrained(base, draft, tree="auto", load_tokenizer=False)
     model.round_costs(1, greedy=True)  # from the cache file: no new measurement
     assert model._costs[(1, True)] == costs

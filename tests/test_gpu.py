@@ -72,10 +72,10 @@ def test_seeded_sampling_and_the_adaptive_budget_on_device():
         base, cfg, draft, dcfg, budget.make_budget(shapes), batch=len(PROMPTS), greedy=False,
         prompt_len=16, max_new=64, repeats=1, segment=4, short=1,
     )  # fmt: skip
-    assert len(costs) == len(shapes) + 1 and all(c > 0 for c in costs[:-1])
+    assert len(costs) == len(shapes) + 2 and all(c > 0 for c in costs[:-2])
     budgets = [
         budget.make_budget(shapes, schedule=[2, 0, 0, 1, 0, 2, 2, 0, 1] * 5),
-        budget.make_budget(shapes, costs=costs[:-1], catch_up=costs[-1]),
+        budget.make_budget(shapes, costs=costs[:-2], catch_up=costs[-2], probe_call=costs[-1]),
     ]
     accepted = 0
     for knobs in (dict(temperature=0.8, top_p=0.9, top_k=0, seed=7),

@@ -224,7 +224,7 @@ sharding.init_distributed(f"127.0.0.1:{port}", 2, pid)
 calls = []
 def measure():
     calls.append(1)
-    return [10.0 + pid, 20.0 + pid]
+    return [10.0 + pid, 20.0 + pid, 1.0]
 first = budget.load_or_measure_costs("k1", measure, path=path)
 second = budget.load_or_measure_costs("k2", measure, path=path)
 print(json.dumps({"first": first, "second": second, "calls": len(calls)}))
@@ -236,8 +236,8 @@ def test_processes_use_process_zero_round_costs(tmp_path):
     lacks (so both measure, as the measurement runs global programs, and keep process 0's
     figures), process 0 one for k2 that process 1 lacks (nobody measures; process 0's entry)."""
     files = [tmp_path / "costs0.json", tmp_path / "costs1.json"]
-    files[0].write_text(json.dumps({"k2": [3.0, 4.0]}))
-    files[1].write_text(json.dumps({"k1": [7.0, 8.0]}))
+    files[0].write_text(json.dumps({"k2": [3.0, 4.0, 0.5]}))
+    files[1].write_text(json.dumps({"k1": [7.0, 8.0, 0.5]}))
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [
@@ -256,7 +256,7 @@ def test_processes_use_process_zero_round_costs(tmp_path):
         assert p.returncode == 0, err[-3000:]
     got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     for report in got:
-        assert report["first"] == [[10.0, 20.0], True]
-        assert report["second"] == [[3.0, 4.0], False]
+        assert report["first"] == [[10.0, 20.0, 1.0], True]
+        assert report["second"] == [[3.0, 4.0, 0.5], False]
         assert report["calls"] == 1
-    assert json.loads(files[1].read_text())["k1"] == [10.0, 20.0]  # the shared figures kept
+    assert json.loads(files[1].read_text())["k1"] == [10.0, 20.0, 1.0]  # the shared figures kept
