@@ -1231,22 +1231,22 @@ def measure_round_costs(
     """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows,
     then milliseconds per slot of the draft trunk's catch-up (`Budget.catch_up`; 0 without a
     plain shape) and the milliseconds a call of the program costs beyond its rounds
-    (`Budget.probe_call`: the shorter call less its rounds, for the cheapest drafting shape,
-    the one a probe runs; >= 0): [S + 2] floats.
+    (`Budget.probe_call`; >= 0): [S + 2] floats.
 
     Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
-    buffers sized for `max_new` new tokens. A round's cost is its marginal time inside a call:
-    a call of `segment` rounds less one of `short` rounds, over the rounds between, each call
-    ended by a host read and started after a first round of its own on a fresh prefill (at
-    the prompt's length, whatever the shapes timed before committed). What a call costs
-    beyond its rounds (dispatch, the segments' entries, the host read: ~2 ms at batch 1 here,
-    the price of ~2.5 plain rounds) is paid once per `generate` call whatever the policy
-    picks, so it is no round's: spread over 16-round calls it had priced a plain round ~15%
-    high and a (1,0,2) round at 1.26 plain rounds where generation paid 1.37, and the policy
-    drafted where plain decoding was faster (sampled out-of-corpus code, 0.93x vanilla). A
-    pass in which noise made the longer call no dearer than the shorter prices the shape at
-    the longer call's mean instead. Shapes are interleaved over `repeats` passes; medians.
+    buffers sized for `max_new` new tokens. A round's cost is its time inside a call, without
+    what the call costs beyond its rounds: each shape runs a call of `short` rounds and one of
+    `segment` rounds, each ended by a host read and started after a first round of its own on
+    a fresh prefill (at the prompt's length, whatever the shapes timed before committed); the
+    two lengths give the call's own cost (dispatch, the segments' entries, the host read: ~2
+    ms at batch 1 here, the price of ~2.5 plain rounds; one figure for all shapes, the median
+    of every pass's and shape's intercept), and a round costs the longer call less that, over
+    its rounds. A generation pays the call's cost once whatever the policy picks, so it is
+    no round's: spread over 16-round calls it had priced a plain round ~15% high and a (1,0,2)
+    round at 1.26 plain rounds where generation paid 1.37, and the policy drafted where plain
+    decoding was faster (sampled out-of-corpus code, 0.93x vanilla). Shapes are interleaved
+    over `repeats` passes; medians (`pass_medians`).
     The catch-up: the first drafting shape's first round on the state the plain shape's longer
     call left (`segment` + 1 plain rounds pending: the PENDING-slot program a probe after a
     plain streak runs) less a round of that shape alone, both one-round calls, over the
@@ -1301,9 +1301,10 @@ def measure_round_costs(
     plain = kinds.index(True) if True in kinds and False in kinds else None
 
     def one_pass() -> list[float]:
-        ms, catch_up, call = [], 0.0, {}
+        """[S shorter calls' ms, S longer calls' ms, catch-up ms per slot]."""
+        ms = {short: [], segment: []}
+        catch_up = 0.0
         for index in range(len(budget.shapes)):
-            seconds = {}
             for n in (short, segment):
                 # Every call from the prompt's length: rounds of a good draft commit several
                 # tokens (this synthetic prompt's do: ~3.4 a round of the default chain), so
@@ -1313,16 +1314,27 @@ def measure_round_costs(
                     base_params, draft_params, *inputs, forced[index], draft_head, **static
                 )  # fmt: skip
                 state, _ = timed(state, index, 1)  # the shape's first round, apart from the call
-                state, seconds[n] = timed(state, index, n)
-            extra = seconds[segment] - seconds[short]
-            per_round = extra / (segment - short) if extra > 0 else seconds[segment] / segment
-            ms.append(per_round * 1e3)
-            call[index] = max(seconds[short] - short * per_round, 0.0) * 1e3
+                state, seconds = timed(state, index, n)
+                ms[n].append(seconds * 1e3)
             if index == plain:  # `segment` + 1 plain rounds pending
                 catch_up = catch_up_ms(state)
-        drafting = [i for i, k in enumerate(kinds) if not k]
-        probe = min(drafting, key=lambda i: ms[i]) if drafting else 0
-        return [*ms, catch_up, call[probe]]
+        return [*ms[short], *ms[segment], catch_up]
+
+    def priced(raw: list[list[float]]) -> list[list[float]]:
+        """Passes of [S round costs, catch-up, call] from `one_pass`'s timings. The call's cost
+        beyond its rounds is one figure for every shape (its dispatch, segment entries and host
+        read): the median over every pass and shape of the two call lengths' intercept. Each
+        round then costs its longer call less that, over its rounds: a difference of two
+        calls per shape and pass swung +-15% here from one pass to the next (a 2-vCPU VM's
+        jitter of a few ms a call, over the 16 rounds between), one call less a median of 4S
+        passes' intercepts ~2x less."""
+        n = len(budget.shapes)
+        table = np.asarray(raw, np.float64)
+        t_short, t_long = table[:, :n], table[:, n : 2 * n]
+        intercepts = (t_short * segment - t_long * short) / (segment - short)
+        call = max(float(np.median(intercepts)), 0.0)
+        rounds = np.maximum(t_long - call, 1e-9) / segment
+        return [[*row, c, call] for row, c in zip(rounds.tolist(), table[:, -1], strict=True)]
 
     def catch_up_ms(state: SpecState) -> float:
         """The first drafting shape's first round on the state the plain shape's rounds left,
@@ -1340,13 +1352,13 @@ def measure_round_costs(
     # with several processes, which must run the same programs in step.
     if jax.process_count() > 1:
         max_steal = 1.0
-    passes: list[list[float]] = []
+    raw: list[list[float]] = []
     sturdy = repeats >= 3 and jax.process_count() == 1  # a spread needs 3 passes
-    while len(passes) < repeats or (
-        sturdy and len(passes) < max_repeats and cost_spread(passes) > spread
+    while len(raw) < repeats or (
+        sturdy and len(raw) < max_repeats and cost_spread(priced(raw)) > spread
     ):
-        passes.append(steal.timed(one_pass, max_steal=max_steal).result)
-    return pass_medians(passes)
+        raw.append(steal.timed(one_pass, max_steal=max_steal).result)
+    return pass_medians(priced(raw))
 
 
 def pass_medians(passes: list[list[float]]) -> list[float]:

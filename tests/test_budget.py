@@ -1023,15 +1023,18 @@ def test_round_costs_weigh_shapes_within_a_pass_and_take_more_passes_while_unsur
         timings = iter(ratios)
 
         def one_pass(fn, timings=timings, **kw):  # the pass's figures, not a real timing
-            return type("Timed", (), {"result": [1.0, next(timings), 0.1, 1.0]})()
+            # 1- and 2-round calls of costs 1 and r a round, 0.5 ms a call, the catch-up
+            r = next(timings)
+            return type("Timed", (), {"result": [1.5, 0.5 + r, 2.5, 0.5 + 2 * r, 0.1]})()
 
         monkeypatch.setattr(speculative.steal, "timed", one_pass)
-        speculative.measure_round_costs(
+        got = speculative.measure_round_costs(
             base, cfg, draft, dcfg, budget.make_budget([None, TREE]), batch=1, greedy=True,
             prompt_len=8, max_new=16, repeats=repeats, max_repeats=7, segment=2,
             short=1,
         )  # fmt: skip
         assert len(ratios) - len(list(timings)) == want
+        assert got[0] == pytest.approx(1.0) and got[-2:] == pytest.approx([0.1, 0.5])
 
 
 def test_a_pending_prompt_trunk_catches_up_to_what_the_eager_prefill_writes():
