@@ -127,6 +127,7 @@ def describe(shape: Shape) -> str:
     return f"{shape.top_k},{shape.depth},{shape.total_tokens}{v}"
 
 
+@functools.cache  # read on every generation (`SpeculativeModel.shapes`)
 def auto_shapes(tree: TreeConfig) -> tuple[Shape, ...]:
     """The shapes `--tree auto` chooses among: plain decoding and shallower trees up to `tree`.
 

@@ -160,6 +160,7 @@ class SpeculativeModel:
         # tree_cfg)` by measured cost per batch size (`round_costs`).
         self.adaptive = False
         self._costs: dict[tuple[int, bool], list[float]] = {}
+        self._budgets: dict[tuple, budget_lib.Budget] = {}  # `budget`'s, per shapes and costs
         self._history: dict[tuple[budget_lib.Shape, ...], budget_lib.History] = {}
 
     @classmethod
@@ -369,9 +370,14 @@ class SpeculativeModel:
         """What `speculative.generate` gets as `tree_cfg` for a batch of this size."""
         if not self.adaptive:
             return self.tree_cfg
-        *costs, catch_up, call = self.round_costs(batch, greedy=greedy)
-        budget = budget_lib.make_budget(self.shapes, costs, catch_up=catch_up, probe_call=call)
-        return self.history().apply(budget, sampled=not greedy)
+        figures = tuple(self.round_costs(batch, greedy=greedy))
+        key = (self.shapes, figures)
+        if key not in self._budgets:  # built once per set of costs
+            *costs, catch_up, call = figures
+            self._budgets[key] = budget_lib.make_budget(
+                self.shapes, costs, catch_up=catch_up, probe_call=call
+            )
+        return self.history().apply(self._budgets[key], sampled=not greedy)
 
     def history(self) -> budget_lib.History:
         """What the adaptive budget learnt from this model's earlier generations (its prior
