@@ -905,7 +905,7 @@ def test_round_costs_time_every_shape_from_the_prompts_length(pair, monkeypatch)
         max_new=64, repeats=1, segment=4, short=1,
     )  # fmt: skip
     fresh = [(shape, length) for shape, step, length, _, _ in calls if step == 0]
-    # two calls a shape and a pass (the marginal round: 4 rounds less 1), each from a prefill
+    # two calls a shape and a pass (of 1 and of 4 rounds), each from a prefill of its own
     per_shape = collections.Counter(shape for shape, _ in fresh)
     assert sorted(per_shape) == list(range(len(CHAINS)))
     assert all(n >= 4 and n % 2 == 0 for n in per_shape.values())  # the warm-up pass and one
@@ -919,9 +919,10 @@ def test_round_costs_time_every_shape_from_the_prompts_length(pair, monkeypatch)
 
 def test_round_costs_leave_out_what_a_call_costs_beyond_its_rounds(pair, monkeypatch):
     # A generation pays its call's dispatch and host read once, whatever the policy picks: a
-    # round's price is its marginal time, the longer call less the shorter. Spread over the
-    # call's rounds instead, it priced cheap shapes high against dear ones (plain decoding
-    # at 1/1.26 of a (1,0,2) round where generation paid 1/1.37).
+    # round's price leaves the call's own cost out (one figure for every shape, from the two
+    # call lengths' intercepts). Spread over the call's rounds instead, it priced cheap shapes
+    # high against dear ones (plain decoding at 1/1.26 of a (1,0,2) round where generation
+    # paid 1/1.37).
     cfg, dcfg, base, draft = pair
     b = budget.make_budget([None, TREE])
     kw = dict(batch=1, greedy=True, prompt_len=16, max_new=32, repeats=3, segment=6, short=2)
