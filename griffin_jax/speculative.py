@@ -1320,8 +1320,9 @@ def measure_round_costs(
                 catch_up = catch_up_ms(state)
         return [*ms[short], *ms[segment], catch_up]
 
-    def priced(raw: list[list[float]]) -> list[list[float]]:
-        """Passes of [S round costs, catch-up, call] from `one_pass`'s timings. The call's cost
+    def priced(raw: list[list[float]]) -> tuple[list[list[float]], float]:
+        """(passes of [S round costs, catch-up], the call's ms) from `one_pass`'s timings. The
+        call's cost
         beyond its rounds is one figure for every shape (its dispatch, segment entries and host
         read): the median over every pass and shape of the two call lengths' intercept. Each
         round then costs its longer call less that, over its rounds. A difference of the two
@@ -1334,7 +1335,8 @@ def measure_round_costs(
         intercepts = (t_short * segment - t_long * short) / (segment - short)
         call = max(float(np.median(intercepts)), 0.0)
         rounds = np.maximum(t_long - call, 1e-9) / segment
-        return [[*row, c, call] for row, c in zip(rounds.tolist(), table[:, -1], strict=True)]
+        passes = [[*row, c] for row, c in zip(rounds.tolist(), table[:, -1], strict=True)]
+        return passes, call
 
     def catch_up_ms(state: SpecState) -> float:
         """The first drafting shape's first round on the state the plain shape's rounds left,
@@ -1355,23 +1357,23 @@ def measure_round_costs(
     raw: list[list[float]] = []
     sturdy = repeats >= 3 and jax.process_count() == 1  # a spread needs 3 passes
     while len(raw) < repeats or (
-        sturdy and len(raw) < max_repeats and cost_spread(priced(raw)) > spread
+        sturdy and len(raw) < max_repeats and cost_spread(priced(raw)[0]) > spread
     ):
         raw.append(steal.timed(one_pass, max_steal=max_steal).result)
-    return pass_medians(priced(raw))
+    passes, call = priced(raw)
+    return [*pass_medians(passes), call]
 
 
 def pass_medians(passes: list[list[float]]) -> list[float]:
-    """Each shape's cost from passes of [S round costs, catch-up, call]: the median over
-    passes of its ratio to the pass's first shape, times that shape's median (the catch-up and
-    the call: their plain medians). The policy weighs shapes against each other: a pass in
-    which the whole machine ran slow (a shared VM) moves every shape of it alike and leaves the
-    ratios be, where plain medians could take two shapes from passes of different speeds."""
+    """Each shape's cost from passes of [S round costs, catch-up]: the median over passes of
+    its ratio to the pass's first shape, times that shape's median (the catch-up: its plain
+    median). The policy weighs shapes against each other: a pass in which the whole machine ran
+    slow (a shared VM) moves every shape of it alike and leaves the ratios be, where plain
+    medians could take two shapes from passes of different speeds."""
     table = np.asarray(passes, np.float64)
     first = np.median(table[:, 0])
-    ratios = np.median(table[:, :-2] / table[:, :1], axis=0)
-    rest = np.median(table[:, -2:], axis=0)  # the catch-up and the call
-    return [*(float(r * first) for r in ratios), *(float(x) for x in rest)]
+    ratios = np.median(table[:, :-1] / table[:, :1], axis=0)
+    return [*(float(r * first) for r in ratios), float(np.median(table[:, -1]))]
 
 
 def cost_spread(passes: list[list[float]]) -> float:
@@ -1381,7 +1383,7 @@ def cost_spread(passes: list[list[float]]) -> float:
     if len(passes) < 3:
         return float("inf")
     table = np.asarray(passes, np.float64)
-    ratios = table[:, :-2] / table[:, :1]
+    ratios = table[:, :-1] / table[:, :1]
     centre = np.median(ratios, axis=0)
     mad = np.median(np.abs(ratios - centre), axis=0) * 1.4826
     return float(np.max(mad / centre / np.sqrt(len(passes))))

@@ -1002,16 +1002,15 @@ def test_round_costs_weigh_shapes_within_a_pass_and_take_more_passes_while_unsur
     # A pass in which the whole machine ran slow scales every shape of it alike: the ratios
     # to the pass's first shape are kept, so a slow pass for one shape and a fast one for
     # another cannot skew their ratio as plain per-shape medians could.
-    passes = [[1.0, 2.0, 0.1, 2.0], [2.0, 4.0, 0.3, 3.0], [1.1, 2.2, 0.2, 1.0],
-              [3.0, 6.0, 0.2, 2.2]]  # fmt: skip
+    passes = [[1.0, 2.0, 0.1], [2.0, 4.0, 0.3], [1.1, 2.2, 0.2], [3.0, 6.0, 0.2]]
     got = speculative.pass_medians(passes)
     assert got[1] / got[0] == pytest.approx(2.0) and got[0] == pytest.approx(1.55)
-    assert got[2:] == pytest.approx([0.2, 2.1])  # the catch-up and the call: their own medians
-    skewed = [[1.0, 2.0, 0.1, 1.0], [2.0, 2.6, 0.1, 1.0], [1.0, 4.0, 0.1, 1.0]]  # medians: 2.6x
+    assert got[2] == pytest.approx(0.2)  # the catch-up: its own median
+    skewed = [[1.0, 2.0, 0.1], [2.0, 2.6, 0.1], [1.0, 4.0, 0.1]]  # per-shape medians: 2.6x
     assert speculative.pass_medians(skewed)[1] / speculative.pass_medians(skewed)[0] == 2.0
     assert speculative.cost_spread(passes[:2]) == float("inf")  # unknown under 3 passes
     assert speculative.cost_spread(passes) == 0.0  # equal ratios in every pass
-    noisy = [[1.0, r, 0.1, 1.0] for r in (2.0, 2.4, 1.6, 2.2, 1.8)]
+    noisy = [[1.0, r, 0.1] for r in (2.0, 2.4, 1.6, 2.2, 1.8)]
     assert speculative.cost_spread(noisy) > 0.05
     # measure_round_costs: `repeats` passes while the ratios agree, more (up to
     # `max_repeats`) while they do not; fewer than 3 repeats never add passes.
