@@ -404,8 +404,8 @@ class SpeculativeModel:
             raise ValueError(
                 "this model has no draft: pass draft_model_path, or use vanilla_generate"
             )
+        t0 = time.perf_counter()  # the policy's host work is part of the call
         tree = self.budget(len(input_ids), greedy=temperature == 0)
-        t0 = time.perf_counter()
         res = self._speculative(
             input_ids, tree, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, eos_ids=eos_ids, on_round=on_round,

@@ -732,6 +732,73 @@ def test_history_learns_only_what_rows_tried_and_forgets_levels_left_untried(pai
     assert hist.apply(b, sampled=False).prior[0, 2] < hist.level[0, 1]
 
 
+def _history_reference(steps, n_levels: int, base: budget.Budget, sampled: bool):
+    """`History` as whole-array arithmetic (what it computes in floats): per row an
+    exponential mix of its rates at the levels it tried, ages, the calibration counts capped
+    at CONF_MEMORY trials a bin, and the prior each level takes (the latest usable estimate at
+    or above it; level 1 never ages out)."""
+    level, age = np.full((2, n_levels), np.nan), np.zeros((2, n_levels))
+    conf, wait = np.zeros((2, 2, budget.CONF_BINS)), [None, None]
+    for hits, trials, flags, counts, probe in steps:
+        for c in range(2):
+            new = conf[c] + counts[flags == bool(c)].sum(0)
+            conf[c] = new * np.minimum(1.0, budget.CONF_MEMORY / np.maximum(new[1], 1e-9))
+        for row in range(len(hits)):
+            c, t = int(flags[row]), trials[row]
+            seen = t >= 1.0
+            rate = hits[row] / np.maximum(t, 1e-9)
+            alpha = t / (t + budget.HISTORY_MEMORY)
+            mixed = np.where(np.isnan(level[c]), rate, (1 - alpha) * level[c] + alpha * rate)
+            level[c] = np.where(seen, mixed, level[c])
+            age[c] = np.where(seen, 0, age[c] + 1)
+        if (flags == flags[0]).all():
+            wait[int(flags[0])] = probe
+    usable = ~np.isnan(level) & ((age < budget.HISTORY_STALE) | (np.arange(n_levels) == 0))
+    source = np.maximum.accumulate(np.where(usable, np.arange(n_levels), -1), axis=1)
+    learnt = np.take_along_axis(level, np.maximum(source, 0), axis=1)
+    known = ~np.isnan(level[:, :1])
+    prior = np.where(known, learnt, base.prior)
+    weight = np.where(known[:, 0], budget.HISTORY_WEIGHT, base.prior_weight)
+    centres = (np.arange(budget.CONF_BINS) + 0.5) / budget.CONF_BINS
+    conf_prior = conf + budget.CONF_PRIOR_WEIGHT * np.stack([centres, np.ones_like(centres)])
+    return prior, weight, conf_prior, wait[int(sampled)] or (budget.PROBE_EVERY, 0)
+
+
+def test_history_matches_its_array_reference_over_random_requests():
+    """Random batches of both classes (rows that drafted some levels, none, or all; stretches
+    where most rows drafted none, so levels age out), probe waits and calibration counts: the
+    floats `History` keeps give the prior, weights, calibration and start wait of the
+    reference's array arithmetic."""
+    rng = np.random.default_rng(7)
+    base = budget.make_budget(SHAPES, costs=[1.0, 1.3, 1.8, 2.6])
+    n = base.max_levels
+    for _ in range(40):
+        hist, steps = budget.History(n), []
+        idle = rng.choice([0.1, 0.9])  # the chance a row tried no level (long untried streaks)
+        for _ in range(int(rng.integers(1, 3 * budget.HISTORY_STALE))):
+            rows = int(rng.integers(1, 5))
+            depth = np.where(rng.random(rows) < idle, 0, rng.integers(1, n + 1, rows))
+            tried = np.arange(n)[None, :] < depth[:, None]  # the levels each row drafted
+            trials = rng.uniform(0, 6, (rows, n)) * tried
+            hits = trials * rng.random((rows, n))
+            mixed = rng.random() < 0.5  # a batch of both classes, else of one
+            flags = rng.random(rows) < 0.5 if mixed else np.full(rows, rng.random() < 0.5)
+            counts = rng.uniform(0, 40, (rows, 2, budget.CONF_BINS))
+            counts[:, 0] *= rng.random((rows, budget.CONF_BINS))
+            probe = (int(rng.integers(8, 400)), int(rng.integers(0, 100)))
+            steps.append((hits, trials, flags, counts, probe))
+            hist.observe(hits, trials, flags, probe_wait=probe[0], plain_streak=probe[1],
+                         conf_counts=counts)  # fmt: skip
+        for sampled in (False, True):
+            prior, weight, conf_prior, start = _history_reference(steps, n, base, sampled)
+            got = hist.apply(base, sampled=sampled)
+            np.testing.assert_allclose(got.prior, prior, rtol=1e-6)
+            np.testing.assert_allclose(got.prior_weight, weight)
+            np.testing.assert_allclose(got.conf_prior, conf_prior, rtol=1e-6)
+            assert (int(got.start_wait), int(got.start_streak)) == start
+            assert got.prior.dtype == np.float32 and got.conf_prior.dtype == np.float32
+
+
 def test_a_schedule_length_does_not_recompile():
     made = [budget.make_budget(SHAPES, schedule=s) for s in (None, [1] * 40, [2] * 64)]
     assert [b.schedule.shape for b in made] == [(64,)] * 3
