@@ -1324,13 +1324,13 @@ def measure_round_costs(
 
     def priced(raw: list[list[float]]) -> tuple[list[list[float]], float]:
         """(passes of [S round costs, catch-up], the call's ms) from `one_pass`'s timings. The
-        call's cost
-        beyond its rounds is one figure for every shape (its dispatch, segment entries and host
-        read): the median over every pass and shape of the two call lengths' intercept. Each
-        round then costs its longer call less that, over its rounds. A difference of the two
-        calls per shape and pass swung +-15% here from one pass to the next (a 2-vCPU VM's
-        jitter of a few ms a call, over the 16 rounds between): four such measurements put a
-        (1,0,2) round at 1.18-1.43 plain rounds, four of these at 1.30-1.34."""
+        call's cost beyond its rounds is one figure for every shape (its dispatch, segment
+        entries and host read): the median over every pass and shape of the two call lengths'
+        intercept. Each round then costs its longer call less that, over its rounds. A
+        difference of the two calls per shape and pass swung +-15% here from one pass to the
+        next (a 2-vCPU VM's jitter of a few ms a call, over the 16 rounds between): four such
+        measurements put a (1,0,2) round at 1.18-1.43 plain rounds, four of these at
+        1.30-1.34."""
         n = len(budget.shapes)
         table = np.asarray(raw, np.float64)
         t_short, t_long = table[:, :n], table[:, n : 2 * n]
