@@ -360,23 +360,28 @@ def conf_acceptance(
 ) -> jax.Array:
     """[B] the chance level 1 is accepted in a round the draft enters with confidence `conf`
     [B]: the row's own counts in that bin ([B, 2, CONF_BINS], `update_conf`) over the class's
-    prior (`Budget.conf_prior`; `sampled` [B] bool picks the class)."""
+    prior (`Budget.conf_prior`; `sampled` [B] bool picks the class). The bin is picked by
+    selects, one per bin, which XLA fuses with the rest of the policy's arithmetic (`choose`)."""
     prior = jnp.where(sampled[:, None, None], budget.conf_prior[1], budget.conf_prior[0])
-    counts = jnp.sum(jnp.where(_in_bin(conf), conf_counts + prior, 0.0), axis=2)  # [B, 2]
-    return counts[:, 0] / jnp.maximum(counts[:, 1], 1e-9)
+    counts = conf_counts + prior  # [B, 2, bins]
+    in_bin = conf_bin(conf)
+    hits, trials = (_select([counts[:, i, j] for j in range(CONF_BINS)], in_bin) for i in (0, 1))
+    return hits / jnp.maximum(trials, 1e-9)
 
 
 def level_acceptance(hits: jax.Array, trials: jax.Array) -> jax.Array:
     """[B, L] per-level acceptance estimates (each level's prior is the level above's estimate)."""
+    return jnp.stack(_level_columns(hits, trials), axis=1)
 
-    def step(prior, counts):
-        h, t = counts
-        p = (h + PRIOR_WEIGHT * prior) / (t + PRIOR_WEIGHT)
-        return p, p
 
-    init = jnp.full(hits.shape[:1], PRIOR, jnp.float32)
-    _, p = jax.lax.scan(step, init, (hits.T, trials.T), unroll=True)  # a few levels
-    return p.T
+def _level_columns(hits: jax.Array, trials: jax.Array) -> list[jax.Array]:
+    """`level_acceptance` as L columns [B], unrolled over the few levels."""
+    p = jnp.full(hits.shape[:1], PRIOR, jnp.float32)
+    columns = []
+    for i in range(hits.shape[1]):
+        p = (hits[:, i] + PRIOR_WEIGHT * p) / (trials[:, i] + PRIOR_WEIGHT)
+        columns.append(p)
+    return columns
 
 
 def expected_tokens(hits: jax.Array, trials: jax.Array, shapes: Sequence[Shape]) -> jax.Array:
@@ -396,14 +401,50 @@ def tokens_from_acceptance(p: jax.Array, shapes: Sequence[Shape]) -> tuple[jax.A
     """([B, S], [B, S]) the mean and the variance of the tokens one round of each shape
     commits, from per-level acceptance p [B, L]: 1 + A, A the accepted levels,
     P(A >= i) = reach_i, so E[A] = sum_i reach_i and E[A^2] = sum_i (2i - 1) reach_i."""
-    reach = jnp.cumprod(p, axis=1)  # P(path reaches level i)
-    odd = 2.0 * jnp.arange(1, reach.shape[1] + 1, dtype=reach.dtype) - 1.0
-    zero = jnp.zeros_like(reach[:, :1])
-    first = jnp.concatenate([zero, jnp.cumsum(reach, axis=1)], 1)
-    second = jnp.concatenate([zero, jnp.cumsum(odd * reach, axis=1)], 1)
-    idx = jnp.asarray([levels(s) for s in shapes])
-    mean, square = first[:, idx], second[:, idx]
-    return 1.0 + mean, jnp.maximum(square - mean * mean, 0.0)
+    means, variances = _shape_tokens([p[:, i] for i in range(p.shape[1])], shapes)
+    return jnp.stack(means, axis=1), jnp.stack(variances, axis=1)
+
+
+def _shape_tokens(
+    columns: Sequence[jax.Array], shapes: Sequence[Shape]
+) -> tuple[list[jax.Array], list[jax.Array]]:  # fmt: skip
+    """`tokens_from_acceptance` from the L acceptance columns [B], as S columns [B] each.
+    Running sums over the few levels, not `jnp.cumprod` / `jnp.cumsum` (each a reduce-window
+    XLA runs as a thunk of its own) and a gather of the shapes' columns: elementwise work that
+    XLA fuses, where the policy's arithmetic ran as ~20 small thunks a round, ~0.6 ms of a
+    96-token batch-1 call with four shapes here (`choose`)."""
+    zero = jnp.zeros_like(columns[0])
+    reach, first, second = None, [zero], [zero]
+    for i, p in enumerate(columns):
+        reach = p if reach is None else reach * p  # P(path reaches level i + 1)
+        first.append(first[-1] + reach)
+        second.append(second[-1] + (2.0 * i + 1.0) * reach)
+    means, variances = [], []
+    for shape in shapes:
+        mean, square = first[levels(shape)], second[levels(shape)]
+        means.append(1.0 + mean)
+        variances.append(jnp.maximum(square - mean * mean, 0.0))
+    return means, variances
+
+
+def _first_max(values: Sequence[jax.Array]) -> jax.Array:
+    """int32 index of the first largest of a few scalars (`jnp.argmax` of their stack, as
+    compares and selects XLA fuses with their arithmetic: its argmax is a reduction over
+    value-index pairs, a thunk of its own)."""
+    best, top = jnp.int32(0), values[0]
+    for i, value in enumerate(values[1:], 1):
+        better = value > top
+        best, top = jnp.where(better, jnp.int32(i), best), jnp.where(better, value, top)
+    return best
+
+
+def _select(values: Sequence[jax.Array], index: jax.Array) -> jax.Array:
+    """values[index] for a traced index into a few values of one shape (selects, not a
+    gather: see `_first_max`); the first value for an index out of range."""
+    out = values[0]
+    for i, value in enumerate(values[1:], 1):
+        out = jnp.where(index == i, value, out)
+    return out
 
 
 @functools.cache
@@ -494,37 +535,55 @@ def choose(
     """
     if len(budget.shapes) == 1:
         return jnp.int32(0)
-    p = level_acceptance(hits, trials)
-    mean, var = tokens_from_acceptance(p, budget.shapes)  # [B, S]
-    plain = jnp.asarray([s is None for s in budget.shapes])
-    cost = budget.costs
+    # Per shape, a column [B] or a scalar each, in unrolled arithmetic XLA fuses into a few
+    # thunks (`_shape_tokens`, `_first_max`, `_select`): this runs after every drafting round.
+    p = _level_columns(hits, trials)
+    mean, var = _shape_tokens(p, budget.shapes)
+    plain = [s is None for s in budget.shapes]
+    cost = [budget.costs[i] for i in range(len(plain))]
     # The rounds left matter to a fixed batch, and to spread a catch-up over (none when the
     # caller knows nothing is pending: a static 0, after a drafting round).
     spread = not (isinstance(catch_up_slots, int) and catch_up_slots == 0)
     needed = remaining is not None and (budget.finish or spread)
-    rounds = finish_rounds(mean, var, remaining, active) if needed else None
-    if rounds is not None and spread:  # the catch-up, spread over the rounds left under each shape
-        charge = jnp.where(plain, 0.0, budget.catch_up * jnp.asarray(catch_up_slots, cost.dtype))
-        cost = cost + charge / jnp.maximum(rounds, 1.0)
+    if needed:
+        left = finish_rounds(jnp.stack(mean, 1), jnp.stack(var, 1), remaining, active)  # [S]
+        rounds = [left[i] for i in range(len(plain))]
+    if needed and spread:  # the catch-up, spread over the rounds left under each shape
+        charge = budget.catch_up * jnp.asarray(catch_up_slots, jnp.float32)
+        cost = [
+            c if plain[i] else c + charge / jnp.maximum(rounds[i], 1.0) for i, c in enumerate(cost)
+        ]
     if budget.finish:  # the share of the batch's remaining rounds one round does
-        gain = jnp.where(rounds > 0, 1.0 / jnp.maximum(rounds, 1e-9), 1.0)  # none running: any
+        # (none running: any)
+        gain = [jnp.where(r > 0, 1.0 / jnp.maximum(r, 1e-9), 1.0) for r in rounds]
     else:
-        gain = jnp.sum(jnp.where(active[:, None], mean, 0), 0)
-    score = gain / cost * jnp.where(plain, 1 + PLAIN_MARGIN, 1.0)
-    best = jnp.argmax(score).astype(jnp.int32)
+        gain = [jnp.sum(jnp.where(active, m, 0)) for m in mean]
+    score = [
+        g / c * (1 + PLAIN_MARGIN if plain[i] else 1.0)
+        for i, (g, c) in enumerate(zip(gain, cost, strict=True))
+    ]
+    best = _first_max(score)
+    is_plain = functools.partial(_select, [jnp.bool_(x) for x in plain])
     draft_score = score
     if first_level is not None and not budget.finish:
         known = jnp.ones(first_level.shape, bool) if first_known is None else first_known
         # Every level's reach is level 1's chance times the rest, so the accepted draft tokens
         # scale with level 1's chance (one product where a second cumulative sum was ~5
         # fusions more a round, each a few us here).
-        ratio = jnp.where(known, first_level / jnp.maximum(p[:, 0], 1e-6), 1.0)
-        mean_now = 1.0 + (mean - 1.0) * ratio[:, None]
-        draft_score = jnp.sum(jnp.where(active[:, None], mean_now, 0), 0) / cost
-        drafting = jnp.argmax(jnp.where(plain, -jnp.inf, draft_score)).astype(jnp.int32)
-        best = jnp.where(plain[best], best, drafting)
-    keep = (~plain[best]) & (~plain[current]) & (score[current] >= jnp.max(score * plain))
-    keep &= draft_score[best] <= (1 + HYSTERESIS) * draft_score[current]
+        ratio = jnp.where(known, first_level / jnp.maximum(p[0], 1e-6), 1.0)
+        draft_score = [
+            jnp.sum(jnp.where(active, 1.0 + (m - 1.0) * ratio, 0)) / c
+            for m, c in zip(mean, cost, strict=True)
+        ]
+        drafting = _first_max(
+            [-jnp.inf if x else d for x, d in zip(plain, draft_score, strict=True)]
+        )
+        best = jnp.where(is_plain(best), best, drafting)
+    plain_best = functools.reduce(
+        jnp.maximum, [sc for x, sc in zip(plain, score, strict=True) if x], 0.0
+    )
+    keep = (~is_plain(best)) & (~is_plain(current)) & (_select(score, current) >= plain_best)
+    keep &= _select(draft_score, best) <= (1 + HYSTERESIS) * _select(draft_score, current)
     best = jnp.where(keep, current, best)
     return _probe_or_forced(budget, best, plain_streak, probe_wait, round_index)
 
@@ -544,8 +603,9 @@ def keep_plain(
 
 def _probe_or_forced(budget, best, plain_streak, probe_wait, round_index) -> jax.Array:
     """The policy's `best` unless a probe is due (or running), or the schedule forces one."""
-    drafting = jnp.asarray([s is not None for s in budget.shapes])
-    probe = (~drafting[best]) & probe_due(plain_streak, probe_wait) & jnp.any(drafting)
+    drafting = [s is not None for s in budget.shapes]
+    probe = ~_select([jnp.bool_(x) for x in drafting], best) & probe_due(plain_streak, probe_wait)
+    probe &= any(drafting)
     probe |= plain_streak < 0  # inside a probe (`next_probe`)
     pick = jnp.where(probe, probe_shape(budget), best)
     forced = budget.schedule[jnp.minimum(round_index, budget.schedule.shape[0] - 1)]
@@ -561,8 +621,8 @@ def probe_due(plain_streak: jax.Array, probe_wait: jax.Array) -> jax.Array:
 
 def probe_shape(budget: Budget) -> jax.Array:
     """The shape a probe runs: the drafting shape of the lowest measured cost (int32 scalar)."""
-    drafting = jnp.asarray([s is not None for s in budget.shapes])
-    return jnp.argmin(jnp.where(drafting, budget.costs, jnp.inf)).astype(jnp.int32)
+    costs = [-budget.costs[i] if s is not None else -jnp.inf for i, s in enumerate(budget.shapes)]
+    return _first_max(costs)
 
 
 def forget_untried(

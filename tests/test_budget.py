@@ -1351,3 +1351,103 @@ def test_rounds_update_the_caches_in_place(pair):
         ).compile().as_text()  # fmt: skip
         assert "copy(" in hlo  # the pattern finds copies where there are some
         assert not [s for s in _copied_shapes(hlo) if s in held], index
+
+
+def _choose_reference(b, hits, trials, active, streak, wait, step, current, *, remaining=None,
+                      slots=0, first_level=None, first_known=None):  # fmt: skip
+    """`budget.choose` as whole-array arithmetic over [B, S] (cumulative products and sums,
+    argmax, gathers): what the unrolled per-shape version must pick."""
+    p = np.asarray(budget.level_acceptance(hits, trials))
+    reach = np.cumprod(p, axis=1)
+    odd = 2.0 * np.arange(1, p.shape[1] + 1, dtype=np.float32) - 1.0
+    zero = np.zeros_like(reach[:, :1])
+    first = np.concatenate([zero, np.cumsum(reach, axis=1)], 1)
+    second = np.concatenate([zero, np.cumsum(odd * reach, axis=1)], 1)
+    idx = np.asarray([budget.levels(s) for s in b.shapes])
+    mean = 1.0 + first[:, idx]
+    var = np.maximum(second[:, idx] - first[:, idx] ** 2, 0.0)
+    plain = np.asarray([s is None for s in b.shapes])
+    cost = np.asarray(b.costs, np.float32)
+    active = np.asarray(active)
+    spread = slots != 0
+    rounds = None
+    if remaining is not None and (b.finish or spread):
+        rounds = np.asarray(budget.finish_rounds(mean, var, remaining, active))
+    if rounds is not None and spread:
+        cost = cost + np.where(plain, 0.0, float(b.catch_up) * slots) / np.maximum(rounds, 1.0)
+    if b.finish:
+        gain = np.where(rounds > 0, 1.0 / np.maximum(rounds, 1e-9), 1.0)
+    else:
+        gain = np.sum(np.where(active[:, None], mean, 0), 0)
+    score = gain / cost * np.where(plain, 1 + budget.PLAIN_MARGIN, 1.0)
+    best = int(np.argmax(score))
+    draft_score = score
+    if first_level is not None and not b.finish:
+        known = np.ones(len(first_level), bool) if first_known is None else first_known
+        ratio = np.where(known, first_level / np.maximum(p[:, 0], 1e-6), 1.0)
+        mean_now = 1.0 + (mean - 1.0) * ratio[:, None]
+        draft_score = np.sum(np.where(active[:, None], mean_now, 0), 0) / cost
+        drafting = int(np.argmax(np.where(plain, -np.inf, draft_score)))
+        best = best if plain[best] else drafting
+    keep = not plain[best] and not plain[current] and score[current] >= np.max(score * plain)
+    if keep and draft_score[best] <= (1 + budget.HYSTERESIS) * draft_score[current]:
+        best = current
+    if (not plain[best] or streak < wait or not (~plain).any()) and streak >= 0:
+        pick = best
+    else:  # a probe: the drafting shape of the lowest cost
+        pick = int(np.argmin(np.where(plain, np.inf, np.asarray(b.costs))))
+    forced = int(b.schedule[min(step, len(b.schedule) - 1)]) if step < len(b.schedule) else -1
+    return forced if forced >= 0 else pick
+
+
+@pytest.mark.parametrize("finish", [False, True])
+def test_choose_matches_its_array_reference_over_random_states(finish):
+    rng = np.random.default_rng(7 + finish)
+    choose = jax.jit(budget.choose, static_argnames=("catch_up_slots",))
+    for trial in range(150):
+        b_rows = int(rng.integers(1, 5))
+        shapes = SHAPES if trial % 3 else SHAPES[1:]  # with and without plain decoding
+        n_levels = max(budget.levels(s) for s in shapes)
+        b = budget.make_budget(
+            shapes, costs=rng.uniform(0.5, 3.0, len(shapes)).tolist(),
+            schedule=[int(rng.integers(-1, len(shapes)))] * int(rng.integers(1, 4)),
+            catch_up=float(rng.uniform(0.0, 0.05)),
+        ).replace(finish=finish)  # fmt: skip
+        trials = rng.uniform(0.0, 8.0, (b_rows, n_levels)).astype(np.float32)
+        hits = (trials * rng.uniform(0.0, 1.0, trials.shape)).astype(np.float32)
+        active = rng.uniform(size=b_rows) < 0.8
+        active[0] = True
+        streak, wait = int(rng.integers(-2, 12)), int(rng.integers(1, 10))
+        step, current = int(rng.integers(0, 6)), int(rng.integers(0, len(shapes)))
+        remaining = rng.integers(1, 90, b_rows).astype(np.int32)
+        slots = int(rng.choice([0, 16]))
+        first = rng.uniform(0.0, 1.0, b_rows).astype(np.float32) ** 2
+        known = rng.uniform(size=b_rows) < 0.7
+        got = choose(
+            b, hits, trials, active, jnp.int32(streak), jnp.int32(wait), jnp.int32(step),
+            jnp.int32(current), remaining=remaining, catch_up_slots=slots, first_level=first,
+            first_known=known,
+        )  # fmt: skip
+        want = _choose_reference(
+            b, hits, trials, active, streak, wait, step, current, remaining=remaining,
+            slots=slots, first_level=first, first_known=known,
+        )  # fmt: skip
+        assert int(got) == want, (trial, shapes, streak, wait, step, current)
+
+
+def test_conf_acceptance_picks_each_rows_bin_at_every_confidence():
+    b = budget.make_budget(SHAPES)
+    rng = np.random.default_rng(3)
+    counts = rng.uniform(0.0, 9.0, (4, 2, budget.CONF_BINS)).astype(np.float32)
+    sampled = np.array([False, True, False, True])
+    prior = np.asarray(b.conf_prior)
+    for conf in np.linspace(0.0, 1.0, 23):
+        confs = np.full(4, conf, np.float32)
+        j = min(int(np.floor(conf * budget.CONF_BINS)), budget.CONF_BINS - 1)
+        want = [
+            (counts[r, 0, j] + prior[int(sampled[r]), 0, j])
+            / (counts[r, 1, j] + prior[int(sampled[r]), 1, j])
+            for r in range(4)
+        ]
+        got = budget.conf_acceptance(b, confs, counts, sampled)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
