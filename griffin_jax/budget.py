@@ -438,6 +438,12 @@ def _first_max(values: Sequence[jax.Array]) -> jax.Array:
     return best
 
 
+def _row_sums(columns: Sequence[jax.Array], active: jax.Array) -> list[jax.Array]:
+    """The running rows' sum of each column [B] (one reduction over the stacked columns)."""
+    total = jnp.sum(jnp.where(active[:, None], jnp.stack(columns, axis=1), 0.0), axis=0)
+    return [total[i] for i in range(len(columns))]
+
+
 def _select(values: Sequence[jax.Array], index: jax.Array) -> jax.Array:
     """values[index] for a traced index into a few values of one shape (selects, not a
     gather: see `_first_max`); the first value for an index out of range."""
@@ -557,10 +563,14 @@ def choose(
         # (none running: any)
         gain = [jnp.where(r > 0, 1.0 / jnp.maximum(r, 1e-9), 1.0) for r in rounds]
     else:
-        gain = [jnp.sum(jnp.where(active, m, 0)) for m in mean]
+        gain = _row_sums(mean, active)
+    # Reciprocals, so that what follows is products and sums XLA fuses into one thunk: the
+    # choice after a round waits for its draft trunk (`first_level`), and each small thunk
+    # run one after another inside the round's loop costs a hand-off between threads here.
+    per_ms = [1.0 / c for c in cost]
     score = [
-        g / c * (1 + PLAIN_MARGIN if plain[i] else 1.0)
-        for i, (g, c) in enumerate(zip(gain, cost, strict=True))
+        g * r * (1 + PLAIN_MARGIN if plain[i] else 1.0)
+        for i, (g, r) in enumerate(zip(gain, per_ms, strict=True))
     ]
     best = _first_max(score)
     is_plain = functools.partial(_select, [jnp.bool_(x) for x in plain])
@@ -570,11 +580,9 @@ def choose(
         # Every level's reach is level 1's chance times the rest, so the accepted draft tokens
         # scale with level 1's chance (one product where a second cumulative sum was ~5
         # fusions more a round, each a few us here).
-        ratio = jnp.where(known, first_level / jnp.maximum(p[0], 1e-6), 1.0)
-        draft_score = [
-            jnp.sum(jnp.where(active, 1.0 + (m - 1.0) * ratio, 0)) / c
-            for m, c in zip(mean, cost, strict=True)
-        ]
+        ratio = jnp.where(known, first_level * (1.0 / jnp.maximum(p[0], 1e-6)), 1.0)
+        now = _row_sums([1.0 + (m - 1.0) * ratio for m in mean], active)
+        draft_score = [x * r for x, r in zip(now, per_ms, strict=True)]
         drafting = _first_max(
             [-jnp.inf if x else d for x, d in zip(plain, draft_score, strict=True)]
         )
