@@ -411,7 +411,7 @@ def _shape_tokens(
     """`tokens_from_acceptance` from the L acceptance columns [B], as S columns [B] each.
     Running sums over the few levels, not `jnp.cumprod` / `jnp.cumsum` (each a reduce-window
     XLA runs as a thunk of its own) and a gather of the shapes' columns: elementwise work that
-    XLA fuses. A round's choice (`choose`) ran ~23 thunks, now ~8; the prefill's two choices
+    XLA fuses. A round's choice (`choose`) ran ~21 thunks, now ~8; the prefill's two choices
     cost ~0.18 ms less a batch-1 call here, the rounds no less beyond the noise (what a
     round's choice costs is mostly its wait for the draft trunk, `first_level`)."""
     zero = jnp.zeros_like(columns[0])
