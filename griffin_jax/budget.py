@@ -565,9 +565,8 @@ def choose(
         gain = [jnp.where(r > 0, 1.0 / jnp.maximum(r, 1e-9), 1.0) for r in rounds]
     else:
         gain = _row_sums(mean, active)
-    # Reciprocals, so that what follows is products and sums XLA fuses into one thunk: the
-    # choice after a round waits for its draft trunk (`first_level`), and each small thunk
-    # run one after another inside the round's loop costs a hand-off between threads here.
+    # Reciprocals of the costs, so that what follows is products and sums XLA fuses into fewer
+    # thunks: the choice after a round runs once its draft trunk's output is in (`first_level`).
     per_ms = [1.0 / c for c in cost]
     score = [
         g * r * (1 + PLAIN_MARGIN if plain[i] else 1.0)
