@@ -454,7 +454,7 @@ def _select(values: Sequence[jax.Array], index: jax.Array) -> jax.Array:
     return out
 
 
-def _plain_at(shapes: Sequence[Shape], index: jax.Array) -> jax.Array:
+def plain_at(shapes: Sequence[Shape], index: jax.Array) -> jax.Array:
     """Whether shapes[index] is plain decoding (bool scalar; a traced index, by `_select`)."""
     return _select([jnp.bool_(s is None) for s in shapes], index)
 
@@ -578,7 +578,7 @@ def choose(
         for i, (g, r) in enumerate(zip(gain, per_ms, strict=True))
     ]
     best = _first_max(score)
-    is_plain = functools.partial(_plain_at, budget.shapes)
+    is_plain = functools.partial(plain_at, budget.shapes)
     draft_score = score
     if first_level is not None and not budget.finish:
         known = jnp.ones(first_level.shape, bool) if first_known is None else first_known
@@ -616,7 +616,7 @@ def keep_plain(
 
 def _probe_or_forced(budget, best, plain_streak, probe_wait, round_index) -> jax.Array:
     """The policy's `best` unless a probe is due (or running), or the schedule forces one."""
-    probe = _plain_at(budget.shapes, best) & probe_due(plain_streak, probe_wait)
+    probe = plain_at(budget.shapes, best) & probe_due(plain_streak, probe_wait)
     probe &= any(s is not None for s in budget.shapes)
     probe |= plain_streak < 0  # inside a probe (`next_probe`)
     pick = jnp.where(probe, probe_shape(budget), best)

@@ -1451,3 +1451,24 @@ def test_conf_acceptance_picks_each_rows_bin_at_every_confidence():
         ]
         got = budget.conf_acceptance(b, confs, counts, sampled)
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_adaptive_program_holds_one_catch_up_for_every_shape(pair, monkeypatch):
+    # Each segment starts with the catch-up its shape needs, one piece of the program for all
+    # shapes (`speculative._segment_start`): a catch-up per shape's segment made the program
+    # larger, and the host's launch of a program grows with its size. Counted as traced.
+    cfg, dcfg, base, draft = pair
+    b = speculative.prepare_budget(budget.make_budget(SHAPES), vocab_size=cfg.vocab_size)
+    state, knobs, plan = prefilled(base, draft, cfg, dcfg, PROMPTS, b, max_new=24, eos_ids=[1])
+    traced = []
+    catch_up = speculative._catch_up
+    monkeypatch.setattr(
+        speculative, "_catch_up", lambda *a, **k: traced.append(1) or catch_up(*a, **k)
+    )
+    for index in (None, 0, 3):
+        traced.clear()
+        speculative.run_segment.lower(
+            state, base, draft, knobs, b, None, jnp.int32(8), index=index, cfg=cfg, dcfg=dcfg,
+            greedy=True, shapes=plan,
+        )  # fmt: skip
+        assert len(traced) == 1, index
