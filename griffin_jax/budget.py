@@ -105,8 +105,8 @@ HISTORY_MEMORY = 16.0  # a finished row with this many trials at a level moves h
 HISTORY_STALE = 16  # finished rows of a class that did not try a level before history forgets it
 CONF_BINS = 10  # bins of the draft's level-1 confidence (its top probability), [0, 1] in tenths
 CONF_PRIOR_WEIGHT = 2.0  # pseudo-trials behind each bin's prior (acceptance = the bin's centre)
-ROWS_ADDED = 8  # up to this many rows, the policy's sums over rows are unrolled additions
 CONF_MEMORY = 256.0  # trials per bin history keeps (older ones fade as new ones arrive)
+ROWS_ADDED = 8  # up to this many rows, the policy's sums over rows are unrolled additions
 
 Shape = TreeConfig | None  # None: a plain decode step (no draft)
 

@@ -1467,8 +1467,12 @@ def test_the_adaptive_program_holds_one_catch_up_for_every_shape(pair, monkeypat
     )
     for index in (None, 0, 3):
         traced.clear()
-        speculative.run_segment.lower(
-            state, base, draft, knobs, b, None, jnp.int32(8), index=index, cfg=cfg, dcfg=dcfg,
-            greedy=True, shapes=plan,
+        segment = functools.partial(
+            speculative.run_segment.__wrapped__, index=index, cfg=cfg, dcfg=dcfg, greedy=True,
+            shapes=plan,
         )  # fmt: skip
+        # a program of its own, so that it is traced here whatever an earlier test compiled
+        jax.jit(lambda *args, run=segment: run(*args)).lower(
+            state, base, draft, knobs, b, None, jnp.int32(8)
+        )
         assert len(traced) == 1, index
