@@ -415,10 +415,7 @@ def _shape_tokens(
     """`tokens_from_acceptance` from the L acceptance columns [B], as S columns [B] each.
     Running sums over the few levels, not `jnp.cumprod` / `jnp.cumsum` (each a reduce-window
     XLA runs as a thunk of its own) and a gather of the shapes' columns: elementwise work that
-    XLA fuses. With the level estimates' one reciprocal (`_level_columns`) and the row sums'
-    additions (`_row_sums`), the policy's part of a (1,3,5) round in the default chain's
-    batch-1 adaptive program is 4 thunks (12 before those two; 2 in the fixed tree's program),
-    and a held-out call 0.3-0.7 ms shorter (median of paired calls, ~20 rounds)."""
+    XLA fuses."""
     zero = jnp.zeros_like(columns[0])
     reach, first, second = None, [zero], [zero]
     for i, p in enumerate(columns):
@@ -560,7 +557,11 @@ def choose(
     if len(budget.shapes) == 1:
         return jnp.int32(0)
     # Per shape, a column [B] or a scalar each, in unrolled arithmetic XLA fuses into a few
-    # thunks (`_shape_tokens`, `_first_max`, `_select`): this runs after every drafting round.
+    # thunks (`_level_columns`, `_shape_tokens`, `_row_sums`, `_first_max`, `_select`): this
+    # runs after every drafting round. In a (1,3,5) round of the default chain's batch-1
+    # adaptive program it is 4 thunks (12 before the level estimates' one reciprocal and the
+    # row sums' additions; 2 in the fixed tree's program), a held-out call 0.3-0.7 ms shorter
+    # for those two (median of paired calls, ~20 rounds).
     p = _level_columns(hits, trials)
     mean, var = _shape_tokens(p, budget.shapes)
     plain = [s is None for s in budget.shapes]

@@ -999,12 +999,11 @@ def run_segment(
         s, slots = start(s, limit - n)
         ran_here = jnp.int32(0)
         for i, shape in enumerate(budget.shapes):  # each runs only while the budget picks it
-            # After another segment of this pass, only where no catch-up is due (for a drafting
-            # shape nothing pending, for plain rounds room): one is the next pass's start.
-            pending = s.pending_len
-            ready = jnp.all(pending < shapes.pending) if shape is None else jnp.all(pending == 0)
+            # After another segment of this pass, only where no catch-up is due: one is the
+            # next pass's start.
             first = ran_here == 0
-            rounds_left = jnp.where(first | ready, limit - n, 0)
+            due = _catch_up_due(s.pending_len, shape is None, shapes.pending)
+            rounds_left = jnp.where(first | ~due, limit - n, 0)
             s, ran = run(s, rounds_left, jnp.where(first, slots, 0), index=i)
             ran_here, n = ran_here + ran, n + ran
         return s, n
@@ -1030,8 +1029,7 @@ def _segment_start(
     # older positions would never reach the trunk through one.
     probing = plain | budget_lib.probe_due(state.plain_streak, state.probe_wait)
     slots = catch_up_slots(jnp.max(probe_pending(pending, probing)), shapes.pending)
-    needs = jnp.where(plain, jnp.any(pending >= shapes.pending), jnp.any(pending > 0))
-    needs &= jnp.any(~state.done) & (limit > 0)
+    needs = _catch_up_due(pending, plain, shapes.pending) & jnp.any(~state.done) & (limit > 0)
     if index is not None:
         needs &= state.next_shape == index
     catch_up = functools.partial(
@@ -1039,6 +1037,13 @@ def _segment_start(
         cfg=cfg, dcfg=dcfg, shapes=shapes, probing=probing,
     )  # fmt: skip
     return run_if(needs, catch_up, state), slots
+
+
+def _catch_up_due(pending: jax.Array, plain, size: int) -> jax.Array:
+    """Whether a segment must start with the draft trunk's catch-up, from the rows' pending
+    counts [B]: plain rounds (`plain`, a bool or a traced one) need room in the `size`-slot
+    pending buffer, a drafting shape's rounds nothing pending."""
+    return jnp.where(plain, jnp.any(pending >= size), jnp.any(pending > 0))
 
 
 def _shape_segment(
