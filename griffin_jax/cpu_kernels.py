@@ -156,6 +156,22 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+CHUNK_THREADS = {None: -1, "helpers": 0, "xla": 1}
+
+
+def set_chunk_threads(choice: str | None) -> None:
+    """Where the kernels split their large calls from now on, for every program of this
+    process, compiled or not: "helpers" (the library's own threads), "xla" (XLA's intra-op
+    pool, as `GRIFFIN_CPU_THREADS=xla`) or None (as that variable says). Each output element
+    is the same sum either way, so only the speed changes (`inference.bench_threads` times
+    both, call by call in one process). A no-op without the library."""
+    if choice not in CHUNK_THREADS:
+        raise ValueError(f"chunk threads: expected one of {list(CHUNK_THREADS)}, got {choice!r}")
+    lib = library()
+    if lib is not None:
+        lib.GriffinSetChunkThreads(CHUNK_THREADS[choice])
+
+
 def _matmul_choice() -> str:
     choice = os.environ.get("GRIFFIN_CPU_MATMUL", "")
     if choice not in ("", "amx", "packed", "xla"):

@@ -5,6 +5,9 @@ kernel taking the packed form, and XLA's products wherever the library is not th
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,60 @@ def test_packed_product_is_xla_s_product(rows, k, n):
     want = x.astype(np.float64) @ w.astype(np.float64)
     # f32 sums of K products of O(1) terms: round-off grows like sqrt(K) * eps * |terms|
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6 * np.sqrt(k) * 4)
+
+
+def test_the_chunks_threads_change_at_run_time_and_keep_the_bits():
+    """`cpu_kernels.set_chunk_threads` moves a split call's chunks between the library's
+    helpers and XLA's pool for calls of an already compiled program; every setting gives the
+    same bits (f32 panels, AMX tiles where this CPU has them, a 60-query attention)."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((60, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((256, 1408)), jnp.float32)
+    kernels = [cpu_kernels.pack(w), cpu_kernels.pack(w.astype(jnp.bfloat16).astype(jnp.float32))]
+    q = jnp.asarray(rng.standard_normal((1, 60, 8, 32)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 512, 2, 32)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(np.arange(512)[None, None, :] < 300 + np.arange(60)[None, :, None])
+    run = jax.jit(lambda x, a, b, q, k, v, m: (cpu_kernels.matmul(x, a), cpu_kernels.matmul(x, b),
+                                               cpu_kernels.attention(q, k, v, m)))  # fmt: skip
+    outs = []
+    try:
+        for choice in ("helpers", "xla", None, "xla", "helpers"):
+            cpu_kernels.set_chunk_threads(choice)
+            outs.append([np.asarray(o) for o in run(x, *kernels, q, k, v, mask)])
+    finally:
+        cpu_kernels.set_chunk_threads(None)
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0], strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(outs[0][0], np.asarray(x) @ np.asarray(w), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="chunk threads"):
+        cpu_kernels.set_chunk_threads("pool")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no helper threads")
+def test_the_helpers_start_only_when_chunks_go_to_them():
+    """A process whose split calls run on XLA's pool starts none of the library's helper
+    threads; switching to the helpers starts one per CPU but the caller's."""
+    script = (
+        "import os, jax.numpy as jnp\n"
+        "from griffin_jax import cpu_kernels\n"
+        "x = jnp.ones((60, 256), jnp.float32)\n"
+        "w = cpu_kernels.pack(jnp.ones((256, 1408), jnp.float32) * 0.5)\n"
+        "def threads(choice):\n"
+        "    cpu_kernels.set_chunk_threads(choice)\n"
+        "    cpu_kernels.matmul(x, w).block_until_ready()\n"
+        "    return len(os.listdir('/proc/self/task'))\n"
+        "print(threads('xla'), threads('xla'), threads('helpers'), threads('xla'))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("GRIFFIN_CPU_THREADS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pool, again, helpers, back = map(int, done.stdout.split()[-4:])
+    assert again == pool and back == helpers
+    assert helpers - pool == len(os.sched_getaffinity(0)) - 1
 
 
 def test_a_row_s_result_does_not_depend_on_the_rows_beside_it():

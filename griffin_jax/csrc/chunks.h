@@ -10,7 +10,8 @@
 // calls the kernels every few microseconds, and a helper woken from sleep (as XLA's CPU pool's
 // are) arrives ~10-50 us late, after a decode's products (5-20 us each) have finished on the
 // calling thread alone. One caller holds the helpers at a time; another caller meanwhile runs
-// its chunks alone. `GRIFFIN_CPU_THREADS=xla` hands chunks to XLA's pool instead.
+// its chunks alone. `GRIFFIN_CPU_THREADS=xla` hands chunks to XLA's pool instead, and so does
+// `cpu_kernels.set_chunk_threads("xla")` from then on ("helpers" back, None as the variable says).
 
 #pragma once
 
@@ -55,13 +56,22 @@ inline void Pause() {
 #endif
 }
 
-// Whether chunks go to XLA's pool (`GRIFFIN_CPU_THREADS=xla`) rather than the helpers.
+// Where chunks go: -1 = as `GRIFFIN_CPU_THREADS` says (read once), 0 = the helpers, 1 = XLA's
+// pool. `GriffinSetChunkThreads` (`cpu_kernels.set_chunk_threads`) changes it at run time, for
+// the calls that start after it; a call's chunks and bits do not depend on it.
+inline std::atomic<int>& ChunkThreads() {
+  static std::atomic<int> choice{-1};
+  return choice;
+}
+
+// Whether chunks go to XLA's pool rather than the helpers.
 inline bool UseXlaPool() {
-  static const bool xla = [] {
+  static const bool env_xla = [] {
     const char* choice = std::getenv("GRIFFIN_CPU_THREADS");
     return choice && std::strcmp(choice, "xla") == 0;
   }();
-  return xla;
+  const int choice = ChunkThreads().load(std::memory_order_relaxed);
+  return choice < 0 ? env_xla : choice == 1;
 }
 
 class Helpers {
@@ -98,8 +108,8 @@ class Helpers {
   Helpers() {
     cpu_set_t set;
     int cpus = 1;
+    // Started at the first call that chunks on the helpers: a process on XLA's pool has none.
     if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
-    if (UseXlaPool()) cpus = 1;  // no helpers
     for (int i = 1; i < cpus; ++i) threads_.emplace_back([this] { Loop(); });
     for (auto& t : threads_) t.detach();
   }

@@ -116,6 +116,12 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
+// Where the kernels' chunks go from now on (chunks.h): -1 = as `GRIFFIN_CPU_THREADS` says, 0 =
+// the library's helpers, 1 = XLA's pool.
+extern "C" void GriffinSetChunkThreads(int choice) {
+  griffin::ChunkThreads().store(choice < 0 ? -1 : choice > 0 ? 1 : 0);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
