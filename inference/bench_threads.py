@@ -11,6 +11,8 @@ settings call by call (the order of the four (method, setting) pairs shuffled fo
 so both meet the same machine, and reports each method's per-call change on XLA's pool
 against the helpers, paired by call. Every call's new tokens must be equal across the four
 (greedy, or seeded sampling: speculative decoding emits vanilla's tokens), which is checked.
+With `--tree auto` the policy's round costs are measured (or read from the cost cache) on the
+default setting, in the warm-up.
 
 Example:
   python -m inference.bench_threads --bench runs/prompts/heldout_code/question.jsonl \\

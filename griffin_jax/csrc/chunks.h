@@ -105,10 +105,11 @@ class Helpers {
   }
 
  private:
+  // Built at the first call that chunks on the helpers (`Get`): a process whose calls all chunk
+  // on XLA's pool starts none.
   Helpers() {
     cpu_set_t set;
     int cpus = 1;
-    // Started at the first call that chunks on the helpers: a process on XLA's pool has none.
     if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
     for (int i = 1; i < cpus; ++i) threads_.emplace_back([this] { Loop(); });
     for (auto& t : threads_) t.detach();
