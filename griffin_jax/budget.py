@@ -52,11 +52,17 @@ that maximises the expected committed tokens per millisecond over the batch's ru
   probe that does not bring drafting back (exponential backoff), up to the wait at which the
   probes cost at most PROBE_SHARE of the plain rounds between them (from the measured costs:
   the probe's rounds and the draft trunk's catch-up that starts it, over at most the latest
-  16 pending positions of a row, `probe_cap`);
-  the policy choosing to draft on its own resets it. The backoff's ramp is what a poor draft
-  pays while the policy learns: with a doubling wait 5 probes came before the cap (~350 plain
-  steps here), 6-11% of the time of a 500-step stretch at batch 8 (a probe there is ~4 plain
-  steps of rounds, more with the trunk's catch-up); growing 4-fold, 3.
+  16 pending positions of a row, `probe_cap`); each round the policy chooses to draft on its
+  own shrinks it `probe_growth`-fold, down to `probe_every`: a real return to drafting brings
+  it back within a few rounds, while a probe whose rounds went well by luck (a sampled row's,
+  near the break-even) and a round or two of drafting after it leave it long. Reset at once,
+  it had sent the next probes 8, 32, 128 plain rounds later, each a call of the adaptive
+  program where the plain decoder's would run: six 96-token calls in a row at T=1 on held-out
+  code, up to ~10 ms a call dearer than vanilla (the measurement log's "Where the kernels split
+  their calls"). The backoff's ramp is what a poor draft pays while the policy learns: with a
+  doubling wait 5 probes came before the cap (~350 plain steps here), 6-11% of the time of a
+  500-step stretch at batch 8 (a probe there is ~4 plain steps of rounds, more with the
+  trunk's catch-up); growing 4-fold, 3.
 
 A batch the policy would decode plainly throughout (plain decoding chosen for its first round,
 no probe falling due before it ends) runs the plain decoder's own program instead of this one
@@ -690,10 +696,11 @@ def next_probe(
 
     The streak: +1 after a plain round; after a drafting round 0, or -(PROBE_ROUNDS - 1) when
     that round started a probe (negative: probe rounds left). The wait: `probe_growth` times
-    longer (up to `probe_cap`) when a probe starts, back to `probe_every` when the policy
-    drafted on its own (so a probe that brings drafting back resets it, and one that does not
-    leaves it longer). `catch_up_slots`: the size of the catch-up forward the round's segment
-    started with (`probe_cap`).
+    longer (up to `probe_cap`) when a probe starts, `probe_growth` times shorter (down to
+    `probe_every`) for each round the policy drafted on its own (so drafting that comes back
+    brings it down within a few rounds, a lucky round or two leave it long, and a probe that
+    brings nothing back leaves it longer). `catch_up_slots`: the size of the catch-up forward
+    the round's segment started with (`probe_cap`).
     """
     if not drafted:
         return plain_streak + 1, probe_wait
@@ -705,7 +712,9 @@ def next_probe(
     wait = jnp.where(
         started,
         jnp.minimum(budget.probe_growth * probe_wait, probe_cap(budget, catch_up_slots)),
-        jnp.where(own, budget.probe_every, probe_wait),
+        jnp.where(
+            own, jnp.maximum(probe_wait // budget.probe_growth, budget.probe_every), probe_wait
+        ),
     ).astype(jnp.int32)
     return streak, wait
 

@@ -441,14 +441,30 @@ def test_a_probe_forgets_the_levels_it_does_not_draft():
     np.testing.assert_array_equal(np.asarray(h), np.asarray(hits))
 
 
-def test_a_probe_that_brings_drafting_back_resets_the_wait():
+def test_drafting_on_its_own_shrinks_the_wait_round_by_round():
+    """Each round the policy drafts on its own divides the wait by `probe_growth`, down to
+    `probe_every`: drafting that comes back brings the probes back within a few rounds, while
+    a round or two after a lucky probe (a sampled row near the break-even) leave the wait long
+    instead of sending the next probes 8, 32, 128 rounds later."""
     b = budget.make_budget(SHAPES, costs=[1.0, 1.4, 1.8, 2.6])
     good = _stats([0.9] * 4)
     streak, wait = jnp.int32(0), jnp.int32(64)  # after several failed probes
     # the policy drafts on its own (the probe's statistics were good)
     assert _choose(b, *good, streak=0, wait=64) == 3
-    streak, wait = budget.next_probe(streak, wait, drafted=True, budget=b)
-    assert int(wait) == budget.PROBE_EVERY and int(streak) == 0
+    waits = []
+    for _ in range(3):
+        streak, wait = budget.next_probe(streak, wait, drafted=True, budget=b)
+        waits.append(int(wait))
+        assert int(streak) == 0
+    growth = budget.PROBE_GROWTH
+    assert waits == [64 // growth, max(64 // growth**2, budget.PROBE_EVERY), budget.PROBE_EVERY]
+    # at the cap, one round of drafting leaves the wait a probe_growth-th of it
+    cap = int(budget.probe_cap(b))
+    _, wait = budget.next_probe(jnp.int32(0), jnp.int32(cap), drafted=True, budget=b)
+    assert int(wait) == max(cap // growth, budget.PROBE_EVERY) > budget.PROBE_EVERY
+    # a plain round leaves it, a probe's rounds (negative streak) leave it too
+    assert int(budget.next_probe(jnp.int32(3), jnp.int32(cap), drafted=False, budget=b)[1]) == cap
+    assert int(budget.next_probe(jnp.int32(-2), jnp.int32(cap), drafted=True, budget=b)[1]) == cap
 
 
 @pytest.fixture
