@@ -1059,11 +1059,9 @@ def _shape_segment(
     static = dict(
         cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes, drafting=drafting,
     )  # fmt: skip
-    if shape is None:
-        body_fn = _plain_round
-        slots = 0  # a plain round starts no probe
-    else:
-        body_fn = functools.partial(_tree_round, tree_cfg=shape)
+    # `slots` only prices a probe a drafting round starts (`next_probe` ignores it after a
+    # plain round).
+    body_fn = _plain_round if shape is None else functools.partial(_tree_round, tree_cfg=shape)
 
     def picked(s, n):  # the budget picks this shape, some row runs, rounds are left
         return jnp.any(~s.done) & (s.next_shape == index) & (n < limit)
@@ -1071,8 +1069,8 @@ def _shape_segment(
     def cond(carry):
         s, n = carry
         go = picked(s, n)
-        if shape is None and drafting:
-            go &= jnp.all(s.pending_len < shapes.pending)
+        if shape is None and drafting:  # room in the pending buffer
+            go &= ~_catch_up_due(s.pending_len, True, shapes.pending)
         return go
 
     def body(carry):
