@@ -100,7 +100,7 @@ PRIOR_WEIGHT = 1.0  # pseudo-trials behind each level's prior
 DECAY = 0.97  # per drafting round: statistics follow the text over ~30 drafting rounds
 PROBE_EVERY = 8  # plain rounds in a row before drafting rounds refresh the statistics
 PROBE_ROUNDS = 3  # drafting rounds of such a probe (one round's luck is too little to go on)
-PROBE_SHARE = 0.02  # probes that keep failing cost at most this share of the plain rounds' time
+PROBE_SHARE = 0.01  # probes that keep failing cost at most this share of the plain rounds' time
 PROBE_GROWTH = 4  # each probe that does not bring drafting back multiplies the wait by this
 HYSTERESIS = 0.05  # another drafting shape must promise this much more tokens per ms to be
 # switched to
