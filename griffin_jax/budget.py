@@ -112,6 +112,7 @@ HISTORY_STALE = 16  # finished rows of a class that did not try a level before h
 CONF_BINS = 10  # bins of the draft's level-1 confidence (its top probability), [0, 1] in tenths
 CONF_PRIOR_WEIGHT = 2.0  # pseudo-trials behind each bin's prior (acceptance = the bin's centre)
 CONF_MEMORY = 256.0  # trials per bin history keeps (older ones fade as new ones arrive)
+KEEP_CHUNKS = -2  # `Budget.chunks`: a shape's rounds leave the kernels' threads as they are
 ROWS_ADDED = 8  # up to this many rows, the policy's sums over rows are unrolled additions
 
 Shape = TreeConfig | None  # None: a plain decode step (no draft)
@@ -191,6 +192,9 @@ class Budget:
     # [2, 2, CONF_BINS] f32 pseudo-counts behind each confidence bin's level-1 acceptance:
     # (greedy, sampled) x (hits, trials) (`conf_acceptance`)
     conf_prior: jax.Array
+    # [S] int32 where each shape's rounds run the CPU kernels' chunks: 0 the library's helper
+    # threads, 1 XLA's pool, KEEP_CHUNKS where the process has them (`cpu_kernels.chunks_here`)
+    chunks: jax.Array
     probe_every: int = flax.struct.field(pytree_node=False, default=PROBE_EVERY)
     probe_growth: int = flax.struct.field(pytree_node=False, default=PROBE_GROWTH)
     finish: bool = flax.struct.field(pytree_node=False, default=False)
@@ -209,10 +213,13 @@ def make_budget(
     probe_growth: int = PROBE_GROWTH,
     catch_up: float = 0.0,
     probe_call: float = 0.0,
+    chunks: Sequence[int] | None = None,
 ) -> Budget:
     """A Budget; `costs` default to equal costs (then the deepest tree always wins).
     `catch_up`: ms per catch-up slot (`Budget.catch_up`), `probe_call`: ms a probe adds to a
-    call (`Budget.probe_call`): the last two figures of `speculative.measure_round_costs`."""
+    call (`Budget.probe_call`): the last two figures of `speculative.measure_round_costs`.
+    `chunks`: per shape, where its rounds run the CPU kernels' chunks (`Budget.chunks`;
+    default: where the process has them)."""
     shapes = tuple(shapes)
     if not shapes:
         raise ValueError("a budget needs at least one round shape")
@@ -228,6 +235,9 @@ def make_budget(
         raise ValueError(f"probe_every: a positive number of rounds expected, got {probe_every}")
     if not (isinstance(probe_growth, int) and probe_growth >= 1):
         raise ValueError(f"probe_growth: a positive integer factor expected, got {probe_growth}")
+    chunks = [KEEP_CHUNKS] * len(shapes) if chunks is None else list(chunks)
+    if len(chunks) != len(shapes) or not set(chunks) <= {KEEP_CHUNKS, 0, 1}:
+        raise ValueError(f"chunks: {len(shapes)} of {KEEP_CHUNKS} (keep), 0 or 1, got {chunks}")
     sched = np.asarray([-1] if schedule is None else list(schedule), np.int32)
     if sched.ndim != 1 or len(sched) == 0 or sched.min() < -1 or sched.max() >= len(shapes):
         raise ValueError(f"schedule: shape indices in [-1, {len(shapes)}) expected")
@@ -249,6 +259,7 @@ def make_budget(
         start_wait=np.int32(probe_every),
         start_streak=np.int32(0),
         conf_prior=conf_pseudo_counts(np.zeros((2, 2, CONF_BINS))),
+        chunks=np.asarray(chunks, np.int32),
         probe_every=probe_every,
         probe_growth=probe_growth,
     )
@@ -885,12 +896,35 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def round_costs_valid(entry: list[float], shapes: int | None = None) -> bool:
+    """Whether `entry` is `speculative.measure_round_costs`' list: round costs > 0, then the
+    catch-up's ms per slot and a probe's ms a call, >= 0; with `shapes` given, exactly that
+    many round costs, or that many and then as many `Budget.chunks` settings (0 or 1: its
+    `choose_chunks`)."""
+    costs = entry
+    if shapes is not None:
+        if len(entry) == 2 * shapes + 2 and set(entry[shapes + 2 :]) <= {0.0, 1.0}:
+            costs = entry[: shapes + 2]
+        elif len(entry) != shapes + 2:
+            return False
+    return (
+        len(costs) >= 3
+        and all(np.isfinite(c) and c > 0 for c in costs[:-2])
+        and all(0 <= c < np.inf for c in costs[-2:])
+    )
+
+
 def load_or_measure_costs(
-    key: str, measure: Callable[[], list[float]], *, path: pathlib.Path | None = None
+    key: str,
+    measure: Callable[[], list[float]],
+    *,
+    path: pathlib.Path | None = None,
+    check: Callable[[list[float]], bool] = round_costs_valid,
 ) -> tuple[list[float], bool]:
     """(costs, measured_now): read from the cache file, else measured and written there.
     `costs`: what `measure` returns, `speculative.measure_round_costs`'s list (ms per round of
-    each shape, then ms per catch-up slot and ms a probe adds to a call).
+    each shape, then ms per catch-up slot and ms a probe adds to a call, and where it chose
+    them each shape's `Budget.chunks`); a cached entry is used only where it passes `check`.
 
     An unreadable or malformed cache file is replaced (it only holds measurements); a cache
     that cannot be written is skipped. With several processes (`jax.distributed`) process 0's
@@ -907,15 +941,10 @@ def load_or_measure_costs(
         table = {}
     entry = table.get(key)
     costs = None
-    if (
-        isinstance(entry, list)
-        and len(entry) >= 3
-        and all(isinstance(c, (int, float)) for c in entry)
+    if isinstance(entry, list) and all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) for c in entry
     ):
-        # round costs > 0, then the catch-up's ms per slot and a probe's ms a call, >= 0
-        if all(np.isfinite(c) and c > 0 for c in entry[:-2]) and all(
-            0 <= c < np.inf for c in entry[-2:]
-        ):
+        if check([float(c) for c in entry]):
             costs = [float(c) for c in entry]
     costs = from_process_zero(costs)
     if costs is not None:

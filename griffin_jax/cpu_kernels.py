@@ -22,7 +22,9 @@ weight bytes. Rows stay independent there too.
 
 The kernels split large calls between the calling thread and the library's helper threads
 (`csrc/chunks.h`), which poll for work for a moment after each call instead of sleeping, as
-XLA's pool's threads do (`GRIFFIN_CPU_THREADS=xla` uses XLA's pool).
+XLA's pool's threads do (`GRIFFIN_CPU_THREADS=xla` uses XLA's pool). Which is faster depends on
+the work around the calls: a program sets it for a piece of itself with `chunks_here` (the
+speculative rounds, each kind of round where `speculative.measure_round_costs` found it faster).
 
 `attention` (`csrc/attention.cc`) is every f32 forward's attention on a CPU
 (`layers.attention_implementation`): XLA's sliced and transposed the cache's keys and values
@@ -68,6 +70,7 @@ TOP_K_TARGET = "griffin_top_k_log_softmax"
 ARGMAX_TARGET = "griffin_argmax"
 TAKE_ROWS_TARGET = "griffin_take_rows"
 AMX_TARGET = "griffin_amx_matmul"
+CHUNKS_HERE_TARGET = "griffin_chunks_here"
 _HANDLERS = {  # FFI target -> the library's handler symbol
     TARGET: "GriffinPackedMatmul",
     ATTENTION_TARGET: "GriffinAttention",
@@ -75,6 +78,7 @@ _HANDLERS = {  # FFI target -> the library's handler symbol
     ARGMAX_TARGET: "GriffinArgmax",
     TAKE_ROWS_TARGET: "GriffinTakeRows",
     AMX_TARGET: "GriffinAmxMatmul",
+    CHUNKS_HERE_TARGET: "GriffinChunksHere",
 }
 TILE = 16  # output columns per AMX tile
 TILE_STEP = 32  # K values per AMX tile product
@@ -170,6 +174,46 @@ def set_chunk_threads(choice: str | None) -> None:
     lib = library()
     if lib is not None:
         lib.GriffinSetChunkThreads(CHUNK_THREADS[choice])
+    _chunk_setting[0] = choice
+
+
+_chunk_setting: list[str | None] = [None]  # the last `set_chunk_threads` choice
+
+
+def restore_chunk_threads() -> None:
+    """Puts back the last `set_chunk_threads` setting (None: as `GRIFFIN_CPU_THREADS` says)
+    after programs that set their own (`chunks_here`)."""
+    set_chunk_threads(_chunk_setting[0])
+
+
+def chunk_threads_now() -> int | None:
+    """The setting the kernels read now (`CHUNK_THREADS`' values), None without the library."""
+    lib = library()
+    return None if lib is None else int(lib.GriffinChunkThreadsNow())
+
+
+def chunk_choice_applies() -> bool:
+    """Whether where the chunks run is this process's to choose, shape by shape
+    (`speculative.measure_round_costs(choose_chunks=True)`): the kernels in use here
+    (`enabled`), more than one CPU to split over, and `GRIFFIN_CPU_THREADS` unset (a setting
+    the user gave is kept)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return not os.environ.get("GRIFFIN_CPU_THREADS") and (cpus or 1) > 1 and enabled()
+
+
+def chunks_here(choice: jax.Array, x: jax.Array) -> jax.Array:
+    """x (int32), after setting where the kernels' chunks go from here on to `choice` (an int32
+    scalar: -2 leaves it, else as `CHUNK_THREADS`' values), inside a program: whatever reads
+    the result runs after it (a piece of a program, such as a round shape's segment, runs its
+    kernels where it was measured faster: `Budget.chunks`). The setting outlasts the program:
+    its caller puts it back (`restore_chunk_threads`). x itself where the library is not in
+    use. Not marked as having side effects: the result is read, so it runs, and a side effect
+    made XLA run the call apart from the thunks around it (~0.4 ms a call here, ~1.6 ms more a
+    batch-1 call of the adaptive program)."""
+    if not enabled():
+        return x
+    call = jax.ffi.ffi_call(CHUNKS_HERE_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.int32))
+    return call(jnp.asarray(choice, jnp.int32), x)
 
 
 def _matmul_choice() -> str:

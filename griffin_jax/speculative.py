@@ -1104,6 +1104,9 @@ def _shape_segment(
             )  # fmt: skip
         return s.replace(next_shape=nxt), n + 1
 
+    # The shape's rounds run the CPU kernels' chunks where they were measured faster (the
+    # rounds read `step`, so the setting comes first).
+    state = state.replace(step=cpu_kernels.chunks_here(budget.chunks[index], state.step))
     return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
 
 
@@ -1217,20 +1220,24 @@ def generate(
     # The segment is dispatched behind the prefill without waiting for it (a segment whose
     # rows are all done runs no round), and each segment's results come back in one transfer:
     # a batch-1 call of the device loop has one host sync, as vanilla's has.
-    for _ in range(max_new_tokens):  # a segment with a running row emits >= 1 token per row
-        state = run_segment(
-            state, base_params, draft_params, knobs, budget, draft_head, limit, index=None,
-            **static,
-        )  # fmt: skip
-        fetched = jax.device_get((
-            state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
-            state.own_hits, state.own_trials, state.conf_counts, state.probe_wait,
-            state.plain_streak, state.done,
-        ))  # fmt: skip
-        if on_round is not None:
-            on_round(fetched[0], fetched[1])
-        if np.all(fetched[-1]):
-            break
+    try:
+        for _ in range(max_new_tokens):  # a segment with a running row emits >= 1 token a row
+            state = run_segment(
+                state, base_params, draft_params, knobs, budget, draft_head, limit, index=None,
+                **static,
+            )  # fmt: skip
+            fetched = jax.device_get((
+                state.out_tokens, state.num_out, state.accept_log, state.shape_log, state.rounds,
+                state.own_hits, state.own_trials, state.conf_counts, state.probe_wait,
+                state.plain_streak, state.done,
+            ))  # fmt: skip
+            if on_round is not None:
+                on_round(fetched[0], fetched[1])
+            if np.all(fetched[-1]):
+                break
+    finally:  # the shapes' segments may have moved the kernels' threads (`Budget.chunks`)
+        if cpu_kernels.enabled():
+            cpu_kernels.restore_chunk_threads()
     out, num_out, log, shape_log, rounds, hits, trials, conf_counts, wait, streak, _ = fetched
     return SpecResult(
         output_ids=[out[i, : num_out[i]].tolist() for i in range(len(prompts))],
@@ -1263,11 +1270,16 @@ def measure_round_costs(
     segment: int = 20,
     short: int = 4,
     max_steal: float = steal.MAX_STEAL,
+    choose_chunks: bool = False,
 ) -> list[float]:
     """Milliseconds per round of each of the budget's shapes, on this machine, at `batch` rows,
     then milliseconds per slot of the draft trunk's catch-up (`Budget.catch_up`; 0 without a
     plain shape) and the milliseconds a call of the program costs beyond its rounds
-    (`Budget.probe_call`; >= 0): [S + 2] floats.
+    (`Budget.probe_call`; >= 0): [S + 2] floats. With `choose_chunks` (`cpu_kernels.
+    chunk_choice_applies`), every shape is timed with the CPU kernels' chunks on the library's
+    helper threads and on XLA's pool, in the same passes, and shapes of a kind (plain,
+    drafting) share the faster setting (`chunk_choice`): each shape's cost there, and then S
+    more floats, each shape's setting (`Budget.chunks`: 0 the helpers, 1 XLA's pool).
 
     Runs the program `generate` runs (`run_segment` over every shape, each round forced to one
     shape through `Budget.schedule`) on a synthetic batch of `prompt_len`-token prompts with
@@ -1311,20 +1323,27 @@ def measure_round_costs(
     static = dict(cfg=cfg, dcfg=dcfg, greedy=greedy, shapes=shapes)
     inputs = (jnp.asarray(tokens), jnp.asarray(lengths), knobs,
               jnp.asarray(vanilla.row_seeds(0, batch)))  # fmt: skip
+    # Each shape under each setting of the kernels' threads compared (`choose_chunks`), as
+    # entries of their own: (shape index, `Budget.chunks` value).
+    settings = (0, 1) if choose_chunks else (budget_lib.KEEP_CHUNKS,)
+    entries = [(i, c) for i in range(len(budget.shapes)) for c in settings]
     # No probe is ever due (a probe's catch-up forwards fewer slots than are pending).
     forced = [
         budget.replace(
-            schedule=jnp.full((shapes.out_size,), i, jnp.int32), start_wait=jnp.int32(2**30)
-        )
-        for i in range(len(budget.shapes))
+            schedule=jnp.full((shapes.out_size,), i, jnp.int32),
+            start_wait=jnp.int32(2**30),
+            chunks=jnp.full((len(budget.shapes),), c, jnp.int32),
+        )  # fmt: skip
+        for i, c in entries
     ]
 
-    def timed(state, index: int, n: int) -> tuple[SpecState, float]:
+    def timed(state, entry: int, n: int) -> tuple[SpecState, float]:
+        index = entries[entry][0]
         step0 = int(state.step)
         state = state.replace(next_shape=jnp.int32(index))  # what the schedule says next
         t0 = time.perf_counter()
         state = run_segment(
-            state, base_params, draft_params, knobs, forced[index], draft_head,
+            state, base_params, draft_params, knobs, forced[entry], draft_head,
             jnp.int32(n), index=None, **static,
         )  # fmt: skip
         step = int(jax.device_get(state.step))
@@ -1333,39 +1352,49 @@ def measure_round_costs(
         return state, time.perf_counter() - t0
 
     kinds = [shape is None for shape in budget.shapes]
-    # The catch-up is timed when there are both a plain and a drafting shape.
-    plain = kinds.index(True) if True in kinds and False in kinds else None
+    # The catch-up is timed when there are both a plain and a drafting shape (the first
+    # setting's entries).
+    both = True in kinds and False in kinds
+    plain = entries.index((kinds.index(True), settings[0])) if both else None
+    passes_run = [0]
 
     def one_pass() -> list[float]:
-        """[S shorter calls' ms, S longer calls' ms, catch-up ms per slot]."""
-        ms = {short: [], segment: []}
+        """[E shorter calls' ms, E longer calls' ms, catch-up ms per slot], E the entries. The
+        settings of a shape run one after the other, in turns: first in one pass, last in the
+        next."""
+        ms = {short: [0.0] * len(entries), segment: [0.0] * len(entries)}
         catch_up = 0.0
-        for index in range(len(budget.shapes)):
+        flip = passes_run[0] % 2 == 1
+        passes_run[0] += 1
+        width = len(settings)
+        order = [e for i in range(len(budget.shapes))
+                 for e in range(i * width, (i + 1) * width)[:: -1 if flip else 1]]  # fmt: skip
+        for entry in order:
             for n in (short, segment):
                 # Every call from the prompt's length: rounds of a good draft commit several
                 # tokens (this synthetic prompt's do: ~3.4 a round of the default chain), so
                 # shapes timed one after another on one state ran at ever longer caches, the
                 # last past a key window's edge (`layers.attention_spans`) and priced ~12% high.
                 state = prefill(
-                    base_params, draft_params, *inputs, forced[index], draft_head, **static
+                    base_params, draft_params, *inputs, forced[entry], draft_head, **static
                 )  # fmt: skip
-                state, _ = timed(state, index, 1)  # the shape's first round, apart from the call
-                state, seconds = timed(state, index, n)
-                ms[n].append(seconds * 1e3)
-            if index == plain:  # `segment` + 1 plain rounds pending
+                state, _ = timed(state, entry, 1)  # the shape's first round, apart from the call
+                state, seconds = timed(state, entry, n)
+                ms[n][entry] = seconds * 1e3
+            if entry == plain:  # `segment` + 1 plain rounds pending
                 catch_up = catch_up_ms(state)
         return [*ms[short], *ms[segment], catch_up]
 
     def priced(raw: list[list[float]]) -> tuple[list[list[float]], float]:
-        """(passes of [S round costs, catch-up], the call's ms) from `one_pass`'s timings. The
+        """(passes of [E round costs, catch-up], the call's ms) from `one_pass`'s timings. The
         call's cost beyond its rounds is one figure for every shape (its dispatch, segment
-        entries and host read): the median over every pass and shape of the two call lengths'
+        entries and host read): the median over every pass and entry of the two call lengths'
         intercept. Each round then costs its longer call less that, over its rounds. A
         difference of the two calls per shape and pass swung +-15% here from one pass to the
         next (a 2-vCPU VM's jitter of a few ms a call, over the 16 rounds between): four such
         measurements put a (1,0,2) round at 1.18-1.43 plain rounds, four of these at
         1.30-1.34."""
-        n = len(budget.shapes)
+        n = len(entries)
         table = np.asarray(raw, np.float64)
         t_short, t_long = table[:, :n], table[:, n : 2 * n]
         intercepts = (t_short * segment - t_long * short) / (segment - short)
@@ -1380,24 +1409,56 @@ def measure_round_costs(
         slots = int(catch_up_slots(jnp.max(state.pending_len), shapes.pending))
         if not slots:
             return 0.0
-        drafting = kinds.index(False)
+        drafting = entries.index((kinds.index(False), settings[0]))
         state, first = timed(state, drafting, 1)
         state, alone = timed(state, drafting, 1)
         return max(first - alone, 0.0) * 1e3 / slots
 
-    one_pass()  # compiles and warms up
-    # A pass that met stolen CPU time (a shared VM's host running others) is run again; not
-    # with several processes, which must run the same programs in step.
-    if jax.process_count() > 1:
-        max_steal = 1.0
-    raw: list[list[float]] = []
-    sturdy = repeats >= 3 and jax.process_count() == 1  # a spread needs 3 passes
-    while len(raw) < repeats or (
-        sturdy and len(raw) < max_repeats and cost_spread(priced(raw)[0]) > spread
-    ):
-        raw.append(steal.timed(one_pass, max_steal=max_steal).result)
+    try:
+        one_pass()  # compiles and warms up
+        # A pass that met stolen CPU time (a shared VM's host running others) is run again;
+        # not with several processes, which must run the same programs in step.
+        if jax.process_count() > 1:
+            max_steal = 1.0
+        raw: list[list[float]] = []
+        sturdy = repeats >= 3 and jax.process_count() == 1  # a spread needs 3 passes
+        while len(raw) < repeats or (
+            sturdy and len(raw) < max_repeats and cost_spread(priced(raw)[0]) > spread
+        ):
+            raw.append(steal.timed(one_pass, max_steal=max_steal).result)
+    finally:  # the segments moved the kernels' threads as each entry said
+        if choose_chunks:
+            cpu_kernels.restore_chunk_threads()
     passes, call = priced(raw)
-    return [*pass_medians(passes), call]
+    *by_entry, catch_up = pass_medians(passes)
+    if not choose_chunks:
+        return [*by_entry, catch_up, call]
+    pairs = np.asarray(by_entry).reshape(len(budget.shapes), len(settings))
+    choice = chunk_choice(pairs, kinds)
+    costs = pairs[np.arange(len(choice)), choice]
+    return [*costs.tolist(), catch_up, call, *(float(settings[c]) for c in choice)]
+
+
+CHUNK_MARGIN = 0.02  # XLA's pool is taken for a kind of round only when this much faster
+
+
+def chunk_choice(costs: np.ndarray, plain: Sequence[bool]) -> np.ndarray:
+    """[S] 0 (the library's helpers) or 1 (XLA's pool) per shape, from its measured costs
+    [S, 2] under each (`measure_round_costs`) and whether it is the plain shape. Shapes of a
+    kind share one setting, the faster for their summed costs, so a call's rounds switch threads
+    only where they switch between plain decoding and drafting (with a setting per shape,
+    (1,0,2) on the helpers and (1,3,5) on XLA's pool, out-of-corpus code at batch 1 changed
+    threads at most of its ~100 changes of shape and ran 8% behind the fixed (1,3,5) tree);
+    XLA's pool only where it is CHUNK_MARGIN faster (near a tie the helpers, the library's
+    default, stay, rather than a choice that flips with the noise from one measurement to the
+    next)."""
+    costs = np.asarray(costs, np.float64)
+    kinds = np.asarray(plain, bool)
+    choice = np.zeros(len(kinds), np.int64)
+    for kind in (kinds, ~kinds):
+        if kind.any() and costs[kind, 1].sum() < (1 - CHUNK_MARGIN) * costs[kind, 0].sum():
+            choice[kind] = 1
+    return choice
 
 
 def pass_medians(passes: list[list[float]]) -> list[float]:

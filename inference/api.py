@@ -37,7 +37,7 @@ from convert.load_hf import (
     read_json,
 )
 from griffin_jax import budget as budget_lib
-from griffin_jax import checks, sharding, speculative, vanilla
+from griffin_jax import checks, cpu_kernels, sharding, speculative, vanilla
 from griffin_jax.config import ModelConfig, TreeConfig
 from griffin_jax.draft import DraftConfig
 from griffin_jax.kv_cache import causal_mask, init_cache
@@ -337,9 +337,11 @@ class SpeculativeModel:
 
     def round_costs(self, batch: int, *, greedy: bool) -> list[float]:
         """ms per round of each of `shapes` at `batch` rows on this machine, then ms per slot
-        of the draft trunk's catch-up and ms a probe adds to a call: measured once
-        (`speculative.measure_round_costs`) and kept in the cost cache file
-        (`budget.cache_path()`, keyed by machine, model, shapes, batch and code version)."""
+        of the draft trunk's catch-up and ms a probe adds to a call, and where the CPU kernels'
+        threads are this process's to choose (`cpu_kernels.chunk_choice_applies`) each shape's
+        (`Budget.chunks`): measured once (`speculative.measure_round_costs`) and kept in the
+        cost cache file (`budget.cache_path()`, keyed by machine, model, shapes, batch and code
+        version)."""
         key = (batch, greedy)
         if key not in self._costs:
             dtype = self.base_params["embed_tokens"]["embedding"].dtype
@@ -348,6 +350,9 @@ class SpeculativeModel:
             layout += "+packed" if is_packed(self.base_params) else ""
             model = f"{self.cfg}|{self.dcfg}|{jnp.dtype(dtype).name}|{layout}|greedy={greedy}"
             mesh = "" if self.mesh is None else str(dict(self.mesh.shape))
+            # where each shape runs the CPU kernels' chunks, chosen with the costs (one device)
+            choose = self.mesh is None and cpu_kernels.chunk_choice_applies()
+            model += "|chunks=chosen" if choose else ""
             file_key = budget_lib.cost_key(model + mesh, self.shapes, batch)
 
             def measure() -> list[float]:
@@ -360,22 +365,46 @@ class SpeculativeModel:
                 return speculative.measure_round_costs(
                     self.base_params, self.cfg, self.draft_params, self.dcfg,
                     budget_lib.make_budget(self.shapes), batch=batch, greedy=greedy,
-                    draft_head=self.draft_head(),
+                    draft_head=self.draft_head(), choose_chunks=choose,
                 )  # fmt: skip
 
-            self._costs[key], _ = budget_lib.load_or_measure_costs(file_key, measure)
+            n = len(self.shapes)
+            self._costs[key], _ = budget_lib.load_or_measure_costs(
+                file_key, measure,
+                check=lambda e: budget_lib.round_costs_valid(e, n) and (len(e) > n + 2) == choose,
+            )  # fmt: skip
         return self._costs[key]
 
+    def measured_costs(self) -> dict[str, list[float]]:
+        """The `round_costs` this model has used, by batch size and class (a report's)."""
+        return {
+            f"batch {batch}, {'greedy' if greedy else 'sampled'}": costs
+            for (batch, greedy), costs in sorted(self._costs.items())
+        }
+
     def budget(self, batch: int, *, greedy: bool) -> budget_lib.Budget | TreeConfig:
-        """What `speculative.generate` gets as `tree_cfg` for a batch of this size."""
+        """What `speculative.generate` gets as `tree_cfg` for a batch of this size: a fixed
+        tree, or a budget of round shapes with their measured costs and, where the CPU kernels
+        run here (`cpu_kernels.chunk_choice_applies`), each shape's threads (`Budget.chunks`,
+        measured with the costs; a fixed tree then gets its own, as a one-shape budget)."""
         if not self.adaptive:
-            return self.tree_cfg
+            if self.mesh is not None or not cpu_kernels.chunk_choice_applies():
+                return self.tree_cfg
+            (cost, _, _, chunks) = self.round_costs(batch, greedy=greedy)
+            key = (self.shapes, cost, chunks)
+            if key not in self._budgets:
+                self._budgets[key] = budget_lib.make_budget(
+                    self.shapes, [cost], chunks=[int(chunks)]
+                )  # fmt: skip
+            return self._budgets[key]
         figures = tuple(self.round_costs(batch, greedy=greedy))
         key = (self.shapes, figures)
         if key not in self._budgets:  # built once per set of costs
-            *costs, catch_up, call = figures
+            n = len(self.shapes)
+            *costs, catch_up, call = figures[: n + 2]
+            chunks = [int(c) for c in figures[n + 2 :]] or None  # measured with the costs
             self._budgets[key] = budget_lib.make_budget(
-                self.shapes, costs, catch_up=catch_up, probe_call=call
+                self.shapes, costs, catch_up=catch_up, probe_call=call, chunks=chunks
             )
         return self.history().apply(self._budgets[key], sampled=not greedy)
 

@@ -12,7 +12,8 @@ so both meet the same machine, and reports each method's per-call change on XLA'
 against the helpers, paired by call. Every call's new tokens must be equal across the four
 (greedy, or seeded sampling: speculative decoding emits vanilla's tokens), which is checked.
 With `--tree auto` the policy's round costs are measured (or read from the cost cache) on the
-default setting, in the warm-up.
+default setting, in the warm-up. The per-shape choice of `Budget.chunks` is off here (as with
+`GRIFFIN_CPU_THREADS` given): every call runs where the script sets it.
 
 Example:
   python -m inference.bench_threads --bench runs/prompts/heldout_code/question.jsonl \\
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import random
 import sys
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.output_file(args.out, "--out")
     if cpu_kernels.library() is None:
         raise checks.InputError("the project's CPU kernels did not build here: nothing to split")
+    # The models' segments would set each shape's measured threads (`Budget.chunks`); with the
+    # variable given they keep the process's, which `call` sets (helpers unless said).
+    os.environ.setdefault("GRIFFIN_CPU_THREADS", "helpers")
     from transformers import AutoTokenizer
 
     questions = read_questions(args.bench, args.num_questions * args.batch)

@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['vanilla']['tokens_per_s']:.1f} tok/s; {summary} "
                   f"({time.time() - t0:.0f}s; {redone} calls timed again for stolen CPU "
                   f"time)", file=sys.stderr)  # fmt: skip
+    # each draft's measured round costs per batch size and class, and after them, where it
+    # chose them, each shape's threads (`SpeculativeModel.round_costs`)
+    report["round_costs"] = {name: m.measured_costs() for name, m in models.items()}
     if jax.process_index() != 0:  # with --distributed, process 0 writes the report
         print(f"[process {jax.process_index()}] done", file=sys.stderr)
         return 0

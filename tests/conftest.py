@@ -31,8 +31,13 @@ HF_DEFAULTS = dict(
 
 @pytest.fixture(autouse=True, scope="session")
 def _cost_cache(tmp_path_factory):
-    """The adaptive budget's round-cost cache in a session folder, never the user's."""
+    """The adaptive budget's round-cost cache in a session folder, never the user's; and where
+    the CPU kernels split their calls left to the process (below)."""
     os.environ["GRIFFIN_COST_CACHE"] = str(tmp_path_factory.mktemp("costs") / "costs.json")
+    # The kernels' chunks on their helpers throughout, as the library has them by default: the
+    # adaptive budget's measurement then times each shape once, not under both settings
+    # (tests/test_chunk_choice.py times both, with the variable unset).
+    os.environ.setdefault("GRIFFIN_CPU_THREADS", "helpers")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "chunks.h"
 #include "simd.h"
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -121,6 +123,30 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 extern "C" void GriffinSetChunkThreads(int choice) {
   griffin::ChunkThreads().store(choice < 0 ? -1 : choice > 0 ? 1 : 0);
 }
+
+// The setting in force (what `GriffinSetChunkThreads` or a program's `GriffinChunksHere` set).
+extern "C" int GriffinChunkThreadsNow() { return griffin::ChunkThreads().load(); }
+
+namespace {
+
+// out = x; first, where the kernels' chunks go from now on as `choice` (a scalar) says: -2
+// leaves it, otherwise as `GriffinSetChunkThreads`. A program runs it where a piece of it
+// starts (`cpu_kernels.chunks_here`), the data dependency on x ordering it before that piece.
+ffi::Error ChunksHere(ffi::Buffer<ffi::S32> choice, ffi::Buffer<ffi::S32> x,
+                      ffi::ResultBuffer<ffi::S32> out) {
+  const int32_t c = choice.typed_data()[0];
+  if (c != -2) griffin::ChunkThreads().store(c < 0 ? -1 : c > 0 ? 1 : 0);
+  std::memcpy(out->typed_data(), x.typed_data(), x.element_count() * sizeof(int32_t));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinChunksHere, ChunksHere,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GriffinPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
