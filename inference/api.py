@@ -357,9 +357,11 @@ class SpeculativeModel:
 
             def measure() -> list[float]:
                 mode = "greedy" if greedy else "sampled"
+                what = "the adaptive draft budget" if self.adaptive else "the tree"
+                where = ", and where the CPU kernels split their calls" if choose else ""
                 print(
-                    f"measuring the round costs of the adaptive draft budget ({mode}, batch "
-                    f"{batch}): once on this machine, kept in {budget_lib.cache_path()}",
+                    f"measuring the round costs of {what}{where} ({mode}, batch {batch}): "
+                    f"once on this machine, kept in {budget_lib.cache_path()}",
                     file=sys.stderr,
                 )
                 return speculative.measure_round_costs(

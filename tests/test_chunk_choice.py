@@ -100,7 +100,7 @@ def test_cached_costs_are_read_only_in_their_own_layout():
 @needs_kernels
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_a_model_measures_each_shapes_threads_once_unless_the_variable_is_given(
-    pair, tmp_path, monkeypatch, adaptive
+    pair, tmp_path, monkeypatch, capsys, adaptive
 ):
     """With GRIFFIN_CPU_THREADS unset the costs carry each shape's setting, in a cache entry of
     their own, and the budget runs them (a fixed tree as a one-shape budget); with it set, as
@@ -129,6 +129,8 @@ def test_a_model_measures_each_shapes_threads_once_unless_the_variable_is_given(
     m = model()
     n = len(m.shapes)
     b = m.budget(2, greedy=True)
+    what = "the adaptive draft budget" if adaptive else "the tree"
+    assert f"round costs of {what}, and where the CPU kernels" in capsys.readouterr().err
     costs = m.round_costs(2, greedy=True)
     assert calls == [True] and len(costs) == 2 * n + 2
     assert m.measured_costs() == {"batch 2, greedy": costs}  # what a benchmark report lists
