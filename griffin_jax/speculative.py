@@ -1356,16 +1356,13 @@ def measure_round_costs(
     # setting's entries).
     both = True in kinds and False in kinds
     plain = entries.index((kinds.index(True), settings[0])) if both else None
-    passes_run = [0]
 
-    def one_pass() -> list[float]:
+    def one_pass(flip: bool = False) -> list[float]:
         """[E shorter calls' ms, E longer calls' ms, catch-up ms per slot], E the entries. The
         settings of a shape run one after the other, in turns: first in one pass, last in the
-        next."""
+        next (`flip`)."""
         ms = {short: [0.0] * len(entries), segment: [0.0] * len(entries)}
         catch_up = 0.0
-        flip = passes_run[0] % 2 == 1
-        passes_run[0] += 1
         width = len(settings)
         order = [e for i in range(len(budget.shapes))
                  for e in range(i * width, (i + 1) * width)[:: -1 if flip else 1]]  # fmt: skip
@@ -1425,7 +1422,8 @@ def measure_round_costs(
         while len(raw) < repeats or (
             sturdy and len(raw) < max_repeats and cost_spread(priced(raw)[0]) > spread
         ):
-            raw.append(steal.timed(one_pass, max_steal=max_steal).result)
+            run = functools.partial(one_pass, len(raw) % 2 == 1)  # alternate the order
+            raw.append(steal.timed(run, max_steal=max_steal).result)
     finally:  # the segments moved the kernels' threads as each entry said
         if choose_chunks:
             cpu_kernels.restore_chunk_threads()

@@ -389,16 +389,8 @@ class SpeculativeModel:
         tree, or a budget of round shapes with their measured costs and, where the CPU kernels
         run here (`cpu_kernels.chunk_choice_applies`), each shape's threads (`Budget.chunks`,
         measured with the costs; a fixed tree then gets its own, as a one-shape budget)."""
-        if not self.adaptive:
-            if self.mesh is not None or not cpu_kernels.chunk_choice_applies():
-                return self.tree_cfg
-            (cost, _, _, chunks) = self.round_costs(batch, greedy=greedy)
-            key = (self.shapes, cost, chunks)
-            if key not in self._budgets:
-                self._budgets[key] = budget_lib.make_budget(
-                    self.shapes, [cost], chunks=[int(chunks)]
-                )  # fmt: skip
-            return self._budgets[key]
+        if not self.adaptive and (self.mesh is not None or not cpu_kernels.chunk_choice_applies()):
+            return self.tree_cfg
         figures = tuple(self.round_costs(batch, greedy=greedy))
         key = (self.shapes, figures)
         if key not in self._budgets:  # built once per set of costs
@@ -408,6 +400,8 @@ class SpeculativeModel:
             self._budgets[key] = budget_lib.make_budget(
                 self.shapes, costs, catch_up=catch_up, probe_call=call, chunks=chunks
             )
+        if not self.adaptive:  # one shape: its costs choose nothing, its threads are kept
+            return self._budgets[key]
         return self.history().apply(self._budgets[key], sampled=not greedy)
 
     def history(self) -> budget_lib.History:

@@ -135,7 +135,7 @@ namespace {
 ffi::Error ChunksHere(ffi::Buffer<ffi::S32> choice, ffi::Buffer<ffi::S32> x,
                       ffi::ResultBuffer<ffi::S32> out) {
   const int32_t c = choice.typed_data()[0];
-  if (c != -2) griffin::ChunkThreads().store(c < 0 ? -1 : c > 0 ? 1 : 0);
+  if (c != -2) GriffinSetChunkThreads(c);
   std::memcpy(out->typed_data(), x.typed_data(), x.element_count() * sizeof(int32_t));
   return ffi::Error::Success();
 }
